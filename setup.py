@@ -1,0 +1,45 @@
+"""usp_scale package.
+
+The Triton kernels live in the top-level folder ``kernels/`` but are installed as
+``usp_scale.kernels`` (an unrelated PyPI package named ``kernels`` exists, and diffusers
+probes for it), so the folder must never be importable as a top-level module.
+
+Version ranges admit a GPU user's own CUDA torch (e.g. 2.11 on the benchmark machines);
+CI and the README install the pinned CPU-capable stack (torch 2.14.1, torchvision 0.29.1).
+"""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["usp_scale", "usp_scale.*"])
+packages.append("usp_scale.kernels")
+
+extras = {
+    "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10"],
+    "deepspeed": ["deepspeed>=0.15"],
+    "dali": ["nvidia-dali-cuda130>=1.40"],
+    "eval": ["torch-fidelity>=0.3", "scipy>=1.10"],
+    "gpu": ["triton>=3.0"],
+    "flash": ["flash-attn>=2.6"],
+    "plot": ["matplotlib>=3.7"],
+}
+extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash",) for d in v})
+
+setup(
+    name="usp_scale",
+    version="0.1.0",
+    description="Distributed USP: masked latent pretraining and transfer to DiT/SiT/ViT",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"usp_scale.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0",
+        "diffusers>=0.30",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "pillow>=9",
+    ],
+    extras_require=extras,
+)

@@ -1,0 +1,243 @@
+"""YAML recipes + dotted overrides -> a checked :class:`JobConfig`.
+
+A recipe is a YAML mapping whose top-level keys are the job fields and the section names
+of :class:`~usp_scale.config.schema.JobConfig`. A recipe may start from another one with
+``_base_: relative/or/absolute.yaml`` (bases are applied first, recursively).
+
+Errors name the file and the dotted key: an unknown key, a value of the wrong type, and a
+required value (``???``) still missing after all overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+import typing
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from .schema import MISSING, JobConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------- type checking
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and minimally coerce) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        out = [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if tp is Any:
+        return value
+    if value == MISSING:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: key '{key}' expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: key '{key}' has unsupported type {_type_name(tp)}")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _apply_mapping(obj: Any, mapping: dict, source: str, prefix: str = "") -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {mapping!r}")
+    hints = _hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = [n for n in names if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            _apply_mapping(current, v, source, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key, source))
+
+
+# --------------------------------------------------------------------------- YAML files
+
+def _read_yaml(path: str, seen: tuple = ()) -> list:
+    """Return [(source, mapping), ...] with bases first."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(seen)}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    out = []
+    base = data.pop("_base_", None)
+    if base is not None:
+        bases = base if isinstance(base, list) else [base]
+        for b in bases:
+            bpath = b if os.path.isabs(b) else os.path.join(os.path.dirname(path), b)
+            out.extend(_read_yaml(bpath, seen + (path,)))
+    out.append((path, data))
+    return out
+
+
+def _parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    # YAML reads "1e-4" as a string; accept it as a float.
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+        value = float(value)
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    parts = key.split(".")
+    out: dict = {parts[-1]: value}
+    for p in reversed(parts[:-1]):
+        out = {p: out}
+    return out
+
+
+def _check_missing(obj: Any, sources: str, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_missing(v, sources, f"{prefix}{f.name}.")
+        elif v == MISSING:
+            raise ConfigError(f"required key '{prefix}{f.name}' is missing (set it in {sources} "
+                              f"or on the command line as {prefix}{f.name}=...)")
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
+                check_missing: bool = True) -> JobConfig:
+    """Build a :class:`JobConfig` from a YAML recipe and ``key=value`` overrides."""
+    cfg = JobConfig()
+    sources = []
+    if path:
+        for source, mapping in _read_yaml(path):
+            _apply_mapping(cfg, mapping, source)
+            sources.append(source)
+    for text in overrides:
+        key, value = _parse_override(text)
+        _apply_mapping(cfg, _nest(key, value), "command line")
+    if check_missing:
+        _check_missing(cfg, path or "the config")
+    return cfg
+
+
+def config_from_dict(mapping: dict, source: str = "<dict>") -> JobConfig:
+    cfg = JobConfig()
+    _apply_mapping(cfg, mapping, source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: JobConfig, path: str) -> str:
+    """Write the fully resolved config (atomically) and return its path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- help text
+
+def field_docs() -> dict:
+    """Dotted key -> the comment above the field in schema.py (the field's documentation)."""
+    from . import schema
+
+    lines = inspect.getsource(schema).splitlines()
+    docs: dict = {}
+    cls_name, pending = None, []
+    cls_to_section = {}
+    for f in dataclasses.fields(JobConfig):
+        t = _hints(JobConfig)[f.name]
+        if dataclasses.is_dataclass(t):
+            cls_to_section[t.__name__] = f.name + "."
+    for line in lines:
+        s = line.strip()
+        m = re.match(r"class (\w+)", s)
+        if m:
+            cls_name, pending = m.group(1), []
+            continue
+        if s.startswith("#"):
+            pending.append(s.lstrip("# ").rstrip())
+            continue
+        m = re.match(r"(\w+): .*=", s)
+        if m and cls_name:
+            prefix = cls_to_section.get(cls_name, "")
+            docs[prefix + m.group(1)] = " ".join(pending)
+            pending = []
+        elif not s:
+            pending = []
+    return docs
+
+
+def format_help(cfg: Optional[JobConfig] = None) -> str:
+    cfg = cfg or JobConfig()
+    docs = field_docs()
+    flat = {}
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                flat[prefix + f.name] = v
+
+    walk(cfg)
+    width = max(len(k) for k in flat)
+    return "\n".join(f"  {k:<{width}} = {v!r:<14} {docs.get(k, '')}" for k, v in flat.items())

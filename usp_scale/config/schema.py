@@ -1,0 +1,251 @@
+"""Typed configuration of a usp_scale job.
+
+Every run is described by one :class:`JobConfig` made of nested section dataclasses.
+YAML recipes in ``configs/`` fill them (see :mod:`usp_scale.config.load`), dotted
+command-line overrides patch them (``optim.blr=1.5e-4``), and the fully resolved
+config is written beside the run's outputs.
+
+Each field's comment is its documentation; ``python launchers/pretrain.py --help-config``
+prints them. Values without a sensible default are ``MISSING`` and must be given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+# Sentinel for required values: a field whose value is still MISSING after loading is an error.
+MISSING = "???"
+
+
+@dataclass
+class DataConfig:
+    # Dataset root: ImageFolder (one folder per class) or a folder of WebDataset .tar shards.
+    root: str = ""
+    # "folder" (ImageFolder layout), "wds" (WebDataset tar shards) or "latents" (a latent cache).
+    format: str = "folder"
+    # Sub-folder of root holding the split, e.g. "train" or "val" ("" = root itself).
+    split: str = "train"
+    # Validation split, used by classification tasks for top-1/top-5.
+    val_split: str = "val"
+    # Image side in pixels (224 for pretraining: 28x28 d8 latents; 256 for DiT/SiT).
+    image_size: int = 224
+    # Decoder: "auto" (DALI when importable, else torchvision), "dali" or "torchvision".
+    loader: str = "auto"
+    # DALI decode device: "auto" (mixed on GPU, cpu otherwise), "mixed" or "cpu".
+    dali_device: str = "auto"
+    # Augmentation: "pretrain" (RandomResizedCrop 0.2-1 + flip), "adm" (ADM center crop + flip),
+    # "eval" (resize 256 + center crop 224), "finetune" (timm RRC 0.08-1 + flip), "none".
+    augment: str = "pretrain"
+    # Lower bound of the RandomResizedCrop scale range.
+    crop_scale_min: float = 0.2
+    # Per-rank batch size.
+    batch_size: int = 64
+    # Data loader worker processes (torchvision path) or DALI threads.
+    num_workers: int = 4
+    # Latent cache folder (written by launchers/cache_latents.py); used when format == "latents"
+    # or when the task reads cached latents.
+    latent_cache: str = ""
+    # Draw a posterior sample from cached moments (True) or use the mean (False).
+    latent_sample: bool = True
+    # Treat a corrupt image as an error instead of skipping and reporting it.
+    strict: bool = False
+    # Drop the last incomplete batch of each epoch.
+    drop_last: bool = True
+    # Number of classes (1000 for ImageNet).
+    num_classes: int = 1000
+
+
+@dataclass
+class VAEConfig:
+    # "d8" (SD-VAE, 4 channels, x8) or "d16" (KL-16, 16 channels, x16).
+    version: str = "d8"
+    # Local path: a diffusers folder (config.json + weights), a .safetensors/.ckpt file,
+    # or "tiny-random" for a small random AutoencoderKL (tests and the CPU demo).
+    path: str = "tiny-random"
+    # Latent scale factor; 0 means the version's default (0.18215 for d8, 0.2325 for d16).
+    scale: float = 0.0
+    # "mean" (posterior mean, used by USP pretraining) or "sample" (DiT/SiT finetuning).
+    posterior: str = "mean"
+    # Encoding precision: "fp32", "bf16" or "fp16".
+    dtype: str = "fp32"
+    # Use channels_last memory format for the VAE convolutions.
+    channels_last: bool = True
+    # torch.compile the VAE encoder.
+    compile: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # Registry name, e.g. "vit_large_patch_vae", "DiT-XL/2-VAE-simple", "SiT-B/2".
+    name: str = MISSING
+    # Latent side (28 for 224 px with the d8 VAE, 32 for 256 px).
+    img_size: int = 28
+    # Latent channels (4 for d8, 16 for d16).
+    in_chans: int = 4
+    # Classes for DiT/SiT conditioning and classifier heads.
+    num_classes: int = 1000
+    # DiT/SiT: predict the variance as well (8 output channels).
+    learn_sigma: bool = True
+    # DiT/SiT: label dropout probability for classifier-free guidance.
+    class_dropout_prob: float = 0.1
+    # MAE: normalise the target per patch (norm-pix loss).
+    norm_pix_loss: bool = True
+    # MAE: normalise the target over the whole image instead of per patch (needs norm_pix_loss).
+    norm_image: bool = False
+    # Classifier: stochastic depth rate.
+    drop_path_rate: float = 0.0
+    # Classifier: "avg" (finetune: mean pooling + fc_norm) or "token" (linear probe: cls after norm).
+    global_pool: str = "avg"
+    # Fast paths: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    kernels: str = "auto"
+    # Attention backend: "auto", "sdpa", "flash2", "flash3", "math", "cudnn", "efficient".
+    attn_backend: str = "auto"
+    # CFG: guide all latent channels (False) or only channels 0-2 as the official code does (True).
+    cfg_official_channels: bool = False
+
+
+@dataclass
+class MaskConfig:
+    # Fraction of tokens removed from the encoder input.
+    ratio: float = 0.75
+    # Pretraining "add_noise": input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1).
+    add_noise: bool = False
+
+
+@dataclass
+class OptimConfig:
+    # "adamw" or "lars" (linear probe).
+    name: str = "adamw"
+    # Absolute learning rate; 0 means lr = blr * global_batch / 256.
+    lr: float = 0.0
+    # Base learning rate (per 256 samples).
+    blr: float = 1.5e-4
+    # Lower bound of the cosine schedule.
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Layer-wise lr decay for classifier finetuning (1.0 = off).
+    layer_decay: float = 1.0
+    # Gradient clipping max-norm (0 = off).
+    clip_grad: float = 0.0
+    # Use torch's fused AdamW kernel when the device supports it.
+    fused: bool = True
+    # Use apex's fused optimizer when importable (error if asked for and missing).
+    apex: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    # "cosine" (warmup + half-cycle cosine, per iteration) or "constant".
+    name: str = "cosine"
+    # Training length in epochs (pretraining, classification) ...
+    epochs: int = 800
+    # ... or in optimizer steps (DiT/SiT); when > 0 it takes precedence over epochs.
+    max_steps: int = 0
+    # Warmup length in epochs.
+    warmup_epochs: float = 40.0
+    # Warmup length in steps; when > 0 it takes precedence over warmup_epochs.
+    warmup_steps: int = 0
+    # Gradient accumulation micro-steps per optimizer step.
+    accum_iter: int = 1
+
+
+@dataclass
+class EngineConfig:
+    # "local", "ddp", "fsdp2" or "deepspeed".
+    name: str = "local"
+    # Autocast precision: "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16".
+    precision: str = "auto"
+    # torch.compile the model.
+    compile: bool = False
+    # Activation checkpointing of transformer blocks.
+    activation_checkpointing: bool = False
+    # DeepSpeed ZeRO stage (1, 2 or 3).
+    zero_stage: int = 2
+    # FSDP2: reshard parameters after forward (False gives ZeRO-2-like behaviour).
+    reshard_after_forward: bool = True
+    # DDP: all-reduce gradients in bf16.
+    ddp_bf16_grads: bool = True
+    # User-supplied DeepSpeed JSON, merged over the generated one and checked.
+    deepspeed_config: str = ""
+    # Distributed backend: "auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo".
+    backend: str = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N optimizer steps (0 = only at the end).
+    every_steps: int = 1000
+    # Keep the last k step folders (0 = keep all).
+    keep_last: int = 3
+    # Resume from this step folder, or "auto" for the newest one in the output dir, or "".
+    resume: str = "auto"
+    # Initialise from a transferred or exported checkpoint (model weights only).
+    init_from: str = ""
+    # Also export model-only safetensors at the end of training.
+    export: bool = True
+
+
+@dataclass
+class EMAConfig:
+    # EMA decay (0 = no EMA).
+    decay: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    # Run FID every N steps during training (0 = off).
+    fid_every: int = 0
+    # Samples used for in-training FID.
+    fid_samples: int = 1000
+    # Reference: a folder / .npz of images or precomputed statistics (.npz with mu, sigma).
+    fid_reference: str = ""
+    # Feature extractor: "inception-v3-compat" (needs inception_weights) or a registered name.
+    feature_extractor: str = "inception-v3-compat"
+    # Local path of the Inception weights (weights-inception-2015-12-05-6726825d.pth).
+    inception_weights: str = ""
+    # Sampler for evaluation: "ddpm", "ddim", "ode", "sde".
+    sampler: str = "ddpm"
+    # Sampling steps.
+    steps: int = 250
+    # Classifier-free guidance scale (1.0 = off).
+    cfg_scale: float = 1.0
+
+
+@dataclass
+class JobConfig:
+    # Task: "pretrain", "dit", "sit", "cls" or "linprobe".
+    task: str = "pretrain"
+    # Output folder for checkpoints, metrics, the resolved config and plots.
+    output_dir: str = "runs/default"
+    # Global seed; each rank uses seed + rank for its augmentations and masking.
+    seed: int = 0
+    # Log metrics every N optimizer steps.
+    log_every: int = 10
+    # Peak dense bf16 FLOP/s of one device, for MFU (989.4e12 on H100/H200 SXM).
+    peak_flops: float = 989.4e12
+    # Stop after K consecutive non-finite steps (after writing a checkpoint).
+    max_nonfinite: int = 10
+    # Show progress bars on rank 0.
+    progress: bool = True
+    # Label smoothing for classification finetuning.
+    smoothing: float = 0.1
+    # Mixup / cutmix alphas for classification finetuning (applied to latents).
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    # Transfer: number of pretrained blocks to load (-1 = all).
+    use_pretrain_layer: int = -1
+
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = ("data", "vae", "model", "mask", "optim", "schedule", "engine", "checkpoint", "ema", "eval")
