@@ -176,8 +176,6 @@ class EngineConfig:
     backend: str = "auto"
     # Process-group timeout in minutes.
     timeout_min: int = 30
-    # DeepSpeed: keep the optimizer on torch's AdamW ("torch_adam"), avoiding a JIT-built op.
-    deepspeed_torch_adam: bool = True
 
 
 @dataclass

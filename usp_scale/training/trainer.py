@@ -31,6 +31,11 @@ from .schedule import LRSchedule, absolute_lr
 from .tasks import Task, build_task
 
 
+# Touching <output_dir>/STOP_AND_CHECKPOINT (the SLURM scripts do it on SIGUSR1) makes the trainer
+# checkpoint at its next log step and exit; SIGUSR1/SIGTERM delivered to the workers do the same.
+STOP_FILE = "STOP_AND_CHECKPOINT"
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps; a checkpoint was written first."""
 
@@ -81,7 +86,8 @@ class Trainer:
         self.device = D.device_for(self.info)
         self.task = task or build_task(cfg)
         self.loader_factory = loader_factory or default_loader
-        self._signal = False
+        self._signal_raw = False  # set by the signal handler (this rank only)
+        self._signal = False  # agreed by all ranks: checkpoint and stop
 
     # ------------------------------------------------------------------ helpers
     def _print(self, *a):
@@ -90,7 +96,7 @@ class Trainer:
 
     def _install_signals(self):
         def handler(signum, frame):
-            self._signal = True
+            self._signal_raw = True
 
         for s in (signal.SIGUSR1, signal.SIGTERM):
             try:
@@ -125,6 +131,7 @@ class Trainer:
         _seed_all(cfg.seed)
         model = self.task.build_model()
         self.signature = model_signature(model)
+        train_flops = self.task.train_flops_per_sample(model)  # before any engine partitions the parameters
         _seed_all(cfg.seed + self.rank)
 
         self.loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device, train=True)
@@ -145,10 +152,6 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim, global_batch=global_batch,
                                                steps_per_epoch=steps_per_epoch)
         total = self.schedule.total_steps
-        train_flops = task.train_flops_per_sample(engine.unwrapped) if hasattr(engine.unwrapped, "flops_per_sample") \
-            else None
-        if train_flops is None and hasattr(model, "flops_per_sample"):
-            train_flops = task.train_flops_per_sample(model)
 
         self.ckpt = CheckpointManager(os.path.join(out, "checkpoints"), cfg.checkpoint.keep_last)
         step, epoch, micro_in_epoch = 0, 0, 0
@@ -187,6 +190,7 @@ class Trainer:
         win = dict(steps=0, loss=torch.zeros((), dtype=torch.float64, device=self.device), data=0.0, compute=0.0,
                    samples=0, t0=time.perf_counter(), gnorm=0.0)
         stop = False
+        result_stopped = False
         last_norm = float("nan")
         while step < total and not stop:
             self.loader.set_epoch(epoch)
@@ -257,15 +261,22 @@ class Trainer:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
                     win.update(steps=0, data=0.0, compute=0.0, samples=0, t0=time.perf_counter(), gnorm=0.0)
                     win["loss"].zero_()
-                    if self.world > 1:  # a SLURM signal may reach only some ranks: agree at log steps
-                        self._signal = bool(D.all_reduce_max(float(self._signal)))
+                    req = self._signal_raw or (self.is_main and os.path.exists(os.path.join(out, STOP_FILE)))
+                    # A signal may reach only some ranks: agree at log steps (the checkpoint is collective).
+                    self._signal = bool(D.all_reduce_max(float(req)))
+                elif self.world == 1 and self._signal_raw:
+                    self._signal = True
 
                 reached_stop = cfg.stop_after_steps > 0 and step - start_step >= cfg.stop_after_steps
                 every = cfg.checkpoint.every_steps
                 if (every > 0 and step % every == 0) or self._signal or reached_stop or step == total:
                     last_ckpt = self._save(step, epoch, micro_in_epoch)
                 if self._signal:
-                    self._print(f"[usp_scale] signal received: checkpointed at step {step}, exiting for requeue")
+                    self._print(f"[usp_scale] stop requested (signal or {STOP_FILE}): checkpointed at step {step}, "
+                                "exiting so that a requeued job resumes")
+                    if self.is_main and os.path.exists(os.path.join(out, STOP_FILE)):
+                        os.remove(os.path.join(out, STOP_FILE))
+                    result_stopped = True
                     stop = True
                 if reached_stop or step >= total or stop:
                     stop = True
@@ -280,7 +291,7 @@ class Trainer:
         bar.close()
 
         result = {"step": step, "epoch": epoch, "nonfinite_total": self.nonfinite_total, "checkpoint": last_ckpt,
-                  "grad_norm": last_norm}
+                  "grad_norm": last_norm, "stopped_by_request": result_stopped}
         if step >= total:
             if val_loader is not None:
                 result["eval"] = self._evaluate(val_loader, step, epoch)
