@@ -63,9 +63,11 @@ class ToyRegressor(nn.Module):
 
 def toy_data(steps: int, accum: int, global_batch: int, dim: int = 16):
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(steps * accum, global_batch, 3, dim, generator=g)
-    y = torch.randn(steps * accum, global_batch, generator=g)
-    return x, y
+    n = 16  # fixed pool, so runs of different lengths see the same first batches
+    assert steps * accum <= n
+    x = torch.randn(n, global_batch, 3, dim, generator=g)
+    y = torch.randn(n, global_batch, generator=g)
+    return x[: steps * accum], y[: steps * accum]
 
 
 def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan_at=None, nan_rank=None,

@@ -7,16 +7,28 @@ The model code does not know which engine wraps it; switching engines is ``engin
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.nn as nn
-
-from ..config import ConfigError
-from .base import Engine, StepResult, apply_activation_checkpointing, apply_compile, resolve_precision
-from .dist import DistInfo, init_distributed
+if TYPE_CHECKING:  # the package stays light: `python -m usp_scale.engine.slurm` must not import torch
+    import torch
+    import torch.nn as nn
 
 ENGINES = ("local", "ddp", "fsdp2", "deepspeed")
+
+
+def __getattr__(name):
+    """Lazy re-exports (and submodules), so importing the package does not import torch."""
+    import importlib
+
+    lazy = {"Engine": "base", "StepResult": "base", "resolve_precision": "base",
+            "apply_activation_checkpointing": "base", "apply_compile": "base", "DistInfo": "dist",
+            "init_distributed": "dist"}
+    if name in lazy:
+        return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'usp_scale.engine' has no attribute {name!r}") from None
 
 
 def _ensure_process_group(backend: str) -> None:
@@ -24,6 +36,7 @@ def _ensure_process_group(backend: str) -> None:
     import os
     import socket
 
+    import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -38,14 +51,19 @@ def _ensure_process_group(backend: str) -> None:
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
-def build_engine(engine_cfg, model: nn.Module, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer], *,
-                 accum_iter: int = 1, clip_grad: float = 0.0, device: torch.device = torch.device("cpu"),
-                 micro_batch: int = 1) -> Engine:
+def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[nn.Module], torch.optim.Optimizer]",
+                 *, accum_iter: int = 1, clip_grad: float = 0.0, device=None, micro_batch: int = 1):
     """Move ``model`` to ``device``, apply AC / compile, wrap it and build its optimizer.
 
     ``optimizer_factory(module)`` is called on the (possibly sharded) module, after wrapping, so the
     optimizer sees the parameters the engine will update.
     """
+    import torch
+
+    from ..config import ConfigError
+    from .base import apply_activation_checkpointing, apply_compile, resolve_precision
+
+    device = torch.device("cpu") if device is None else device
     name = engine_cfg.name
     if name not in ENGINES:
         raise ConfigError(f"engine.name={name!r}: use one of {', '.join(ENGINES)}")

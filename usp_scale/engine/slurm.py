@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from .dist import expand_slurm_nodelist
+from .hosts import expand_slurm_nodelist
 
 
 def hosts(env=None) -> list:
