@@ -24,6 +24,10 @@ from .sampler import ShardSampler
 from .transforms import eval_resize, sample_seed
 
 
+# Exact BOX halvings done in DALI's ADM crop (images with min side >= 2**4 * size get an approximation).
+ADM_MAX_HALVINGS = 3
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -64,30 +68,39 @@ def _pipeline(source, augment: str, size: int, crop_scale_min: float, decode_dev
                                                num_attempts=10)
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=cubic, antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=mirror, **norm)
-    elif augment == "eval":
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=eval_resize(size), interp_type=cubic, antialias=True)
-        images = fn.crop_mirror_normalize(images, crop=(size, size), mirror=0, **norm)
-    elif augment == "adm":
-        # Sizes exactly as ADM: k halvings while min side >= 2*size, then sides rounded; the filters are
-        # DALI's (linear antialias instead of PIL BOX, DALI's cubic instead of PIL's).
-        shape = fn.peek_image_shape(jpegs)                                  # (H, W, C) int64
+    elif augment in ("eval", "adm"):
+        # Geometry exactly as the PIL path (sizes, rounding, crop offsets); only the filters differ.
+        shape = fn.peek_image_shape(jpegs)                                  # (H, W, C) int64, CPU
         h = fn.cast(shape[0], dtype=types.FLOAT)
         w = fn.cast(shape[1], dtype=types.FLOAT)
-        short = dmath.min(h, w)
-        k = dmath.max(dmath.floor(dmath.log2(short / (2.0 * size))) + 1.0, 0.0)
-        p = dmath.pow(2.0, k)
-        h1, w1 = dmath.floor(h / p), dmath.floor(w / p)
-        s = size / dmath.min(h1, w1)
-        # Python round() is half-to-even; sides are rarely exactly .5, so floor(x + 0.5) is used.
-        h2, w2 = dmath.floor(h1 * s + 0.5), dmath.floor(w1 * s + 0.5)
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-        images = fn.resize(images, resize_x=w1, resize_y=h1, interp_type=types.INTERP_LINEAR, antialias=True)
+        if augment == "eval":
+            # torchvision Resize(r): short side -> r, long side -> int(r * long / short); CenterCrop at round().
+            r = float(eval_resize(size))
+            short = dmath.min(h, w)
+            h2 = dmath.floor(r * h / short)
+            w2 = dmath.floor(r * w / short)
+            h2 = h2 + (r - h2) * fn.cast(h <= w, dtype=types.FLOAT)         # the short side is exactly r
+            w2 = w2 + (r - w2) * fn.cast(w < h, dtype=types.FLOAT)
+            top, left = _round_half_even((h2 - size) / 2.0), _round_half_even((w2 - size) / 2.0)
+        else:
+            # ADM: BOX-halve (floor sides) while min side >= 2*size. A linear resize without antialiasing to
+            # exactly half the size averages each 2x2 block, i.e. a BOX halving; up to ADM_MAX_HALVINGS steps
+            # (a step that is not needed resizes to the same size, an identity).
+            h1, w1 = h, w
+            for _ in range(ADM_MAX_HALVINGS):
+                need = fn.cast(dmath.min(h1, w1) >= 2.0 * size, dtype=types.FLOAT)
+                h1 = h1 - need * (h1 - dmath.floor(h1 / 2.0))
+                w1 = w1 - need * (w1 - dmath.floor(w1 / 2.0))
+                images = fn.resize(images, resize_x=w1, resize_y=h1, interp_type=types.INTERP_LINEAR,
+                                   antialias=False)
+            s = size / dmath.min(h1, w1)
+            h2, w2 = _round_half_even(h1 * s), _round_half_even(w1 * s)
+            top, left = dmath.floor((h2 - size) / 2.0), dmath.floor((w2 - size) / 2.0)
         images = fn.resize(images, resize_x=w2, resize_y=h2, interp_type=cubic, antialias=True)
-        top, left = dmath.floor((h2 - size) / 2.0), dmath.floor((w2 - size) / 2.0)
         images = fn.slice(images, fn.stack(top, left), fn.stack(float(size), float(size)), axis_names="HW",
-                          out_of_bounds_policy="trim_to_shape")
-        images = fn.crop_mirror_normalize(images, mirror=mirror, **norm)
+                          normalized_anchor=False, normalized_shape=False)
+        images = fn.crop_mirror_normalize(images, mirror=mirror if augment == "adm" else 0, **norm)
     elif augment == "none":
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=cubic, antialias=True)
@@ -216,6 +229,17 @@ class DALIImageLoader(ResumableLoader):
             yield {"images": _to_torch(images, self.device)[:n], "labels": _to_torch(lab, self.device).long().view(-1)[:n]}
         if self.is_tar or files:
             del pipe
+
+
+def _round_half_even(x):
+    """Python's round() on a DALI float DataNode: floor(x + 0.5), except exact halves go to the even side."""
+    from nvidia.dali import math as dmath
+    k = dmath.floor(x)
+    half = x - k                                  # in [0, 1)
+    up = dmath.floor(half * 2.0)                  # 1 when half >= 0.5
+    exact_half = up * (dmath.floor(half * 2.0) - dmath.floor(half * 2.0 - 1e-6))  # 1 only when half == 0.5
+    parity = k - 2.0 * dmath.floor(k / 2.0)       # 1 when k is odd
+    return k + up - exact_half * (1.0 - parity)
 
 
 def _member_complete(r) -> bool:
