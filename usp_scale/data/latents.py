@@ -28,6 +28,7 @@ from .datasets import DatasetError, ImageDataset
 from .loaders import CorruptTracker, ResumableLoader, _BatchTask
 from .sampler import ShardSampler
 from .transforms import build_transform, describe_augment, sample_seed
+from ..vae.frozen import posterior_latents
 
 FORMAT = "usp_scale.latent_cache"
 VERSION = 1
@@ -147,7 +148,9 @@ def _write_shard(out_dir, s, means, logvars, labels, index, bad, settings) -> No
     name = shard_name(s)
     final = os.path.join(out_dir, name + ".safetensors")
     tmp = os.path.join(out_dir, f".{name}.safetensors.tmp{os.getpid()}")
-    save_file(sd, tmp, metadata={"format": FORMAT, "shard": str(s)})
+    # one metadata key only: safetensors writes a multi-key map in a per-process random order, which would
+    # make identical shards differ in their checksums
+    save_file(sd, tmp, metadata={"format": FORMAT})
     os.replace(tmp, final)  # a crash before this line leaves only a .tmp file, never a half shard
     _atomic_json(os.path.join(out_dir, name + ".json"),
                  {"file": name + ".safetensors", "shard": s, "count": int(len(sd["label"])),
@@ -324,11 +327,11 @@ class LatentCacheLoader(ResumableLoader):
                 mean, logvar = mean.pin_memory(), logvar.pin_memory()
             mean = mean.to(self.device, non_blocking=pin)
             logvar = logvar.to(self.device, non_blocking=pin)
-            from ..vae.frozen import posterior_latents
             gen = None
             if self.sample:
                 gen = torch.Generator(device=self.device).manual_seed(
                     sample_seed(self.sampler.seed, self.epoch, self.sampler.rank, b))
             z = posterior_latents(mean, logvar, self.scale, sample=self.sample, generator=gen)  # (N,C,h,w)
             yield {"latents": z, "labels": labels.to(self.device, non_blocking=pin),
-                   "index": index.to(self.device, non_blocking=pin)}
+                   "index": index.to(self.device, non_blocking=pin),
+                   "view": torch.from_numpy(c // 2), "flip": torch.from_numpy(c % 2)}

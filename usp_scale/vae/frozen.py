@@ -158,7 +158,7 @@ def load_autoencoder(path: str, version: str = "d8", seed: int = 0):
         if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
             raise VAELoadError(f"VAE folder {path} has config.json but no {' or '.join(WEIGHT_FILES)}. {WHERE}")
         try:
-            return AutoencoderKL.from_pretrained(path, local_files_only=True)
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
         except Exception as e:  # noqa: BLE001
             raise VAELoadError(f"cannot load the diffusers VAE folder {path}: {type(e).__name__}: {e}. {WHERE}") from e
     if os.path.isfile(path):
@@ -191,6 +191,8 @@ class FrozenVAE:
     def __init__(self, path: str = "tiny-random", version: str = "d8", scale: float = 0.0, dtype: str = "fp32",
                  device="cpu", channels_last: bool = True, compile: bool = False, posterior: str = "mean",
                  seed: int = 0):
+        if version not in SCALE:
+            raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
         if dtype not in DTYPES:
             raise VAELoadError(f"vae.dtype={dtype!r} is unknown; use one of {sorted(DTYPES)}")
         if posterior not in ("mean", "sample"):
