@@ -51,6 +51,12 @@ class DataConfig:
     drop_last: bool = True
     # Number of classes (1000 for ImageNet).
     num_classes: int = 1000
+    # Latent cache of the validation split for format == "latents" ("" = encode val images online).
+    latent_cache_val: str = ""
+    # Check of the latent cache shards when opened: "none", "size" (cheap) or "sha256" (reads every shard).
+    latent_verify: str = "size"
+    # DALI: check each file for a complete JPEG/PNG ending before decoding, skipping and reporting truncated ones.
+    dali_precheck: bool = True
 
 
 @dataclass
