@@ -7,9 +7,14 @@ from typing import Optional
 import torch
 
 
+# Triton reads TRITON_INTERPRET when @triton.jit decorates, i.e. when the kernel modules are imported;
+# reading it once here keeps the hot path free of environment look-ups (and torch.compile-friendly).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRET
 
 
 def next_pow2(n: int) -> int:

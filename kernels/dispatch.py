@@ -1,7 +1,6 @@
 """Availability checks for the Triton kernels (importable without triton)."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -11,16 +10,19 @@ from ._common import interpreting
 IMPLS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_PRESENT = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when triton is installed (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_PRESENT
 
 
 def triton_usable(device: torch.device) -> bool:
     """Kernels can run on this device: CUDA with triton, or CPU under TRITON_INTERPRET=1."""
-    device = torch.device(device)
-    if not triton_available():
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if not _TRITON_PRESENT:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
@@ -31,7 +33,8 @@ def resolve_impl(mode: str, device) -> str:
     """``kernels`` setting -> "triton" or "torch". "auto" is Triton on CUDA only; "triton" must be usable."""
     if mode not in IMPLS:
         raise ValueError(f"model.kernels must be one of {IMPLS}, got {mode!r}")
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if mode == "torch":
         return "torch"
     usable = triton_usable(device)
