@@ -127,15 +127,22 @@ def _fwd_tiling(T: int, D: int):
     return block_t, block_d
 
 
+# Tests set (BLOCK_T, chunks) here to run the GPU-style multi-tile loop under the interpreter.
+BWD_TILING_OVERRIDE: Optional[tuple] = None
+
+
 def _bwd_tiling(N: int, T: int, D: int, device: torch.device):
     """(rows per chunk, chunks per sample, BLOCK_T, BLOCK_D): enough programs to fill the GPU, and as
     few as possible in the interpreter."""
     block_d = next_pow2(D)
     block_t = rows_per_program(block_d, T, gpu_elems=2048)
-    if interpreting():
+    if BWD_TILING_OVERRIDE is not None:
+        block_t, chunks = BWD_TILING_OVERRIDE
+    elif interpreting():
         chunks = triton.cdiv(T, block_t)
     else:
-        chunks = max(1, min(triton.cdiv(T, block_t), triton.cdiv(2 * sm_count(device), N)))
+        # ~4 programs per SM in all; each loops over its rows, accumulating the parameter partials
+        chunks = max(1, min(triton.cdiv(T, block_t), triton.cdiv(4 * sm_count(device), N)))
     rows = triton.cdiv(triton.cdiv(T, chunks), block_t) * block_t
     return rows, triton.cdiv(T, rows), block_t, block_d
 

@@ -64,3 +64,15 @@ def test_adaln_shape_errors():
     g = gated_inputs(2, 5, 16, grad=False)
     with pytest.raises(ValueError, match="gate must be"):
         fused.gated_residual(**{**g, "gate": g["gate"][:, :3]}, impl="triton")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("tiling", [(4, 3), (8, 1), (2, 7)], ids=str)
+def test_layernorm_modulate_backward_multi_tile_loop(device, tiling, monkeypatch):
+    """The GPU tiling (few programs, each looping over many row tiles, ragged chunk ends) under test."""
+    from usp_scale.kernels import adaln
+
+    monkeypatch.setattr(adaln, "BWD_TILING_OVERRIDE", tiling)
+    inp = ln_mod_inputs(3, 49, 72, affine=True, device=device)
+    assert_matches(_ln_triton, _ln_torch, inp, torch.float32, f"ln_mod tiling {tiling}",
+                   expect_grads=["x", "weight", "bias", "shift", "scale"])
