@@ -142,7 +142,7 @@ def run_sampling(model: Callable, sampler: Callable, decode: Callable[[torch.Ten
     result["missing"] = len(missing)
     if rank == 0 and not missing:
         if npz:
-            result["npz"] = assemble_npz(out_dir, num_samples)
+            result["npz"] = assemble_npz(out_dir, num_samples, progress=progress)
         if grid:
             ims = np.stack([read_png(png_path(out_dir, i)) for i in range(min(grid, num_samples))])
             result["grid"] = os.path.join(out_dir, "grid.png")

@@ -1,9 +1,11 @@
 """ODE/SDE integrators over batched states with per-sample time.
 
-``f(x, t)`` takes x (N, ...) and t (N,) float32 and returns dx/dt shaped like x. The adaptive
-dopri5 keeps a separate time, step size and error control for every sample, so a sample's
-trajectory does not depend on which other samples share its batch (torchdiffeq instead shares one
-step size over the whole batch tensor); rows that have reached the end are left out of the calls.
+``f(x, t, rows)`` takes x (n, ...), t (n,) float32 and ``rows``, a LongTensor of the positions of
+these n rows in the full batch (None = all rows in order), and returns dx/dt shaped like x;
+``rows`` lets per-sample conditioning (class labels) follow the rows. The adaptive dopri5 keeps a
+separate time, step size and error control for every sample, so a sample's trajectory does not
+depend on which other samples share its batch (torchdiffeq instead shares one step size over the
+whole batch tensor); rows that have reached the end are left out of the calls.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Field = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 # Dormand-Prince 5(4) tableau.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -46,7 +48,7 @@ def _initial_step(f: Field, x0: torch.Tensor, t0: torch.Tensor, f0: torch.Tensor
     d0, d1 = _rms(x0 / scale), _rms(f0 / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-30))
     x1 = x0 + _bcast(h0, x0) * f0
-    f1 = f(x1, (t0 + h0).float())
+    f1 = f(x1, (t0 + h0).float(), None)
     d2 = _rms((f1 - f0) / scale) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax.clamp_min(1e-30)) ** (1.0 / (order + 1)))
@@ -66,7 +68,7 @@ def dopri5(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, atol: fl
     x = x.float().clone()
     N = x.shape[0]
     t = torch.full((N,), float(t0), dtype=torch.float64, device=x.device)
-    k1 = f(x, t.float()).float()
+    k1 = f(x, t.float(), None).float()
     h = _initial_step(f, x, t, k1, atol, rtol)
     n_calls, n_rejected, it = 2, 0, 0
     done = torch.zeros(N, dtype=torch.bool, device=x.device)
@@ -82,7 +84,7 @@ def dopri5(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, atol: fl
         ks = [ka1]
         for i in range(1, 7):
             xi = xa + hb * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
-            ks.append(f(xi, (ta + _C[i] * ha).float()).float())
+            ks.append(f(xi, (ta + _C[i] * ha).float(), idx).float())
             n_calls += 1
         # stage 7 is evaluated at the 5th-order solution (FSAL)
         y5 = xa + hb * sum(b * k for b, k in zip(_B5, ks) if b != 0.0)
@@ -114,9 +116,9 @@ def heun(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, steps: int
     for i in range(steps):
         ti, tn = float(ts[i]), float(ts[i + 1])
         h = tn - ti
-        d1 = f(x, torch.full((N,), ti, device=x.device)).float()
+        d1 = f(x, torch.full((N,), ti, device=x.device), None).float()
         xp = x + h * d1
-        d2 = f(xp, torch.full((N,), tn, device=x.device)).float()
+        d2 = f(xp, torch.full((N,), tn, device=x.device), None).float()
         x = x + 0.5 * h * (d1 + d2)
     return x
 
@@ -128,5 +130,5 @@ def euler(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, steps: in
     x = x.float().clone()
     for i in range(steps):
         h = float(ts[i + 1] - ts[i])
-        x = x + h * f(x, torch.full((x.shape[0],), float(ts[i]), device=x.device)).float()
+        x = x + h * f(x, torch.full((x.shape[0],), float(ts[i]), device=x.device), None).float()
     return x

@@ -81,8 +81,14 @@ class Transport:
                    stats: Optional[dict] = None) -> torch.Tensor:
         """Integrate dx/dt = v(x, t) from t = 0 (z) to 1. ``method``: dopri5 (adaptive; ``steps``
         unused), heun or euler (``steps`` uniform steps)."""
-        def f(x, t):
-            return self.velocity(model, x, t, model_kwargs)
+        n = z.shape[0]
+
+        def f(x, t, rows=None):
+            kw = model_kwargs or {}
+            if rows is not None:  # dopri5 calls with the subset of rows still integrating
+                kw = {k: (v[rows] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v)
+                      for k, v in kw.items()}
+            return self.velocity(model, x, t, kw)
         if method == "dopri5":
             return integrators.dopri5(f, z, 0.0, 1.0, atol=atol, rtol=rtol, stats=stats)
         if method == "heun":
