@@ -32,10 +32,17 @@ def linear_beta_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
     return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
 
 
-def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """arr[t] as float32 on t's device, shaped (N, 1, ..., 1) with ``ndim`` dims."""
-    out = torch.from_numpy(arr).to(device=t.device)[t].float()
-    return out.view(-1, *([1] * (ndim - 1)))
+def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int, cache: Optional[dict] = None) -> torch.Tensor:
+    """arr[t] as float32 on t's device, shaped (N, 1, ..., 1) with ``ndim`` dims. ``cache`` keeps the
+    float64 table on the device (no host-to-device copy, hence no stream sync, per call)."""
+    if cache is None:
+        table = torch.from_numpy(arr).to(device=t.device)
+    else:
+        key = (id(arr), t.device)
+        table = cache.get(key)
+        if table is None:
+            table = cache[key] = torch.from_numpy(arr).to(device=t.device)
+    return table[t].float().view(-1, *([1] * (ndim - 1)))
 
 
 class GaussianDiffusion:
@@ -72,42 +79,55 @@ class GaussianDiffusion:
         pv1 = self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(pv1, self.posterior_variance[1:]))
         self.log_betas = np.log(betas)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        # fixed_large variance: beta_t, with the posterior variance at t = 0
+        self.fixed_large_variance = np.append(self.posterior_variance[1] if self.num_timesteps > 1 else betas[0],
+                                              betas[1:])
+        self.log_fixed_large_variance = np.log(self.fixed_large_variance)
+        self._tables: dict = {}
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    def _ex(self, arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return _extract(arr, t, ndim, self._tables)
 
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar) x_0, (1 - abar) I)."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
+        return (self._ex(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+                + self._ex(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-        var = _extract(1.0 - self.alphas_cumprod, t, x_start.ndim)
-        logvar = _extract(np.log(1.0 - self.alphas_cumprod), t, x_start.ndim)
+        mean = self._ex(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+        var = self._ex(self.one_minus_alphas_cumprod, t, x_start.ndim)
+        logvar = self._ex(self.log_one_minus_alphas_cumprod, t, x_start.ndim)
         return mean, var, logvar
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         n = x_t.ndim
-        mean = _extract(self.posterior_mean_coef1, t, n) * x_start + _extract(self.posterior_mean_coef2, t, n) * x_t
-        return mean, _extract(self.posterior_variance, t, n), _extract(self.posterior_log_variance_clipped, t, n)
+        mean = self._ex(self.posterior_mean_coef1, t, n) * x_start + self._ex(self.posterior_mean_coef2, t, n) * x_t
+        return mean, self._ex(self.posterior_variance, t, n), self._ex(self.posterior_log_variance_clipped, t, n)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
+        return (self._ex(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+                - self._ex(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
+        return ((self._ex(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart)
+                / self._ex(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
     # ------------------------------------------------------------------ model
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Our step indices -> the original indices the model was trained with."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        key = ("timestep_map", t.device)
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(self.timestep_map).to(t.device)
+        return self._tables[key][t]
 
     def call_model(self, model: ModelFn, x: torch.Tensor, t: torch.Tensor,
                    model_kwargs: Optional[dict] = None) -> torch.Tensor:
@@ -128,8 +148,8 @@ class GaussianDiffusion:
                 raise ValueError(f"learned_range needs {2 * C} output channels (eps, v), "
                                  f"got {model_output.shape[1]}; set learn_sigma or use fixed variance")
             eps, v = model_output[:, :C], model_output[:, C:]
-            min_log = _extract(self.posterior_log_variance_clipped, t, x.ndim)
-            max_log = _extract(self.log_betas, t, x.ndim)
+            min_log = self._ex(self.posterior_log_variance_clipped, t, x.ndim)
+            max_log = self._ex(self.log_betas, t, x.ndim)
             frac = (v + 1.0) / 2.0  # v in [-1, 1] -> interpolation weight
             log_var = frac * max_log + (1.0 - frac) * min_log
             var = torch.exp(log_var)
@@ -137,11 +157,10 @@ class GaussianDiffusion:
             eps = model_output[:, :C]
             if self.model_var_type == "fixed_small":
                 var_arr, log_arr = self.posterior_variance, self.posterior_log_variance_clipped
-            else:  # fixed_large: beta_t, with the posterior variance at t=0
-                var_arr = np.append(self.posterior_variance[1], self.betas[1:])
-                log_arr = np.log(var_arr)
-            var = _extract(var_arr, t, x.ndim).expand_as(x)
-            log_var = _extract(log_arr, t, x.ndim).expand_as(x)
+            else:
+                var_arr, log_arr = self.fixed_large_variance, self.log_fixed_large_variance
+            var = self._ex(var_arr, t, x.ndim).expand_as(x)
+            log_var = self._ex(log_arr, t, x.ndim).expand_as(x)
         pred_xstart = self.predict_xstart_from_eps(x, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -226,8 +245,8 @@ class GaussianDiffusion:
         """One DDIM step x_t -> x_{t-1} with stochasticity ``eta`` (0 = deterministic)."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        a_bar = _extract(self.alphas_cumprod, t, x.ndim)
-        a_bar_prev = _extract(self.alphas_cumprod_prev, t, x.ndim)
+        a_bar = self._ex(self.alphas_cumprod, t, x.ndim)
+        a_bar_prev = self._ex(self.alphas_cumprod_prev, t, x.ndim)
         sigma = eta * torch.sqrt((1 - a_bar_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_bar_prev)
         mean = out["pred_xstart"] * torch.sqrt(a_bar_prev) + torch.sqrt(1 - a_bar_prev - sigma ** 2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))

@@ -46,8 +46,10 @@ class IndexedNoise:
 
     def randn(self, shape: Sequence[int]) -> torch.Tensor:
         """(N, *shape) standard normal, row i from stream i."""
-        rows = [torch.randn(tuple(shape), generator=g) for g in self.gens]
-        return torch.stack(rows).to(self.device)
+        rows = torch.stack([torch.randn(tuple(shape), generator=g) for g in self.gens])
+        if self.device.type == "cuda":  # pinned + non_blocking: no host sync with the GPU stream
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows.to(self.device)
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         """Noise shaped like ``like`` (N, ...) in its dtype and device (a sampler's ``noise_fn``)."""
