@@ -120,9 +120,13 @@ class OptimConfig:
     blr: float = 1.5e-4
     # Lower bound of the cosine schedule.
     min_lr: float = 0.0
+    # Decoupled weight decay (not applied to 1-D parameters, biases and no_weight_decay() names).
     weight_decay: float = 0.05
+    # AdamW first-moment coefficient.
     beta1: float = 0.9
+    # AdamW second-moment coefficient (0.95 for pretraining, 0.999 for finetuning).
     beta2: float = 0.95
+    # AdamW epsilon.
     eps: float = 1e-8
     # Layer-wise lr decay for classifier finetuning (1.0 = off).
     layer_decay: float = 1.0
@@ -246,8 +250,9 @@ class JobConfig:
     progress: bool = True
     # Label smoothing for classification finetuning.
     smoothing: float = 0.1
-    # Mixup / cutmix alphas for classification finetuning (applied to latents).
+    # Mixup alpha for classification finetuning (applied to latents; 0 = off).
     mixup: float = 0.0
+    # Cutmix alpha for classification finetuning (applied to latents; 0 = off).
     cutmix: float = 0.0
     # Transfer: number of pretrained blocks to load (-1 = all).
     use_pretrain_layer: int = -1
