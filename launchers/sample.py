@@ -27,10 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "SiT-B/2, DiT-B/2-VAE-simple")
     g.add_argument("--ckpt", required=True, help="model-only .safetensors, or a .pt/.pth holding a state dict or "
                    "the official {'model', 'ema', ...} dict")
-    g.add_argument("--weights", default="ema", choices=["ema", "model"],
-                   help="which weights of an official {'model','ema'} checkpoint to use (default: ema)")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="load .pt files with weights_only=False (only for checkpoints you trust)")
+    g.add_argument("--weights", default="auto", choices=["auto", "ema", "model"],
+                   help="weights of an official {'model','ema'} checkpoint: auto = ema when present (default)")
     g.add_argument("--image-size", type=int, default=256, help="image side in pixels (latent side = this / 8)")
     g.add_argument("--num-classes", type=int, default=1000, help="number of classes of the model")
     g.add_argument("--model-kwargs", default="{}", help="extra JSON keyword arguments for create_model")
@@ -73,52 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_state_dict(path: str, weights: str = "ema", trust: bool = False) -> dict:
-    """Model state dict from a .safetensors file or a .pt/.pth (plain state dict or {'model','ema',...})."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=not trust)
-        except Exception as e:  # noqa: BLE001 - re-raised with advice
-            raise RuntimeError(f"could not load {path} with weights_only=True ({e}); if you trust the file, "
-                               "pass --trust-checkpoint") from e
-        if isinstance(obj, dict) and ("ema" in obj or "model" in obj):
-            if weights not in obj:
-                raise KeyError(f"{path} has no '{weights}' entry (keys: {sorted(obj)}); choose --weights from those")
-            sd = obj[weights]
-        elif isinstance(obj, dict):
-            sd = obj
-        else:
-            raise TypeError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
 def build_model(args, device: torch.device):
-    try:
-        from usp_scale.models import create_model
-    except ImportError as e:
-        raise SystemExit(f"usp_scale.models.create_model is not available ({e})") from e
+    """The registry model with the checkpoint's weights (strict: every key must match)."""
+    from usp_scale.models import create_model
+    from usp_scale.transfer.formats import load_weights
     kwargs = json.loads(args.model_kwargs)
     kwargs.setdefault("input_size", args.image_size // 8 if args.vae.lower() != "none" else args.image_size)
     kwargs.setdefault("num_classes", args.num_classes)
     model = create_model(args.model, **kwargs)
-    sd = load_state_dict(args.ckpt, args.weights, args.trust_checkpoint)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"{args.ckpt} does not match {args.model}: missing keys {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-                         f"{' ...' if len(unexpected) > 10 else ''}")
+    load_weights(model, args.ckpt, which=args.weights)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -140,7 +101,7 @@ def build_vae(args, device: torch.device):
 def main(argv: Optional[list] = None) -> dict:
     args = build_parser().parse_args(argv)
     from usp_scale.diffusion import create_diffusion
-    from usp_scale.sample import build_sampler, make_decoder, make_model_fn, run_sampling
+    from usp_scale.sample import build_sampler, infer_num_classes, make_decoder, make_model_fn, run_sampling
     from usp_scale.transport import create_transport
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,8 +118,13 @@ def main(argv: Optional[list] = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
 
+    from usp_scale.models.registry import model_family
+    family = model_family(args.model)
+    if family not in ("dit", "sit"):
+        raise SystemExit(f"--model {args.model} is a {family} model; sampling needs a DiT or SiT")
     model = build_model(args, device)
-    is_sit = args.model.lower().startswith("sit")
+    num_classes = infer_num_classes(model)
+    is_sit = family == "sit"
     if is_sit:
         process = create_transport()
         kind = args.sampler or "sde"
@@ -167,7 +133,7 @@ def main(argv: Optional[list] = None) -> dict:
         kind = args.sampler or "ddpm"
     net = torch.compile(model) if args.compile else model
     interval = tuple(args.cfg_interval) if args.cfg_interval else None
-    model_fn = make_model_fn(net, num_classes=args.num_classes, cfg_scale=args.cfg_scale,
+    model_fn = make_model_fn(net, num_classes=num_classes, cfg_scale=args.cfg_scale,
                              cfg_channels=args.cfg_channels, interval=interval, precision=args.precision)
     sampler = build_sampler(kind, process, args.steps, eta=args.ddim_eta, atol=args.atol, rtol=args.rtol,
                             last_step=args.sde_last_step)
@@ -180,7 +146,7 @@ def main(argv: Optional[list] = None) -> dict:
             "vae": args.vae, "vae_scale": args.vae_scale}
     meta.update(sampler.describe())
     res = run_sampling(model_fn, sampler, decode, num_samples=args.num_samples, out_dir=args.out_dir,
-                       latent_shape=(model.in_channels, latent, latent), num_classes=args.num_classes,
+                       latent_shape=(model.in_channels, latent, latent), num_classes=num_classes,
                        seed=args.seed, batch_size=args.batch_size, device=device, labels=args.labels,
                        rank=rank, world_size=world, meta=meta, npz=not args.no_npz, grid=args.grid,
                        progress=not args.no_progress, max_batches=args.max_batches)

@@ -153,8 +153,10 @@ def test_evaluate_fid_hook(tmp_path):
            "fid_reference": str(tmp_path / "ref.npz")}
     net = _ToyNet(mus).train()
     kw = dict(latent_shape=(3, 8, 8), num_classes=4, cache_dir=str(tmp_path / "c"), device="cpu")
-    good = evaluate_fid(net, create_transport(), None, cfg, 64, **kw)
+    good = evaluate_fid(net, create_transport(), None, cfg, 64, records_file=str(tmp_path / "m.jsonl"), step=7, **kw)
     assert net.training  # restored
+    rec = json.loads((tmp_path / "m.jsonl").read_text())
+    assert rec["metric"] == "fid" and rec["value"] == good["fid"] and rec["step"] == 7 and rec["num_samples"] == 64
     bad = evaluate_fid(_ToyNet([0.9, 0.9, 0.9, 0.9]), create_transport(), None, cfg, 64, **kw)
     assert good["num_samples"] == 64 and good["sampler"] == "sde" and good["steps"] == 20
     assert good["fid"] < 0.5 * bad["fid"]

@@ -331,10 +331,15 @@ def spaced_diffusion(base: GaussianDiffusion, use_timesteps: Iterable[int]) -> G
 
 
 def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", learn_sigma: bool = True,
-                     diffusion_steps: int = 1000, sigma_small: bool = False) -> GaussianDiffusion:
+                     diffusion_steps: int = 1000, sigma_small: bool = False,
+                     respacing=None) -> GaussianDiffusion:
     """DiT's diffusion: linear betas, eps prediction, learned-range variance when ``learn_sigma``.
 
-    ``timestep_respacing`` "" keeps all ``diffusion_steps``; "250" keeps 250 (sampling default)."""
+    ``timestep_respacing`` (alias ``respacing``) "" keeps all ``diffusion_steps`` (training);
+    "250" keeps 250 (the sampling default). Without learn_sigma the variance is fixed
+    (beta_t, or the posterior variance with ``sigma_small``)."""
+    if respacing is not None:
+        timestep_respacing = respacing
     if noise_schedule != "linear":
         raise ValueError(f"noise_schedule={noise_schedule!r}: only 'linear' is implemented (the spec's schedule)")
     var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")

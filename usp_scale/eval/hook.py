@@ -15,7 +15,7 @@ import torch
 from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
     make_model_fn
 from .features import create_extractor, default_layer
-from .metrics import frechet_distance, is_stats_file, reference_features, statistics
+from .metrics import frechet_distance, is_stats_file, make_records, reference_features, statistics, write_records
 
 
 def _get(cfg, name, default=None):
@@ -36,14 +36,15 @@ def _dist():
 def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, reference: Optional[str] = None,
                  device=None, latent_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
                  latent_scale: Optional[float] = None, cache_dir: Optional[str] = None,
-                 progress: bool = False) -> dict:
+                 records_file: Optional[str] = None, step: Optional[int] = None, progress: bool = False) -> dict:
     """FID of ``num_samples`` generated images against ``reference`` (default ``cfg.fid_reference``).
 
     ``cfg`` is the EvalConfig section (or a dict) giving sampler, steps, cfg_scale, cfg_interval_low/high,
     cfg_channels, ddim_eta, batch_size, precision, seed, feature_extractor, inception_weights.
     ``vae`` decodes model-space latents (see :func:`usp_scale.sample.make_decoder`; None = pixel-space
     model). Returns {fid, num_samples, sampler, steps, cfg_scale, sampling_precision, reference,
-    feature_extractor, seconds} on every rank. The model is put in eval mode and restored after."""
+    feature_extractor, seconds} on every rank. The model is put in eval mode and restored after.
+    With ``records_file`` rank 0 also appends the FID record (with ``step``) there (JSON lines + .txt)."""
     t0 = time.perf_counter()
     reference = reference or _get(cfg, "fid_reference", "")
     if not reference:
@@ -117,7 +118,13 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     if world > 1:
         torch.distributed.broadcast(fid, 0)
     desc = sampler.describe()
-    return {"fid": float(fid.item()), "num_samples": int(count.item()), "sampler": desc["sampler"],
-            "steps": desc["steps"], "cfg_scale": cfg_scale, "sampling_precision": precision,
-            "reference": str(reference), "feature_extractor": extractor_name,
-            "seconds": time.perf_counter() - t0}
+    out = {"fid": float(fid.item()), "num_samples": int(count.item()), "sampler": desc["sampler"],
+           "steps": desc["steps"], "cfg_scale": cfg_scale, "sampling_precision": precision,
+           "reference": str(reference), "feature_extractor": extractor_name,
+           "seconds": time.perf_counter() - t0}
+    if step is not None:
+        out["step"] = int(step)
+    if records_file and rank == 0:
+        context = {k: v for k, v in out.items() if k not in ("fid", "num_samples")}
+        write_records(records_file, make_records({"fid": out["fid"], "num_samples": out["num_samples"]}, context))
+    return out
