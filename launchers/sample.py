@@ -33,10 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, default=1000, help="number of classes of the model")
     g.add_argument("--model-kwargs", default="{}", help="extra JSON keyword arguments for create_model")
     g = p.add_argument_group("VAE")
-    g.add_argument("--vae", default="", help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema); "
-                   "'none' = the model works in pixel space")
-    g.add_argument("--vae-scale", type=float, default=0.18215,
-                   help="latent scale factor: decoded latents are model output / this (default 0.18215)")
+    g.add_argument("--vae", default="", help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema), a single "
+                   "weights file, 'tiny-random' (demo) or 'none' (the model works in pixel space)")
+    g.add_argument("--vae-version", default="d8", choices=["d8", "d16"], help="VAE layout: d8 (SD-VAE) or d16 (KL-16)")
+    g.add_argument("--vae-scale", type=float, default=0.0,
+                   help="latent scale factor (the VAE decodes model output / scale); 0 = the version's default "
+                   "(0.18215 for d8, 0.2325 for d16)")
+    g.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="VAE decoding precision")
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", default=None, choices=["ddpm", "ddim", "sde", "ode", "heun", "euler"],
                    help="default: ddpm for DiT, sde for SiT")
@@ -71,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_model(args, device: torch.device):
+def build_model(args, device: torch.device, latent_size: int):
     """The registry model with the checkpoint's weights (strict: every key must match)."""
     from usp_scale.models import create_model
     from usp_scale.transfer.formats import load_weights
     kwargs = json.loads(args.model_kwargs)
-    kwargs.setdefault("input_size", args.image_size // 8 if args.vae.lower() != "none" else args.image_size)
+    kwargs.setdefault("input_size", latent_size)
     kwargs.setdefault("num_classes", args.num_classes)
     model = create_model(args.model, **kwargs)
     load_weights(model, args.ckpt, which=args.weights)
@@ -84,18 +87,35 @@ def build_model(args, device: torch.device):
 
 
 def build_vae(args, device: torch.device):
-    """A frozen VAE with .decode(latents) -> [-1, 1] images and .scale (None for pixel-space models)."""
+    """The frozen VAE (decode: model-space latents -> [-1, 1] images), or None for pixel-space models.
+
+    Uses usp_scale.vae.FrozenVAE (diffusers folder, single weights file or 'tiny-random'); where that
+    module is absent, a local diffusers AutoencoderKL folder is loaded directly (same decoder)."""
     if args.vae.lower() == "none":
         return None
     if not args.vae:
-        raise SystemExit("--vae is required: a local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema), "
-                         "or 'none' for a pixel-space model")
+        raise SystemExit("--vae is required: a local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema), a single "
+                         "weights file, 'tiny-random' (demo), or 'none' for a pixel-space model")
+    try:
+        from usp_scale.vae import FrozenVAE
+    except ImportError:
+        FrozenVAE = None
+    if FrozenVAE is not None:
+        return FrozenVAE(path=args.vae, version=args.vae_version, scale=args.vae_scale, dtype=args.vae_dtype,
+                         device=device)
     from diffusers import AutoencoderKL
     if not os.path.isdir(args.vae):
         raise SystemExit(f"--vae {args.vae}: not a folder (expected a diffusers AutoencoderKL with config.json)")
-    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).to(device).eval().requires_grad_(False)
-    vae.scale = args.vae_scale
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.vae_dtype]
+    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).to(device, dtype).eval().requires_grad_(False)
+    vae.scale = args.vae_scale or {"d8": 0.18215, "d16": 0.2325}[args.vae_version]
     return vae
+
+
+def vae_downsample(vae) -> int:
+    if hasattr(vae, "downsample"):
+        return int(vae.downsample)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def main(argv: Optional[list] = None) -> dict:
@@ -122,7 +142,15 @@ def main(argv: Optional[list] = None) -> dict:
     family = model_family(args.model)
     if family not in ("dit", "sit"):
         raise SystemExit(f"--model {args.model} is a {family} model; sampling needs a DiT or SiT")
-    model = build_model(args, device)
+    vae = build_vae(args, device)
+    if vae is None:
+        latent = args.image_size
+    else:
+        ds = vae_downsample(vae)
+        if args.image_size % ds:
+            raise SystemExit(f"--image-size {args.image_size} is not a multiple of the VAE downsampling {ds}")
+        latent = args.image_size // ds
+    model = build_model(args, device, latent)
     num_classes = infer_num_classes(model)
     is_sit = family == "sit"
     if is_sit:
@@ -137,13 +165,11 @@ def main(argv: Optional[list] = None) -> dict:
                              cfg_channels=args.cfg_channels, interval=interval, precision=args.precision)
     sampler = build_sampler(kind, process, args.steps, eta=args.ddim_eta, atol=args.atol, rtol=args.rtol,
                             last_step=args.sde_last_step)
-    vae = build_vae(args, device)
-    decode = make_decoder(vae, args.vae_scale if vae is not None else None)
-    latent = args.image_size // 8 if vae is not None else args.image_size
+    decode = make_decoder(vae)
     meta = {"model": args.model, "ckpt": os.path.abspath(args.ckpt), "weights": args.weights,
             "sampling_precision": args.precision, "cfg_scale": args.cfg_scale,
             "cfg_interval": list(interval) if interval else None, "cfg_channels": args.cfg_channels,
-            "vae": args.vae, "vae_scale": args.vae_scale}
+            "vae": args.vae, "vae_scale": getattr(vae, "scale", None)}
     meta.update(sampler.describe())
     res = run_sampling(model_fn, sampler, decode, num_samples=args.num_samples, out_dir=args.out_dir,
                        latent_shape=(model.in_channels, latent, latent), num_classes=num_classes,

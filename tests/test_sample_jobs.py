@@ -60,7 +60,7 @@ def test_to_uint8_and_decoder_scale():
     assert u.shape == (1, 1, 6, 3) and u.dtype == torch.uint8
     assert u[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255]
 
-    class SpyVAE:
+    class SpyVAE:  # the project's wrapper convention: decode takes model-space latents
         scale = 0.5
         seen = None
 
@@ -69,7 +69,9 @@ def test_to_uint8_and_decoder_scale():
             return torch.zeros(z.shape[0], 3, 4, 4)
     z = torch.ones(2, 4, 1, 1)
     img = make_decoder(SpyVAE())(z)
-    assert torch.equal(SpyVAE.seen, z / 0.5) and img.shape == (2, 4, 4, 3)
+    assert torch.equal(SpyVAE.seen, z) and img.shape == (2, 4, 4, 3)
+    with pytest.raises(ValueError, match="own scale"):
+        make_decoder(SpyVAE(), scale=0.18215)
 
 
 def test_decoder_with_tiny_diffusers_vae():

@@ -98,3 +98,22 @@ def test_torchrun_two_processes_match_one(assets, tmp_path):
     assert "[rank 0] wrote 4 images" in out.stdout, out.stdout + out.stderr
     two = tmp_path / "two" / "samples_8x64x64x3.npz"
     assert np.array_equal(read_npz_images(str(two)), read_npz_images(single["npz"]))
+
+
+def test_fid_hook_with_registry_dit_and_vae(assets, tmp_path):
+    """evaluate_fid on a real DiT-tiny + DDPM + VAE: shapes and labels inferred from the model."""
+    from diffusers import AutoencoderKL
+    from usp_scale.diffusion import create_diffusion
+    from usp_scale.eval import evaluate_fid
+    from usp_scale.models import create_model
+    from usp_scale.sample import write_npz
+    d, vae_path = assets
+    vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True).eval()
+    vae.scale = 0.18215
+    model = _randomise(create_model("DiT-tiny/2"), 4)
+    ref = np.random.RandomState(0).randint(0, 256, (8, 64, 64, 3)).astype(np.uint8)
+    write_npz(str(tmp_path / "ref.npz"), ref)
+    cfg = {"sampler": "ddim", "steps": 3, "batch_size": 4, "feature_extractor": "usp-tiny",
+           "fid_reference": str(tmp_path / "ref.npz"), "cfg_scale": 1.5}
+    r = evaluate_fid(model, create_diffusion(""), vae, cfg, 8, cache_dir=str(tmp_path / "c"))
+    assert r["num_samples"] == 8 and r["fid"] > 0 and r["sampler"] == "ddim" and r["cfg_scale"] == 1.5

@@ -17,27 +17,42 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def _is_raw_autoencoder(vae) -> bool:
+    """A bare diffusers model (its decode takes UNscaled latents and returns DecoderOutput)."""
+    return type(vae).__module__.startswith("diffusers")
+
+
 def make_decoder(vae=None, scale: Optional[float] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Model-space latents -> uint8 images (N, H, W, 3).
 
-    Convention: the samplers produce latents in MODEL space, i.e. VAE latent x scale (0.18215 for
-    sd-vae-ft-ema). This decoder divides by ``scale`` (default ``vae.scale``) and calls
-    ``vae.decode(z / scale)``, which must return images in [-1, 1] (a tensor, or an object with
-    ``.sample`` as diffusers' AutoencoderKL returns). ``vae=None`` treats the latents as the
-    [-1, 1] images themselves (pixel-space toy models)."""
+    The samplers produce latents in MODEL space (VAE latent x scale, 0.18215 for sd-vae-ft-ema).
+    * The project's VAE wrapper (:class:`usp_scale.vae.FrozenVAE`, or any object whose ``decode``
+      takes model-space latents and returns [-1, 1] images) is called as ``vae.decode(z)``: it
+      divides by its own ``.scale``. ``scale`` must then be None or equal to ``vae.scale``.
+    * A bare diffusers ``AutoencoderKL`` is called as ``vae.decode(z / scale).sample``; ``scale`` is
+      required (or a ``.scale`` attribute set on the module).
+    * ``vae=None``: the latents are the [-1, 1] images themselves (pixel-space models)."""
     if vae is None:
         return lambda z: to_uint8(z)
-    if scale is None:
-        scale = getattr(vae, "scale", None)
+    if _is_raw_autoencoder(vae):
+        scale = scale if scale is not None else getattr(vae, "scale", None)
         if scale is None:
-            raise ValueError("the VAE has no .scale attribute; pass the latent scale factor (e.g. 0.18215)")
-    scale = float(scale)
+            raise ValueError("a bare diffusers AutoencoderKL needs the latent scale factor (e.g. 0.18215): pass "
+                             "scale=..., or use usp_scale.vae.FrozenVAE which carries it")
+        scale = float(scale)
+
+        @torch.no_grad()
+        def decode_raw(z: torch.Tensor) -> torch.Tensor:
+            dt = next(vae.parameters()).dtype
+            return to_uint8(vae.decode(z.to(dt) / scale).sample)
+        return decode_raw
+    own = getattr(vae, "scale", None)
+    if scale is not None and own is not None and abs(float(scale) - float(own)) > 1e-12:
+        raise ValueError(f"the VAE divides by its own scale {own}; got a different scale {scale}")
 
     @torch.no_grad()
     def decode(z: torch.Tensor) -> torch.Tensor:
-        out = vae.decode(z / scale)
-        out = getattr(out, "sample", out)
-        return to_uint8(out)
+        return to_uint8(vae.decode(z))
     return decode
 
 
