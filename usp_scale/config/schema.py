@@ -214,12 +214,28 @@ class EvalConfig:
     feature_extractor: str = "inception-v3-compat"
     # Local path of the Inception weights (weights-inception-2015-12-05-6726825d.pth).
     inception_weights: str = ""
-    # Sampler for evaluation: "ddpm", "ddim", "ode", "sde".
+    # Sampler for evaluation: "ddpm", "ddim" (DiT); "sde", "ode" (adaptive dopri5), "heun", "euler" (SiT).
     sampler: str = "ddpm"
     # Sampling steps.
     steps: int = 250
     # Classifier-free guidance scale (1.0 = off).
     cfg_scale: float = 1.0
+    # Guidance interval in the model's time units (DiT step index, SiT t in [0, 1]); low > high = always.
+    cfg_interval_low: float = 1.0
+    # Upper end of the guidance interval (see cfg_interval_low).
+    cfg_interval_high: float = 0.0
+    # Output channels guided by CFG: 0 = all latent channels, 3 = the official DiT/SiT behaviour.
+    cfg_channels: int = 0
+    # DDIM stochasticity (sampler "ddim" only; 0 = deterministic).
+    ddim_eta: float = 0.0
+    # Sampling and feature-extraction batch per rank for in-training FID.
+    batch_size: int = 64
+    # Sampling precision for in-training FID: "fp32" or "bf16" (autocast).
+    precision: str = "fp32"
+    # Seed of the in-training FID samples (labels and noise depend only on seed and sample index).
+    seed: int = 0
+    # Metric records (JSON lines) written by in-training FID, relative to the output dir.
+    metrics_file: str = "eval_metrics.jsonl"
 
 
 @dataclass
