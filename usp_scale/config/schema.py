@@ -51,6 +51,12 @@ class DataConfig:
     drop_last: bool = True
     # Number of classes (1000 for ImageNet).
     num_classes: int = 1000
+    # Latent cache of the validation split for format == "latents" ("" = encode val images online).
+    latent_cache_val: str = ""
+    # Check of the latent cache shards when opened: "none", "size" (cheap) or "sha256" (reads every shard).
+    latent_verify: str = "size"
+    # DALI: check each file for a complete JPEG/PNG ending before decoding, skipping and reporting truncated ones.
+    dali_precheck: bool = True
 
 
 @dataclass
@@ -120,9 +126,13 @@ class OptimConfig:
     blr: float = 1.5e-4
     # Lower bound of the cosine schedule.
     min_lr: float = 0.0
+    # Decoupled weight decay (not applied to 1-D parameters, biases and no_weight_decay() names).
     weight_decay: float = 0.05
+    # AdamW first-moment coefficient.
     beta1: float = 0.9
+    # AdamW second-moment coefficient (0.95 for pretraining, 0.999 for finetuning).
     beta2: float = 0.95
+    # AdamW epsilon.
     eps: float = 1e-8
     # Layer-wise lr decay for classifier finetuning (1.0 = off).
     layer_decay: float = 1.0
@@ -216,12 +226,28 @@ class EvalConfig:
     feature_extractor: str = "inception-v3-compat"
     # Local path of the Inception weights (weights-inception-2015-12-05-6726825d.pth).
     inception_weights: str = ""
-    # Sampler for evaluation: "ddpm", "ddim", "ode", "sde".
+    # Sampler for evaluation: "ddpm", "ddim" (DiT); "sde", "ode" (adaptive dopri5), "heun", "euler" (SiT).
     sampler: str = "ddpm"
     # Sampling steps.
     steps: int = 250
     # Classifier-free guidance scale (1.0 = off).
     cfg_scale: float = 1.0
+    # Guidance interval in the model's time units (DiT step index, SiT t in [0, 1]); low > high = always.
+    cfg_interval_low: float = 1.0
+    # Upper end of the guidance interval (see cfg_interval_low).
+    cfg_interval_high: float = 0.0
+    # Output channels guided by CFG: 0 = all latent channels, 3 = the official DiT/SiT behaviour.
+    cfg_channels: int = 0
+    # DDIM stochasticity (sampler "ddim" only; 0 = deterministic).
+    ddim_eta: float = 0.0
+    # Sampling and feature-extraction batch per rank for in-training FID.
+    batch_size: int = 64
+    # Sampling precision for in-training FID: "fp32" or "bf16" (autocast).
+    precision: str = "fp32"
+    # Seed of the in-training FID samples (labels and noise depend only on seed and sample index).
+    seed: int = 0
+    # Metric records (JSON lines) written by in-training FID, relative to the output dir.
+    metrics_file: str = "eval_metrics.jsonl"
 
 
 @dataclass
@@ -242,8 +268,9 @@ class JobConfig:
     progress: bool = True
     # Label smoothing for classification finetuning.
     smoothing: float = 0.1
-    # Mixup / cutmix alphas for classification finetuning (applied to latents).
+    # Mixup alpha for classification finetuning (applied to latents; 0 = off).
     mixup: float = 0.0
+    # Cutmix alpha for classification finetuning (applied to latents; 0 = off).
     cutmix: float = 0.0
     # Transfer: number of pretrained blocks to load (-1 = all).
     use_pretrain_layer: int = -1

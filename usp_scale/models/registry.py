@@ -1,0 +1,123 @@
+"""One registry for every model: ``create_model(name, **kwargs)``.
+
+Names are the official ones: ``vit_{base,large,xlarge,huge}_patch_vae`` (+ ``_2`` patch-4
+variants) for the masked autoencoder, ``DiT-XL/2``, ``DiT-B/2-VAE-simple``, ``SiT-L/4`` ... for the
+diffusion transformers, ``vit_{base,large,xlarge}_patch16_vae`` for the latent classifiers (the
+"patch16" is the official misnomer: the patch is 2). ``tiny`` / ``S`` sizes exist for tests.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+from .dit import DiT, SiT
+from .mae import MaskedAutoencoderViT
+from .vit import VisionTransformer
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+_FAMILY: Dict[str, str] = {}
+
+
+def register(name: str, family: str, fn: Callable[..., nn.Module]) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = fn
+    _FAMILY[name] = family
+
+
+def list_models(family: str = "") -> List[str]:
+    return sorted(n for n in _REGISTRY if not family or _FAMILY[n] == family)
+
+
+def model_family(name: str) -> str:
+    """"mae", "dit", "sit" or "vit"."""
+    if name not in _FAMILY:
+        raise KeyError(_unknown(name))
+    return _FAMILY[name]
+
+
+def _unknown(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+    return f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                         f"; known: {', '.join(list_models())}")
+
+
+def create_model(name: str, device=None, **kwargs) -> nn.Module:
+    """Build a registered model. ``device="meta"`` builds it without allocating memory."""
+    if name not in _REGISTRY:
+        raise KeyError(_unknown(name))
+    if device is not None:
+        with torch.device(device):
+            return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name](**kwargs)
+
+
+# ---------------------------------------------------------------------------- masked autoencoders
+# (width, depth, heads); every size uses the 512-wide, 8-deep, 16-head decoder.
+_MAE_SIZES = {
+    "tiny": (128, 2, 4),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "xlarge": (1152, 28, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def _mae(size: str, patch: int, **kwargs) -> MaskedAutoencoderViT:
+    d, depth, heads = _MAE_SIZES[size]
+    defaults = dict(img_size=28, in_chans=4, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+    if size == "tiny":
+        defaults.update(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
+    defaults.update(kwargs)
+    return MaskedAutoencoderViT(patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=4.0,
+                                **defaults)
+
+
+for _size in _MAE_SIZES:
+    register(f"vit_{_size}_patch_vae", "mae", partial(_mae, _size, 2))
+for _size in ("tiny", "base", "large"):
+    register(f"vit_{_size}_patch_vae_2", "mae", partial(_mae, _size, 4))
+
+
+# ---------------------------------------------------------------------------- DiT / SiT
+_DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+def _dit(cls, size: str, patch: int, vae_simple: bool, **kwargs) -> DiT:
+    d, depth, heads = _DIT_SIZES[size]
+    return cls(patch_size=patch, hidden_size=d, depth=depth, num_heads=heads, vae_simple=vae_simple, **kwargs)
+
+
+def _dit_tiny(cls, vae_simple: bool, **kwargs) -> DiT:
+    defaults = dict(input_size=8, num_classes=10)
+    defaults.update(kwargs)
+    return cls(patch_size=2, hidden_size=128, depth=2, num_heads=4, vae_simple=vae_simple, **defaults)
+
+
+for _family, _cls in (("dit", DiT), ("sit", SiT)):
+    _prefix = _family.replace("dit", "DiT").replace("sit", "SiT")
+    for _size in _DIT_SIZES:
+        for _p in (2, 4, 8):
+            register(f"{_prefix}-{_size}/{_p}", _family, partial(_dit, _cls, _size, _p, False))
+        if _size != "S":
+            register(f"{_prefix}-{_size}/2-VAE-simple", _family, partial(_dit, _cls, _size, 2, True))
+    # tiny sizes for tests and the CPU demo (128 wide, 2 deep, 4 heads: the shape of vit_tiny_patch_vae)
+    register(f"{_prefix}-tiny/2", _family, partial(_dit_tiny, _cls, False))
+    register(f"{_prefix}-tiny/2-VAE-simple", _family, partial(_dit_tiny, _cls, True))
+
+
+# ---------------------------------------------------------------------------- classifiers
+def _vit(size: str, **kwargs) -> VisionTransformer:
+    d, depth, heads = _MAE_SIZES[size]
+    defaults = dict(img_size=28, patch_size=2, in_chans=4)
+    defaults.update(kwargs)
+    return VisionTransformer(embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=4.0, **defaults)
+
+
+for _size in ("tiny", "base", "large", "xlarge"):
+    register(f"vit_{_size}_patch16_vae", "vit", partial(_vit, _size))
