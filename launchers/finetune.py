@@ -7,7 +7,10 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:  # installed with `pip install -e .` (which also maps kernels/ to usp_scale.kernels)
+    import usp_scale  # noqa: F401
+except ImportError:  # a plain checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from usp_scale.training.cli import entry  # noqa: E402
 

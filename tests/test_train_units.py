@@ -216,3 +216,15 @@ def test_unknown_engine_and_precision_are_errors():
         resolve_precision("fp8", torch.device("cpu"))
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+@pytest.mark.slow
+def test_compile_switch_matches_eager():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    ref_l, _, _ = _engine_run()
+    for scope in ("model", "blocks"):
+        c_l, applied, _ = _engine_run(compile=True, compile_scope=scope)
+        assert all(applied) and c_l == pytest.approx(ref_l, rel=1e-4)

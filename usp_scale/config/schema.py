@@ -186,6 +186,9 @@ class EngineConfig:
     backend: str = "auto"
     # Process-group timeout in minutes.
     timeout_min: int = 30
+    # What engine.compile compiles: "auto" (the whole model on local/ddp, each block on fsdp2/deepspeed),
+    # "model" or "blocks". On an H200, whole-model compile gave MAE-XL 2061 img/s vs 1916 per block.
+    compile_scope: str = "auto"
 
 
 @dataclass

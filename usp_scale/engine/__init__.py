@@ -72,7 +72,10 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
     if engine_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if engine_cfg.compile:
-        apply_compile(model)
+        scope = engine_cfg.compile_scope
+        if scope == "auto":  # FSDP2/ZeRO hooks sit on the blocks: compile those; elsewhere the whole graph
+            scope = "model" if name in ("local", "ddp") else "blocks"
+        apply_compile(model, scope)
     kw = dict(accum_iter=accum_iter, clip_grad=clip_grad, precision=precision, device=device)
     if name == "local":
         from .local import LocalEngine

@@ -78,9 +78,12 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(blocks)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block in place (keeps parameter names); whole model if it has no blocks."""
-    blocks = block_lists(model)
+def apply_compile(model: nn.Module, scope: str = "blocks") -> None:
+    """torch.compile in place (parameter names are kept): each block (``scope="blocks"``; the whole
+    model when it has none) or the whole model (``scope="model"``)."""
+    if scope not in ("blocks", "model"):
+        raise ValueError(f"engine.compile_scope={scope!r}: use auto, model or blocks")
+    blocks = block_lists(model) if scope == "blocks" else []
     for b in blocks or [model]:
         b.compile()
 

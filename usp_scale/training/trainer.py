@@ -27,7 +27,7 @@ from ..engine import dist as D
 from .ema import EMA
 from .logging import MetricsLogger
 from .optim import build_optimizer
-from .schedule import LRSchedule, absolute_lr
+from .schedule import LRSchedule
 from .tasks import Task, build_task
 
 
@@ -145,8 +145,6 @@ class Trainer:
             raise ConfigError(f"the loader has {len(self.loader)} batches per epoch, fewer than "
                               f"schedule.accum_iter={accum}")
         global_batch = cfg.data.batch_size * accum * self.world
-        if cfg.optim.lr <= 0:
-            cfg.optim.lr = absolute_lr(cfg.optim, global_batch)
 
         task = self.task
         self.engine = engine = build_engine(
