@@ -261,3 +261,82 @@ def test_task_model_family_mismatch_is_an_error(tmp_path):
 
     with pytest.raises(ConfigError, match="task=dit needs a dit model"):
         Trainer(H.trainer_cfg("local", str(tmp_path), task="dit")).fit()
+
+
+def test_stop_file_checkpoints_and_exits_then_resume_finishes(tmp_path):
+    """What the SLURM scripts do on SIGUSR1: touch STOP_AND_CHECKPOINT; the trainer saves and exits."""
+    from usp_scale.training.trainer import STOP_FILE
+
+    cfg = cfg_for(tmp_path, "log_every=3")
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / STOP_FILE).touch()
+    res = run(cfg)
+    assert res["stopped_by_request"] and res["step"] == 3 and "exports" not in res
+    assert not (tmp_path / "run" / STOP_FILE).exists()
+    assert os.path.basename(CheckpointManager(str(tmp_path / "run" / "checkpoints")).latest()) == "step_00000003"
+    res = run(cfg_for(tmp_path, "log_every=3"))  # the requeued job
+    assert res["step"] == 10 and not res["stopped_by_request"] and "model" in res["exports"]
+
+
+class _RngHungryLoader:
+    """Toy loader that draws from the global CPU RNG when an epoch starts, like torch's DataLoader does."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, e):
+        self.inner.set_epoch(e)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd):
+        self.inner.load_state_dict(sd)
+
+    def __iter__(self):
+        torch.randint(0, 2 ** 62, ())  # e.g. DataLoader's worker base seed
+        yield from self.inner
+
+
+def _hungry_factory(cfg, **kw):
+    from usp_scale.training.trainer import default_loader
+
+    return _RngHungryLoader(default_loader(cfg, **kw))
+
+
+def test_resume_exact_even_if_the_loader_draws_global_random_numbers(tmp_path):
+    def losses(d):
+        return [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")]
+
+    Trainer(cfg_for(tmp_path / "a"), loader_factory=_hungry_factory).fit()
+    Trainer(cfg_for(tmp_path / "b", "stop_after_steps=4"), loader_factory=_hungry_factory).fit()
+    Trainer(cfg_for(tmp_path / "b"), loader_factory=_hungry_factory).fit()
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+
+
+@pytest.mark.slow
+def test_exact_resume_with_the_real_image_pipeline(tmp_path):
+    """configs/debug/tiny.yaml: synthetic JPEGs -> torchvision augmentations -> tiny-random VAE -> MAE."""
+    import subprocess
+
+    data = tmp_path / "synthetic"
+    subprocess.run([sys.executable, "launchers/make_synthetic.py", "--out", str(data), "--classes", "4",
+                    "--per-class", "24", "--size", "64"], cwd=H.REPO, check=True, capture_output=True)
+    from usp_scale.config import load_config
+
+    def cfg(out, *extra):
+        return load_config(os.path.join(H.REPO, "configs", "debug", "tiny.yaml"),
+                           [f"data.root={data}", f"output_dir={out}", "progress=false", "log_every=1",
+                            "schedule.epochs=2", "data.batch_size=8", "checkpoint.every_steps=0", *extra])
+
+    def losses(d):
+        return [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")]
+
+    run(cfg(tmp_path / "full"))
+    run(cfg(tmp_path / "split", "stop_after_steps=9"))  # mid-epoch 0 (12 steps per epoch)
+    run(cfg(tmp_path / "split"))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert len(a) == 24 and a == b

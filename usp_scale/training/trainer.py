@@ -206,7 +206,11 @@ class Trainer:
             while micro_in_epoch < steps_per_epoch * accum:
                 t_data = time.perf_counter()
                 try:
-                    batch = next(it)
+                    # The loader must not shift the training random stream (e.g. torch's DataLoader draws its
+                    # worker base seed from the global CPU generator when an epoch iterator starts, which
+                    # happens at a different point after a resume): isolate it.
+                    with torch.random.fork_rng(devices=[]):
+                        batch = next(it)
                 except StopIteration:
                     break
                 t_comp = time.perf_counter()
