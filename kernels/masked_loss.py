@@ -84,7 +84,7 @@ def _launch(pred, latents, mask, stats, part, coef, grad, patch, norm, per_image
     L = pred.shape[1]
     P = patch * patch * C
     block_p = next_pow2(P)
-    block_l = rows_per_program(block_p, L)
+    block_l = rows_per_program(block_p, L, gpu_elems=2048)
     grid = (N, triton.cdiv(L, block_l))
     if part is None:
         return grid
