@@ -137,3 +137,15 @@ def test_gpu_backends_match_reference(backend, head_dim):
         pytest.skip(str(e))
     torch.testing.assert_close(y.float(), _reference_out(m, x).float(), rtol=3e-2, atol=3e-2)
     assert not A.current_choices() or "math" not in next(iter(A.current_choices().values()))
+
+
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+def test_first_call_under_no_grad(ctx):
+    """The per-shape probe (forward + backward) must work when the first call comes from sampling."""
+    A.configure_attention("math", "cpu")
+    m = A.Attention(144, 2)
+    x = torch.randn(2, 9, 144)
+    with getattr(torch, ctx)():
+        y = m(x)
+    assert A.current_choices() == {(2, 9, 72, torch.float32): "sdpa_math"}
+    torch.testing.assert_close(y, _reference_out(m, x).detach(), rtol=1e-5, atol=1e-5)
