@@ -149,3 +149,20 @@ def test_first_call_under_no_grad(ctx):
         y = m(x)
     assert A.current_choices() == {(2, 9, 72, torch.float32): "sdpa_math"}
     torch.testing.assert_close(y, _reference_out(m, x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dispatch_under_torch_compile():
+    """Chosen before compiling: fullgraph works; chosen at the first compiled call: still correct."""
+    A.configure_attention("math", "cpu", shapes=[(2, 2, 9, 72, torch.float32)])
+    m = A.Attention(144, 2)
+    x = torch.randn(2, 9, 144)
+    ref = _reference_out(m, x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), ref, rtol=1e-5, atol=1e-5)
+    A.configure_attention("auto", "cpu")
+    torch._dynamo.reset()
+    c = torch.compile(m)
+    c(x)
+    torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
+    assert A.current_choices() == {(2, 9, 72, torch.float32): "sdpa_math"}
