@@ -54,6 +54,17 @@ def test_fid_of_a_set_with_itself_is_zero(tmp_path):
     assert abs(r["kid_mean"]) < 0.05 * r2["kid_mean"]
 
 
+def test_generator_source_equals_array_source():
+    ims = np.random.RandomState(5).randint(0, 256, (30, 16, 16, 3)).astype(np.uint8)
+    ref = np.random.RandomState(6).randint(0, 256, (30, 16, 16, 3)).astype(np.uint8)
+    gen = ((list(range(i, i + 7)), ims[i:i + 7], None) for i in range(0, 30, 7))  # generate_batches-style tuples
+    kw = dict(metrics=("fid", "is"), feature_extractor="usp-tiny", progress=False)
+    a = compute_metrics(gen, ref, **kw)
+    b = compute_metrics(ims, ref, **kw)
+    assert a["num_samples"] == 30 and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+    assert a["is_mean"] == pytest.approx(b["is_mean"], rel=1e-9)
+
+
 def test_inception_score_edge_cases():
     assert inception_score(torch.zeros(100, 10))["is_mean"] == pytest.approx(1.0, abs=1e-9)  # uniform classifier
     confident = torch.nn.functional.one_hot(torch.arange(100) % 10, 10).double() * 50  # sure and balanced
