@@ -185,6 +185,7 @@ def test_evaluate_launcher_end_to_end(tmp_path):
     os.makedirs(tmp_path / "s")
     for i in range(20):
         write_png(str(tmp_path / "s" / f"{i:06d}.png"), rng.randint(0, 256, (16, 16, 3)).astype(np.uint8))
+    write_png(str(tmp_path / "s" / "grid.png"), np.zeros((40, 40, 3), np.uint8))  # not a sample: ignored
     (tmp_path / "s" / "sampling.json").write_text(json.dumps({"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5,
                                                              "sampling_precision": "bf16"}))
     write_npz(str(tmp_path / "ref.npz"), rng.randint(0, 256, (20, 16, 16, 3)).astype(np.uint8))

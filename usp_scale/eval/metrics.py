@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Dict, Iterable, Optional, Sequence
 
@@ -36,7 +37,11 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # ----------------------------------------------------------------------------- sources
 def _folder_files(path: str) -> list:
+    """Images of a folder, sorted. In a folder made by launchers/sample.py (it holds sampling.json) only the
+    numbered samples ``{index:06d}.png`` count (not grid.png)."""
     files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTS))
+    if os.path.isfile(os.path.join(path, "sampling.json")):
+        files = [f for f in files if re.fullmatch(r"\d{6,}\.png", os.path.basename(f))]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}")
     return files
