@@ -14,7 +14,9 @@ PRECISIONS = ("fp32", "bf16")
 def _unwrap(model):
     """The bare module inside DDP / FSDP / DeepSpeed (``.module``) and torch.compile (``._orig_mod``)."""
     for _ in range(4):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
         if inner is None:
             break
         model = inner
