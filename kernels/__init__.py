@@ -1,5 +1,32 @@
 """Fused Triton kernels, installed as ``usp_scale.kernels`` (see setup.py).
 
-Each kernel stands beside its torch reference; ``usp_scale.kernels.dispatch`` selects
-between them (``kernels: auto|triton|torch``). This module must import without triton.
+Each kernel module holds the ``@triton.jit`` kernels, an ``autograd.Function`` and a functional
+wrapper; the torch references live in ``usp_scale.layers`` and ``usp_scale.layers.fused`` selects
+between them (``kernels: auto|triton|torch``). This package imports without triton: the kernel
+functions below are loaded on first use.
 """
+from __future__ import annotations
+
+import importlib
+
+from .dispatch import IMPLS, resolve_impl, triton_available, triton_usable
+
+_LAZY = {
+    "embed_visible_patches": "patch_embed",
+    "gather_patches": "patch_embed",
+    "unshuffle": "decoder_unshuffle",
+    "masked_latent_loss": "masked_loss",
+    "layernorm_modulate": "adaln",
+    "gated_residual": "adaln",
+}
+
+__all__ = ["IMPLS", "resolve_impl", "triton_available", "triton_usable", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        mod = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(mod, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

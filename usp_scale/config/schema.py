@@ -51,6 +51,12 @@ class DataConfig:
     drop_last: bool = True
     # Number of classes (1000 for ImageNet).
     num_classes: int = 1000
+    # Latent cache of the validation split for format == "latents" ("" = encode val images online).
+    latent_cache_val: str = ""
+    # Check of the latent cache shards when opened: "none", "size" (cheap) or "sha256" (reads every shard).
+    latent_verify: str = "size"
+    # DALI: check each file for a complete JPEG/PNG ending before decoding, skipping and reporting truncated ones.
+    dali_precheck: bool = True
 
 
 @dataclass
@@ -136,6 +142,10 @@ class OptimConfig:
     fused: bool = True
     # Use apex's fused optimizer when importable (error if asked for and missing).
     apex: bool = False
+    # LARS momentum (linear probe).
+    momentum: float = 0.9
+    # LARS trust coefficient (linear probe).
+    trust_coefficient: float = 0.001
 
 
 @dataclass
@@ -174,6 +184,8 @@ class EngineConfig:
     deepspeed_config: str = ""
     # Distributed backend: "auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo".
     backend: str = "auto"
+    # Process-group timeout in minutes.
+    timeout_min: int = 30
 
 
 @dataclass
@@ -188,12 +200,18 @@ class CheckpointConfig:
     init_from: str = ""
     # Also export model-only safetensors at the end of training.
     export: bool = True
+    # Also write the official-format .pth at the end ({"model"} for MAE, {"model","ema","opt","args"} for DiT/SiT).
+    export_official: bool = True
+    # Refuse to resume when the saved config differs in these sections/keys (dotted prefixes).
+    strict_keys: str = "task,model,engine.name,optim.name"
 
 
 @dataclass
 class EMAConfig:
     # EMA decay (0 = no EMA).
     decay: float = 0.0
+    # Export the EMA weights (when present) as the model-only safetensors file.
+    export_ema: bool = True
 
 
 @dataclass
@@ -256,6 +274,14 @@ class JobConfig:
     cutmix: float = 0.0
     # Transfer: number of pretrained blocks to load (-1 = all).
     use_pretrain_layer: int = -1
+    # Write TensorBoard events when tensorboard is installed.
+    tensorboard: bool = True
+    # Write a loss-curve PNG at the end of the run.
+    plot: bool = True
+    # Evaluate (classification top-1/top-5) every N epochs (0 = only at the end).
+    eval_every_epochs: int = 1
+    # Stop after this many optimizer steps in this process (0 = no limit); for tests and smoke runs.
+    stop_after_steps: int = 0
 
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)

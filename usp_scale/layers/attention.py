@@ -1,17 +1,37 @@
-"""The one attention module every model uses.
+"""The one attention module every model uses, and the attention backend dispatch.
 
-Multi-head self-attention with a fused qkv projection (timm key layout: ``qkv``, ``proj``).
-The core product goes through :func:`attention`, which defaults to
-``F.scaled_dot_product_attention``; the backend switch (FlashAttention-3/2, SDPA backends)
-plugs in there, so models never pick a backend themselves.
+Multi-head self-attention with a fused qkv projection (timm key layout: ``qkv``, ``proj``). The core
+goes through :func:`attention_packed`, whose backend is chosen once per run by
+:func:`configure_attention` (config ``model.attn_backend``):
+
+- ``auto``: on CUDA, FlashAttention-3 (``flash_attn_interface``) on Hopper when installed, else
+  FlashAttention-2 (``flash_attn``) when installed, else SDPA with its backend timed per shape (cuDNN,
+  flash, memory-efficient) at the first call of each shape; on CPU, SDPA's math backend.
+- ``sdpa``: SDPA with the per-shape timed choice (math on CPU).
+- ``flash3`` / ``flash2`` / ``cudnn`` / ``efficient`` / ``math``: exactly that backend. A forced backend that
+  cannot run (package missing, wrong device or dtype, unsupported head dim) is an error, never a fallback.
+
+Every choice is logged once per shape. Without :func:`configure_attention`, SDPA picks its own kernel.
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import math
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger("usp_scale.attention")
+
+BACKENDS = ("auto", "sdpa", "flash2", "flash3", "math", "cudnn", "efficient")
+_SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+# SDPA backends timed per shape on CUDA, in tie-break order; math is never chosen on a GPU.
+SDPA_GPU_CANDIDATES = ("cudnn", "flash", "efficient")
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -21,20 +41,238 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return (attn.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-_BACKEND = {"fn": None}
+# ------------------------------------------------------------------------------------------- backends
+# Each backend maps packed qkv (B, N, 3, H, d) -> (B, N, H, d).
+
+def _sdpa_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    backend = _SDPA[name]
+
+    def run(qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # each (B, H, N, d)
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2)                                      # (B, N, H, d)
+
+    run.__name__ = f"sdpa_{name}"
+    return run
+
+
+def _sdpa_default(qkv: torch.Tensor) -> torch.Tensor:
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def _flash2(qkv: torch.Tensor) -> torch.Tensor:
+    from flash_attn import flash_attn_qkvpacked_func
+
+    return flash_attn_qkvpacked_func(qkv)                               # (B, N, H, d)
+
+
+def _flash3(qkv: torch.Tensor) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_func
+
+    q, k, v = qkv.unbind(2)                                             # each (B, N, H, d)
+    out = flash_attn_func(q, k, v, softmax_scale=qkv.shape[-1] ** -0.5)
+    return out[0] if isinstance(out, tuple) else out                    # some releases also return lse
+
+
+# ------------------------------------------------------------------------------------------- availability
+def _module_present(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # ImportError, or a broken build (missing CUDA extension)
+        return False
+    return True
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def backend_unavailable(name: str, device: torch.device) -> Optional[str]:
+    """Why ``name`` cannot run on ``device`` regardless of shape (None when it can be tried)."""
+    if name in ("flash2", "flash3", "cudnn", "efficient") and device.type != "cuda":
+        return f"{name} needs a CUDA device, got {device}"
+    if name == "flash2" and not _module_present("flash_attn"):
+        return "flash2 needs the flash_attn package (pip install flash-attn)"
+    if name == "flash3":
+        if not _module_present("flash_attn_interface"):
+            return "flash3 needs FlashAttention-3 (flash_attn_interface, built from flash-attention/hopper)"
+        if not _is_hopper(device):
+            return f"flash3 needs a Hopper GPU (sm_90), got capability {torch.cuda.get_device_capability(device)}"
+    return None
+
+
+def _fn_for(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "flash2":
+        return _flash2
+    if name == "flash3":
+        return _flash3
+    return _sdpa_fn(name[len("sdpa_"):] if name.startswith("sdpa_") else name)
+
+
+def _probe(name: str, key: "ShapeKey", device: torch.device) -> Optional[str]:
+    """Run ``name`` once at this shape (forward and backward); None if it works, else the error text."""
+    B, H, N, d, dtype = key
+    if name in ("flash2", "flash3") and dtype not in (torch.float16, torch.bfloat16):
+        return f"{name} needs fp16/bf16 inputs, got {dtype} (enable bf16 autocast or pick an SDPA backend)"
+    qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+    try:
+        _fn_for(name)(qkv).sum().backward()
+    except Exception as e:  # "No available kernel", unsupported head dim, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _time_ms(name: str, key: "ShapeKey", device: torch.device, reps: int = 10) -> float:
+    """Median forward+backward time (ms) of ``name`` at this shape, with CUDA events."""
+    B, H, N, d, dtype = key
+    qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+    fn = _fn_for(name)
+    for _ in range(3):
+        fn(qkv).sum().backward()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(qkv).sum().backward()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------------------- dispatch state
+ShapeKey = Tuple[int, int, int, int, torch.dtype]      # (B, H, N, d, dtype)
+
+_STATE: Dict[str, object] = {"backend": None, "device": None, "fn": None}
+_CHOICES: Dict[Tuple, Tuple[str, Callable]] = {}      # (H, N, d, dtype) -> (name, fn)
 
 
 def set_attention_fn(fn) -> None:
-    """Install a (q, k, v) -> out function for all attention layers (None restores SDPA)."""
-    _BACKEND["fn"] = fn
+    """Install a (q, k, v) -> out function, (B, H, N, d) each, for all layers (None removes it).
+    A test/debug hook that overrides :func:`configure_attention`."""
+    _STATE["fn"] = fn
+
+
+def configure_attention(backend: str, device, shapes: Iterable[Tuple[int, int, int, int, torch.dtype]] = ()
+                        ) -> None:
+    """Select the attention backend for this process (call once, before the first forward).
+
+    ``backend``: one of :data:`BACKENDS` (config ``model.attn_backend``). ``shapes``: optional
+    (B, H, N, d, dtype) tuples to choose for now rather than at their first call. A forced backend that
+    cannot run on ``device`` raises here; one that cannot run a given shape raises at that shape.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"model.attn_backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if backend not in ("auto", "sdpa", "math"):
+        why = backend_unavailable(backend, device)
+        if why is not None:
+            raise RuntimeError(f"model.attn_backend={backend} is unavailable: {why}. "
+                               f"Use model.attn_backend=auto (or sdpa) to let the dispatcher choose.")
+    _STATE["backend"], _STATE["device"] = backend, device
+    _CHOICES.clear()
+    log.info("attention: backend %s requested on %s", backend, device)
+    for shape in shapes:
+        _choose(tuple(shape))
+
+
+def reset_attention() -> None:
+    """Forget the configuration (SDPA picks its own kernel again)."""
+    _STATE.update(backend=None, device=None, fn=None)
+    _CHOICES.clear()
+
+
+def current_choices() -> Dict[Tuple, str]:
+    """{(H, N, d, dtype): backend name} chosen so far."""
+    return {k: v[0] for k, v in _CHOICES.items()}
+
+
+def _auto_order(device: torch.device) -> Tuple[str, ...]:
+    if device.type != "cuda":
+        return ("sdpa_math",)
+    order = []
+    if backend_unavailable("flash3", device) is None:
+        order.append("flash3")
+    if backend_unavailable("flash2", device) is None:
+        order.append("flash2")
+    return tuple(order) + ("sdpa",)
+
+
+def _choose_sdpa(key: ShapeKey, device: torch.device) -> Tuple[str, str]:
+    """Time the SDPA GPU backends that run this shape; (name, detail for the log)."""
+    if device.type != "cuda":
+        return "sdpa_math", "CPU"
+    ok, errors = [], []
+    for cand in SDPA_GPU_CANDIDATES:
+        err = _probe(cand, key, device)
+        (errors.append(f"{cand}: {err}") if err else ok.append(cand))
+    if not ok:
+        raise RuntimeError(f"no SDPA GPU backend runs attention shape {key}: {'; '.join(errors)}")
+    times = {c: _time_ms(c, key, device) for c in ok}
+    best = min(ok, key=lambda c: times[c])
+    detail = ", ".join(f"{c} {times[c]:.3f} ms" for c in ok) + "".join(f"; {e}" for e in errors)
+    return f"sdpa_{best}", detail
+
+
+@torch.compiler.disable
+def _choose(key: ShapeKey) -> Tuple[str, Callable]:
+    B, H, N, d, dtype = key
+    ck = (H, N, d, dtype)
+    if ck in _CHOICES:
+        return _CHOICES[ck]
+    backend, device = _STATE["backend"], _STATE["device"]
+    if backend in ("math", "cudnn", "efficient", "flash2", "flash3"):
+        name = backend if backend.startswith("flash") else f"sdpa_{backend}"
+        err = _probe(name, key, device)
+        if err is not None:
+            raise RuntimeError(f"model.attn_backend={backend} cannot run attention with B={B} heads={H} "
+                               f"tokens={N} head_dim={d} dtype={dtype}: {err}")
+        detail = "forced"
+    elif backend == "sdpa":
+        name, detail = _choose_sdpa(key, device)
+    else:  # auto
+        name, detail, skipped = None, "", []
+        for cand in _auto_order(device):
+            if cand == "sdpa":
+                name, detail = _choose_sdpa(key, device)
+                break
+            err = _probe(cand, key, device)
+            if err is None:
+                name = cand
+                break
+            skipped.append(f"{cand}: {err}")
+        detail = "; ".join([detail] + skipped) if skipped else detail
+    _CHOICES[ck] = (name, _fn_for(name))
+    log.info("attention: heads=%d tokens=%d head_dim=%d %s -> %s (%s)", H, N, d, str(dtype).replace("torch.", ""),
+             name, detail or "auto")
+    return _CHOICES[ck]
+
+
+def attention_packed(qkv: torch.Tensor) -> torch.Tensor:
+    """Packed qkv (B, N, 3, H, d) -> (B, N, H, d) through the configured backend."""
+    if _STATE["fn"] is not None:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return _STATE["fn"](q, k, v).transpose(1, 2)
+    if _STATE["backend"] is None:
+        return _sdpa_default(qkv)
+    B, N, _, H, d = qkv.shape
+    ck = (H, N, d, qkv.dtype)
+    hit = _CHOICES.get(ck)
+    fn = hit[1] if hit is not None else _choose((B, H, N, d, qkv.dtype))[1]
+    return fn(qkv)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, d) non-causal attention through the selected backend."""
-    fn = _BACKEND["fn"]
-    if fn is not None:
-        return fn(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    """(B, H, N, d) non-causal attention through the configured backend."""
+    if _STATE["fn"] is not None:
+        return _STATE["fn"](q, k, v)
+    if _STATE["backend"] is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    return attention_packed(torch.stack([q, k, v], dim=2).transpose(1, 3)).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -49,7 +287,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
-        x = attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)    # (B, N, 3, H, d)
+        x = attention_packed(qkv)                                            # (B, N, H, d)
+        return self.proj(x.reshape(B, N, C))

@@ -16,37 +16,11 @@ from .adaln import layernorm_modulate as _ln_mod_ref
 from .loss import norm_pix_loss as _loss_ref
 from .masking import gather_tokens, unshuffle_with_mask_tokens
 from .patch import patchify
+from usp_scale.kernels import dispatch as _dispatch  # importable without triton
 
-IMPLS = ("auto", "triton", "torch")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_impl(mode: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA with triton installed, else "torch"; "triton" must be possible."""
-    if mode not in IMPLS:
-        raise ValueError(f"kernels must be one of {IMPLS}, got {mode!r}")
-    if mode == "torch":
-        return "torch"
-    usable = triton_available() and (device.type == "cuda" or _interpreting())
-    if mode == "auto":
-        return "triton" if usable and device.type == "cuda" else "torch"
-    if not usable:
-        raise RuntimeError("kernels=triton needs triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
-                           "use kernels=torch or kernels=auto")
-    return "triton"
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+IMPLS = _dispatch.IMPLS
+triton_available = _dispatch.triton_available
+resolve_impl = _dispatch.resolve_impl
 
 
 def _kernels():

@@ -1,0 +1,58 @@
+"""Availability checks for the Triton kernels (importable without triton)."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ._common import interpreting
+
+IMPLS = ("auto", "triton", "torch")
+
+
+_TRITON_PRESENT = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    """True when triton is installed (it is not imported here)."""
+    return _TRITON_PRESENT
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Kernels can run on this device: CUDA with triton, or CPU under TRITON_INTERPRET=1."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if not _TRITON_PRESENT:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and interpreting()
+
+
+def resolve_impl(mode: str, device) -> str:
+    """``kernels`` setting -> "triton" or "torch". "auto" is Triton on CUDA only; "triton" must be usable."""
+    if mode not in IMPLS:
+        raise ValueError(f"model.kernels must be one of {IMPLS}, got {mode!r}")
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if mode == "torch":
+        return "torch"
+    usable = triton_usable(device)
+    if mode == "auto":
+        return "triton" if usable and device.type == "cuda" else "torch"
+    if not usable:
+        why = ("triton is not installed (pip install triton)" if not triton_available() else
+               f"device {device} is neither CUDA nor a CPU under TRITON_INTERPRET=1")
+        raise RuntimeError(f"model.kernels=triton cannot run: {why}; use model.kernels=torch or auto")
+    return "triton"
+
+
+def describe() -> str:
+    """One line for logs: triton version, interpreter mode, CUDA device."""
+    tv = "absent"
+    if triton_available():
+        import triton
+
+        tv = triton.__version__
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+    return f"triton {tv}, interpreter={'on' if interpreting() else 'off'}, {dev}"

@@ -1,0 +1,38 @@
+"""The kernel micro-benchmark harness runs end to end (CPU smoke mode, interpreter, tiny batch) and
+refuses, with a clear message, to 'measure' anything on a machine without a GPU."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "kernels"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="smoke mode needs the interpreter")
+def test_bench_harness_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(BENCH / "bench_unshuffle.py"), "--device", "cpu", "--batch", "1",
+                        "--quick", "--reps", "1", "--modes", "forward,full", "--providers", "torch-eager,triton",
+                        "--csv", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and {r["provider"] for r in rows} == {"torch-eager", "triton"}
+    assert all(r["card"].startswith("CPU") and r["torch"] and r["triton"] and r["date"] for r in rows)
+
+
+def test_bench_refuses_without_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--csv", str(tmp_path / "x.csv")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no CUDA GPU found" in r.stderr
+    assert not (tmp_path / "x.csv").exists()
