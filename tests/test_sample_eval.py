@@ -173,6 +173,15 @@ def test_evaluate_fid_hook(tmp_path):
     assert good["fid"] < 0.5 * bad["fid"]
     with pytest.raises(ValueError, match="reference"):
         evaluate_fid(net, create_transport(), None, dict(cfg, fid_reference=""), 8, **kw)
+    # the sample grid for watching a run: same images on every call
+    from usp_scale.eval import save_sample_grid
+    from usp_scale.sample import read_png
+    p1 = save_sample_grid(net, create_transport(), None, cfg, str(tmp_path / "g1.png"), num=9,
+                          latent_shape=(3, 8, 8), num_classes=4)
+    p2 = save_sample_grid(net, create_transport(), None, cfg, str(tmp_path / "g2.png"), num=9,
+                          latent_shape=(3, 8, 8), num_classes=4)
+    g1 = read_png(p1)
+    assert g1.shape == (3 * 10 + 2, 3 * 10 + 2, 3) and np.array_equal(g1, read_png(p2)) and net.training
 
 
 def test_evaluate_launcher_end_to_end(tmp_path):
