@@ -216,7 +216,9 @@ def field_docs() -> dict:
             pending.append(s.lstrip("# ").rstrip())
             continue
         m = re.match(r"(\w+): .*=", s)
-        if m and cls_name:
+        if m and cls_name and "default_factory" in s:
+            pending = []  # a nested section, documented by its own fields
+        elif m and cls_name:
             prefix = cls_to_section.get(cls_name, "")
             docs[prefix + m.group(1)] = " ".join(pending)
             pending = []

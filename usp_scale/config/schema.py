@@ -51,6 +51,12 @@ class DataConfig:
     drop_last: bool = True
     # Number of classes (1000 for ImageNet).
     num_classes: int = 1000
+    # Latent cache of the validation split for format == "latents" ("" = encode val images online).
+    latent_cache_val: str = ""
+    # Check of the latent cache shards when opened: "none", "size" (cheap) or "sha256" (reads every shard).
+    latent_verify: str = "size"
+    # DALI: check each file for a complete JPEG/PNG ending before decoding, skipping and reporting truncated ones.
+    dali_precheck: bool = True
 
 
 @dataclass
@@ -120,9 +126,13 @@ class OptimConfig:
     blr: float = 1.5e-4
     # Lower bound of the cosine schedule.
     min_lr: float = 0.0
+    # Decoupled weight decay (not applied to 1-D parameters, biases and no_weight_decay() names).
     weight_decay: float = 0.05
+    # AdamW first-moment coefficient.
     beta1: float = 0.9
+    # AdamW second-moment coefficient (0.95 for pretraining, 0.999 for finetuning).
     beta2: float = 0.95
+    # AdamW epsilon.
     eps: float = 1e-8
     # Layer-wise lr decay for classifier finetuning (1.0 = off).
     layer_decay: float = 1.0
@@ -132,6 +142,10 @@ class OptimConfig:
     fused: bool = True
     # Use apex's fused optimizer when importable (error if asked for and missing).
     apex: bool = False
+    # LARS momentum (linear probe).
+    momentum: float = 0.9
+    # LARS trust coefficient (linear probe).
+    trust_coefficient: float = 0.001
 
 
 @dataclass
@@ -170,6 +184,8 @@ class EngineConfig:
     deepspeed_config: str = ""
     # Distributed backend: "auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo".
     backend: str = "auto"
+    # Process-group timeout in minutes.
+    timeout_min: int = 30
 
 
 @dataclass
@@ -184,12 +200,18 @@ class CheckpointConfig:
     init_from: str = ""
     # Also export model-only safetensors at the end of training.
     export: bool = True
+    # Also write the official-format .pth at the end ({"model"} for MAE, {"model","ema","opt","args"} for DiT/SiT).
+    export_official: bool = True
+    # Refuse to resume when the saved config differs in these sections/keys (dotted prefixes).
+    strict_keys: str = "task,model,engine.name,optim.name"
 
 
 @dataclass
 class EMAConfig:
     # EMA decay (0 = no EMA).
     decay: float = 0.0
+    # Export the EMA weights (when present) as the model-only safetensors file.
+    export_ema: bool = True
 
 
 @dataclass
@@ -204,12 +226,28 @@ class EvalConfig:
     feature_extractor: str = "inception-v3-compat"
     # Local path of the Inception weights (weights-inception-2015-12-05-6726825d.pth).
     inception_weights: str = ""
-    # Sampler for evaluation: "ddpm", "ddim", "ode", "sde".
+    # Sampler for evaluation: "ddpm", "ddim" (DiT); "sde", "ode" (adaptive dopri5), "heun", "euler" (SiT).
     sampler: str = "ddpm"
     # Sampling steps.
     steps: int = 250
     # Classifier-free guidance scale (1.0 = off).
     cfg_scale: float = 1.0
+    # Guidance interval in the model's time units (DiT step index, SiT t in [0, 1]); low > high = always.
+    cfg_interval_low: float = 1.0
+    # Upper end of the guidance interval (see cfg_interval_low).
+    cfg_interval_high: float = 0.0
+    # Output channels guided by CFG: 0 = all latent channels, 3 = the official DiT/SiT behaviour.
+    cfg_channels: int = 0
+    # DDIM stochasticity (sampler "ddim" only; 0 = deterministic).
+    ddim_eta: float = 0.0
+    # Sampling and feature-extraction batch per rank for in-training FID.
+    batch_size: int = 64
+    # Sampling precision for in-training FID: "fp32" or "bf16" (autocast).
+    precision: str = "fp32"
+    # Seed of the in-training FID samples (labels and noise depend only on seed and sample index).
+    seed: int = 0
+    # Metric records (JSON lines) written by in-training FID, relative to the output dir.
+    metrics_file: str = "eval_metrics.jsonl"
 
 
 @dataclass
@@ -230,11 +268,20 @@ class JobConfig:
     progress: bool = True
     # Label smoothing for classification finetuning.
     smoothing: float = 0.1
-    # Mixup / cutmix alphas for classification finetuning (applied to latents).
+    # Mixup alpha for classification finetuning (applied to latents; 0 = off).
     mixup: float = 0.0
+    # Cutmix alpha for classification finetuning (applied to latents; 0 = off).
     cutmix: float = 0.0
     # Transfer: number of pretrained blocks to load (-1 = all).
     use_pretrain_layer: int = -1
+    # Write TensorBoard events when tensorboard is installed.
+    tensorboard: bool = True
+    # Write a loss-curve PNG at the end of the run.
+    plot: bool = True
+    # Evaluate (classification top-1/top-5) every N epochs (0 = only at the end).
+    eval_every_epochs: int = 1
+    # Stop after this many optimizer steps in this process (0 = no limit); for tests and smoke runs.
+    stop_after_steps: int = 0
 
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)

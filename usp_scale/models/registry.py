@@ -96,7 +96,7 @@ def _dit(cls, size: str, patch: int, vae_simple: bool, **kwargs) -> DiT:
 def _dit_tiny(cls, vae_simple: bool, **kwargs) -> DiT:
     defaults = dict(input_size=8, num_classes=10)
     defaults.update(kwargs)
-    return cls(patch_size=2, hidden_size=64, depth=2, num_heads=2, vae_simple=vae_simple, **defaults)
+    return cls(patch_size=2, hidden_size=128, depth=2, num_heads=4, vae_simple=vae_simple, **defaults)
 
 
 for _family, _cls in (("dit", DiT), ("sit", SiT)):
@@ -106,7 +106,7 @@ for _family, _cls in (("dit", DiT), ("sit", SiT)):
             register(f"{_prefix}-{_size}/{_p}", _family, partial(_dit, _cls, _size, _p, False))
         if _size != "S":
             register(f"{_prefix}-{_size}/2-VAE-simple", _family, partial(_dit, _cls, _size, 2, True))
-    # tiny sizes for tests and the CPU demo (64 wide, 2 deep)
+    # tiny sizes for tests and the CPU demo (128 wide, 2 deep, 4 heads: the shape of vit_tiny_patch_vae)
     register(f"{_prefix}-tiny/2", _family, partial(_dit_tiny, _cls, False))
     register(f"{_prefix}-tiny/2-VAE-simple", _family, partial(_dit_tiny, _cls, True))
 

@@ -1,0 +1,223 @@
+"""Helpers for the training-system tests: toy engine runs and multi-process workers.
+
+Run as a worker under torchrun:  python tests/_helpers_train.py {equiv,resume} --out DIR [--engines ...]
+Each worker writes DIR/<mode>.json on rank 0 and prints TRAIN_HELPER_OK when every rank finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_BUILD_OPS", "0")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OK = "TRAIN_HELPER_OK"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", DS_BUILD_OPS="0", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port())] + args
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------- engine runs
+
+class ToyRegressor(nn.Module):
+    """Deterministic (no randomness in forward) model with ``blocks`` for FSDP2."""
+
+    def __init__(self, dim: int = 16, depth: int = 2):
+        super().__init__()
+        from usp_scale.training.toy import ToyBlock
+
+        self.inp = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, x):  # x: (N, L, dim)
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h).mean(dim=(1, 2))  # (N,)
+
+
+def toy_data(steps: int, accum: int, global_batch: int, dim: int = 16):
+    g = torch.Generator().manual_seed(7)
+    n = 16  # fixed pool, so runs of different lengths see the same first batches
+    assert steps * accum <= n
+    x = torch.randn(n, global_batch, 3, dim, generator=g)
+    y = torch.randn(n, global_batch, generator=g)
+    return x[: steps * accum], y[: steps * accum]
+
+
+def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan_at=None, nan_rank=None,
+                  rank=0, world=1):
+    """Train ToyRegressor; returns per-step global-mean losses, applied flags and the final full weights."""
+    import torch.distributed as dist
+
+    from usp_scale.config import OptimConfig
+    from usp_scale.engine import build_engine
+    from usp_scale.training.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    model = ToyRegressor()
+    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, fused=False)
+    per = global_batch // world
+    eng = build_engine(engine_cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
+                       accum_iter=accum, clip_grad=clip, micro_batch=per)
+    x, y = toy_data(steps, accum, global_batch)
+    losses, applied, acc = [], [], 0.0
+    for i in range(steps * accum):
+        xb, yb = x[i, rank * per:(rank + 1) * per], y[i, rank * per:(rank + 1) * per]
+        with eng.sync_context(), eng.autocast():
+            loss = ((eng(xb).float() - yb) ** 2).mean()
+        if nan_at is not None and i // accum == nan_at and (nan_rank is None or nan_rank == rank):
+            loss = loss * float("nan")
+        eng.backward(loss)
+        acc += float(loss.detach()) / accum
+        res = eng.step()
+        if res is None:
+            continue
+        t = torch.tensor([acc], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(t)
+        losses.append(float(t) / world)
+        applied.append(res.applied)
+        acc = 0.0
+    sd = eng.full_model_state_dict()
+    return losses, applied, {k: v.tolist() for k, v in sd.items()}
+
+
+def engine_cfg(name: str, **kw):
+    from usp_scale.config import EngineConfig
+
+    c = EngineConfig(name=name, precision="fp32", ddp_bf16_grads=False)
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+EQUIV_CASES = {
+    "ddp": dict(name="ddp"),
+    "ddp_bf16": dict(name="ddp", ddp_bf16_grads=True),
+    "fsdp2": dict(name="fsdp2"),
+    "fsdp2_noreshard": dict(name="fsdp2", reshard_after_forward=False),
+    "ds1": dict(name="deepspeed", zero_stage=1),
+    "ds2": dict(name="deepspeed", zero_stage=2),
+    "ds3": dict(name="deepspeed", zero_stage=3),
+}
+
+
+def worker_equiv(out: str, cases: list) -> None:
+    import torch.distributed as dist
+
+    from usp_scale.engine.dist import init_distributed
+
+    info = init_distributed("gloo")
+    results = {}
+    for case in cases:
+        kw = dict(EQUIV_CASES[case])
+        cfg = engine_cfg(kw.pop("name"), **kw)
+        losses, applied, sd = engine_losses(cfg, clip=1.0, rank=info.rank, world=info.world_size)
+        nl, na, nsd = engine_losses(cfg, steps=3, nan_at=1, nan_rank=1, rank=info.rank, world=info.world_size)
+        results[case] = {"losses": losses, "applied": applied, "state": sd,
+                         "nan_losses": nl, "nan_applied": na, "nan_state": nsd}
+    flags = [None] * info.world_size
+    dist.all_gather_object(flags, {c: results[c]["nan_applied"] for c in cases})
+    if info.rank == 0:
+        results["_nan_applied_per_rank"] = flags
+        with open(os.path.join(out, "equiv.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    print(OK, info.rank, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- trainer runs
+
+def trainer_cfg(engine: str, out: str, **over):
+    from usp_scale.config import load_config
+
+    ov = [f"output_dir={out}", f"engine.name={engine}", "engine.precision=fp32", "engine.ddp_bf16_grads=false",
+          "data.root=toy:48", "data.batch_size=4", "schedule.accum_iter=2", "schedule.max_steps=10",
+          "schedule.warmup_steps=3", "ema.decay=0.9", "checkpoint.every_steps=0", "optim.fused=false",
+          "optim.clip_grad=1.0"]
+    if engine == "deepspeed":
+        ov.append("engine.zero_stage=" + str(over.pop("zero_stage", 2)))
+    ov += [f"{k}={v}" for k, v in over.items()]
+    return load_config(os.path.join(REPO, "configs", "debug", "toy_pretrain.yaml"), ov)
+
+
+def run_resume_pair(engine: str, base: str, **over) -> dict:
+    """2N steps in one go vs N steps + resume + N steps; returns losses and final exports of both."""
+    from usp_scale.training import run
+
+    def losses(d):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            return [json.loads(line)["loss"] for line in f if '"kind": "train"' in line]
+
+    full, split = os.path.join(base, "full"), os.path.join(base, "split")
+    run(trainer_cfg(engine, full, **over))
+    run(trainer_cfg(engine, split, stop_after_steps=5, **over))
+    run(trainer_cfg(engine, split, **over))
+    from safetensors.torch import load_file
+
+    out = {"full": losses(full), "split": losses(split)}
+    for name in ("model", "ema"):
+        a = load_file(os.path.join(full, "export", f"{name}.safetensors"))
+        b = load_file(os.path.join(split, "export", f"{name}.safetensors"))
+        out[f"{name}_equal"] = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    return out
+
+
+def worker_resume(out: str, engines: list) -> None:
+    import torch.distributed as dist
+
+    from usp_scale.engine.dist import init_distributed
+
+    info = init_distributed("gloo")
+    results = {}
+    for spec in engines:
+        name, _, stage = spec.partition(":")
+        over = {"zero_stage": int(stage)} if stage else {}
+        results[spec] = run_resume_pair(name, os.path.join(out, spec.replace(":", "")), **over)
+    if info.rank == 0:
+        with open(os.path.join(out, "resume.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    print(OK, info.rank, flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["equiv", "resume"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", nargs="*", default=list(EQUIV_CASES))
+    ap.add_argument("--local_rank", type=int, default=-1)
+    a = ap.parse_args()
+    sys.path.insert(0, REPO)
+    if a.mode == "equiv":
+        worker_equiv(a.out, a.cases)
+    else:
+        worker_resume(a.out, a.cases)
+    sys.stdout.flush()
+    os._exit(0)  # DeepSpeed on CPU occasionally aborts in its exit handlers after success

@@ -1,0 +1,85 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from usp_scale.config import ConfigError, JobConfig, format_help, load_config, save_config
+from usp_scale.config.load import field_docs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+                 if not os.path.basename(p).startswith("_"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_shipped_recipe_loads_and_names_a_registered_model(path):
+    from usp_scale.models import list_models, model_family
+
+    cfg = load_config(path)
+    assert cfg.model.name in list_models()
+    family = model_family(cfg.model.name)
+    assert {"pretrain": "mae", "dit": "dit", "sit": "sit", "cls": "vit", "linprobe": "vit"}[cfg.task] == family
+
+
+def test_paper_numbers_in_recipes():
+    xl = load_config(os.path.join(ROOT, "configs/pretrain/usp_xlarge_224.yaml"))
+    assert (xl.optim.blr, xl.optim.beta2, xl.optim.weight_decay, xl.mask.ratio) == (1.5e-4, 0.95, 0.05, 0.75)
+    assert (xl.schedule.epochs, xl.schedule.warmup_epochs, xl.model.img_size) == (800, 40, 28)
+    dit = load_config(os.path.join(ROOT, "configs/finetune/dit_xl_256.yaml"))
+    assert (dit.task, dit.model.name, dit.optim.lr, dit.optim.weight_decay, dit.ema.decay) == \
+        ("dit", "DiT-XL/2-VAE-simple", 1e-4, 0.0, 0.9999)
+    assert dit.schedule.max_steps == 400000 and dit.model.img_size == 32
+    lp = load_config(os.path.join(ROOT, "configs/finetune/vit_large_linprobe.yaml"))
+    assert (lp.task, lp.optim.name, lp.optim.blr, lp.model.global_pool, lp.data.batch_size) == \
+        ("linprobe", "lars", 0.1, "token", 512)
+
+
+def test_dotted_overrides_and_types(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs/debug/tiny.yaml"),
+                      ["model.name=vit_large_patch_vae", "optim.blr=1.5e-4", "optim.lr=1e-3", "data.batch_size=8",
+                       "engine.compile=true", "seed=3"])
+    assert cfg.model.name == "vit_large_patch_vae" and cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 8 and cfg.engine.compile is True and cfg.seed == 3
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  name: DiT-B/2\n  nmae: x\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'model\.nmae'"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'optim\.bl'"):
+        load_config(None, ["model.name=x", "optim.bl=1"])
+
+
+def test_wrong_type_and_missing_required(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("model:\n  name: DiT-B/2\ndata:\n  batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: key 'data\.batch_size' expects an integer, got 'lots'"):
+        load_config(str(p))
+    q = tmp_path / "m.yaml"
+    q.write_text("task: dit\n")
+    with pytest.raises(ConfigError, match=r"required key 'model\.name' is missing .*m\.yaml"):
+        load_config(str(q))
+    with pytest.raises(ConfigError, match="expects true/false"):
+        load_config(None, ["model.name=a", "engine.compile=3"])
+
+
+def test_base_inheritance_and_resolved_round_trip(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 5\nmodel:\n  name: DiT-S/2\n  img_size: 16\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nmodel:\n  img_size: 32\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.seed, cfg.model.name, cfg.model.img_size) == (5, "DiT-S/2", 32)
+    out = save_config(cfg, str(tmp_path / "run" / "config.yaml"))
+    again = load_config(out)
+    assert again == cfg
+    assert yaml.safe_load(open(out))["model"]["img_size"] == 32
+
+
+def test_every_field_has_help():
+    docs = field_docs()
+    text = format_help(JobConfig())
+    assert "optim.blr" in text and "Base learning rate" in text
+    undocumented = [k for k, v in docs.items() if not v]
+    assert not undocumented, f"fields without a help comment: {undocumented}"
+    assert "model.name" in docs and "engine.zero_stage" in docs

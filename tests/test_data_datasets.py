@@ -1,0 +1,83 @@
+"""Datasets: layout errors, corrupt-file reporting, ImageFolder vs WebDataset tar agreement."""
+import os
+import tarfile
+import io
+import warnings
+
+import pytest
+import torch
+
+from _helpers_data import data_cfg, synth, synth_clean  # noqa: F401
+from usp_scale.data import (CorruptImageError, DatasetError, ImageFolderDataset, TarDataset, build_image_loader)
+
+
+def test_missing_and_empty_folders_name_the_path(tmp_path):
+    with pytest.raises(DatasetError, match=str(tmp_path / "nope" / "train")):
+        ImageFolderDataset(str(tmp_path / "nope"), "train")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"no class folders in .*empty/train"):
+        ImageFolderDataset(str(tmp_path / "empty"), "train")
+    (tmp_path / "noimg" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "noimg" / "train" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match=r"class folder .*noimg/train/cat holds no images"):
+        ImageFolderDataset(str(tmp_path / "noimg"), "train")
+    with pytest.raises(DatasetError, match="data.root is empty"):
+        ImageFolderDataset("", "train")
+    (tmp_path / "notar").mkdir()
+    with pytest.raises(DatasetError, match=r"no .tar shards in .*notar"):
+        TarDataset(str(tmp_path / "notar"), "")
+
+
+def test_tar_without_label_is_an_error(tmp_path):
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        ti = tarfile.TarInfo("k1.jpg")
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    with pytest.raises(DatasetError, match=r"a.tar: sample 'k1' has an image but no .cls"):
+        TarDataset(str(tmp_path), "")
+
+
+def test_folder_and_tar_index_the_same_samples(synth):
+    f = ImageFolderDataset(synth["root"], "train")
+    t = TarDataset(os.path.join(synth["root"], "wds"), "train")
+    assert len(f) == len(t) == 6 * 8
+    assert f.labels == t.labels
+    for i in (0, 17, 47):
+        assert f.read_bytes(i) == t.read_bytes(i)
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_corrupt_images_are_skipped_counted_and_reported(synth, fmt):
+    root = synth["root"] if fmt == "folder" else os.path.join(synth["root"], "wds")
+    loader = build_image_loader(data_cfg(root, format=fmt, batch_size=8), train=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        n = sum(len(b["labels"]) for b in loader)
+    assert n == 48 - 2
+    assert loader.corrupt and len(loader.corrupt) == 2
+    # reported by path: the file itself, or tar::member at the same dataset position
+    folder = ImageFolderDataset(synth["root"], "train")
+    pos = sorted(i for i, r in enumerate(folder.samples) if r.path in synth["corrupt"])
+    assert sorted(loader.corrupt) == sorted(loader.dataset.samples[i].path for i in pos)
+    if fmt == "wds":
+        assert all(".tar::" in p for p in loader.corrupt)
+    assert all("truncated" in m for m in loader.corrupt.values())
+    assert sum("skipped corrupt image" in str(x.message) for x in w) == 2
+
+
+def test_strict_makes_a_corrupt_image_an_error(synth):
+    loader = build_image_loader(data_cfg(synth["root"], strict=True, batch_size=8), train=True)
+    with pytest.raises(CorruptImageError, match=r"corrupt image .*\.jpg.*strict"):
+        for _ in loader:
+            pass
+
+
+def test_image_batches_contract(synth_clean):
+    loader = build_image_loader(data_cfg(synth_clean["root"], batch_size=5), train=True)
+    assert len(loader) == 24 // 5
+    b = next(iter(loader))
+    assert b["images"].shape == (5, 3, 32, 32) and b["images"].dtype == torch.float32
+    assert b["images"].min() >= -1 and b["images"].max() <= 1 and b["images"].min() < -0.5
+    assert b["labels"].dtype == torch.long and b["labels"].shape == (5,)
+    val = build_image_loader(data_cfg(synth_clean["root"], batch_size=3), train=False)
+    assert sum(len(b["labels"]) for b in val) == 8  # every val image once, last batch short

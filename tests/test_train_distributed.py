@@ -1,0 +1,137 @@
+"""Two-process (gloo, CPU) tests: engine equivalence, exact resume, launches under torchrun / deepspeed / SLURM dry-run.
+
+Each test is one launch that runs several engines in the same process group and asserts on the
+success marker printed by every rank (DeepSpeed on CPU sometimes aborts in exit handlers after success).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _helpers_train as H  # noqa: E402
+
+
+def _launch_ok(proc, n=2):
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.stdout.count(H.OK) == n, f"rc={proc.returncode}\n{tail}"
+
+
+def _check_equiv(path, cases, tol_loss, tol_w):
+    ref_l, ref_a, ref_sd = H.engine_losses(H.engine_cfg("local"), clip=1.0)
+    nref_l, nref_a, nref_sd = H.engine_losses(H.engine_cfg("local"), steps=3, nan_at=1)
+    res = json.load(open(path))
+    for case in cases:
+        r = res[case]
+        tl, tw = tol_loss.get(case, 1e-6), tol_w.get(case, 1e-6)
+        assert r["applied"] == ref_a == [True] * 4
+        assert r["losses"] == pytest.approx(ref_l, rel=tl), case
+        for k, v in ref_sd.items():
+            assert torch.allclose(torch.tensor(r["state"][k]), torch.tensor(v), atol=tw, rtol=0), (case, k)
+        # a NaN loss on rank 1 only skips the step on every rank
+        assert r["nan_applied"] == nref_a == [True, False, True], case
+        for k, v in nref_sd.items():
+            assert torch.allclose(torch.tensor(r["nan_state"][k]), torch.tensor(v), atol=tw, rtol=0), (case, k)
+    for per_rank in res["_nan_applied_per_rank"]:
+        assert all(per_rank[c] == [True, False, True] for c in cases)
+
+
+def test_torch_engines_match_single_process(tmp_path):
+    """ddp (fp32 and bf16 all-reduce) and fsdp2 (both reshard modes) on 2 ranks == local on the global batch."""
+    cases = ["ddp", "ddp_bf16", "fsdp2", "fsdp2_noreshard"]
+    p = H.torchrun(["tests/_helpers_train.py", "equiv", "--out", str(tmp_path), "--cases", *cases])
+    _launch_ok(p)
+    _check_equiv(tmp_path / "equiv.json", cases, tol_loss={"ddp_bf16": 2e-3}, tol_w={"ddp_bf16": 5e-2})
+
+
+@pytest.mark.slow
+def test_deepspeed_zero123_match_single_process(tmp_path):
+    cases = ["ds1", "ds2", "ds3"]
+    p = H.torchrun(["tests/_helpers_train.py", "equiv", "--out", str(tmp_path), "--cases", *cases], timeout=600)
+    _launch_ok(p)
+    _check_equiv(tmp_path / "equiv.json", cases, tol_loss={}, tol_w={})
+
+
+def _check_resume(path, specs):
+    res = json.load(open(path))
+    for spec in specs:
+        r = res[spec]
+        assert len(r["full"]) == 10, spec
+        assert r["full"] == r["split"], spec  # exact, per step
+        assert r["model_equal"] and r["ema_equal"], spec
+    return res
+
+
+def test_exact_resume_ddp_fsdp2(tmp_path):
+    specs = ["ddp", "fsdp2"]
+    p = H.torchrun(["tests/_helpers_train.py", "resume", "--out", str(tmp_path), "--cases", *specs])
+    _launch_ok(p)
+    res = _check_resume(tmp_path / "resume.json", specs)
+    # same data, same seeds, fp32: the engines agree with each other too
+    assert res["ddp"]["full"] == pytest.approx(res["fsdp2"]["full"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_exact_resume_deepspeed_zero2_zero3(tmp_path):
+    specs = ["deepspeed:2", "deepspeed:3"]
+    p = H.torchrun(["tests/_helpers_train.py", "resume", "--out", str(tmp_path), "--cases", *specs], timeout=600)
+    _launch_ok(p)
+    res = _check_resume(tmp_path / "resume.json", specs)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "deepspeed2" / "full" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "deepspeed3" / "full" / "export" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert res["deepspeed:2"]["full"] == pytest.approx(res["deepspeed:3"]["full"], rel=1e-5)
+
+
+def _launcher_args(out, engine, steps=3):
+    return ["launchers/pretrain.py", "--config", "configs/debug/toy_pretrain.yaml", f"output_dir={out}",
+            f"engine.name={engine}", "engine.precision=fp32", f"schedule.max_steps={steps}", "optim.fused=false"]
+
+
+def test_torchrun_launch_of_pretrain_launcher(tmp_path):
+    out = tmp_path / "tr"
+    p = H.torchrun(_launcher_args(out, "ddp"))
+    assert "[usp_scale] done: step 3" in p.stdout, (p.stdout + p.stderr)[-4000:]
+    assert (out / "export" / "model.safetensors").is_file() and (out / "loss_curve.png").is_file()
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_deepspeed_hostfile_launch_of_pretrain_launcher(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "ds"
+    cmd = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+           "--master_port", str(H.free_port())] + _launcher_args(out, "deepspeed") + ["engine.zero_stage=2"]
+    p = subprocess.run(cmd, cwd=H.REPO, env=H.child_env(), capture_output=True, text=True, timeout=600)
+    assert "[usp_scale] done: step 3" in p.stdout, (p.stdout + p.stderr)[-4000:]
+    meta = json.load(open(out / "checkpoints" / "step_00000003" / "meta.json"))
+    assert meta["world_size"] == 2 and meta["engine"] == "deepspeed"
+    assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_slurm_dry_run_for_a_fake_two_node_allocation(tmp_path):
+    env = H.child_env()
+    env.update(SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", DRY_RUN="1",
+               SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", PYTHON=sys.executable, GPUS_PER_NODE="8",
+               OUTPUT_DIR=str(tmp_path / "run"))
+    args = ["--config", "configs/debug/toy_pretrain.yaml", "engine.name=fsdp2"]
+    p = subprocess.run(["bash", "launchers/slurm/torchrun.sbatch", *args], cwd=H.REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[node")]
+    assert len(lines) == 2 and lines[0].startswith("[node 0 gpu07]") and lines[1].startswith("[node 1 gpu08]")
+    for ln in lines:
+        assert "--nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=gpu07:29500" in ln
+        assert "--rdzv_id=4242 launchers/pretrain.py --config configs/debug/toy_pretrain.yaml engine.name=fsdp2" in ln
+    p = subprocess.run(["bash", "launchers/slurm/deepspeed.sbatch", *args[:2], "engine.name=deepspeed"], cwd=H.REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "run" / "hostfile").read_text() == "gpu07 slots=8\ngpu08 slots=8\n"
+    assert "deepspeed --hostfile" in p.stdout and "--launcher slurm --master_addr gpu07" in p.stdout

@@ -1,0 +1,215 @@
+"""Trainer, checkpoints and launcher CLI on the local engine (in-process, CPU)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _helpers_train as H  # noqa: E402
+
+from usp_scale.checkpoint import CheckpointManager, IncompatibleCheckpoint  # noqa: E402
+from usp_scale.training import NonFiniteError, Trainer, run  # noqa: E402
+from usp_scale.training.tasks import PretrainTask, build_task  # noqa: E402
+from usp_scale.training.toy import ToyDiffusion, ToyTransport  # noqa: E402
+
+
+def cfg_for(tmp_path, *over, engine="local"):
+    return H.trainer_cfg(engine, str(tmp_path / "run"), **dict(o.split("=", 1) for o in over))
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+def test_local_exact_resume(tmp_path):
+    """5 steps + resume + 5 steps == 10 steps: per-step losses, final weights and EMA bit-identical."""
+    r = H.run_resume_pair("local", str(tmp_path))
+    assert len(r["full"]) == 10
+    assert r["full"] == r["split"]
+    assert r["model_equal"] and r["ema_equal"]
+
+
+def test_outputs_jsonl_png_config_exports(tmp_path):
+    cfg = cfg_for(tmp_path, "log_every=2", "schedule.max_steps=6")
+    res = run(cfg)
+    out = tmp_path / "run"
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [2, 4, 6]
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "mfu", "data_time", "compute_time", "max_mem_gb"):
+        assert key in recs[0] and recs[0][key] == recs[0][key]  # present, not NaN
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file()
+    from usp_scale.config import load_config
+
+    assert load_config(str(out / "config.yaml")).model.name == "toy_mae"
+    from safetensors.torch import load_file
+
+    sd = load_file(res["exports"]["model"])
+    official = torch.load(res["exports"]["official"], weights_only=False)
+    assert set(official) == {"model"} and set(official["model"]) == set(sd)
+    assert "pos_embed" in sd and "decoder_pred.weight" in sd
+    assert os.path.basename(res["checkpoint"]) == "step_00000006"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+class _FakeEngine:
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save(self, path, ema_state=None):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "engine.pt"), "w") as f:
+            f.write("partial")
+        if self.fail:
+            raise RuntimeError("simulated crash mid-save")
+
+
+def _save(mgr, step, engine):
+    return mgr.save(step, engine, trainer_state={"step": step}, rank_state={"loader": {}},
+                    meta={"step": step, "signature": {}, "config": {}})
+
+
+def test_crash_mid_save_leaves_no_complete_folder(tmp_path):
+    mgr = CheckpointManager(str(tmp_path), keep_last=3)
+    good = _save(mgr, 10, _FakeEngine())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _save(mgr, 20, _FakeEngine(fail=True))
+    assert not (tmp_path / "step_00000020").exists()
+    assert (tmp_path / ".tmp-step_00000020").exists()  # the partial write is under the temporary name
+    assert mgr.latest() == good
+    # a step folder without meta.json (e.g. copied by hand, half-way) is not considered complete
+    (tmp_path / "step_00000030").mkdir()
+    assert mgr.latest() == good
+    assert _save(mgr, 20, _FakeEngine()).endswith("step_00000020")
+    assert not (tmp_path / ".tmp-step_00000020").exists()
+
+
+def test_keep_last_k(tmp_path):
+    mgr = CheckpointManager(str(tmp_path), keep_last=2)
+    for s in range(1, 6):
+        _save(mgr, s, _FakeEngine())
+    assert [os.path.basename(p) for p in mgr.list_steps()] == ["step_00000004", "step_00000005"]
+    _save(mgr, 5, _FakeEngine())  # re-saving a step replaces it
+    assert len(mgr.list_steps()) == 2
+
+
+def test_refuse_incompatible_checkpoint(tmp_path):
+    run(cfg_for(tmp_path, "stop_after_steps=2"))
+    with pytest.raises(IncompatibleCheckpoint) as e:
+        run(cfg_for(tmp_path, "model.img_size=4"))
+    msg = str(e.value)
+    assert "pos_embed" in msg and "model.img_size" in msg and "checkpoint 8 vs now 4" in msg
+    with pytest.raises(IncompatibleCheckpoint, match="optim.name"):
+        run(cfg_for(tmp_path, "optim.name=lars"))
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        run(cfg_for(tmp_path, f"checkpoint.resume={tmp_path}/nowhere"))
+
+
+# ------------------------------------------------------------------------------------------ non-finite
+
+class _NaNTask(PretrainTask):
+    """Pretrain task whose loss is NaN on chosen micro-batches (counted over the run)."""
+
+    def __init__(self, cfg, bad):
+        super().__init__(cfg)
+        self.bad, self.calls = set(bad), 0
+
+    def loss(self, engine, batch):
+        loss = super().loss(engine, batch)
+        self.calls += 1
+        return loss * float("nan") if self.calls in self.bad else loss
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    cfg = cfg_for(tmp_path, "schedule.max_steps=4", "ema.decay=0.0", "optim.clip_grad=0.0")
+    # micro-batch 4 is the 2nd half of optimizer step 2 (accum 2): step 2 must be skipped
+    res = Trainer(cfg, task=_NaNTask(cfg, bad={4})).fit()
+    assert res["nonfinite_total"] == 1
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["nonfinite_total"] for r in recs] == [0, 1, 1, 1]
+    assert [r["loss"] == r["loss"] for r in recs] == [True, False, True, True]  # only step 2 is NaN
+
+
+def test_nonfinite_skip_leaves_weights_unchanged():
+    from usp_scale.config import EngineConfig
+
+    _, applied, _ = H.engine_losses(EngineConfig(name="local"), steps=3, nan_at=1)
+    assert applied == [True, False, True]
+    # (1 good step, 1 skipped step) leaves exactly the weights of 1 good step
+    _, _, sd1 = H.engine_losses(EngineConfig(name="local"), steps=1)
+    _, a2, sd2 = H.engine_losses(EngineConfig(name="local"), steps=2, nan_at=1)
+    assert a2 == [True, False]
+    assert all(torch.equal(torch.tensor(sd1[k]), torch.tensor(sd2[k])) for k in sd1)
+
+
+def test_k_nonfinite_in_a_row_checkpoints_and_stops(tmp_path):
+    cfg = cfg_for(tmp_path, "max_nonfinite=3", "schedule.max_steps=10")
+    with pytest.raises(NonFiniteError) as e:
+        Trainer(cfg, task=_NaNTask(cfg, bad=set(range(5, 40)))).fit()
+    msg = str(e.value)
+    assert "3 consecutive non-finite steps" in msg and "optimizer step 5" in msg and "epoch 0" in msg
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
+    assert str(ckpt) in msg and (ckpt / "meta.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+@pytest.mark.parametrize("task", ["dit", "sit"])
+def test_generative_tasks_run_with_ema_and_official_export(tmp_path, task):
+    cfg = cfg_for(tmp_path, f"task={task}", "model.name=toy_dit", "schedule.name=constant", "optim.lr=1e-3",
+                  "optim.weight_decay=0.0", "ema.decay=0.9999", "schedule.max_steps=3")
+    kw = {"diffusion": ToyDiffusion()} if task == "dit" else {"transport": ToyTransport()}
+    res = Trainer(cfg, task=build_task(cfg, **kw)).fit()
+    off = torch.load(res["exports"]["official"], weights_only=False)
+    assert os.path.basename(res["exports"]["official"]) == "0000003.pt"
+    assert set(off) == {"model", "ema", "opt", "args"} and off["args"]["task"] == task
+    assert set(off["ema"]) == set(off["model"])
+    # EMA after 3 steps at 0.9999 is still (almost) the initial weights, the model is not
+    w0 = off["model"]["out.weight"]
+    assert not torch.equal(off["ema"]["out.weight"], w0)
+
+
+def test_cls_task_layer_decay_mixup_and_eval(tmp_path):
+    cfg = cfg_for(tmp_path, "task=cls", "model.name=toy_cls", "optim.layer_decay=0.75", "mixup=0.8", "cutmix=1.0",
+                  "schedule.max_steps=4", "optim.beta2=0.999", "model.num_classes=10")
+    trainer = Trainer(cfg)
+    res = trainer.fit()
+    ev = res["eval"]
+    assert 0.0 <= ev["top1"] <= ev["top5"] <= 100.0 and ev["val_samples"] > 0
+    scales = sorted({g["lr_scale"] for g in trainer.engine.param_groups})
+    assert scales == pytest.approx([0.421875, 0.5625, 0.75, 1.0])
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any(r["kind"] == "eval" and "top5" in r for r in recs)
+
+
+def test_linprobe_trains_only_the_bn_linear_head(tmp_path):
+    cfg = cfg_for(tmp_path, "task=linprobe", "model.name=toy_cls", "optim.name=lars", "optim.blr=0.1",
+                  "optim.weight_decay=0.0", "schedule.max_steps=3", "ema.decay=0.0")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    model = trainer.engine.unwrapped
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.1.weight", "head.1.bias"}
+    assert isinstance(model.head[0], torch.nn.BatchNorm1d) and model.head[0].affine is False
+    assert type(trainer.engine.optimizer).__name__ == "LARS"
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def test_launcher_cli(tmp_path, capsys):
+    from usp_scale.training.cli import main
+
+    assert main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "engine.zero_stage" in out and "checkpoint.keep_last" in out
+    cfgp = os.path.join(H.REPO, "configs", "debug", "toy_pretrain.yaml")
+    assert main(["--config", cfgp, "--deepspeed_config", "x.json"]) == 2
+    assert "engine.name=deepspeed" in capsys.readouterr().err
+    assert main(["--config", cfgp, "task=dit"]) == 2
+    assert main(["--config", cfgp, "nope.key=1"]) == 2
+    assert main(["--config", cfgp, "--local_rank=0", f"output_dir={tmp_path}/cli", "schedule.max_steps=2",
+                 "engine.precision=fp32"]) == 0
+    assert (tmp_path / "cli" / "export" / "model.safetensors").is_file()
+    assert main(["--task", "dit", "--config", cfgp, "--print-config"], finetune=True) == 0
+    assert "task: dit" in capsys.readouterr().out

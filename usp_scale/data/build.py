@@ -1,0 +1,92 @@
+"""``build_loader`` / ``build_image_loader``: config sections -> a resumable loader on one rank."""
+from __future__ import annotations
+
+import os
+
+from .datasets import build_dataset
+from .loaders import OnlineLatentLoader, TorchvisionImageLoader
+from .sampler import ShardSampler
+from .transforms import build_transform
+
+BACKENDS = ("auto", "dali", "torchvision")
+
+
+def resolve_loader_backend(choice: str, augment: str = "pretrain") -> str:
+    """"auto" -> "dali" when nvidia.dali imports (and implements the augmentation), else "torchvision".
+
+    A forced choice that cannot run is an error, never a silent switch.
+    """
+    from .dali import dali_available
+    if choice not in BACKENDS:
+        raise ValueError(f"data.loader={choice!r} is unknown; use one of {BACKENDS}")
+    if choice == "torchvision":
+        return choice
+    if choice == "dali":
+        if not dali_available():
+            raise RuntimeError("data.loader=dali but nvidia.dali is not importable: pip install nvidia-dali-cuda130 "
+                               "(or nvidia-dali-cuda120), or set data.loader=torchvision")
+        if augment == "finetune":
+            raise ValueError("data.augment=finetune needs RandAugment and RandomErasing, which the DALI pipeline "
+                             "does not implement: set data.loader=torchvision (or auto)")
+        return choice
+    # auto: DALI has no RandAugment/RandomErasing, so the timm finetune recipe always runs on torchvision.
+    return "dali" if dali_available() and augment != "finetune" else "torchvision"
+
+
+def build_image_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True,
+                       device="cpu"):
+    """Resumable loader yielding ``{"images": (N,3,S,S) in [-1,1], "labels": (N,), "index": (N,)}`` on device.
+
+    train=True: ``data.split`` with ``data.augment``, shuffled per epoch, equal shards per global rank.
+    train=False: ``data.val_split`` with the eval crop, in order, each image exactly once over all ranks.
+    """
+    split = data_cfg.split if train else data_cfg.val_split
+    augment = data_cfg.augment if train else "eval"
+    dataset = build_dataset(data_cfg.root, split, data_cfg.format)
+    sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle=train, even=train,
+                           batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
+    backend = resolve_loader_backend(data_cfg.loader, augment)
+    if backend == "dali":
+        from .dali import DALIImageLoader
+        return DALIImageLoader(dataset, sampler, augment=augment, size=data_cfg.image_size,
+                               crop_scale_min=data_cfg.crop_scale_min, device=device,
+                               decode_device=data_cfg.dali_device, num_threads=max(1, data_cfg.num_workers),
+                               strict=data_cfg.strict, precheck=data_cfg.dali_precheck)
+    transform = build_transform(augment, data_cfg.image_size, data_cfg.crop_scale_min)
+    return TorchvisionImageLoader(dataset, transform, sampler, num_workers=data_cfg.num_workers, device=device,
+                                  strict=data_cfg.strict)
+
+
+def _expected_latent_shape(vae_cfg, image_size: int):
+    ch, ds = (4, 8) if vae_cfg.version == "d8" else (16, 16)
+    return (ch, image_size // ds, image_size // ds)
+
+
+def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True,
+                 device="cpu"):
+    """Resumable loader yielding ``{"latents": (N,C,h,w) fp32 scaled, "labels": (N,) long, "index"}`` on device.
+
+    ``data.format == "latents"``: reads the cache at ``data.latent_cache`` (``data.latent_cache_val`` for
+    train=False; without it evaluation encodes ``data.val_split`` online). Otherwise images are decoded
+    (DALI or torchvision, ``data.loader``) and encoded by the frozen VAE on the fly.
+    """
+    from ..vae import SCALE, FrozenVAE
+    cache_path = data_cfg.latent_cache if train else data_cfg.latent_cache_val
+    if data_cfg.format == "latents" and cache_path:
+        from .latents import LatentCache, LatentCacheLoader
+        cache = LatentCache(cache_path, verify=data_cfg.latent_verify)
+        name = os.path.basename(os.path.normpath(vae_cfg.path))
+        cache.check(image_size=data_cfg.image_size, vae_version=vae_cfg.version, vae_name=name,
+                    latent_shape=_expected_latent_shape(vae_cfg, data_cfg.image_size))
+        sampler = ShardSampler(len(cache), rank, world_size, seed, shuffle=train, even=train,
+                               batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
+        scale = vae_cfg.scale or SCALE[vae_cfg.version]
+        return LatentCacheLoader(cache, sampler, scale=scale, sample=data_cfg.latent_sample, device=device)
+    if data_cfg.format == "latents" and train:
+        raise ValueError("data.format=latents needs data.latent_cache (a folder written by launchers/cache_latents.py)")
+    if data_cfg.format == "latents":
+        import dataclasses
+        data_cfg = dataclasses.replace(data_cfg, format="folder")
+    images = build_image_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=train, device=device)
+    vae = FrozenVAE.from_config(vae_cfg, device=device)
+    return OnlineLatentLoader(images, vae, posterior=vae_cfg.posterior)

@@ -1,0 +1,183 @@
+"""Map-style image datasets: ImageFolder layout and WebDataset tar shards.
+
+Both index their files once (no decoding) and expose ``samples`` as a list of
+:class:`Record` (an identifier used in reports, a label, and how to fetch the bytes). A
+corrupt or truncated image does not stop the run: :meth:`ImageDataset.load` returns ``None``
+and the caller counts and reports it by path (``strict=True`` raises :class:`CorruptImageError`).
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# WebDataset member extensions that hold an image, in order of preference.
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class DatasetError(ValueError):
+    """A dataset folder or file that cannot be used (missing, empty, malformed)."""
+
+
+class CorruptImageError(RuntimeError):
+    """An image that cannot be decoded while ``strict`` is set."""
+
+
+@dataclass
+class Record:
+    """One sample: ``path`` names it in reports (a file, or ``tar::member``)."""
+    path: str
+    label: int
+    tar: str = ""          # tar file holding the bytes ("" = a plain file)
+    offset: int = 0        # byte offset of the member's data inside ``tar``
+    size: int = 0          # member size in bytes
+
+
+def decode_rgb(data_or_path) -> Image.Image:
+    """Decode fully into an RGB PIL image (raises on truncated/corrupt input)."""
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    with Image.open(src) as im:
+        return im.convert("RGB")  # convert() forces the full decode, so truncation surfaces here
+
+
+DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageDataset:
+    """Base class: ``samples``, ``classes``, :meth:`read_bytes`, :meth:`load`."""
+
+    samples: List[Record]
+    classes: List[str]
+    root: str
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read_bytes(self, i: int) -> bytes:
+        r = self.samples[i]
+        if r.tar:
+            with open(r.tar, "rb") as f:
+                f.seek(r.offset)
+                return f.read(r.size)
+        with open(r.path, "rb") as f:
+            return f.read()
+
+    def load(self, i: int, strict: bool = False) -> Tuple[Optional[Image.Image], int, str]:
+        """(RGB image or None if corrupt, label, error message or "")."""
+        r = self.samples[i]
+        try:
+            return decode_rgb(self.read_bytes(i)), r.label, ""
+        except DECODE_ERRORS as e:
+            msg = f"{type(e).__name__}: {e}"
+            if strict:
+                raise CorruptImageError(f"corrupt image {r.path}: {msg} (data.strict=true makes this an error; "
+                                        f"set data.strict=false to skip and report such files)") from e
+            return None, r.label, msg
+
+    @property
+    def labels(self) -> List[int]:
+        return [r.label for r in self.samples]
+
+
+def split_dir(root: str, split: str) -> str:
+    """``root/split`` (or ``root`` when split is ""), which must be an existing folder."""
+    if not root:
+        raise DatasetError("data.root is empty: set it to a dataset folder (ImageFolder layout with train/ and val/, "
+                           "or a folder of WebDataset .tar shards); `python launchers/make_synthetic.py --out DIR` "
+                           "writes a small one")
+    path = os.path.join(root, split) if split else root
+    if not os.path.isdir(path):
+        raise DatasetError(f"dataset folder not found: {path} (data.root={root!r}, split={split!r})")
+    return path
+
+
+class ImageFolderDataset(ImageDataset):
+    """``root/split/<class>/<image>``; classes sorted by name get labels 0..K-1 (as torchvision)."""
+
+    def __init__(self, root: str, split: str = "train"):
+        self.root = split_dir(root, split)
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        if not self.classes:
+            raise DatasetError(f"no class folders in {self.root}: expected one sub-folder per class "
+                               f"holding {'/'.join(IMAGE_EXTS)} files")
+        self.samples = []
+        for label, c in enumerate(self.classes):
+            cdir = os.path.join(self.root, c)
+            files = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTS))
+            if not files:
+                raise DatasetError(f"class folder {cdir} holds no images ({'/'.join(IMAGE_EXTS)})")
+            self.samples.extend(Record(os.path.join(cdir, f), label) for f in files)
+
+
+class TarDataset(ImageDataset):
+    """WebDataset shards: ``*.tar`` under ``root/split`` (or root); members ``KEY.jpg|png`` + ``KEY.cls``.
+
+    The key is the member path up to the first dot of its basename (WebDataset convention). The
+    shards are indexed once (offsets of the image bytes), then read with random access.
+    """
+
+    def __init__(self, root: str, split: str = "train"):
+        path = split_dir(root, split) if split and os.path.isdir(os.path.join(root, split)) else split_dir(root, "")
+        self.root = path
+        tars = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
+        if not tars:
+            raise DatasetError(f"no .tar shards in {path} (data.format=wds expects WebDataset tar files)")
+        self.samples = []
+        labels_seen = set()
+        for t in tars:
+            for rec in self._index(t):
+                self.samples.append(rec)
+                labels_seen.add(rec.label)
+        if not self.samples:
+            raise DatasetError(f"the .tar shards in {path} hold no image+.cls pairs")
+        self.classes = [str(i) for i in range(max(labels_seen) + 1)]
+        self.tars = tars
+
+    @staticmethod
+    def _index(tar_path: str) -> List[Record]:
+        groups: dict = {}
+        try:
+            with tarfile.open(tar_path, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    d, base = os.path.split(m.name)
+                    if "." not in base:
+                        continue
+                    key, ext = base.split(".", 1)
+                    g = groups.setdefault(os.path.join(d, key), {})
+                    ext = ext.lower()
+                    if ext == "cls":
+                        g["cls"] = tf.extractfile(m).read().decode().strip()
+                    elif ext in WDS_IMAGE_EXTS:
+                        g["img"] = (m.offset_data, m.size, m.name)
+        except tarfile.TarError as e:
+            raise DatasetError(f"cannot read tar shard {tar_path}: {e}") from e
+        out = []
+        for key in sorted(groups):
+            g = groups[key]
+            if "img" not in g:
+                continue
+            if "cls" not in g:
+                raise DatasetError(f"{tar_path}: sample {key!r} has an image but no .cls label member")
+            try:
+                label = int(g["cls"])
+            except ValueError as e:
+                raise DatasetError(f"{tar_path}: {key}.cls holds {g['cls']!r}, not an integer class id") from e
+            off, size, name = g["img"]
+            out.append(Record(f"{tar_path}::{name}", label, tar=tar_path, offset=off, size=size))
+        return out
+
+
+def build_dataset(root: str, split: str, fmt: str = "folder") -> ImageDataset:
+    """``fmt`` is "folder" or "wds"."""
+    if fmt == "folder":
+        return ImageFolderDataset(root, split)
+    if fmt == "wds":
+        return TarDataset(root, split)
+    raise DatasetError(f"data.format={fmt!r} is not an image format; use 'folder' or 'wds' ('latents' reads a cache)")

@@ -1,0 +1,97 @@
+"""One engine interface over local / DDP / FSDP2 / DeepSpeed (see :mod:`usp_scale.engine.base`).
+
+    engine = build_engine(cfg.engine, model, optimizer_factory, accum_iter=..., clip_grad=...,
+                          device=..., micro_batch=cfg.data.batch_size)
+
+The model code does not know which engine wraps it; switching engines is ``engine.name=...``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # the package stays light: `python -m usp_scale.engine.slurm` must not import torch
+    import torch
+    import torch.nn as nn
+
+ENGINES = ("local", "ddp", "fsdp2", "deepspeed")
+
+
+def __getattr__(name):
+    """Lazy re-exports (and submodules), so importing the package does not import torch."""
+    import importlib
+
+    lazy = {"Engine": "base", "StepResult": "base", "resolve_precision": "base",
+            "apply_activation_checkpointing": "base", "apply_compile": "base", "DistInfo": "dist",
+            "init_distributed": "dist"}
+    if name in lazy:
+        return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'usp_scale.engine' has no attribute {name!r}") from None
+
+
+def _ensure_process_group(backend: str) -> None:
+    """DDP/FSDP2/DeepSpeed need a process group even with one process: make a 1-rank group."""
+    import os
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group(backend, rank=0, world_size=1)
+
+
+def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[nn.Module], torch.optim.Optimizer]",
+                 *, accum_iter: int = 1, clip_grad: float = 0.0, device=None, micro_batch: int = 1):
+    """Move ``model`` to ``device``, apply AC / compile, wrap it and build its optimizer.
+
+    ``optimizer_factory(module)`` is called on the (possibly sharded) module, after wrapping, so the
+    optimizer sees the parameters the engine will update.
+    """
+    import torch
+
+    from ..config import ConfigError
+    from .base import apply_activation_checkpointing, apply_compile, resolve_precision
+
+    device = torch.device("cpu") if device is None else device
+    name = engine_cfg.name
+    if name not in ENGINES:
+        raise ConfigError(f"engine.name={name!r}: use one of {', '.join(ENGINES)}")
+    precision = resolve_precision(engine_cfg.precision, device)
+    model = model.to(device)
+    if engine_cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if engine_cfg.compile:
+        apply_compile(model)
+    kw = dict(accum_iter=accum_iter, clip_grad=clip_grad, precision=precision, device=device)
+    if name == "local":
+        from .local import LocalEngine
+
+        return LocalEngine(model, optimizer_factory, **kw)
+    _ensure_process_group(engine_cfg.backend)
+    if name == "ddp":
+        from .local import DDPEngine
+
+        return DDPEngine(model, optimizer_factory, bf16_grads=engine_cfg.ddp_bf16_grads, **kw)
+    if name == "fsdp2":
+        from .fsdp import FSDP2Engine
+
+        return FSDP2Engine(model, optimizer_factory, reshard_after_forward=engine_cfg.reshard_after_forward, **kw)
+    from .deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, optimizer_factory, zero_stage=engine_cfg.zero_stage, micro_batch=micro_batch,
+                           user_config=engine_cfg.deepspeed_config, **kw)
+
+
+__all__ = ["Engine", "StepResult", "build_engine", "init_distributed", "DistInfo", "ENGINES",
+           "apply_activation_checkpointing", "apply_compile", "resolve_precision"]

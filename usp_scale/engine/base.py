@@ -1,0 +1,233 @@
+"""The engine interface shared by local / ddp / fsdp2 / deepspeed.
+
+The trainer calls, for every micro-batch::
+
+    with engine.sync_context(), engine.autocast():
+        loss = task.loss(engine, batch)          # engine(...) runs the wrapped forward
+    engine.backward(loss)
+    result = engine.step()                        # None between accumulation boundaries
+
+``step()`` applies the optimizer only on accumulation boundaries. It computes the global
+gradient norm, clips when asked, and skips the update when the loss or the gradients are not
+finite (``StepResult.applied`` is False). A non-finite loss poisons the gradients with NaN
+(no host sync per micro-step), so every engine detects it through the gradient norm.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class StepResult:
+    # True when the optimizer update was applied (False: non-finite loss/gradients, skipped).
+    applied: bool
+    # Global L2 norm of the gradients before clipping (inf/nan when non-finite).
+    grad_norm: float
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 on GPU, fp32 on CPU; validates the name."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"engine.precision={precision!r}: use auto, fp32, bf16 or fp16")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """Return ``loss`` unchanged when finite; otherwise a loss whose gradients are all NaN."""
+    ok = torch.isfinite(loss.detach())
+    return loss * torch.where(ok, torch.ones_like(loss), torch.full_like(loss, float("nan")))
+
+
+def block_lists(model: nn.Module) -> List[nn.Module]:
+    """Transformer blocks of a model (``blocks`` and, for the MAE, ``decoder_blocks``)."""
+    out = []
+    for attr in ("blocks", "decoder_blocks"):
+        blocks = getattr(model, attr, None)
+        if blocks is not None:
+            out.extend(list(blocks))
+    return out
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block in backward (names of parameters are unchanged). Returns #blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = block_lists(model)
+    if not blocks:
+        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no 'blocks' to checkpoint")
+    for b in blocks:
+        orig = b.forward
+
+        @functools.wraps(orig)
+        def fwd(*args, _orig=orig, **kwargs):
+            return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+
+        b.forward = fwd
+    return len(blocks)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (keeps parameter names); whole model if it has no blocks."""
+    blocks = block_lists(model)
+    for b in blocks or [model]:
+        b.compile()
+
+
+class Engine:
+    """Base class: accumulation bookkeeping, autocast, gradient-norm/clip/skip logic."""
+
+    name = "base"
+    # How EMA tensors of this engine are laid out: "replicated" (full on every rank), "dtensor"
+    # (FSDP2 shards, saved through DCP) or "per_rank" (DeepSpeed ZeRO-3 partitions).
+    ema_layout = "replicated"
+
+    def __init__(self, model: nn.Module, *, accum_iter: int = 1, clip_grad: float = 0.0,
+                 precision: str = "fp32", device: torch.device = torch.device("cpu")):
+        if accum_iter < 1:
+            raise ValueError(f"schedule.accum_iter must be >= 1, got {accum_iter}")
+        self.unwrapped = model
+        self.model: nn.Module = model
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.accum_iter = accum_iter
+        self.clip_grad = clip_grad
+        self.precision = precision
+        self.device = device
+        self.micro_step = 0  # micro-steps since the last boundary
+        self.scaler = None
+        if precision == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type)
+
+    # ---------------------------------------------------------------- forward
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+
+    def is_boundary(self) -> bool:
+        """True when the current micro-step ends an accumulation window."""
+        return (self.micro_step + 1) % self.accum_iter == 0
+
+    def sync_context(self):
+        """Context for forward+backward of one micro-step (DDP no_sync between boundaries)."""
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- backward / step
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = poison_nonfinite(loss) / self.accum_iter
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _grads(self) -> List[torch.Tensor]:
+        return [p.grad for p in self.unwrapped.parameters() if p.grad is not None]
+
+    def _total_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+
+    def step(self) -> Optional[StepResult]:
+        boundary = self.is_boundary()
+        self.micro_step = (self.micro_step + 1) % self.accum_iter
+        if not boundary:
+            return None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = self._grads()
+        norm_t = self._total_norm(grads)
+        norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
+        ok = math.isfinite(norm)
+        if ok and self.clip_grad > 0:
+            params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm_t)
+        if ok:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.zero_grad()
+        return StepResult(applied=ok, grad_norm=norm)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    # ---------------------------------------------------------------- EMA sources
+    def ema_sources(self) -> List[Tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs the EMA follows, in this engine's layout."""
+        return [(n, p) for n, p in self.unwrapped.named_parameters()]
+
+    def gather_ema(self, ema_state: dict) -> dict:
+        """Full (unsharded, CPU fp32) EMA tensors; collective; rank 0 gets the dict."""
+        return {k: v.detach().float().cpu() for k, v in ema_state.items()}
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        sd = {"model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            sd["scaler"] = self.scaler.state_dict()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.unwrapped.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        if self.scaler is not None and "scaler" in sd:
+            self.scaler.load_state_dict(sd["scaler"])
+
+    def save(self, path: str, ema_state: Optional[dict] = None) -> None:
+        """Write engine state (model, optimizer, scaler, EMA) under folder ``path`` (collective)."""
+        import os
+
+        from . import dist as D
+
+        if D.get_rank() == 0:
+            os.makedirs(path, exist_ok=True)
+            sd = self.state_dict()
+            if ema_state is not None:
+                sd["ema"] = {k: v.detach().cpu() for k, v in ema_state.items()}
+            torch.save(sd, os.path.join(path, "engine.pt"))
+        D.barrier()
+
+    def load(self, path: str, ema_state: Optional[dict] = None) -> None:
+        """Load what :meth:`save` wrote; copies EMA tensors into ``ema_state`` in place."""
+        import os
+
+        sd = torch.load(os.path.join(path, "engine.pt"), map_location="cpu", weights_only=False)
+        self.load_state_dict(sd)
+        if ema_state is not None:
+            if "ema" not in sd:
+                raise KeyError(f"{path}: checkpoint has no EMA but ema.decay > 0")
+            for k, v in ema_state.items():
+                v.copy_(sd["ema"][k])
+
+    def full_model_state_dict(self) -> dict:
+        """Full fp32 model state dict on CPU (collective; meaningful on rank 0)."""
+        return {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()}
+
+    def full_optimizer_state_dict(self) -> Optional[dict]:
+        """Full optimizer state (rank 0), or None where the engine cannot give one cheaply."""
+        return self.optimizer.state_dict()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,240 @@
+"""DeepSpeed ZeRO-1/2/3 engine with its JSON config generated from ours.
+
+A user-supplied ``--deepspeed_config`` JSON is merged over the generated config. Keys that our
+config owns (batch sizes, accumulation, ZeRO stage, precision, clipping, optimizer, scheduler)
+must either be absent, ``"auto"``, or equal to our value; anything else is a :class:`ConfigError`
+that lists every conflicting key and where to set it instead.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError
+from . import dist as D
+from .base import Engine, poison_nonfinite
+
+# Generated key -> the usp_scale config key that sets it.
+OWNED_KEYS = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "schedule.accum_iter",
+    "train_batch_size": "data.batch_size x schedule.accum_iter x world size",
+    "zero_optimization.stage": "engine.zero_stage",
+    "bf16.enabled": "engine.precision",
+    "fp16.enabled": "engine.precision",
+    "gradient_clipping": "optim.clip_grad",
+}
+FORBIDDEN_KEYS = {"optimizer": "optim.*", "scheduler": "schedule.*"}
+
+
+def generate_config(*, micro_batch: int, accum_iter: int, world_size: int, zero_stage: int,
+                    precision: str, clip_grad: float) -> dict:
+    """DeepSpeed JSON config from our settings."""
+    if zero_stage not in (1, 2, 3):
+        raise ConfigError(f"engine.zero_stage={zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("engine.precision=fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum_iter,
+        "train_batch_size": micro_batch * accum_iter * world_size,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "gradient_clipping": float(clip_grad),
+        # Our optimizer is torch's AdamW / LARS, built by usp_scale.training.optim.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def merge_user_config(generated: dict, user: dict, source: str = "--deepspeed_config") -> dict:
+    """Merge ``user`` over ``generated``; raise on conflicts with the keys we own."""
+    conflicts = []
+    for key, where in FORBIDDEN_KEYS.items():
+        if key in user:
+            conflicts.append(f"  '{key}': usp_scale builds it from {where}; remove it from {source}")
+    flat_gen, flat_user = _flatten(generated), _flatten(user)
+    for key, where in OWNED_KEYS.items():
+        if key in flat_user and flat_user[key] != "auto" and flat_user[key] != flat_gen.get(key):
+            conflicts.append(f"  '{key}': ours={flat_gen.get(key)!r}, {source}={flat_user[key]!r} "
+                             f"(set {where} instead, or remove the key / use \"auto\")")
+    if conflicts:
+        raise ConfigError(f"{source} conflicts with the usp_scale config:\n" + "\n".join(conflicts))
+    merged = copy.deepcopy(generated)
+    for key, value in flat_user.items():
+        if value == "auto":
+            continue
+        _set(merged, key, value)
+    return merged
+
+
+def load_user_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"engine.deepspeed_config: file not found: {path}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON: {e}") from e
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` over our model and optimizer; DeepSpeed does accumulation and clipping."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, optimizer_factory, *, zero_stage: int = 2, micro_batch: int = 1,
+                 user_config: str = "", **kw):
+        super().__init__(model, **kw)
+        import deepspeed
+
+        self.scaler = None  # DeepSpeed owns loss scaling
+        cfg = generate_config(micro_batch=micro_batch, accum_iter=self.accum_iter, world_size=D.get_world_size(),
+                              zero_stage=zero_stage, precision=self.precision, clip_grad=self.clip_grad)
+        if user_config:
+            cfg = merge_user_config(cfg, load_user_config(user_config), user_config)
+        self.ds_config = cfg
+        self.zero_stage = cfg["zero_optimization"]["stage"]
+        if self.zero_stage == 3:
+            self.ema_layout = "per_rank"
+        optimizer = optimizer_factory(model)
+        self._client_optimizer = optimizer
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+        self.unwrapped = self.model.module
+
+    def autocast(self):
+        # bf16 DeepSpeed holds bf16 module weights; autocast casts fp32 inputs to match.
+        return super().autocast()
+
+    def backward(self, loss):
+        self.model.backward(poison_nonfinite(loss))
+
+    def step(self):
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.step()
+        self.micro_step = (self.micro_step + 1) % self.accum_iter
+        if not boundary:
+            return None
+        norm = self.model.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        applied = bool(self.model.was_step_applied())
+        if norm != norm or norm in (float("inf"), float("-inf")):
+            applied = False
+        return self._result(applied, norm)
+
+    @staticmethod
+    def _result(applied, norm):
+        from .base import StepResult
+
+        return StepResult(applied=applied, grad_norm=norm)
+
+    def zero_grad(self):
+        self.model.zero_grad()
+
+    @property
+    def param_groups(self):
+        return self._client_optimizer.param_groups
+
+    # ---------------------------------------------------------------- EMA
+    def ema_sources(self):
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            out = []
+            for n, p in self.unwrapped.named_parameters():
+                if p.requires_grad:
+                    out.append((n, safe_get_local_fp32_param(p)))
+            return out
+        return super().ema_sources()
+
+    def gather_ema(self, ema_state: dict) -> dict:
+        if self.zero_stage != 3:
+            return super().gather_ema(ema_state)
+        import torch.distributed as dist
+
+        params = dict(self.unwrapped.named_parameters())
+        out = {}
+        world = D.get_world_size()
+        for k, v in ema_state.items():
+            p = params[k]
+            local = v.detach().float().reshape(-1)
+            part = p.ds_tensor.numel()  # padded partition size, same on every rank
+            buf = torch.zeros(part, dtype=torch.float32, device=local.device)
+            buf[: local.numel()] = local
+            chunks = [torch.empty_like(buf) for _ in range(world)]
+            dist.all_gather(chunks, buf)
+            out[k] = torch.cat(chunks)[: p.ds_numel].view(p.ds_shape).cpu()
+        return out
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        raise NotImplementedError("DeepSpeed state is saved with save(dir); use full_model_state_dict() for weights")
+
+    def save(self, path: str, ema_state: Optional[dict] = None) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.model.save_checkpoint(path, tag="ds", save_latest=False)
+        if ema_state is not None:
+            ema = {k: v.detach().cpu() for k, v in ema_state.items()}
+            if self.ema_layout == "per_rank":
+                torch.save(ema, os.path.join(path, f"ema_rank{D.get_rank():05d}.pt"))
+            elif D.get_rank() == 0:
+                torch.save(ema, os.path.join(path, "ema.pt"))
+        D.barrier()
+
+    def load(self, path: str, ema_state: Optional[dict] = None) -> None:
+        load_path, _ = self.model.load_checkpoint(path, tag="ds", load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'ds') found")
+        if ema_state is not None:
+            name = f"ema_rank{D.get_rank():05d}.pt" if self.ema_layout == "per_rank" else "ema.pt"
+            saved = torch.load(os.path.join(path, name), map_location="cpu")
+            for k, v in ema_state.items():
+                v.copy_(saved[k])
+
+    def full_model_state_dict(self) -> dict:
+        """fp32 master weights (gathered from the ZeRO partitions) plus buffers; collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for n, p in self.unwrapped.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is None:
+                if self.zero_stage == 3:
+                    import deepspeed
+
+                    with deepspeed.zero.GatheredParameters([p]):
+                        full = p.detach().clone()
+                else:
+                    full = p.detach()
+            out[n] = full.float().cpu()
+        for n, b in self.unwrapped.named_buffers():
+            out[n] = b.detach().cpu()
+        return out
+
+    def full_optimizer_state_dict(self):
+        return None

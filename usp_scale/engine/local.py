@@ -1,0 +1,43 @@
+"""Single-device and DDP engines."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import Engine
+
+
+class LocalEngine(Engine):
+    """One device, no wrapper."""
+
+    name = "local"
+
+    def __init__(self, model: nn.Module, optimizer_factory, **kw):
+        super().__init__(model, **kw)
+        self.optimizer = optimizer_factory(model)
+
+
+class DDPEngine(Engine):
+    """torch DDP; optional bf16 gradient all-reduce; ``no_sync`` between accumulation boundaries."""
+
+    name = "ddp"
+
+    def __init__(self, model: nn.Module, optimizer_factory, *, bf16_grads: bool = True, **kw):
+        super().__init__(model, **kw)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # No find_unused_parameters: every trainable parameter is used in each forward.
+        self.model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False,
+                                             gradient_as_bucket_view=True)
+        if bf16_grads:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            self.model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        self.optimizer = optimizer_factory(model)
+
+    def sync_context(self):
+        if self.is_boundary():
+            return contextlib.nullcontext()
+        return self.model.no_sync()

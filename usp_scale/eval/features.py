@@ -1,0 +1,122 @@
+"""Feature extractors for the metrics, created through torch-fidelity's registry.
+
+* ``inception-v3-compat``: torch-fidelity's port of the TF Inception used by the ADM evaluator.
+  Its weights are never downloaded here: give the local file
+  ``weights-inception-2015-12-05-6726825d.pth`` (a path to the file or to its folder).
+* ``usp-tiny``: a small fixed random conv net registered by this module for tests and the CPU
+  demo; its numbers are only comparable with other ``usp-tiny`` numbers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
+
+INCEPTION_NAME = "inception-v3-compat"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE)
+TINY_NAME = "usp-tiny"
+
+# torch-fidelity's metric keys for default feature layers
+_METRIC_KEY = {"fid": "fid", "kid": "kid", "pr": "prc", "is": "isc"}
+
+
+def resolve_inception_weights(path: Optional[str]) -> str:
+    """The local Inception weights file; searched at ``path`` (file or folder), then
+    ``$TORCH_HOME/hub/checkpoints``. Raises FileNotFoundError saying what to download and where."""
+    candidates = []
+    if path:
+        candidates.append(os.path.join(path, INCEPTION_FILE) if os.path.isdir(path) else path)
+    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    candidates.append(os.path.join(torch_home, "hub", "checkpoints", INCEPTION_FILE))
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise FileNotFoundError(
+        f"Inception weights not found (looked at: {', '.join(candidates)}). Nothing is downloaded at run time: "
+        f"fetch {INCEPTION_FILE} (91 MB, {INCEPTION_URL}) on a machine with network access and either pass its path "
+        f"(eval.inception_weights / --inception-weights) or put it in {os.path.dirname(candidates[-1])}/. "
+        f"For a quick check without it use the test extractor '{TINY_NAME}'.")
+
+
+class TinyFeatureExtractor(FeatureExtractorBase):
+    """uint8 (N, 3, H, W) -> 'pool' (N, 64) features and 'logits_unbiased' (N, 10); fixed seed-0 weights."""
+
+    FEATURES = ("pool", "logits_unbiased")
+
+    def __init__(self, name: str, features_list: Sequence[str], **kwargs):
+        super().__init__(name, list(features_list))
+        g = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(16, 64, 3, stride=2, padding=1)
+        self.fc = nn.Linear(64, 10)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p[0].numel()) ** 0.5))
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return TinyFeatureExtractor.FEATURES
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits_unbiased" if metric == "isc" else "pool"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor):
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        h = (x.float() - 128.0) / 128.0
+        h = F.interpolate(h, size=(32, 32), mode="bilinear", align_corners=False)
+        h = F.relu(self.conv1(h))
+        h = F.relu(self.conv2(h))                   # (N, 64, 8, 8)
+        pool = h.mean(dim=(2, 3))                   # (N, 64)
+        out = {"pool": pool, "logits_unbiased": self.fc(pool)}
+        return tuple(out[k] for k in self.features_list)
+
+
+def register_extractor(name: str, cls) -> None:
+    """Register ``cls`` (a torch-fidelity FeatureExtractorBase subclass) under ``name`` once."""
+    if name in FEATURE_EXTRACTORS_REGISTRY:
+        if FEATURE_EXTRACTORS_REGISTRY[name] is not cls:
+            raise ValueError(f"a different feature extractor is already registered as {name!r}")
+        return
+    register_feature_extractor(name, cls)
+
+
+register_extractor(TINY_NAME, TinyFeatureExtractor)
+
+
+def default_layer(name: str, metric: str) -> str:
+    """torch-fidelity's default feature layer of extractor ``name`` for ``metric`` (fid, kid, pr, is)."""
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise KeyError(f"feature extractor {name!r} is not registered; known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    return FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric(_METRIC_KEY[metric])
+
+
+def create_extractor(name: str, layers: Sequence[str], device: torch.device | str = "cpu",
+                     inception_weights: Optional[str] = None) -> FeatureExtractorBase:
+    """torch-fidelity extractor ``name`` producing ``layers``, on ``device``."""
+    device = torch.device(device)
+    kwargs = {"verbose": False}
+    if name == INCEPTION_NAME:
+        kwargs["feature_extractor_weights_path"] = resolve_inception_weights(inception_weights)
+    elif name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise KeyError(f"feature extractor {name!r} is not registered; known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    ext = create_feature_extractor(name, list(dict.fromkeys(layers)), cuda=False, **kwargs)
+    return ext.to(device)

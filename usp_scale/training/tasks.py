@@ -1,0 +1,248 @@
+"""Task objects: what a job trains and how its loss is computed.
+
+One trainer (:mod:`usp_scale.training.trainer`) runs every task. A task builds the model (from
+scratch; ``checkpoint.init_from`` loads transferred or exported weights), its parameter groups,
+and the per-micro-batch loss from a batch ``{"latents": (N,C,h,w), "labels": (N,)}``. Forward calls go
+through the engine (``engine(...)``), so the model never knows which engine wraps it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from . import optim as O
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Toy models for tests (``toy_*``), else :func:`usp_scale.models.create_model`."""
+    if name.startswith("toy_"):
+        from .toy import create_toy_model
+
+        return create_toy_model(name, **kwargs)
+    from ..models import create_model as _create
+
+    return _create(name, **kwargs)
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """checkpoint.init_from: our own safetensors export (strict), else the transfer module."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint.init_from={path}: file not found")
+    if path.endswith(".safetensors"):
+        from ..checkpoint import load_safetensors
+
+        sd = load_safetensors(path)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint.init_from={path}: keys do not match the model: missing {missing}, "
+                              f"unexpected {unexpected}")
+        return
+    from ..transfer import load_pretrained
+
+    load_pretrained(model, path)
+
+
+class Task:
+    name = "base"
+    # Official export name pattern.
+    official_name = "checkpoint-{step}.pth"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def model_kwargs(self) -> dict:
+        m = self.cfg.model
+        return dict(img_size=m.img_size, in_chans=m.in_chans)
+
+    def build_model(self) -> nn.Module:
+        model = create_model(self.cfg.model.name, **self.model_kwargs())
+        if self.cfg.checkpoint.init_from:
+            load_init(model, self.cfg.checkpoint.init_from)
+        return model
+
+    def no_weight_decay_list(self, module) -> tuple:
+        return ()
+
+    def param_groups(self, module: nn.Module) -> list:
+        o = self.cfg.optim
+        return O.param_groups(module, o.weight_decay, no_weight_decay_list=self.no_weight_decay_list(module),
+                              layer_decay=o.layer_decay)
+
+    def loss(self, engine, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_flops_per_sample(self, model: nn.Module) -> Optional[float]:
+        """3 x forward FLOPs (+1 forward with activation checkpointing), or None if unknown."""
+        f = getattr(model, "flops_per_sample", None)
+        if f is None:
+            return None
+        return (4.0 if self.cfg.engine.activation_checkpointing else 3.0) * float(f())
+
+    def evaluate(self, engine, loader) -> dict:
+        return {}
+
+
+class PretrainTask(Task):
+    """Masked latent modelling (spec §1): the model returns (loss, pred, mask)."""
+
+    name = "pretrain"
+
+    def model_kwargs(self):
+        m = self.cfg.model
+        return dict(img_size=m.img_size, in_chans=m.in_chans, norm_pix_loss=m.norm_pix_loss)
+
+    def loss(self, engine, batch):
+        x = batch["latents"]
+        if self.cfg.mask.add_noise:
+            # input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1); the target stays the clean z (model side).
+            t = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * 0.5 + 0.5
+            x = t.sqrt() * x + (1 - t).sqrt() * torch.randn_like(x)
+        loss, _, _ = engine(x, mask_ratio=self.cfg.mask.ratio)
+        return loss
+
+
+class DiTTask(Task):
+    """DDPM finetuning (spec §3.2): uniform integer t, label dropout inside the model."""
+
+    name = "dit"
+    official_name = "{step:07d}.pt"
+
+    def __init__(self, cfg, diffusion=None):
+        super().__init__(cfg)
+        if diffusion is None:
+            from ..diffusion import create_diffusion
+
+            diffusion = create_diffusion()
+        self.diffusion = diffusion
+
+    def model_kwargs(self):
+        m = self.cfg.model
+        return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
+                    learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
+
+    def loss(self, engine, batch):
+        x, y = batch["latents"], batch["labels"]
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        return self.diffusion.training_losses(engine, x, t, dict(y=y))["loss"].mean()
+
+
+class SiTTask(DiTTask):
+    """Flow finetuning (spec §3.3): linear path, velocity prediction, t ~ U[0, 1)."""
+
+    name = "sit"
+
+    def __init__(self, cfg, transport=None):
+        Task.__init__(self, cfg)
+        if transport is None:
+            from ..transport import create_transport
+
+            transport = create_transport()
+        self.transport = transport
+
+    def loss(self, engine, batch):
+        return self.transport.training_losses(engine, batch["latents"], dict(y=batch["labels"]))["loss"].mean()
+
+
+def _topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list:
+    k = min(max(ks), logits.shape[1])
+    top = logits.topk(k, dim=1).indices  # (N, k)
+    hit = top.eq(labels[:, None])
+    return [hit[:, :min(kk, k)].any(1).float().sum() for kk in ks]
+
+
+class ClsTask(Task):
+    """Classification finetuning (spec §4): avg pooling, layer decay, label smoothing, mixup/cutmix on latents."""
+
+    name = "cls"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.mixup_fn = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                                  num_classes=cfg.model.num_classes)
+
+    def model_kwargs(self):
+        m = self.cfg.model
+        return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
+                    drop_path_rate=m.drop_path_rate, global_pool=m.global_pool)
+
+    def no_weight_decay_list(self, module):
+        f = getattr(module, "no_weight_decay", None)
+        return tuple(f()) if f is not None else ()
+
+    def loss(self, engine, batch):
+        x, y = batch["latents"], batch["labels"]
+        if self.mixup_fn is not None:
+            x, soft = self.mixup_fn(x, y)  # soft targets with smoothing folded in
+            logits = engine(x)
+            return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        logits = engine(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, engine, loader) -> dict:
+        import torch.distributed as dist
+
+        model = engine.model
+        was_training = model.training
+        model.eval()
+        stats = torch.zeros(4, dtype=torch.float64, device=engine.device)  # top1, top5, n, loss-sum
+        for batch in loader:
+            x, y = batch["latents"], batch["labels"]
+            with engine.autocast():
+                logits = model(x)
+            t1, t5 = _topk(logits.float(), y)
+            stats += torch.stack([t1.double(), t5.double(), torch.tensor(float(len(y)), dtype=torch.float64,
+                                  device=stats.device), F.cross_entropy(logits.float(), y, reduction="sum").double()])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        model.train(was_training)
+        n = max(stats[2].item(), 1.0)
+        return {"top1": 100.0 * stats[0].item() / n, "top5": 100.0 * stats[1].item() / n,
+                "val_loss": stats[3].item() / n, "val_samples": int(stats[2].item())}
+
+
+class LinprobeTask(ClsTask):
+    """Linear probe (spec §4): frozen encoder, BatchNorm1d(affine=False, eps 1e-6) + Linear head, LARS."""
+
+    name = "linprobe"
+
+    def __init__(self, cfg):
+        Task.__init__(self, cfg)
+        self.mixup_fn = None
+
+    def model_kwargs(self):
+        m = self.cfg.model
+        return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool)
+
+    def build_model(self):
+        model = super().build_model()
+        head = getattr(model, "head", None)
+        if not isinstance(head, nn.Linear):
+            raise ConfigError(f"task=linprobe: model {self.cfg.model.name} has no nn.Linear 'head'")
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+        model.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("head.")
+        return model
+
+    def loss(self, engine, batch):
+        return F.cross_entropy(engine(batch["latents"]).float(), batch["labels"])
+
+
+TASKS = {"pretrain": PretrainTask, "dit": DiTTask, "sit": SiTTask, "cls": ClsTask, "linprobe": LinprobeTask}
+
+
+def build_task(cfg, **kwargs) -> Task:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task!r}: use one of {', '.join(TASKS)}")
+    return TASKS[cfg.task](cfg, **kwargs)

@@ -1,0 +1,355 @@
+"""The one trainer behind every task and engine.
+
+Order of setup: process group -> seeds -> model (same seed on every rank, then seed + rank) ->
+loader -> engine (AC, compile, wrap, optimizer) -> EMA -> LR schedule -> resume -> loop.
+Each optimizer step: set lr (per iteration), accumulate ``accum_iter`` micro-batches, step
+(clip, skip if non-finite), EMA update, log, checkpoint. Checkpoints land on optimizer-step
+boundaries, so resuming after N steps reproduces the per-step losses of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint import (CheckpointManager, model_signature, save_official, save_safetensors, set_rng_state)
+from ..config import ConfigError, save_config, to_dict
+from ..engine import build_engine
+from ..engine import dist as D
+from .ema import EMA
+from .logging import MetricsLogger
+from .optim import build_optimizer
+from .schedule import LRSchedule, absolute_lr
+from .tasks import Task, build_task
+
+
+# Touching <output_dir>/STOP_AND_CHECKPOINT (the SLURM scripts do it on SIGUSR1) makes the trainer
+# checkpoint at its next log step and exit; SIGUSR1/SIGTERM delivered to the workers do the same.
+STOP_FILE = "STOP_AND_CHECKPOINT"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps; a checkpoint was written first."""
+
+
+def default_loader(cfg, *, rank: int, world_size: int, device, train: bool = True):
+    """``data.root: toy:N`` -> the toy loader; otherwise :func:`usp_scale.data.build_loader`."""
+    if cfg.data.root.startswith("toy:"):
+        from .toy import ToyLatentLoader
+
+        n = int(cfg.data.root.split(":", 1)[1])
+        if not train:
+            n = max(n // 4, cfg.data.batch_size * world_size)
+        return ToyLatentLoader(n, batch_size=cfg.data.batch_size, rank=rank, world_size=world_size,
+                               seed=cfg.seed + (0 if train else 7), shape=(cfg.model.in_chans, cfg.model.img_size,
+                                                                           cfg.model.img_size),
+                               num_classes=cfg.model.num_classes, device=device)
+    from ..data import build_loader
+
+    return build_loader(cfg.data, cfg.vae, rank=rank, world_size=world_size, seed=cfg.seed, train=train,
+                        device=device)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _max_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
+
+
+class Trainer:
+    def __init__(self, cfg, *, task: Optional[Task] = None, loader_factory: Optional[Callable] = None,
+                 local_rank_arg: Optional[int] = None):
+        self.cfg = cfg
+        if cfg.engine.name == "local":
+            info = D.detect(local_rank_arg=local_rank_arg)
+            if info.world_size > 1:
+                raise ConfigError(f"engine.name=local but the launcher started {info.world_size} processes; "
+                                  "use engine.name=ddp, fsdp2 or deepspeed")
+        self.info = D.init_distributed(cfg.engine.backend, cfg.engine.timeout_min, local_rank_arg) \
+            if cfg.engine.name != "local" else D.detect(local_rank_arg=local_rank_arg)
+        self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = D.device_for(self.info)
+        self.task = task or build_task(cfg)
+        self.loader_factory = loader_factory or default_loader
+        self._signal_raw = False  # set by the signal handler (this rank only)
+        self._signal = False  # agreed by all ranks: checkpoint and stop
+
+    # ------------------------------------------------------------------ helpers
+    def _print(self, *a):
+        if self.is_main:
+            print(*a, flush=True)
+
+    def _install_signals(self):
+        def handler(signum, frame):
+            self._signal_raw = True
+
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(s, handler)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _meta(self, step, epoch):
+        return {"step": step, "epoch": epoch, "engine": self.cfg.engine.name, "world_size": self.world,
+                "task": self.cfg.task, "signature": self.signature, "config": to_dict(self.cfg)}
+
+    def _save(self, step, epoch, micro_in_epoch):
+        trainer_state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
+                         "schedule": self.schedule.state_dict()}
+        rank_state = {"loader": self.loader.state_dict()}
+        path = self.ckpt.save(step, self.engine, ema=self.ema, trainer_state=trainer_state, rank_state=rank_state,
+                              meta=self._meta(step, epoch))
+        self._print(f"[usp_scale] checkpoint: {path}")
+        return path
+
+    # ------------------------------------------------------------------ main
+    def fit(self) -> dict:
+        cfg = self.cfg
+        out = cfg.output_dir
+        if self.is_main:
+            os.makedirs(out, exist_ok=True)
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        self._install_signals()
+
+        # Model: the same initialisation on every rank, then per-rank randomness.
+        _seed_all(cfg.seed)
+        model = self.task.build_model()
+        self.signature = model_signature(model)
+        train_flops = self.task.train_flops_per_sample(model)  # before any engine partitions the parameters
+        _seed_all(cfg.seed + self.rank)
+
+        self.loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device, train=True)
+        accum = cfg.schedule.accum_iter
+        steps_per_epoch = len(self.loader) // accum
+        if steps_per_epoch == 0:
+            raise ConfigError(f"the loader has {len(self.loader)} batches per epoch, fewer than "
+                              f"schedule.accum_iter={accum}")
+        global_batch = cfg.data.batch_size * accum * self.world
+        if cfg.optim.lr <= 0:
+            cfg.optim.lr = absolute_lr(cfg.optim, global_batch)
+
+        task = self.task
+        self.engine = engine = build_engine(
+            cfg.engine, model, lambda m: build_optimizer(cfg.optim, task.param_groups(m), self.device),
+            accum_iter=accum, clip_grad=cfg.optim.clip_grad, device=self.device, micro_batch=cfg.data.batch_size)
+        self.ema = EMA(engine.ema_sources(), cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim, global_batch=global_batch,
+                                               steps_per_epoch=steps_per_epoch)
+        total = self.schedule.total_steps
+
+        self.ckpt = CheckpointManager(os.path.join(out, "checkpoints"), cfg.checkpoint.keep_last)
+        step, epoch, micro_in_epoch = 0, 0, 0
+        self.nonfinite_total = self.nonfinite_streak = 0
+        resume = self.ckpt.resolve(cfg.checkpoint.resume)
+        rank_state = None
+        if resume:
+            strict = [s.strip() for s in cfg.checkpoint.strict_keys.split(",") if s.strip()]
+            other = self.ckpt.check(resume, signature=self.signature, config=to_dict(cfg), world_size=self.world,
+                                    engine_name=cfg.engine.name, strict_prefixes=strict)
+            if other:
+                self._print(f"[usp_scale] resuming from {resume} with changed settings:\n" + "\n".join(other))
+            ts, rank_state = self.ckpt.load(resume, engine, ema=self.ema)
+            step, epoch, micro_in_epoch = ts["step"], ts["epoch"], ts["micro_in_epoch"]
+            self.nonfinite_total, self.nonfinite_streak = ts["nonfinite_total"], ts["nonfinite_streak"]
+            self.loader.load_state_dict(rank_state["loader"])
+            self._print(f"[usp_scale] resumed from {resume} at step {step} (epoch {epoch})")
+
+        logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
+        self.logger = logger
+        val_loader = None
+        if cfg.task in ("cls", "linprobe"):
+            val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
+                                             train=False)
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, disable=not (self.is_main and cfg.progress), desc=cfg.task,
+                   dynamic_ncols=True)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])  # last: nothing after this may draw random numbers before the loop
+
+        engine.model.train()
+        start_step = step
+        last_ckpt = None
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        win = dict(steps=0, loss=torch.zeros((), dtype=torch.float64, device=self.device), data=0.0, compute=0.0,
+                   samples=0, t0=time.perf_counter(), gnorm=0.0)
+        stop = False
+        result_stopped = False
+        last_norm = float("nan")
+        while step < total and not stop:
+            self.loader.set_epoch(epoch)
+            it = iter(self.loader)
+            while micro_in_epoch < steps_per_epoch * accum:
+                t_data = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                t_comp = time.perf_counter()
+                win["data"] += t_comp - t_data
+                if engine.micro_step == 0:
+                    lr = self.schedule.apply(engine.param_groups, step)
+                with engine.sync_context(), engine.autocast():
+                    loss = task.loss(engine, batch)
+                engine.backward(loss)
+                loss_acc += loss.detach().double()
+                micro_in_epoch += 1
+                res = engine.step()
+                win["compute"] += time.perf_counter() - t_comp
+                if res is None:
+                    continue
+                step += 1
+                last_norm = res.grad_norm
+                win["steps"] += 1
+                win["loss"] += loss_acc / accum
+                win["samples"] += global_batch
+                win["gnorm"] += res.grad_norm if math.isfinite(res.grad_norm) else 0.0
+                loss_acc.zero_()
+                if res.applied:
+                    self.nonfinite_streak = 0
+                    if self.ema is not None:
+                        self.ema.update(engine.ema_sources())
+                else:
+                    self.nonfinite_total += 1
+                    self.nonfinite_streak += 1
+                bar.update(1)
+
+                if self.nonfinite_streak >= cfg.max_nonfinite > 0:
+                    path = self._save(step, epoch, micro_in_epoch)
+                    raise NonFiniteError(
+                        f"{self.nonfinite_streak} consecutive non-finite steps (loss or gradients) ending at "
+                        f"optimizer step {step}, epoch {epoch}, micro-batch {micro_in_epoch}/{len(self.loader)} "
+                        f"of the epoch, lr {lr:.3e}, grad norm {res.grad_norm}; rank {self.rank}. "
+                        f"Checkpoint written to {path}. Lower optim.blr, set optim.clip_grad, or use a wider "
+                        f"precision (engine.precision=bf16/fp32).")
+
+                log_now = step % max(cfg.log_every, 1) == 0 or step == total
+                if log_now:
+                    n = win["steps"]
+                    lsum = win["loss"].clone()
+                    if self.world > 1:
+                        import torch.distributed as dist
+
+                        lsum = lsum.to(torch.float64)
+                        dist.all_reduce(lsum)
+                        lsum /= self.world
+                    dt = time.perf_counter() - win["t0"]
+                    sps = win["samples"] / max(dt, 1e-9)
+                    rec = {"kind": "train", "step": step, "epoch": epoch, "loss": float(lsum) / n, "lr": lr,
+                           "grad_norm": win["gnorm"] / n, "samples_per_s": sps,
+                           "data_time": win["data"] / n, "compute_time": win["compute"] / n,
+                           "max_mem_gb": _max_memory_gb(self.device), "nonfinite_total": self.nonfinite_total}
+                    if train_flops:
+                        rec["mfu"] = train_flops * sps / self.world / cfg.peak_flops
+                    logger.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+                    win.update(steps=0, data=0.0, compute=0.0, samples=0, t0=time.perf_counter(), gnorm=0.0)
+                    win["loss"].zero_()
+                    req = self._signal_raw or (self.is_main and os.path.exists(os.path.join(out, STOP_FILE)))
+                    # A signal may reach only some ranks: agree at log steps (the checkpoint is collective).
+                    self._signal = bool(D.all_reduce_max(float(req)))
+                elif self.world == 1 and self._signal_raw:
+                    self._signal = True
+
+                reached_stop = cfg.stop_after_steps > 0 and step - start_step >= cfg.stop_after_steps
+                every = cfg.checkpoint.every_steps
+                if (every > 0 and step % every == 0) or self._signal or reached_stop or step == total:
+                    last_ckpt = self._save(step, epoch, micro_in_epoch)
+                if self._signal:
+                    self._print(f"[usp_scale] stop requested (signal or {STOP_FILE}): checkpointed at step {step}, "
+                                "exiting so that a requeued job resumes")
+                    if self.is_main and os.path.exists(os.path.join(out, STOP_FILE)):
+                        os.remove(os.path.join(out, STOP_FILE))
+                    result_stopped = True
+                    stop = True
+                if reached_stop or step >= total or stop:
+                    stop = True
+                    break
+            if stop:
+                break
+            # end of an epoch
+            if val_loader is not None and cfg.eval_every_epochs > 0 and (epoch + 1) % cfg.eval_every_epochs == 0:
+                self._evaluate(val_loader, step, epoch)
+            epoch += 1
+            micro_in_epoch = 0
+        bar.close()
+
+        result = {"step": step, "epoch": epoch, "nonfinite_total": self.nonfinite_total, "checkpoint": last_ckpt,
+                  "grad_norm": last_norm, "stopped_by_request": result_stopped}
+        if step >= total:
+            if val_loader is not None:
+                result["eval"] = self._evaluate(val_loader, step, epoch)
+            result["exports"] = self.export(step)
+            if self.is_main and cfg.plot:
+                result["plot"] = logger.plot(os.path.join(out, "loss_curve.png"), f"{cfg.task} {cfg.model.name}")
+        logger.close()
+        D.barrier()
+        return result
+
+    def _evaluate(self, loader, step, epoch):
+        res = self.task.evaluate(self.engine, loader)
+        if res:
+            self.logger.log({"kind": "eval", "step": step, "epoch": epoch, **res})
+            self._print(f"[usp_scale] eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+        return res
+
+    def export(self, step: int) -> dict:
+        """Model-only safetensors (+ EMA) and the official-format file; collective."""
+        cfg = self.cfg
+        out = {}
+        if not (cfg.checkpoint.export or cfg.checkpoint.export_official):
+            return out
+        model_sd = self.engine.full_model_state_dict()
+        ema_sd = None
+        if self.ema is not None:
+            ema_sd = {**model_sd, **self.engine.gather_ema(self.ema.state_dict())}
+        opt_sd = None
+        if cfg.checkpoint.export_official and cfg.task in ("dit", "sit"):
+            opt_sd = self.engine.full_optimizer_state_dict()
+        if self.is_main:
+            exp = os.path.join(cfg.output_dir, "export")
+            os.makedirs(exp, exist_ok=True)
+            meta = {"task": cfg.task, "model": cfg.model.name, "step": step}
+            if cfg.checkpoint.export:
+                out["model"] = save_safetensors(model_sd, os.path.join(exp, "model.safetensors"), meta)
+                if ema_sd is not None:
+                    out["ema"] = save_safetensors(ema_sd, os.path.join(exp, "ema.safetensors"), meta)
+            if cfg.checkpoint.export_official:
+                if cfg.task in ("dit", "sit") and ema_sd is None:
+                    self._print("[usp_scale] no official DiT/SiT export: ema.decay is 0")
+                else:
+                    name = self.task.official_name.format(step=step)
+                    out["official"] = save_official(os.path.join(exp, name), cfg.task, model_sd, ema_sd=ema_sd,
+                                                    opt_sd=opt_sd, args=to_dict(cfg))
+        D.barrier()
+        return out
+
+    def close(self):
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+
+
+def run(cfg, **kwargs) -> dict:
+    """Build a trainer for ``cfg`` and train; exits non-zero on a non-finite stop."""
+    trainer = Trainer(cfg, **kwargs)
+    try:
+        return trainer.fit()
+    except NonFiniteError as e:
+        print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
+        raise

@@ -1,0 +1,93 @@
+"""Reading model weights from the formats in circulation.
+
+- official MAE / USP pretraining: ``{"model": state_dict, "optimizer": ..., "epoch": ..., "args": ...}``
+- official DiT / SiT training: ``{"model", "ema", "opt", "args"}`` (EMA weights by default)
+- a bare state dict (``.pt``/``.pth``/``.bin``) or a ``.safetensors`` file (this project's export)
+A ``module.`` prefix left by DDP is stripped. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def read_state_dict(path: str, which: str = "auto") -> StateDict:
+    """Load a state dict from ``path``.
+
+    ``which``: "auto" (``ema`` when present, else ``model``, else the bare dict), "ema", "model".
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (give a local .pt/.pth/.safetensors file; "
+                                f"nothing is downloaded)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if which not in ("auto", "ema", "model"):
+            raise ValueError(f"which must be auto, ema or model, got {which!r}")
+        if _is_state_dict(obj):
+            if which == "ema":
+                raise KeyError(f"{path} is a bare state dict: it holds no 'ema' weights")
+            sd = obj
+        elif isinstance(obj, dict):
+            order = {"auto": ("ema", "model", "state_dict", "module"), "ema": ("ema",), "model": ("model",)}[which]
+            key = next((k for k in order if k in obj and isinstance(obj[k], dict)), None)
+            if key is None:
+                raise KeyError(f"{path}: no weights under {' / '.join(order)}; top-level keys: {sorted(obj)[:12]}")
+            sd = obj[key]
+        else:
+            raise TypeError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if any(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def diff_keys(model: nn.Module, sd: StateDict) -> str:
+    """Human-readable difference between a model's state dict and ``sd`` (keys and shapes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    lines = []
+    if missing:
+        lines.append(f"missing ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        lines.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected[:10])}"
+                     f"{' ...' if len(unexpected) > 10 else ''}")
+    for k in shapes[:10]:
+        lines.append(f"shape of {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
+    return "\n".join(lines)
+
+
+def load_weights(model: nn.Module, path: str, which: str = "auto", state_dict: Optional[StateDict] = None) -> None:
+    """Strictly load weights of the same architecture; on mismatch the error lists keys and shapes."""
+    sd = state_dict if state_dict is not None else read_state_dict(path, which)
+    problems = diff_keys(model, sd)
+    if problems:
+        raise ValueError(f"{path} does not fit {type(model).__name__}:\n{problems}")
+    model.load_state_dict(sd, strict=True)
+
+
+def save_safetensors(model_or_sd, path: str, metadata: Optional[dict] = None) -> str:
+    """Write a model-only safetensors file atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+    return path

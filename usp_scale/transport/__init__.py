@@ -1,0 +1,5 @@
+"""SiT transport: linear path, velocity loss, dopri5/Heun ODE and Euler-Maruyama SDE samplers; spec §3.3."""
+from .integrators import dopri5, euler, heun
+from .transport import Transport, create_transport
+
+__all__ = ["Transport", "create_transport", "dopri5", "heun", "euler"]

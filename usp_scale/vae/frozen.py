@@ -1,0 +1,289 @@
+"""The frozen diffusers ``AutoencoderKL`` (spec §1.1, §3.1): load, encode to scaled latents, decode.
+
+:class:`FrozenVAE` is deliberately *not* an ``nn.Module``: it cannot end up in a model's parameters,
+an optimizer or a training engine. Its network is always in ``eval()`` and every call runs under
+``torch.no_grad()``. Nothing is downloaded: weights come from a local path (see :func:`load_autoencoder`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+
+SCALE = {"d8": 0.18215, "d16": 0.2325}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+PREFIXES = ("first_stage_model.", "vae.", "module.", "model.")
+
+WHERE = ("Put the weights there: for d8 a diffusers folder with config.json and diffusion_pytorch_model.safetensors "
+         "(the files of stabilityai/sd-vae-ft-ema, e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema "
+         "--local-dir DIR` on a machine with network), or a single .safetensors/.ckpt file of the same VAE; for d16 "
+         "MAR's kl16.ckpt. Set vae.path=DIR_OR_FILE, or vae.path=tiny-random for a small random VAE (tests/demo). "
+         "Nothing is downloaded at run time.")
+
+
+class VAELoadError(ValueError):
+    """A VAE path that cannot be loaded (missing, wrong layout, unsupported architecture)."""
+
+
+# --------------------------------------------------------------------------- building
+
+def _tiny_random(version: str, seed: int = 0):
+    """A small seeded AutoencoderKL with the d8 (x8, 4 ch) or d16 (x16, 16 ch, attention at the lowest level) layout."""
+    from diffusers import AutoencoderKL
+    if version == "d8":
+        blocks, down = (32, 32, 64, 64), ("DownEncoderBlock2D",) * 4
+        latent = 4
+    else:
+        blocks, down = (32, 32, 64, 64, 64), ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",)
+        latent = 16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=down,
+                             up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                             layers_per_block=1, latent_channels=latent, norm_num_groups=32,
+                             scaling_factor=SCALE[version])
+
+
+def _unwrap_state_dict(sd: dict, path: str) -> Dict[str, torch.Tensor]:
+    for k in ("state_dict", "model", "vae"):
+        if k in sd and isinstance(sd[k], dict) and not torch.is_tensor(sd[k]):
+            sd = sd[k]
+    out = {}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            continue
+        for p in PREFIXES:
+            if k.startswith(p) and (k[len(p):].startswith(("encoder.", "decoder.", "quant_conv", "post_quant_conv"))):
+                k = k[len(p):]
+                break
+        if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+            out[k] = v
+    if not out:
+        raise VAELoadError(f"{path} holds no VAE weights (no encoder.*/decoder.* keys, also after removing the "
+                           f"prefixes {PREFIXES}). {WHERE}")
+    return out
+
+
+def _count(sd, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+
+
+def _ldm_to_diffusers(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Original LDM/MAR key layout (encoder.down.i.block.j) -> diffusers layout, plus the inferred config."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    n = _count(sd, r"encoder\.down\.(\d+)\.")
+    blocks = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(n))
+    layers = _count(sd, r"encoder\.down\.0\.block\.(\d+)\.")
+    attn_levels = [i for i in range(n) if f"encoder.down.{i}.attn.0.q.weight" in sd]
+    if _count(sd, r"decoder\.up\.\d+\.attn\.(\d+)\."):
+        raise VAELoadError("the checkpoint's decoder has attention inside its up blocks, which diffusers' "
+                           "AutoencoderKL (UpDecoderBlock2D) cannot hold")
+    # Down-block attentions (KL-16 has them at the 16x16 level): convert them here; diffusers' converter does not.
+    extra, rest = {}, {}
+    for k, v in sd.items():
+        m = re.match(r"encoder\.down\.(\d+)\.attn\.(\d+)\.(norm|q|k|v|proj_out)\.(weight|bias)$", k)
+        if not m:
+            rest[k] = v
+            continue
+        i, j, name, kind = m.groups()
+        new = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[name]
+        if name != "norm" and kind == "weight":
+            v = v.reshape(v.shape[0], v.shape[1])  # 1x1 conv -> linear
+        extra[f"encoder.down_blocks.{i}.attentions.{j}.{new}.{kind}"] = v
+    down = tuple("AttnDownEncoderBlock2D" if i in attn_levels else "DownEncoderBlock2D" for i in range(n))
+    cfg = {"down_block_types": down, "up_block_types": ("UpDecoderBlock2D",) * n, "block_out_channels": blocks,
+           "layers_per_block": layers}
+    new = convert_ldm_vae_checkpoint(rest, cfg)
+    new.update(extra)
+    return new, cfg
+
+
+def _config_from_diffusers_sd(sd: Dict[str, torch.Tensor]) -> dict:
+    n = _count(sd, r"encoder\.down_blocks\.(\d+)\.")
+    blocks = tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(n))
+    layers = _count(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    down = tuple("AttnDownEncoderBlock2D" if any(k.startswith(f"encoder.down_blocks.{i}.attentions.") for k in sd)
+                 else "DownEncoderBlock2D" for i in range(n))
+    return {"down_block_types": down, "up_block_types": ("UpDecoderBlock2D",) * n, "block_out_channels": blocks,
+            "layers_per_block": layers}
+
+
+def _from_single_file(path: str, version: str):
+    from diffusers import AutoencoderKL
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            raw = load_file(path)
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any reader failure with the path
+        raise VAELoadError(f"cannot read VAE weights file {path}: {type(e).__name__}: {e}. {WHERE}") from e
+    sd = _unwrap_state_dict(raw, path)
+    if any(k.startswith("encoder.down.") for k in sd):
+        sd, cfg = _ldm_to_diffusers(sd)
+    else:
+        cfg = _config_from_diffusers_sd(sd)
+    latent = sd["encoder.conv_out.weight"].shape[0] // 2
+    cfg.update(latent_channels=latent, use_quant_conv="quant_conv.weight" in sd,
+               use_post_quant_conv="post_quant_conv.weight" in sd,
+               mid_block_add_attention=any(k.startswith("encoder.mid_block.attentions.") for k in sd),
+               scaling_factor=SCALE[version])
+    model = AutoencoderKL(**cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise VAELoadError(f"{path}: weights do not fit the inferred AutoencoderKL {cfg}: missing {missing[:6]} "
+                           f"({len(missing)}), unexpected {unexpected[:6]} ({len(unexpected)})")
+    return model
+
+
+def load_autoencoder(path: str, version: str = "d8", seed: int = 0):
+    """AutoencoderKL from "tiny-random", a local diffusers folder, or a .safetensors/.ckpt/.pt/.pth file."""
+    from diffusers import AutoencoderKL
+    if version not in SCALE:
+        raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
+    if path == "tiny-random":
+        return _tiny_random(version, seed)
+    if not path:
+        raise VAELoadError(f"vae.path is empty. {WHERE}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise VAELoadError(f"VAE folder {path} has no config.json (expected a diffusers AutoencoderKL folder). "
+                               f"{WHERE}")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+            raise VAELoadError(f"VAE folder {path} has config.json but no {' or '.join(WEIGHT_FILES)}. {WHERE}")
+        try:
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        except Exception as e:  # noqa: BLE001
+            raise VAELoadError(f"cannot load the diffusers VAE folder {path}: {type(e).__name__}: {e}. {WHERE}") from e
+    if os.path.isfile(path):
+        if not path.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+            raise VAELoadError(f"VAE file {path} is not a .safetensors/.ckpt/.pt/.pth/.bin file. {WHERE}")
+        return _from_single_file(path, version)
+    raise VAELoadError(f"VAE path not found: {path}. {WHERE}")
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (16 hex) over the state dict's names, shapes and fp32 values."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+class FrozenVAE:
+    """Frozen encoder/decoder: images in [-1, 1] <-> scaled latents.
+
+    ``encode`` returns ``scale * (mean or mean + std * eps)``; ``encode_moments`` returns the unscaled
+    posterior ``(mean, logvar)`` (logvar as produced, not clamped); ``decode`` maps scaled latents back
+    to images in [-1, 1]. Inputs may live on any device and dtype; outputs are fp32 on ``self.device``.
+    """
+
+    def __init__(self, path: str = "tiny-random", version: str = "d8", scale: float = 0.0, dtype: str = "fp32",
+                 device="cpu", channels_last: bool = True, compile: bool = False, posterior: str = "mean",
+                 seed: int = 0):
+        if version not in SCALE:
+            raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
+        if dtype not in DTYPES:
+            raise VAELoadError(f"vae.dtype={dtype!r} is unknown; use one of {sorted(DTYPES)}")
+        if posterior not in ("mean", "sample"):
+            raise VAELoadError(f"vae.posterior={posterior!r} is unknown; use 'mean' or 'sample'")
+        self.path, self.version, self.dtype_name = path, version, dtype
+        self.scale = float(scale) if scale else SCALE[version]
+        self.device, self.dtype = torch.device(device), DTYPES[dtype]
+        self.posterior = posterior
+        model = load_autoencoder(path, version, seed)
+        model.requires_grad_(False)
+        model.eval()
+        # nn.Module.to directly: the whole network in one dtype (diffusers' .to override only adds a warning).
+        torch.nn.Module.to(model, self.device, self.dtype)
+        if channels_last:
+            torch.nn.Module.to(model, memory_format=torch.channels_last)
+        self.model = model
+        self.downsample = 2 ** (len(model.config.block_out_channels) - 1)
+        self.latent_channels = int(model.config.latent_channels)
+        self._encoder = torch.compile(model.encoder) if compile else model.encoder
+        self._channels_last = channels_last
+        self._fingerprint: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, cfg, device="cpu") -> "FrozenVAE":
+        """From a :class:`~usp_scale.config.schema.VAEConfig`."""
+        return cls(path=cfg.path, version=cfg.version, scale=cfg.scale, dtype=cfg.dtype, device=device,
+                   channels_last=cfg.channels_last, compile=cfg.compile, posterior=cfg.posterior)
+
+    # -- info
+    def latent_shape(self, image_size: int) -> Tuple[int, int, int]:
+        if image_size % self.downsample:
+            raise ValueError(f"image size {image_size} is not a multiple of the VAE downsampling {self.downsample}")
+        s = image_size // self.downsample
+        return (self.latent_channels, s, s)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
+    def identity(self) -> dict:
+        """What a latent cache records about the VAE that produced it."""
+        return {"version": self.version, "path": self.path, "name": os.path.basename(os.path.normpath(self.path)),
+                "scale": self.scale, "dtype": self.dtype_name, "latent_channels": self.latent_channels,
+                "downsample": self.downsample, "fingerprint": self.fingerprint}
+
+    def train(self, mode: bool = True):
+        raise RuntimeError("the VAE is frozen: it always stays in eval() mode and is never trained")
+
+    # -- compute
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N,3,H,W) in [-1,1] -> mean, logvar, each (N,C,H/ds,W/ds) fp32, unscaled."""
+        h = self._encoder(self._prep(images))
+        if self.model.quant_conv is not None:
+            h = self.model.quant_conv(h)
+        mean, logvar = h.float().chunk(2, dim=1)
+        return mean.contiguous(), logvar.contiguous()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, posterior: Optional[str] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(N,3,H,W) in [-1,1] -> scaled latents (N,C,h,w) fp32 (posterior mean or a sample)."""
+        mean, logvar = self.encode_moments(images)
+        return posterior_latents(mean, logvar, self.scale, sample=(posterior or self.posterior) == "sample",
+                                 generator=generator)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N,C,h,w) -> images (N,3,H,W) fp32 in [-1, 1]."""
+        z = self._prep(latents / self.scale)
+        if self.model.post_quant_conv is not None:
+            z = self.model.post_quant_conv(z)
+        return self.model.decoder(z).float().clamp_(-1, 1)
+
+
+def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float, sample: bool = True,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """scale * mean, or scale * (mean + exp(0.5*clamp(logvar, -30, 20)) * eps) in fp32."""
+    mean = mean.float()
+    if not sample:
+        return mean * scale
+    std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return (mean + std * eps) * scale
+
+
+def describe(vae: FrozenVAE) -> str:
+    return json.dumps(vae.identity())
