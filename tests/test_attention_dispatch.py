@@ -120,6 +120,7 @@ def test_sdpa_choice_is_timed_per_shape(monkeypatch):
         A._choose((4, 16, 256, 72, torch.bfloat16))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "cudnn", "efficient", "flash2", "flash3"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
