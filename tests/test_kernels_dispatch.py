@@ -23,7 +23,11 @@ def test_package_imports_without_triton():
 def test_resolve_impl():
     assert dispatch.resolve_impl("torch", "cpu") == "torch"
     assert dispatch.resolve_impl("auto", torch.device("cpu")) == "torch"       # auto: Triton on CUDA only
-    assert dispatch.resolve_impl("triton", "cpu") == "triton"                  # interpreter (conftest)
+    if dispatch.interpreting():                                                # conftest's default
+        assert dispatch.resolve_impl("triton", "cpu") == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            dispatch.resolve_impl("triton", "cpu")
     with pytest.raises(ValueError, match="model.kernels must be one of"):
         dispatch.resolve_impl("fast", "cpu")
     with pytest.raises(RuntimeError, match="neither CUDA nor a CPU under TRITON_INTERPRET"):
