@@ -189,7 +189,7 @@ def run_resume_pair(engine: str, base: str, **over) -> dict:
     return out
 
 
-def worker_resume(out: str, engines: list) -> None:
+def worker_resume(out: str, engines: list, model: str = "") -> None:
     import torch.distributed as dist
 
     from usp_scale.engine.dist import init_distributed
@@ -199,6 +199,8 @@ def worker_resume(out: str, engines: list) -> None:
     for spec in engines:
         name, _, stage = spec.partition(":")
         over = {"zero_stage": int(stage)} if stage else {}
+        if model:
+            over["model.name"] = model
         results[spec] = run_resume_pair(name, os.path.join(out, spec.replace(":", "")), **over)
     if info.rank == 0:
         with open(os.path.join(out, "resume.json"), "w") as f:
@@ -212,12 +214,13 @@ if __name__ == "__main__":
     ap.add_argument("mode", choices=["equiv", "resume"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", nargs="*", default=list(EQUIV_CASES))
+    ap.add_argument("--model", default="", help="model for the resume runs (default: the debug recipe's)")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     sys.path.insert(0, REPO)
     if a.mode == "equiv":
         worker_equiv(a.out, a.cases)
     else:
-        worker_resume(a.out, a.cases)
+        worker_resume(a.out, a.cases, a.model)
     sys.stdout.flush()
     os._exit(0)  # DeepSpeed on CPU occasionally aborts in its exit handlers after success

@@ -41,7 +41,7 @@ def test_outputs_jsonl_png_config_exports(tmp_path):
     assert (out / "config.yaml").is_file()
     from usp_scale.config import load_config
 
-    assert load_config(str(out / "config.yaml")).model.name == "toy_mae"
+    assert load_config(str(out / "config.yaml")).model.name == "vit_tiny_patch_vae"
     from safetensors.torch import load_file
 
     sd = load_file(res["exports"]["model"])
@@ -109,7 +109,7 @@ def test_refuse_incompatible_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------ non-finite
 
 class _NaNTask(PretrainTask):
-    """Pretrain task whose loss is NaN on chosen micro-batches (counted over the run)."""
+    """Pretrain task whose loss is NaN on chosen calls (call 1 is the trainer's warm-up forward, then micro-batches)."""
 
     def __init__(self, cfg, bad):
         super().__init__(cfg)
@@ -123,8 +123,8 @@ class _NaNTask(PretrainTask):
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     cfg = cfg_for(tmp_path, "schedule.max_steps=4", "ema.decay=0.0", "optim.clip_grad=0.0")
-    # micro-batch 4 is the 2nd half of optimizer step 2 (accum 2): step 2 must be skipped
-    res = Trainer(cfg, task=_NaNTask(cfg, bad={4})).fit()
+    # call 5 = micro-batch 4, the 2nd half of optimizer step 2 (accum 2): step 2 must be skipped
+    res = Trainer(cfg, task=_NaNTask(cfg, bad={5})).fit()
     assert res["nonfinite_total"] == 1
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["nonfinite_total"] for r in recs] == [0, 1, 1, 1]
@@ -146,7 +146,7 @@ def test_nonfinite_skip_leaves_weights_unchanged():
 def test_k_nonfinite_in_a_row_checkpoints_and_stops(tmp_path):
     cfg = cfg_for(tmp_path, "max_nonfinite=3", "schedule.max_steps=10")
     with pytest.raises(NonFiniteError) as e:
-        Trainer(cfg, task=_NaNTask(cfg, bad=set(range(5, 40)))).fit()
+        Trainer(cfg, task=_NaNTask(cfg, bad=set(range(6, 40)))).fit()  # micro-batches 5.. -> steps 3..
     msg = str(e.value)
     assert "3 consecutive non-finite steps" in msg and "optimizer step 5" in msg and "epoch 0" in msg
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
@@ -156,7 +156,7 @@ def test_k_nonfinite_in_a_row_checkpoints_and_stops(tmp_path):
 # ------------------------------------------------------------------------------------------ tasks
 
 @pytest.mark.parametrize("task", ["dit", "sit"])
-def test_generative_tasks_run_with_ema_and_official_export(tmp_path, task):
+def test_toy_generative_tasks_run_with_ema_and_official_export(tmp_path, task):
     cfg = cfg_for(tmp_path, f"task={task}", "model.name=toy_dit", "schedule.name=constant", "optim.lr=1e-3",
                   "optim.weight_decay=0.0", "ema.decay=0.9999", "schedule.max_steps=3")
     kw = {"diffusion": ToyDiffusion()} if task == "dit" else {"transport": ToyTransport()}
@@ -213,3 +213,51 @@ def test_launcher_cli(tmp_path, capsys):
     assert (tmp_path / "cli" / "export" / "model.safetensors").is_file()
     assert main(["--task", "dit", "--config", cfgp, "--print-config"], finetune=True) == 0
     assert "task: dit" in capsys.readouterr().out
+
+
+def test_tiny_pretrain_transfer_dit_pipeline_loss_goes_down(tmp_path):
+    """Real tiny MAE pretrain -> init a DiT-tiny/2-VAE-simple from its export (transfer) -> DDPM finetune."""
+    res = run(H.trainer_cfg("local", str(tmp_path / "mae"), **{"schedule.max_steps": 30, "data.root": "toy:64",
+                                                                "ema.decay": 0.0, "log_every": 5}))
+    mae = [json.loads(line)["loss"] for line in open(tmp_path / "mae" / "metrics.jsonl")]
+    assert mae[-1] < mae[0]
+    dit_cfg = H.trainer_cfg("local", str(tmp_path / "dit"), **{
+        "task": "dit", "model.name": "DiT-tiny/2-VAE-simple", "model.num_classes": 10, "schedule.name": "constant",
+        "optim.lr": 1e-3, "optim.weight_decay": 0.0, "optim.beta2": 0.999, "schedule.max_steps": 40,
+        "schedule.accum_iter": 1, "ema.decay": 0.999, "data.root": "toy:64", "log_every": 5,
+        "checkpoint.init_from": res["exports"]["model"]})
+    out = run(dit_cfg)
+    dit = [json.loads(line)["loss"] for line in open(tmp_path / "dit" / "metrics.jsonl")]
+    assert sum(dit[-3:]) / 3 < 0.8 * sum(dit[:2]) / 2, dit
+    off = torch.load(out["exports"]["official"], weights_only=False)
+    assert set(off) == {"model", "ema", "opt", "args"}
+    # the transferred encoder blocks came from the MAE export
+    from safetensors.torch import load_file
+
+    mae_sd = load_file(res["exports"]["model"])
+    dit0 = load_file(str(tmp_path / "dit" / "export" / "model.safetensors"))
+    assert mae_sd["blocks.0.attn.qkv.weight"].shape == dit0["blocks.0.attn.qkv.weight"].shape
+
+
+def test_real_cls_and_linprobe_tasks(tmp_path):
+    for task, extra in (("cls", {"optim.layer_decay": 0.75, "model.drop_path_rate": 0.1}),
+                        ("linprobe", {"optim.name": "lars", "optim.blr": 0.1, "optim.weight_decay": 0.0,
+                                      "model.global_pool": "token"})):
+        cfg = H.trainer_cfg("local", str(tmp_path / task), **{
+            "task": task, "model.name": "vit_tiny_patch16_vae", "model.num_classes": 10, "schedule.max_steps": 3,
+            "ema.decay": 0.0, "data.root": "toy:64", **extra})
+        t = Trainer(cfg)
+        res = t.fit()
+        assert 0 <= res["eval"]["top1"] <= res["eval"]["top5"] <= 100
+        if task == "linprobe":
+            assert {n for n, p in t.engine.unwrapped.named_parameters() if p.requires_grad} == \
+                {"head.1.weight", "head.1.bias"}
+        else:
+            assert len({g["lr_scale"] for g in t.engine.param_groups}) == 4  # depth 2 -> layers 0..3
+
+
+def test_task_model_family_mismatch_is_an_error(tmp_path):
+    from usp_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="task=dit needs a dit model"):
+        Trainer(H.trainer_cfg("local", str(tmp_path), task="dit")).fit()

@@ -171,3 +171,48 @@ def test_expand_slurm_nodelist():
     assert expand_slurm_nodelist("gpu[01-03,07],cpu5") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]
     assert expand_slurm_nodelist("node1") == ["node1"]
     assert expand_slurm_nodelist("a[9-11]") == ["a9", "a10", "a11"]
+
+
+# ------------------------------------------------------------------------------------------ engine switches
+
+def _engine_run(**kw):
+    import _helpers_train as H
+
+    return H.engine_losses(H.engine_cfg("local", **kw), clip=1.0)
+
+
+def test_activation_checkpointing_gives_identical_steps():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    ref_l, _, ref_sd = _engine_run()
+    ac_l, _, ac_sd = _engine_run(activation_checkpointing=True)
+    assert ac_l == ref_l
+    assert all(torch.equal(torch.tensor(ref_sd[k]), torch.tensor(ac_sd[k])) for k in ref_sd)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_autocast_and_grad_scaler_on_cpu(precision):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    ref_l, _, _ = _engine_run()
+    lp_l, applied, _ = _engine_run(precision=precision)
+    assert all(applied)
+    assert lp_l == pytest.approx(ref_l, rel=5e-2)
+    assert lp_l != ref_l  # autocast really changed the arithmetic
+
+
+def test_unknown_engine_and_precision_are_errors():
+    from usp_scale.engine import build_engine, resolve_precision
+
+    with pytest.raises(ConfigError, match="engine.name"):
+        from usp_scale.config import EngineConfig
+
+        build_engine(EngineConfig(name="horovod"), nn.Linear(2, 2), lambda m: None)
+    with pytest.raises(ValueError, match="engine.precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"

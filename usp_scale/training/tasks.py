@@ -29,22 +29,25 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _create(name, **kwargs)
 
 
-def load_init(model: nn.Module, path: str) -> None:
-    """checkpoint.init_from: our own safetensors export (strict), else the transfer module."""
+def model_family(name: str) -> str:
+    """"mae", "dit", "sit", "vit" (real registry) or "toy"."""
+    if name.startswith("toy_"):
+        return "toy"
+    from ..models.registry import model_family as _family
+
+    return _family(name)
+
+
+def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None:
+    """checkpoint.init_from: an MAE checkpoint is transferred, a checkpoint/export of the model itself is
+    loaded strictly (:func:`usp_scale.transfer.load_pretrained`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint.init_from={path}: file not found")
-    if path.endswith(".safetensors"):
-        from ..checkpoint import load_safetensors
-
-        sd = load_safetensors(path)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"checkpoint.init_from={path}: keys do not match the model: missing {missing}, "
-                              f"unexpected {unexpected}")
-        return
     from ..transfer import load_pretrained
 
-    load_pretrained(model, path)
+    report = load_pretrained(model, path, use_pretrain_layer=use_pretrain_layer)
+    if report is not None:
+        print(f"[usp_scale] init_from {path}: {report}", flush=True)
 
 
 class Task:
@@ -60,9 +63,17 @@ class Task:
         return dict(img_size=m.img_size, in_chans=m.in_chans)
 
     def build_model(self) -> nn.Module:
-        model = create_model(self.cfg.model.name, **self.model_kwargs())
+        family = model_family(self.cfg.model.name)
+        expected = {"pretrain": "mae", "dit": "dit", "sit": "sit", "cls": "vit", "linprobe": "vit"}[self.name]
+        if family not in (expected, "toy"):
+            raise ConfigError(f"task={self.name} needs a {expected} model, model.name={self.cfg.model.name!r} is a "
+                              f"{family} model")
+        kwargs = self.model_kwargs()
+        if family in ("mae", "dit", "sit"):
+            kwargs["kernels"] = self.cfg.model.kernels
+        model = create_model(self.cfg.model.name, **kwargs)
         if self.cfg.checkpoint.init_from:
-            load_init(model, self.cfg.checkpoint.init_from)
+            load_init(model, self.cfg.checkpoint.init_from, self.cfg.use_pretrain_layer)
         return model
 
     def no_weight_decay_list(self, module) -> tuple:
@@ -94,7 +105,10 @@ class PretrainTask(Task):
 
     def model_kwargs(self):
         m = self.cfg.model
-        return dict(img_size=m.img_size, in_chans=m.in_chans, norm_pix_loss=m.norm_pix_loss)
+        kw = dict(img_size=m.img_size, in_chans=m.in_chans, norm_pix_loss=m.norm_pix_loss)
+        if m.norm_image:
+            kw["norm_image"] = True
+        return kw
 
     def loss(self, engine, batch):
         x = batch["latents"]
@@ -117,13 +131,17 @@ class DiTTask(Task):
         if diffusion is None:
             from ..diffusion import create_diffusion
 
-            diffusion = create_diffusion()
+            diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
         self.diffusion = diffusion
 
     def model_kwargs(self):
         m = self.cfg.model
-        return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
-                    learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
+        if model_family(m.name) == "toy":
+            return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
+                        learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
+        return dict(input_size=m.img_size, in_channels=m.in_chans, num_classes=m.num_classes,
+                    learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
+                    cfg_official_channels=m.cfg_official_channels)
 
     def loss(self, engine, batch):
         x, y = batch["latents"], batch["labels"]
@@ -221,16 +239,20 @@ class LinprobeTask(ClsTask):
 
     def model_kwargs(self):
         m = self.cfg.model
-        return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool)
+        kw = dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool)
+        if model_family(m.name) != "toy":
+            kw["linprobe"] = True  # the model builds its BatchNorm1d(affine=False) + Linear head
+        return kw
 
     def build_model(self):
         model = super().build_model()
         head = getattr(model, "head", None)
-        if not isinstance(head, nn.Linear):
-            raise ConfigError(f"task=linprobe: model {self.cfg.model.name} has no nn.Linear 'head'")
-        nn.init.trunc_normal_(head.weight, std=0.01)
-        nn.init.zeros_(head.bias)
-        model.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+        if isinstance(head, nn.Linear):  # toy models: add the BN in front of the head here
+            nn.init.trunc_normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+            model.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+        if not (isinstance(model.head, nn.Sequential) and isinstance(model.head[0], nn.BatchNorm1d)):
+            raise ConfigError(f"task=linprobe: model {self.cfg.model.name} has no BatchNorm1d + Linear 'head'")
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("head.")
         return model

@@ -127,6 +127,10 @@ class Trainer:
             save_config(cfg, os.path.join(out, "config.yaml"))
         self._install_signals()
 
+        if not cfg.model.name.startswith("toy_"):
+            from ..layers.attention import configure_attention
+
+            configure_attention(cfg.model.attn_backend, self.device)
         # Model: the same initialisation on every rank, then per-rank randomness.
         _seed_all(cfg.seed)
         model = self.task.build_model()
@@ -180,8 +184,14 @@ class Trainer:
 
         bar = tqdm(total=total, initial=step, disable=not (self.is_main and cfg.progress), desc=cfg.task,
                    dynamic_ncols=True)
+        # Lazy one-time work inside the model (e.g. the attention dispatcher probing backends with random
+        # tensors at the first forward) must not shift the random stream between a fresh and a resumed run:
+        # run one forward on a dummy batch first, then fix the RNG state.
+        self._warmup_forward()
         if rank_state is not None:
             set_rng_state(rank_state["rng"])  # last: nothing after this may draw random numbers before the loop
+        else:
+            _seed_all(cfg.seed + self.rank)
 
         engine.model.train()
         start_step = step
@@ -301,6 +311,24 @@ class Trainer:
         logger.close()
         D.barrier()
         return result
+
+    def _warmup_forward(self):
+        """One forward (grad enabled, eval mode, no backward) on a zero batch; its random draws are discarded.
+
+        Runs on the bare module for local/DDP (no DDP reducer state), on the sharded module otherwise.
+        """
+        cfg, engine = self.cfg, self.engine
+        n, c, h = cfg.data.batch_size, cfg.model.in_chans, cfg.model.img_size
+        batch = {"latents": torch.zeros(n, c, h, h, device=self.device),
+                 "labels": torch.zeros(n, dtype=torch.long, device=self.device)}
+        target = engine.unwrapped if engine.name in ("local", "ddp") else engine.model
+        target.eval()
+        try:
+            with engine.autocast():
+                out = self.task.loss(target, batch)
+            del out
+        finally:
+            target.train()
 
     def _evaluate(self, loader, step, epoch):
         res = self.task.evaluate(self.engine, loader)
