@@ -160,6 +160,9 @@ class OnlineLatentLoader(ResumableLoader):
         super().__init__(image_loader.sampler)
         self.images, self.vae, self.posterior = image_loader, vae, posterior
 
+    def __len__(self) -> int:
+        return len(self.images)
+
     @property
     def corrupt(self) -> Dict[str, str]:
         return getattr(self.images, "corrupt", {})
