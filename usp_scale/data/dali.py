@@ -61,10 +61,9 @@ def _pipeline(source, augment: str, size: int, crop_scale_min: float, decode_dev
     mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     cubic = types.INTERP_CUBIC
     norm = dict(dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3)
-    if augment in ("pretrain", "finetune"):
-        lo = crop_scale_min if augment == "pretrain" else 0.08
+    if augment == "pretrain":
         images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
-                                               random_area=[lo, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                               random_area=[crop_scale_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                                                num_attempts=10)
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=cubic, antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=mirror, **norm)
@@ -106,8 +105,7 @@ def _pipeline(source, augment: str, size: int, crop_scale_min: float, decode_dev
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=cubic, antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=0, **norm)
     else:
-        raise ValueError(f"data.augment={augment!r} has no DALI pipeline; use pretrain, finetune, eval, adm or none "
-                         f"(finetune in DALI omits RandAugment/RandomErasing: use data.loader=torchvision for them)")
+        raise ValueError(f"data.augment={augment!r} has no DALI pipeline; use pretrain, adm, eval or none")
     if decode_device == "mixed":
         labels = labels.gpu()
     return images, labels
@@ -125,6 +123,12 @@ class DALIImageLoader(ResumableLoader):
             raise RuntimeError("data.loader=dali but nvidia.dali is not installed: pip install nvidia-dali-cuda130 "
                                "(or -cuda120), or set data.loader=torchvision")
         super().__init__(sampler)
+        flip = True
+        if augment.endswith("_noflip"):
+            augment, flip = augment[: -len("_noflip")], False
+        if augment not in ("pretrain", "adm", "eval", "none"):
+            raise ValueError(f"data.augment={augment!r} has no DALI pipeline (pretrain, adm, eval, none); the timm "
+                             f"finetune recipe (RandAugment, RandomErasing) needs data.loader=torchvision")
         self.dataset, self.augment, self.size, self.crop_scale_min = dataset, augment, size, crop_scale_min
         self.device = torch.device(device)
         if decode_device == "auto":
@@ -136,7 +140,7 @@ class DALIImageLoader(ResumableLoader):
                              f"{self.device}); use data.dali_device=cpu")
         self.decode_device, self.num_threads, self.strict = decode_device, num_threads, strict
         self.is_tar = isinstance(dataset, TarDataset)
-        self.flip = augment in ("pretrain", "adm", "finetune")
+        self.flip = flip and augment in ("pretrain", "adm")
         self._tracker = CorruptTracker()
         self._valid = np.ones(len(dataset), bool)
         if precheck and self.is_tar:
