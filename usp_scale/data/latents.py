@@ -334,4 +334,4 @@ class LatentCacheLoader(ResumableLoader):
             z = posterior_latents(mean, logvar, self.scale, sample=self.sample, generator=gen)  # (N,C,h,w)
             yield {"latents": z, "labels": labels.to(self.device, non_blocking=pin),
                    "index": index.to(self.device, non_blocking=pin),
-                   "view": torch.from_numpy(c // 2), "flip": torch.from_numpy(c % 2)}
+                   "view": torch.from_numpy(c // 2).to(self.device), "flip": torch.from_numpy(c % 2).to(self.device)}
