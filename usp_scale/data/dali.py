@@ -97,8 +97,8 @@ def _pipeline(source, augment: str, size: int, crop_scale_min: float, decode_dev
             h2, w2 = _round_half_even(h1 * s), _round_half_even(w1 * s)
             top, left = dmath.floor((h2 - size) / 2.0), dmath.floor((w2 - size) / 2.0)
         images = fn.resize(images, resize_x=w2, resize_y=h2, interp_type=cubic, antialias=True)
-        images = fn.slice(images, fn.stack(top, left), fn.stack(float(size), float(size)), axis_names="HW",
-                          normalized_anchor=False, normalized_shape=False)
+        images = fn.slice(images, start=fn.cast(fn.stack(top, left), dtype=types.INT32),
+                          shape=[size, size], axis_names="HW")
         images = fn.crop_mirror_normalize(images, mirror=mirror if augment == "adm" else 0, **norm)
     elif augment == "none":
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
@@ -106,8 +106,6 @@ def _pipeline(source, augment: str, size: int, crop_scale_min: float, decode_dev
         images = fn.crop_mirror_normalize(images, mirror=0, **norm)
     else:
         raise ValueError(f"data.augment={augment!r} has no DALI pipeline; use pretrain, adm, eval or none")
-    if decode_device == "mixed":
-        labels = labels.gpu()
     return images, labels
 
 
@@ -191,9 +189,8 @@ class DALIImageLoader(ResumableLoader):
                                             num_shards=self.sampler.world_size, random_shuffle=self.sampler.shuffle,
                                             initial_fill=1024, seed=seed, pad_last_batch=True, name="Reader")
                 jpegs, cls = src
-                # .cls holds ASCII digits: parse them on the CPU.
-                label = fn.python_function(cls, function=_ascii_to_int, num_outputs=1)
-                src = (jpegs, label)
+                # .cls holds ASCII digits: pad them to a fixed width here, parse them on the host (_parse_cls)
+                src = (jpegs, fn.pad(cls, fill_value=32, shape=[CLS_WIDTH]))
             else:
                 src = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
                                       name="Reader")
@@ -224,13 +221,16 @@ class DALIImageLoader(ResumableLoader):
                 images, lab = pipe.run()
             except RuntimeError as e:
                 chunk = files[b * bs:(b + 1) * bs] if files else self.dataset.tars
-                raise CorruptImageError(f"DALI failed on a batch from {chunk[:4]}...: {e}\nA file that fails to "
-                                        f"decode here is corrupt; data.loader=torchvision skips and reports such "
-                                        f"files one by one") from e
+                msg = f"DALI pipeline failed on a batch from {chunk[:4]}...: {e}"
+                if "decod" in str(e).lower():
+                    raise CorruptImageError(msg + "\nA file that fails to decode is corrupt; data.loader=torchvision "
+                                                  "skips and reports such files one by one") from e
+                raise RuntimeError(msg) from e
             if b < start:
                 continue  # replay: the skipped batches advance DALI's RNG exactly as in the first run
             n = counts[b]
-            yield {"images": _to_torch(images, self.device)[:n], "labels": _to_torch(lab, self.device).long().view(-1)[:n]}
+            lab = _parse_cls(_to_torch(lab, torch.device("cpu"))) if self.is_tar else _to_torch(lab, torch.device("cpu"))
+            yield {"images": _to_torch(images, self.device)[:n], "labels": lab.long().view(-1)[:n].to(self.device)}
         if self.is_tar or files:
             del pipe
 
@@ -257,8 +257,21 @@ def _member_complete(r) -> bool:
     return r.size > 0
 
 
-def _ascii_to_int(a):
-    return np.array([int(bytes(np.asarray(a)).decode().strip() or 0)], dtype=np.int64)
+CLS_WIDTH = 12  # .cls members are padded to this many bytes (class ids up to 12 digits)
+
+
+def _parse_cls(raw: torch.Tensor) -> torch.Tensor:
+    """(N, CLS_WIDTH) uint8 ASCII (digits, spaces/newlines) -> (N,) int64 class ids."""
+    raw = raw.view(raw.shape[0], -1).long()
+    digit = (raw >= 48) & (raw <= 57)
+    if not bool(digit.any(1).all()):
+        bad = [bytes(r.tolist()) for r in raw[~digit.any(1)]][:3]
+        raise ValueError(f"WebDataset .cls members without a class id: {bad}")
+    out = torch.zeros(raw.shape[0], dtype=torch.long)
+    for j in range(raw.shape[1]):  # left to right; non-digits (whitespace) are skipped
+        d = digit[:, j]
+        out = torch.where(d, out * 10 + (raw[:, j] - 48), out)
+    return out
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
