@@ -214,3 +214,27 @@ def test_build_loader_online_path(synth_clean):
     assert torch.equal(next(iter(again))["latents"], batches[1]["latents"])  # identical resumed batch
     ev = build_loader(data_cfg(synth_clean["root"], batch_size=3), VAEConfig(), train=False)
     assert sum(len(x["labels"]) for x in ev) == 8
+
+
+@pytest.mark.skipif(not __import__("usp_scale.data.dali", fromlist=["x"]).dali_available(), reason="no DALI")
+def test_dali_cache_writer_is_deterministic_and_skips_truncated(synth, vae, tmp_path):
+    ds = build_dataset(synth["root"], "train")
+    args = {**ARGS, "loader": "dali", "shard_size": 16}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_cache(ds, vae, a, **args)
+    ma = write_manifest(a)
+    write_cache(ds, vae, b, stop_after_shards=1, **args)
+    write_cache(ds, vae, b, **args)
+    mb = write_manifest(b)
+    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    assert ma["num_images"] == 46 and sorted(p for p, _ in ma["corrupt"]) == sorted(synth["corrupt"])
+    c = LatentCache(a)
+    mean, _, labels, index = c.gather(np.arange(46), np.zeros(46, int), np.zeros(46, int))
+    assert sorted(index.tolist()) == sorted(set(range(48)) - {i for i, r in enumerate(ds.samples)
+                                                               if r.path in synth["corrupt"]})
+    assert labels.tolist() == [ds.samples[i].label for i in index.tolist()]
+    v1 = c.gather(np.arange(46), np.ones(46, int), np.zeros(46, int))[0]
+    fl = c.gather(np.arange(46), np.zeros(46, int), np.ones(46, int))[0]
+    assert not torch.equal(mean, v1) and not torch.equal(mean, fl)
+    with pytest.raises(LatentCacheError, match="different settings"):
+        write_cache(ds, vae, a, **{**args, "loader": "torchvision"})

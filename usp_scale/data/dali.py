@@ -116,7 +116,10 @@ class DALIImageLoader(ResumableLoader):
 
     def __init__(self, dataset: ImageDataset, sampler: ShardSampler, *, augment: str, size: int,
                  crop_scale_min: float = 0.2, device="cpu", decode_device: str = "auto", num_threads: int = 4,
-                 strict: bool = False, precheck: bool = True):
+                 strict: bool = False, precheck: bool = True, indices: Optional[List[int]] = None,
+                 pipeline_seed: Optional[int] = None):
+        """``indices``/``pipeline_seed`` (used by the latent-cache writer) read exactly these dataset positions,
+        in order, with this DALI seed, instead of the sampler's epoch order and the (seed, epoch, rank) seed."""
         if not dali_available():
             raise RuntimeError("data.loader=dali but nvidia.dali is not installed: pip install nvidia-dali-cuda130 "
                                "(or -cuda120), or set data.loader=torchvision")
@@ -137,6 +140,10 @@ class DALIImageLoader(ResumableLoader):
             raise ValueError("data.dali_device=mixed decodes on the GPU and needs a CUDA device (got device "
                              f"{self.device}); use data.dali_device=cpu")
         self.decode_device, self.num_threads, self.strict = decode_device, num_threads, strict
+        self.indices, self.pipeline_seed = indices, pipeline_seed
+        if indices is not None and isinstance(dataset, TarDataset):
+            raise ValueError("reading chosen positions of WebDataset tars through DALI is not supported; "
+                             "use the torchvision loader for them")
         self.is_tar = isinstance(dataset, TarDataset)
         self.flip = flip and augment in ("pretrain", "adm")
         self._tracker = CorruptTracker()
@@ -170,12 +177,15 @@ class DALIImageLoader(ResumableLoader):
         return [min(bs, m - b * bs) for b in range(nb)]
 
     def __len__(self) -> int:
+        if self.indices is not None:
+            return -(-len(self.indices) // self.sampler.batch_size)
         return len(self._tar_counts()) if self.is_tar else self.sampler.num_batches()
 
     def _build(self, files: List[str], labels: List[int]):
         from nvidia.dali import fn, pipeline_def
         bs = self.sampler.batch_size
-        seed = sample_seed(self.sampler.seed, self.epoch, self.sampler.rank) % (1 << 31)
+        seed = self.pipeline_seed if self.pipeline_seed is not None else \
+            sample_seed(self.sampler.seed, self.epoch, self.sampler.rank) % (1 << 31)
         dev_id = self.device.index if self.device.type == "cuda" else None
         if self.device.type == "cuda" and dev_id is None:
             dev_id = torch.cuda.current_device()
@@ -206,7 +216,8 @@ class DALIImageLoader(ResumableLoader):
         if self.is_tar:
             files, labels, counts = None, None, self._tar_counts()
         else:
-            order = [i for i in self.sampler.indices().tolist() if self._valid[i]]
+            order = self.indices if self.indices is not None else self.sampler.indices().tolist()
+            order = [i for i in order if self._valid[i]]
             counts = [len(order[b * bs:(b + 1) * bs]) for b in range(nb)]
             files = [self.dataset.samples[i].path for i in order] or [self.dataset.samples[0].path]
             labels = [self.dataset.samples[i].label for i in order] or [0]
@@ -229,8 +240,10 @@ class DALIImageLoader(ResumableLoader):
             if b < start:
                 continue  # replay: the skipped batches advance DALI's RNG exactly as in the first run
             n = counts[b]
+            extra = {} if self.is_tar else {"index": torch.tensor(order[b * bs:b * bs + n], device=self.device)}
             lab = _parse_cls(_to_torch(lab, torch.device("cpu"))) if self.is_tar else _to_torch(lab, torch.device("cpu"))
-            yield {"images": _to_torch(images, self.device)[:n], "labels": lab.long().view(-1)[:n].to(self.device)}
+            yield {"images": _to_torch(images, self.device)[:n], "labels": lab.long().view(-1)[:n].to(self.device),
+                   **extra}
         if self.is_tar or files:
             del pipe
 
