@@ -258,10 +258,11 @@ def write_manifest(out_dir: str) -> dict:
 # --------------------------------------------------------------------------- reader
 
 def _open_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file as a numpy array (bf16 as int16 bits)."""
+    """Memory-map a safetensors file once and view each tensor as a numpy array (bf16 as int16 bits)."""
     with open(path, "rb") as f:
         (hlen,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(hlen))
+    mm = np.memmap(path, dtype=np.uint8, mode="r")  # one mapping (and one file descriptor) per shard
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -272,8 +273,24 @@ def _open_safetensors(path: str) -> Dict[str, np.ndarray]:
         if e == b:
             out[name] = np.zeros(shape, np_dtype)
         else:
-            out[name] = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + hlen + b, shape=shape)
+            out[name] = mm[8 + hlen + b: 8 + hlen + e].view(np_dtype).reshape(shape)
     return out
+
+
+def _ensure_open_files(n: int) -> None:
+    """Each mapped shard keeps a file descriptor: raise the soft RLIMIT_NOFILE (up to the hard one) if needed."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = n + 1024
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            if new < want:
+                raise LatentCacheError(f"the cache has {n} shards but only {new} files may be open (ulimit -n); "
+                                       f"raise the limit or rebuild the cache with a larger --shard-size")
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class LatentCache:
@@ -303,6 +320,7 @@ class LatentCache:
         if bad:
             raise LatentCacheError("latent cache shards fail their checksum: " + "; ".join(bad) +
                                    " - delete them and their .json sidecars and rerun cache_latents.py to rewrite them")
+        _ensure_open_files(len(m["shards"]))
         self.shards = [_open_safetensors(os.path.join(path, sh["file"])) for sh in m["shards"]]
         self.storage = torch.bfloat16 if m["dtype"] == "bf16" else torch.float16
         counts = [len(s["label"]) for s in self.shards]
