@@ -19,12 +19,12 @@ import json
 import os
 import struct
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .datasets import DatasetError, ImageDataset
+from .datasets import ImageDataset
 from .loaders import CorruptTracker, ResumableLoader, _BatchTask
 from .sampler import ShardSampler
 from .transforms import build_transform, describe_augment, sample_seed
