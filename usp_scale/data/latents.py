@@ -297,6 +297,8 @@ class LatentCache:
     """Read access to a finished cache: ``gather(indices, views, flips) -> (mean, logvar, label, index)``."""
 
     def __init__(self, path: str, verify: str = "size"):
+        if verify not in ("none", "size", "sha256"):
+            raise LatentCacheError(f"data.latent_verify={verify!r} is unknown; use none, size or sha256")
         mpath = os.path.join(path, "manifest.json")
         if not os.path.isfile(mpath):
             raise LatentCacheError(f"no manifest.json in latent cache folder {path!r}: build the cache with "
