@@ -183,6 +183,11 @@ def test_torchrun_two_ranks_gloo(synth_clean, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert "CACHE_DONE rank=0" in p.stdout and "CACHE_DONE rank=1" in p.stdout, p.stdout + p.stderr
     assert "rank 0: wrote shards [0, 2, 4]" in p.stdout and "rank 1: wrote shards [1, 3]" in p.stdout
+    # the reader over two gloo ranks: no sample duplicated or lost, epochs reshuffled
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(REPO, "tests", "_dist_reader_check.py"), out, "24"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert "READER_OK" in r.stdout, r.stdout + r.stderr
     c = LatentCache(out, verify="sha256")
     assert len(c) == 24 and sorted(c.gather(np.arange(24), np.zeros(24, int), np.zeros(24, int))[3].tolist()) \
         == list(range(24))
