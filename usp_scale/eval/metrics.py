@@ -38,10 +38,14 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ----------------------------------------------------------------------------- sources
 def _folder_files(path: str) -> list:
     """Images of a folder, sorted. In a folder made by launchers/sample.py (it holds sampling.json) only the
-    numbered samples ``{index:06d}.png`` count (not grid.png)."""
-    files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTS))
+    numbered samples ``{index:06d}.png`` count (not grid.png). Elsewhere the folder is searched
+    recursively, so an ImageFolder split (one sub-folder per class) is a valid reference."""
     if os.path.isfile(os.path.join(path, "sampling.json")):
+        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTS))
         files = [f for f in files if re.fullmatch(r"\d{6,}\.png", os.path.basename(f))]
+    else:
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}")
     return files
