@@ -2,8 +2,11 @@
 
 Each kernel module holds the ``@triton.jit`` kernels, an ``autograd.Function`` and a functional
 wrapper; the torch references live in ``usp_scale.layers`` and ``usp_scale.layers.fused`` selects
-between them (``kernels: auto|triton|torch``). This package imports without triton: the kernel
-functions below are loaded on first use.
+between them (``kernels: auto|triton|torch``). Every launch is wrapped in a ``torch.library`` custom op
+(namespace ``usp_scale_kernels``), so torch.compile treats the kernels as opaque calls (fullgraph works).
+This package imports without triton: the kernel functions below are loaded on first use.
+
+``python -m usp_scale.kernels.compile_check --arch 90`` compiles every kernel for a GPU without one.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ of tokens of one sample, so the per-sample vectors are loaded once per program. 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -154,18 +154,66 @@ def _ln_out_dtype(x, weight, bias, shift, scale) -> torch.dtype:
     return dt
 
 
+@torch.library.custom_op("usp_scale_kernels::ln_mod_fwd", mutates_args=())
+def _ln_mod_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y (N, T, D) in ``dtype``, row mean and rstd (N * T,) fp32."""
+    N, T, D = x.shape
+    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    y = torch.empty(N, T, D, device=x.device, dtype=dtype)
+    mean = torch.empty(N * T, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    bt, bd = _fwd_tiling(T, D)
+    _ln_mod_fwd_kernel[(N, triton.cdiv(T, bt))](
+        x, x if weight is None else weight.contiguous(), x if bias is None else bias.contiguous(), shift, scale,
+        y, mean, rstd, T, D, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_T=bt, BLOCK_D=bd,
+        num_warps=num_warps_for(bt * bd))
+    return y, mean, rstd
+
+
+@_ln_mod_fwd_op.register_fake
+def _(x, weight, bias, shift, scale, eps, dtype):
+    N, T, _ = x.shape
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty((N * T,), dtype=torch.float32),
+            x.new_empty((N * T,), dtype=torch.float32))
+
+
+@torch.library.custom_op("usp_scale_kernels::ln_mod_bwd", mutates_args=())
+def _ln_mod_bwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx (like x), d gamma (D,), d beta (D,) (empty without affine), d shift, d scale (N, D); grads fp32."""
+    N, T, D = x.shape
+    x, scale, dy = x.contiguous(), scale.contiguous(), dy.contiguous()
+    rows, chunks, bt, bd = _bwd_tiling(N, T, D, x.device)
+    dx = torch.empty_like(x)
+    parts = torch.empty(4, N, chunks, D, device=x.device, dtype=torch.float32)
+    _ln_mod_bwd_kernel[(N, chunks)](
+        x, x if weight is None else weight.contiguous(), x if bias is None else bias.contiguous(), scale, mean,
+        rstd, dy, dx, parts[0], parts[1], parts[2], parts[3], T, D, rows,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_T=bt, BLOCK_D=bd,
+        num_warps=num_warps_for(bt * bd))
+    empty = x.new_empty((0,), dtype=torch.float32)
+    gw = parts[0].sum((0, 1)) if weight is not None else empty
+    gb = parts[1].sum((0, 1)) if bias is not None else empty.clone()
+    return dx, gw, gb, parts[2].sum(1), parts[3].sum(1)
+
+
+@_ln_mod_bwd_op.register_fake
+def _(x, weight, bias, scale, mean, rstd, dy):
+    N, T, D = x.shape
+    f32 = torch.float32
+    return (torch.empty_like(x), x.new_empty((D if weight is not None else 0,), dtype=f32),
+            x.new_empty((D if bias is not None else 0,), dtype=f32), x.new_empty((N, D), dtype=f32),
+            x.new_empty((N, D), dtype=f32))
+
+
 class LayerNormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shift, scale, eps):
-        N, T, D = x.shape
-        y = torch.empty(N, T, D, device=x.device, dtype=_ln_out_dtype(x, weight, bias, shift, scale))
-        mean = torch.empty(N * T, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        bt, bd = _fwd_tiling(T, D)
-        _ln_mod_fwd_kernel[(N, triton.cdiv(T, bt))](
-            x, x if weight is None else weight, x if bias is None else bias, shift, scale, y, mean, rstd,
-            T, D, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_T=bt, BLOCK_D=bd,
-            num_warps=num_warps_for(bt * bd))
+        y, mean, rstd = _ln_mod_fwd_op(x, weight, bias, shift, scale, eps,
+                                       _ln_out_dtype(x, weight, bias, shift, scale))
         ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
         ctx.dtypes = (shift.dtype, scale.dtype)
         return y
@@ -173,20 +221,11 @@ class LayerNormModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, scale, mean, rstd = ctx.saved_tensors
-        N, T, D = x.shape
-        dy = dy.contiguous()
-        rows, chunks, bt, bd = _bwd_tiling(N, T, D, x.device)
-        dx = torch.empty_like(x)
-        parts = torch.empty(4, N, chunks, D, device=x.device, dtype=torch.float32)
-        _ln_mod_bwd_kernel[(N, chunks)](
-            x, x if weight is None else weight, x if bias is None else bias, scale, mean, rstd, dy, dx,
-            parts[0], parts[1], parts[2], parts[3], T, D, rows,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_T=bt, BLOCK_D=bd,
-            num_warps=num_warps_for(bt * bd))
-        gw = parts[0].sum((0, 1)).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = parts[1].sum((0, 1)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        gsh = parts[2].sum(1).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
-        gsc = parts[3].sum(1).to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
+        dx, gw, gb, gsh, gsc = _ln_mod_bwd_op(x, weight, bias, scale, mean, rstd, dy)
+        gw = gw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gsh = gsh.to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
+        gsc = gsc.to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
         return dx, gw, gb, gsh, gsc, None
 
 
@@ -233,14 +272,45 @@ def _gated_residual_kernel(
         tl.store(out_ptr + off, (x + g[None, :] * y).to(out_ptr.dtype.element_ty), mask=m2)
 
 
+@torch.library.custom_op("usp_scale_kernels::gated_residual_fwd", mutates_args=())
+def _gated_fwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    N, T, D = x.shape
+    out = torch.empty(N, T, D, device=x.device, dtype=dtype)
+    bt, bd = _fwd_tiling(T, D)
+    _gated_residual_kernel[(N, triton.cdiv(T, bt))](x.contiguous(), gate.contiguous(), y.contiguous(), out, out, out,
+                                                    T, D, BACKWARD=False, BLOCK_T=bt, BLOCK_D=bd,
+                                                    num_warps=num_warps_for(bt * bd))
+    return out
+
+
+@_gated_fwd_op.register_fake
+def _(x, gate, y, dtype):
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("usp_scale_kernels::gated_residual_bwd", mutates_args=())
+def _gated_bwd_op(grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> grad of y (like y), grad of gate (N, D) fp32."""
+    N, T, D = y.shape
+    grad, gate, y = grad.contiguous(), gate.contiguous(), y.contiguous()
+    bt, bd = _fwd_tiling(T, D)
+    nb = triton.cdiv(T, bt)
+    dy = torch.empty_like(y)
+    pg = torch.empty(N, nb, D, device=y.device, dtype=torch.float32)
+    _gated_residual_kernel[(N, nb)](y, gate, y, grad, dy, pg, T, D, BACKWARD=True,
+                                    BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
+    return dy, pg.sum(1)
+
+
+@_gated_bwd_op.register_fake
+def _(grad, gate, y):
+    return torch.empty_like(y), gate.new_empty(gate.shape, dtype=torch.float32)
+
+
 class GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, y):
-        N, T, D = x.shape
-        out = torch.empty(N, T, D, device=x.device, dtype=promote(x, gate, y))
-        bt, bd = _fwd_tiling(T, D)
-        _gated_residual_kernel[(N, triton.cdiv(T, bt))](x, gate, y, out, out, out, T, D, BACKWARD=False,
-                                                        BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
+        out = _gated_fwd_op(x, gate, y, promote(x, gate, y))
         ctx.save_for_backward(gate, y)
         ctx.x_dtype = x.dtype
         return out
@@ -248,16 +318,9 @@ class GatedResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, y = ctx.saved_tensors
-        N, T, D = y.shape
-        grad = grad.contiguous()
-        bt, bd = _fwd_tiling(T, D)
-        nb = triton.cdiv(T, bt)
-        dy = torch.empty_like(y)
-        pg = torch.empty(N, nb, D, device=y.device, dtype=torch.float32)
-        _gated_residual_kernel[(N, nb)](y, gate, y, grad, dy, pg, T, D, BACKWARD=True,
-                                        BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
+        dy, dgate = _gated_bwd_op(grad, gate, y)
         dx = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)
-        return dx, pg.sum(1).to(gate.dtype), dy
+        return dx, dgate.to(gate.dtype), dy
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -12,30 +12,44 @@ import os
 import sys
 import time
 
+import torch
 
-def _specs():
-    """(name, jit fn, signature, constexprs, num_warps) for the model shapes (D = 1152, p = 2, C = 4)."""
+
+def _specs(N: int = 256, L: int = 196, D: int = 1152, Dd: int = 512, C: int = 4, patch: int = 2):
+    """(name, jit fn, signature, constexprs, num_warps) with the tile sizes and warps the wrappers pick on
+    a GPU for the model shapes (MAE-XL: 196 tokens, 49 kept, D 1152, decoder 512; DiT-XL/2: 256 x 1152)."""
     from . import adaln, decoder_unshuffle, masked_loss, patch_embed
+    from ._common import next_pow2, num_warps_for, rows_per_program
 
+    K = L // 4
+    P = patch * patch * C
+    bp = next_pow2(P)
     out = []
     for dt in ("fp32", "bf16"):
+        bk = rows_per_program(bp, K)
         for scatter in (False, True):
             out.append((f"patch_gather[{dt},scatter={scatter}]", patch_embed._patch_gather_kernel,
                         {"lat_ptr": f"*{dt}", "ids_ptr": "*i64", "pat_ptr": f"*{dt}", "K": "i32", "H": "i32",
                          "W": "i32", "GW": "i32", "C": "constexpr", "PATCH": "constexpr", "P": "constexpr",
                          "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "SCATTER": "constexpr"},
-                        {"C": 4, "PATCH": 2, "P": 16, "BLOCK_K": 256, "BLOCK_P": 16, "SCATTER": scatter}, 4))
+                        {"C": C, "PATCH": patch, "P": P, "BLOCK_K": bk, "BLOCK_P": bp, "SCATTER": scatter},
+                        num_warps_for(bk * bp)))
+        bd = next_pow2(D)
+        bk = rows_per_program(bd, K)
         out.append((f"pos_gather_add[{dt}]", patch_embed._pos_gather_add_kernel,
                     {"y_ptr": f"*{dt}", "pos_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32", "K": "i32",
                      "D": "i32", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"},
-                    {"BLOCK_K": 2, "BLOCK_D": 2048}, 4))
+                    {"BLOCK_K": bk, "BLOCK_D": bd}, num_warps_for(bk * bd)))
+        _, bt, bdd = decoder_unshuffle._grid(N, L, Dd)
+        bl = rows_per_program(bp, L, gpu_elems=2048)
         for bwd in (False, True):
             out.append((f"unshuffle[{dt},bwd={bwd}]", decoder_unshuffle._unshuffle_kernel,
                         {"x_ptr": f"*{dt}", "mt_ptr": f"*{dt}", "ids_ptr": "*i64", "pos_ptr": "*fp32",
                          "out_ptr": "*fp32", "part_ptr": "*fp32", "K": "i32", "L": "i32", "D": "i32",
                          "HAS_POS": "constexpr", "BACKWARD": "constexpr", "BLOCK_T": "constexpr",
                          "BLOCK_D": "constexpr"},
-                        {"HAS_POS": not bwd, "BACKWARD": bwd, "BLOCK_T": 2, "BLOCK_D": 2048}, 4))
+                        {"HAS_POS": not bwd, "BACKWARD": bwd, "BLOCK_T": bt, "BLOCK_D": bdd},
+                        num_warps_for(bt * bdd)))
             for norm, per_image in ((True, False), (True, True), (False, False)):
                 out.append((f"masked_loss[{dt},bwd={bwd},norm={norm},per_image={per_image}]",
                             masked_loss._masked_loss_kernel,
@@ -45,32 +59,59 @@ def _specs():
                              "PATCH": "constexpr", "P": "constexpr", "NORM": "constexpr",
                              "PER_IMAGE": "constexpr", "BACKWARD": "constexpr", "BLOCK_L": "constexpr",
                              "BLOCK_P": "constexpr"},
-                            {"C": 4, "PATCH": 2, "P": 16, "NORM": norm, "PER_IMAGE": per_image,
-                             "BACKWARD": bwd, "BLOCK_L": 256, "BLOCK_P": 16}, 4))
+                            {"C": C, "PATCH": patch, "P": P, "NORM": norm, "PER_IMAGE": per_image,
+                             "BACKWARD": bwd, "BLOCK_L": bl, "BLOCK_P": bp}, num_warps_for(bl * bp)))
+            gt, gd = adaln._fwd_tiling(256, D)
             out.append((f"gated_residual[{dt},bwd={bwd}]", adaln._gated_residual_kernel,
                         {"x_ptr": "*fp32", "gate_ptr": f"*{dt}", "y_ptr": f"*{dt}", "out_ptr": "*fp32",
                          "dy_ptr": f"*{dt}", "pg_ptr": "*fp32", "T": "i32", "D": "i32",
                          "BACKWARD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                        {"BACKWARD": bwd, "BLOCK_T": 2, "BLOCK_D": 2048}, 4))
+                        {"BACKWARD": bwd, "BLOCK_T": gt, "BLOCK_D": gd}, num_warps_for(gt * gd)))
         for aff in (True, False):
+            bt, bd = adaln._fwd_tiling(256, D)
             out.append((f"ln_mod_fwd[{dt},affine={aff}]", adaln._ln_mod_fwd_kernel,
                         {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "shift_ptr": f"*{dt}",
                          "scale_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                          "T": "i32", "D": "i32", "eps": "fp32", "HAS_W": "constexpr", "HAS_B": "constexpr",
                          "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                        {"HAS_W": aff, "HAS_B": aff, "BLOCK_T": 2, "BLOCK_D": 2048}, 4))
+                        {"HAS_W": aff, "HAS_B": aff, "BLOCK_T": bt, "BLOCK_D": bd}, num_warps_for(bt * bd)))
+            _, _, bt, bd = adaln._bwd_tiling(N, 256, D, torch.device("cpu"))
             out.append((f"ln_mod_bwd[{dt},affine={aff}]", adaln._ln_mod_bwd_kernel,
                         {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "scale_ptr": f"*{dt}",
                          "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
                          "pw_ptr": "*fp32", "pb_ptr": "*fp32", "psh_ptr": "*fp32", "psc_ptr": "*fp32",
                          "T": "i32", "D": "i32", "ROWS_PER_CHUNK": "i32", "HAS_W": "constexpr",
                          "HAS_B": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                        {"HAS_W": aff, "HAS_B": aff, "BLOCK_T": 1, "BLOCK_D": 2048}, 4))
+                        {"HAS_W": aff, "HAS_B": aff, "BLOCK_T": bt, "BLOCK_D": bd}, num_warps_for(bt * bd)))
     return out
 
 
+def _ptxas_usage(ptx: str, arch: int) -> str:
+    """'regs R, spills S B' from the bundled ptxas -v, or '' when it cannot be run."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return ""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        r = subprocess.run([ptxas, "-v", "--gpu-name", gpu, f.name, "-o", os.devnull], capture_output=True,
+                           text=True, timeout=60)
+    finally:
+        os.unlink(f.name)
+    regs = re.findall(r"Used (\d+) registers", r.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
+    return f"regs {regs[0] if regs else '?'}, spills {spills[0] if spills else '?'} B"
+
+
 def compile_all(arch: int = 90, only: str = "") -> list:
-    """Compile every spec for sm_<arch>; returns [(name, seconds, n_regs or None)]. Raises on failure."""
+    """Compile every spec for sm_<arch>; returns [(name, seconds, num_warps, ptxas usage)]. Raises on failure."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (run it in a separate process)")
     import triton
@@ -86,7 +127,7 @@ def compile_all(arch: int = 90, only: str = "") -> list:
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
         except Exception as e:  # name the kernel variant that failed
             raise RuntimeError(f"{name} failed to compile for sm_{arch}: {e}") from e
-        results.append((name, time.time() - t0, len(k.asm["cubin"])))
+        results.append((name, time.time() - t0, warps, _ptxas_usage(k.asm["ptx"], arch)))
     return results
 
 
@@ -95,8 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int, e.g. 80, 90")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
     args = ap.parse_args(argv)
-    for name, sec, size in compile_all(args.arch, args.only):
-        print(f"ok  {name:60s} {sec:6.2f}s  cubin {size} B")
+    for name, sec, warps, usage in compile_all(args.arch, args.only):
+        print(f"ok  {name:58s} {sec:5.2f}s  {warps} warps  {usage}")
     print(f"all kernels compile for sm_{args.arch}")
     return 0
 

@@ -10,7 +10,7 @@ from per-program partial sums.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -64,34 +64,62 @@ def _grid(N: int, L: int, D: int):
     return (N, triton.cdiv(L + 1, block_t)), block_t, block_d
 
 
+@torch.library.custom_op("usp_scale_kernels::unshuffle_fwd", mutates_args=())
+def _unshuffle_fwd_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
+                      pos: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    N, K1, D = x.shape
+    L = ids_restore.shape[1]
+    x = x.contiguous()
+    out = torch.empty(N, L + 1, D, device=x.device, dtype=dtype)
+    mt = mask_token.reshape(-1).to(x.dtype).contiguous()   # (D,) the reference's cast before the concat
+    grid, bt, bd = _grid(N, L, D)
+    _unshuffle_kernel[grid](x, mt, ids_restore.contiguous(), x if pos is None else pos.contiguous(), out, out,
+                            K1 - 1, L, D, HAS_POS=pos is not None, BACKWARD=False,
+                            BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
+    return out
+
+
+@_unshuffle_fwd_op.register_fake
+def _(x, mask_token, ids_restore, pos, dtype):
+    return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=dtype)
+
+
+@torch.library.custom_op("usp_scale_kernels::unshuffle_bwd", mutates_args=())
+def _unshuffle_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
+                      dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """grad (N, 1 + L, D) -> grad_x (N, 1 + K, D) in ``dtype``, grad of the mask token (D,) in fp32."""
+    N, L1, D = grad.shape
+    L = L1 - 1
+    grad = grad.contiguous()
+    gx = torch.empty(N, num_visible + 1, D, device=grad.device, dtype=dtype)
+    grid, bt, bd = _grid(N, L, D)
+    part = torch.empty(grid[0] * grid[1], D, device=grad.device, dtype=torch.float32)
+    _unshuffle_kernel[grid](gx, gx, ids_restore.contiguous(), gx, grad, part, num_visible, L, D, HAS_POS=False,
+                            BACKWARD=True, BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
+    return gx, part.sum(0)
+
+
+@_unshuffle_bwd_op.register_fake
+def _(grad, ids_restore, num_visible, dtype):
+    N, _, D = grad.shape
+    return grad.new_empty((N, num_visible + 1, D), dtype=dtype), grad.new_empty((D,), dtype=torch.float32)
+
+
 class Unshuffle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask_token, ids_restore, pos):
-        N, K1, D = x.shape
-        L = ids_restore.shape[1]
-        out = torch.empty(N, L + 1, D, device=x.device, dtype=promote(x, pos))
-        grid, bt, bd = _grid(N, L, D)
-        mt = mask_token.reshape(-1).to(x.dtype)          # (D,) the reference's cast before the concat
-        _unshuffle_kernel[grid](x, mt, ids_restore, x if pos is None else pos, out, out,
-                                K1 - 1, L, D, HAS_POS=pos is not None, BACKWARD=False,
-                                BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
+        out = _unshuffle_fwd_op(x, mask_token, ids_restore, pos, promote(x, pos))
         ctx.save_for_backward(ids_restore)
-        ctx.meta = (x.shape, x.dtype, mask_token.shape, mask_token.dtype, None if pos is None else pos.dtype)
+        ctx.meta = (x.shape[1] - 1, x.dtype, tuple(mask_token.shape), mask_token.dtype,
+                    None if pos is None else pos.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (ids_restore,) = ctx.saved_tensors
-        xshape, xdtype, mtshape, mtdtype, pos_dtype = ctx.meta
-        N, K1, D = xshape
-        L = ids_restore.shape[1]
-        grad = grad.contiguous()
-        gx = torch.empty(xshape, device=grad.device, dtype=xdtype)
-        grid, bt, bd = _grid(N, L, D)
-        part = torch.empty(grid[0] * grid[1], D, device=grad.device, dtype=torch.float32)
-        _unshuffle_kernel[grid](gx, gx, ids_restore, gx, grad, part, K1 - 1, L, D, HAS_POS=False,
-                                BACKWARD=True, BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
-        gmt = part.sum(0).view(mtshape).to(mtdtype) if ctx.needs_input_grad[1] else None
+        num_visible, xdtype, mtshape, mtdtype, pos_dtype = ctx.meta
+        gx, gmt = _unshuffle_bwd_op(grad, ids_restore, num_visible, xdtype)
+        gmt = gmt.view(mtshape).to(mtdtype) if ctx.needs_input_grad[1] else None
         gpos = None
         if pos_dtype is not None and ctx.needs_input_grad[3]:
             gpos = grad.sum(0, keepdim=True, dtype=torch.float32).to(pos_dtype)

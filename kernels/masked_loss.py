@@ -8,6 +8,8 @@ recomputing t~ and writing grad_pred. Rows with m == 0 skip their loads.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -82,7 +84,7 @@ def _launch(pred, latents, mask, stats, part, coef, grad, patch, norm, per_image
     L = pred.shape[1]
     P = patch * patch * C
     block_p = next_pow2(P)
-    block_l = rows_per_program(block_p, L)
+    block_l = rows_per_program(block_p, L, gpu_elems=2048)
     grid = (N, triton.cdiv(L, block_l))
     if part is None:
         return grid
@@ -92,26 +94,53 @@ def _launch(pred, latents, mask, stats, part, coef, grad, patch, norm, per_image
     return grid
 
 
+@torch.library.custom_op("usp_scale_kernels::masked_loss_fwd", mutates_args=())
+def _loss_fwd_op(pred: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor, stats: Optional[torch.Tensor],
+                 patch: int, norm: bool, per_image: bool) -> torch.Tensor:
+    """-> (2,) fp32: (sum of mask * per-token mse, sum of mask)."""
+    pred, latents, mask = pred.contiguous(), latents.contiguous(), mask.contiguous()
+    grid = _launch(pred, latents, mask, None, None, None, None, patch, norm, per_image, False)
+    part = torch.empty(grid[0] * grid[1], 2, device=pred.device, dtype=torch.float32)
+    _launch(pred, latents, mask, pred if stats is None else stats, part, part, pred, patch, norm, per_image, False)
+    return part.sum(0)
+
+
+@_loss_fwd_op.register_fake
+def _(pred, latents, mask, stats, patch, norm, per_image):
+    return pred.new_empty((2,), dtype=torch.float32)
+
+
+@torch.library.custom_op("usp_scale_kernels::masked_loss_bwd", mutates_args=())
+def _loss_bwd_op(pred: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor, stats: Optional[torch.Tensor],
+                 coef: torch.Tensor, patch: int, norm: bool, per_image: bool) -> torch.Tensor:
+    """coef (1,) fp32 = d loss / d (sum) -> grad of pred."""
+    pred, latents, mask = pred.contiguous(), latents.contiguous(), mask.contiguous()
+    grad = torch.empty_like(pred)
+    coef = coef.float().reshape(1).contiguous()
+    _launch(pred, latents, mask, pred if stats is None else stats, coef, coef, grad, patch, norm, per_image, True)
+    return grad
+
+
+@_loss_bwd_op.register_fake
+def _(pred, latents, mask, stats, coef, patch, norm, per_image):
+    return torch.empty_like(pred)
+
+
 class MaskedLatentLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, latents, mask, patch, norm_pix, per_image):
-        N = pred.shape[0]
-        stats = _image_stats(latents) if (norm_pix and per_image) else pred
-        grid = _launch(pred, latents, mask, None, None, None, None, patch, norm_pix, per_image, False)
-        part = torch.empty(grid[0] * grid[1], 2, device=pred.device, dtype=torch.float32)
-        _launch(pred, latents, mask, stats, part, part, pred, patch, norm_pix, per_image, False)
-        sums = part.sum(0)                                                             # (2,)
-        ctx.save_for_backward(pred, latents, mask, stats, sums[1])
+        stats = _image_stats(latents) if (norm_pix and per_image) else None
+        sums = _loss_fwd_op(pred, latents, mask, stats, patch, norm_pix, per_image)     # (2,)
+        ctx.save_for_backward(pred, latents, mask, stats, sums)
         ctx.cfg = (patch, norm_pix, per_image)
         return (sums[0] / sums[1]).to(promote(pred, latents, mask))
 
     @staticmethod
     def backward(ctx, grad_loss):
-        pred, latents, mask, stats, msum = ctx.saved_tensors
+        pred, latents, mask, stats, sums = ctx.saved_tensors
         patch, norm_pix, per_image = ctx.cfg
-        coef = (grad_loss.float() / msum).reshape(1).contiguous()
-        grad = torch.empty_like(pred)
-        _launch(pred, latents, mask, stats, coef, coef, grad, patch, norm_pix, per_image, True)
+        coef = grad_loss.float() / sums[1]
+        grad = _loss_bwd_op(pred, latents, mask, stats, coef, patch, norm_pix, per_image)
         return grad, None, None, None, None, None
 
 

@@ -4,11 +4,12 @@ Forward: a Triton kernel gathers the kept patches of the latents straight into (
 official (h, w, p, q, c) order (no full patchify), torch ``addmm`` does the GEMM with the conv weight
 viewed as (D, p*p*C), and a second kernel adds ``pos[ids_keep]``. Backward: the GEMM gradients in torch
 and, when the latents need a gradient, a scatter kernel (ids_keep is a permutation prefix, so every
-latent element gets at most one write).
+latent element gets at most one write). The launches are torch.library custom ops, so torch.compile
+keeps them as opaque calls.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -84,28 +85,54 @@ def _launch_gather(lat: torch.Tensor, ids: torch.Tensor, pat: torch.Tensor, patc
                                num_warps=num_warps_for(block_k * block_p))
 
 
-def gather_patches(latents: torch.Tensor, ids_keep: torch.Tensor, patch: int,
-                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """(N, C, H, W), ids (N, K) -> kept patches (N, K, p*p*C) in (p, q, c) order (no autograd)."""
-    N, C, H, W = latents.shape
-    out = torch.empty(N, ids_keep.shape[1], patch * patch * C, device=latents.device,
-                      dtype=dtype or latents.dtype)
+# Custom ops: opaque to torch.compile (it neither traces into nor re-fuses the launches).
+@torch.library.custom_op("usp_scale_kernels::patch_gather", mutates_args=())
+def _patch_gather_op(latents: torch.Tensor, ids_keep: torch.Tensor, patch: int, dtype: torch.dtype) -> torch.Tensor:
+    N, C = latents.shape[:2]
+    out = torch.empty(N, ids_keep.shape[1], patch * patch * C, device=latents.device, dtype=dtype)
     _launch_gather(latents.contiguous(), ids_keep.contiguous(), out, patch, scatter=False)
     return out
 
 
-def add_pos_gather(y: torch.Tensor, pos: torch.Tensor, ids_keep: torch.Tensor,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y (N, K, D) + pos (1, L, D)[ids_keep] -> out (N, K, D) (in place when out is y)."""
+@_patch_gather_op.register_fake
+def _(latents, ids_keep, patch, dtype):
+    return latents.new_empty((latents.shape[0], ids_keep.shape[1], patch * patch * latents.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("usp_scale_kernels::patch_scatter", mutates_args=())
+def _patch_scatter_op(grad_patches: torch.Tensor, ids_keep: torch.Tensor, patch: int, shape: List[int],
+                      dtype: torch.dtype) -> torch.Tensor:
+    glat = torch.zeros(shape, device=grad_patches.device, dtype=dtype)
+    _launch_gather(glat, ids_keep.contiguous(), grad_patches.contiguous(), patch, scatter=True)
+    return glat
+
+
+@_patch_scatter_op.register_fake
+def _(grad_patches, ids_keep, patch, shape, dtype):
+    return grad_patches.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("usp_scale_kernels::pos_gather_add", mutates_args=())
+def _pos_gather_add_op(y: torch.Tensor, pos: torch.Tensor, ids_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     N, K, D = y.shape
-    if out is None:
-        out = torch.empty_like(y)
+    out = torch.empty(N, K, D, device=y.device, dtype=dtype)
     block_d = next_pow2(D)
     block_k = rows_per_program(block_d, K)
-    grid = (N, triton.cdiv(K, block_k))
-    _pos_gather_add_kernel[grid](y, pos.reshape(-1, D), ids_keep, out, K, D, BLOCK_K=block_k,
-                                 BLOCK_D=block_d, num_warps=num_warps_for(block_k * block_d))
+    _pos_gather_add_kernel[(N, triton.cdiv(K, block_k))](
+        y.contiguous(), pos.contiguous().reshape(-1, D), ids_keep.contiguous(), out, K, D, BLOCK_K=block_k,
+        BLOCK_D=block_d, num_warps=num_warps_for(block_k * block_d))
     return out
+
+
+@_pos_gather_add_op.register_fake
+def _(y, pos, ids_keep, dtype):
+    return y.new_empty(y.shape, dtype=dtype)
+
+
+def gather_patches(latents: torch.Tensor, ids_keep: torch.Tensor, patch: int,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(N, C, H, W), ids (N, K) -> kept patches (N, K, p*p*C) in (p, q, c) order (no autograd)."""
+    return _patch_gather_op(latents, ids_keep, patch, dtype or latents.dtype)
 
 
 class EmbedVisiblePatches(torch.autograd.Function):
@@ -115,20 +142,17 @@ class EmbedVisiblePatches(torch.autograd.Function):
         D = weight.shape[0]
         K = ids_keep.shape[1]
         cdt = compute_dtype(latents.device, latents.dtype, weight.dtype)
-        patches = gather_patches(latents, ids_keep, patch, dtype=cdt)                  # (N, K, P)
+        patches = _patch_gather_op(latents, ids_keep, patch, cdt)                       # (N, K, P)
         w2d = weight.permute(0, 2, 3, 1).reshape(D, -1).to(cdt)                         # (D, P)
         flat = patches.view(N * K, -1)
         if bias is not None:
             y = torch.addmm(bias.to(cdt), flat, w2d.t())
         else:
             y = flat @ w2d.t()
-        y = y.view(N, K, D)                                                            # (N, K, D)
-        out_dtype = torch.promote_types(cdt, pos.dtype)
-        out = y if out_dtype == cdt else torch.empty(N, K, D, device=y.device, dtype=out_dtype)
-        add_pos_gather(y, pos, ids_keep, out=out)
+        out = _pos_gather_add_op(y.view(N, K, D), pos, ids_keep, torch.promote_types(cdt, pos.dtype))
         ctx.save_for_backward(patches, w2d, ids_keep)
         ctx.meta = (patch, tuple(weight.shape), weight.dtype, None if bias is None else bias.dtype,
-                    latents.shape, latents.dtype, pos.shape, pos.dtype)
+                    tuple(latents.shape), latents.dtype, tuple(pos.shape), pos.dtype)
         return out
 
     @staticmethod
@@ -146,12 +170,10 @@ class EmbedVisiblePatches(torch.autograd.Function):
             gb = grad.sum(dim=(0, 1), dtype=torch.float32).to(bdtype)
         if ctx.needs_input_grad[0]:
             gpat = (g @ w2d).view(N, K, -1)                                             # (N, K, P)
-            glat = torch.zeros(lshape, device=grad.device, dtype=ldtype)
-            _launch_gather(glat, ids_keep, gpat, patch, scatter=True)
+            glat = _patch_scatter_op(gpat, ids_keep, patch, list(lshape), ldtype)
         if ctx.needs_input_grad[3]:
-            L = pshape[1]
-            gpos = torch.zeros(L, D, device=grad.device, dtype=torch.float32)
-            gpos.index_add_(0, ids_keep.reshape(-1), grad.reshape(N * K, D).float())
+            gpos = torch.zeros(pshape[1], D, device=grad.device, dtype=torch.float32)
+            gpos = gpos.index_add(0, ids_keep.reshape(-1), grad.reshape(N * K, D).float())
             gpos = gpos.view(pshape).to(pdtype)
         return glat, gw, gb, gpos, None, None
 

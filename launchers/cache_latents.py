@@ -33,7 +33,11 @@ def parse(argv=None):
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="storage dtype of the moments")
     p.add_argument("--shard-size", type=int, default=1000, help="source images per shard (default 1000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call (default 64)")
-    p.add_argument("--num-workers", type=int, default=4, help="decode worker processes per rank (default 4)")
+    p.add_argument("--num-workers", type=int, default=4, help="decode worker processes (torchvision) or DALI "
+                                                               "threads per rank (default 4)")
+    p.add_argument("--loader", default="torchvision", choices=["torchvision", "dali"],
+                   help="decoder: torchvision (PIL, reproduces the paper's resampling; default) or dali (ImageFolder "
+                        "only; decodes on the GPU when the VAE runs on one)")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed (view k of image i uses (seed, i, k))")
     p.add_argument("--strict", action="store_true", help="stop on a corrupt image instead of skipping and reporting it")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda:N")
@@ -62,7 +66,7 @@ def main(argv=None):
     res = write_cache(dataset, vae, a.out, image_size=a.image_size, augment=a.augment,
                       crop_scale_min=a.crop_scale_min, views=a.views, seed=a.seed, dtype=a.dtype,
                       shard_size=a.shard_size, batch_size=a.batch_size, rank=rank, world_size=world,
-                      num_workers=a.num_workers, strict=a.strict, progress=not a.no_progress,
+                      num_workers=a.num_workers, strict=a.strict, progress=not a.no_progress, loader=a.loader,
                       stop_after_shards=a.stop_after_shards)
     for path, msg in res["corrupt"].items():
         print(f"rank {rank}: skipped corrupt image {path}: {msg}", file=sys.stderr)

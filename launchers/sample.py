@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("performance")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="model precision (bf16 = autocast)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--attn-backend", default="auto",
+                   choices=["auto", "sdpa", "flash2", "flash3", "math", "cudnn", "efficient"],
+                   help="attention backend (auto: FlashAttention-3/2 when installed, else the fastest SDPA "
+                        "backend per shape); a forced unavailable backend is an error")
     g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions (the official evaluation did)")
     g.add_argument("--device", default=None, help="device (default: cuda:LOCAL_RANK if available, else cpu)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -137,6 +141,8 @@ def main(argv: Optional[list] = None) -> dict:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
+    from usp_scale.layers.attention import configure_attention
+    configure_attention(args.attn_backend, device)
 
     from usp_scale.models.registry import model_family
     family = model_family(args.model)

@@ -25,8 +25,9 @@ def kernel_devices() -> List:
     """pytest params: "cpu" under the interpreter, "cuda" on a GPU with the interpreter off."""
     return [
         pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
-        pytest.param("cuda", marks=pytest.mark.skipif(interpreting() or not torch.cuda.is_available(),
-                                                      reason="needs CUDA and TRITON_INTERPRET=0")),
+        pytest.param("cuda", marks=[pytest.mark.gpu,
+                                    pytest.mark.skipif(interpreting() or not torch.cuda.is_available(),
+                                                       reason="needs CUDA and TRITON_INTERPRET=0")]),
     ]
 
 

@@ -120,6 +120,7 @@ def test_sdpa_choice_is_timed_per_shape(monkeypatch):
         A._choose((4, 16, 256, 72, torch.bfloat16))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "cudnn", "efficient", "flash2", "flash3"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -137,3 +138,32 @@ def test_gpu_backends_match_reference(backend, head_dim):
         pytest.skip(str(e))
     torch.testing.assert_close(y.float(), _reference_out(m, x).float(), rtol=3e-2, atol=3e-2)
     assert not A.current_choices() or "math" not in next(iter(A.current_choices().values()))
+
+
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+def test_first_call_under_no_grad(ctx):
+    """The per-shape probe (forward + backward) must work when the first call comes from sampling."""
+    A.configure_attention("math", "cpu")
+    m = A.Attention(144, 2)
+    x = torch.randn(2, 9, 144)
+    with getattr(torch, ctx)():
+        y = m(x)
+    assert A.current_choices() == {(2, 9, 72, torch.float32): "sdpa_math"}
+    torch.testing.assert_close(y, _reference_out(m, x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dispatch_under_torch_compile():
+    """Chosen before compiling: fullgraph works; chosen at the first compiled call: still correct."""
+    A.configure_attention("math", "cpu", shapes=[(2, 2, 9, 72, torch.float32)])
+    m = A.Attention(144, 2)
+    x = torch.randn(2, 9, 144)
+    ref = _reference_out(m, x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), ref, rtol=1e-5, atol=1e-5)
+    A.configure_attention("auto", "cpu")
+    torch._dynamo.reset()
+    c = torch.compile(m)
+    c(x)
+    torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
+    assert A.current_choices() == {(2, 9, 72, torch.float32): "sdpa_math"}

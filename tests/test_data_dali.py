@@ -18,11 +18,9 @@ pytestmark = pytest.mark.skipif(not dali_mod.dali_available(), reason="nvidia.da
 def _both(root, augment, size, train):
     out = {}
     for backend in ("torchvision", "dali"):
-        aug = augment + "_noflip" if backend == "torchvision" and augment == "adm" else augment
+        aug = augment + "_noflip" if augment == "adm" else augment  # compare the deterministic part of the crop
         ld = build_image_loader(data_cfg(root, loader=backend, augment=aug, image_size=size, batch_size=5),
                                 train=train, seed=1)
-        if backend == "dali":
-            ld.flip = False  # compare the deterministic part of the crop
         out[backend] = list(ld)
     return out
 
@@ -99,3 +97,10 @@ def test_backend_selection_and_forced_unavailable_dali(monkeypatch):
 def test_mixed_decoding_needs_a_gpu(synth_clean):
     with pytest.raises(ValueError, match="dali_device=mixed decodes on the GPU"):
         build_image_loader(data_cfg(synth_clean["root"], loader="dali", dali_device="mixed"), device="cpu")
+
+
+def test_cls_parsing():
+    raw = torch.tensor([list(b"7" + b" " * 11), list(b"123\n" + b" " * 8), list(b" 40" + b" " * 9)], dtype=torch.uint8)
+    assert dali_mod._parse_cls(raw).tolist() == [7, 123, 40]
+    with pytest.raises(ValueError, match="without a class id"):
+        dali_mod._parse_cls(torch.tensor([list(b"x" * 12)], dtype=torch.uint8))

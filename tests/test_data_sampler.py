@@ -80,6 +80,13 @@ def test_image_loader_resume_gives_the_identical_next_batch(synth_clean):
     rest = list(iter(fresh))  # a new iterator continues from the position ...
     assert len(rest) == 1 and torch.equal(rest[0]["index"], batches[2]["index"])
     assert len(list(iter(fresh))) == 3  # ... and a finished epoch starts over when iterated again
+    # a state saved after the last batch resumes as a finished epoch, then the next epoch starts
+    done = build_image_loader(cfg, rank=1, world_size=2, seed=9)
+    done.load_state_dict({**sd, "position": 3})
+    done.set_epoch(1)
+    assert list(done) == []
+    done.set_epoch(2)
+    assert len(list(done)) == 3
     with pytest.raises(ValueError, match="world_size=2"):
         build_image_loader(cfg, rank=0, world_size=1, seed=9).load_state_dict(sd)
 

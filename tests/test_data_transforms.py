@@ -1,5 +1,4 @@
 """Augmentations: ADM center crop against explicit references, RandomResizedCrop bounds, determinism."""
-import math
 
 import numpy as np
 import pytest

@@ -76,3 +76,12 @@ def test_layernorm_modulate_backward_multi_tile_loop(device, tiling, monkeypatch
     inp = ln_mod_inputs(3, 49, 72, affine=True, device=device)
     assert_matches(_ln_triton, _ln_torch, inp, torch.float32, f"ln_mod tiling {tiling}",
                    expect_grads=["x", "weight", "bias", "shift", "scale"])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_layernorm_modulate_weight_without_bias(device):
+    """LayerNorm(bias=False): gamma only."""
+    inp = ln_mod_inputs(3, 49, 72, affine=True, device=device)
+    inp["bias"] = None
+    assert_matches(_ln_triton, _ln_torch, inp, torch.float32, "ln_mod gamma only",
+                   expect_grads=["x", "weight", "shift", "scale"])

@@ -36,7 +36,8 @@ def _compare(model_t, model_r, run, tol, what):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("norm", [(True, False), (True, True), (False, False)],
+@pytest.mark.parametrize("norm", [(True, False), pytest.param((True, True), marks=pytest.mark.slow),
+                                  pytest.param((False, False), marks=pytest.mark.slow)],
                          ids=["norm_pix", "norm_image", "plain"])
 def test_mae_triton_equals_torch(device, norm):
     torch.manual_seed(0)
@@ -56,7 +57,8 @@ def test_mae_triton_equals_torch(device, norm):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("name", ["DiT-tiny/2", "DiT-tiny/2-VAE-simple", "SiT-tiny/2-VAE-simple"])
+@pytest.mark.parametrize("name", [pytest.param("DiT-tiny/2", marks=pytest.mark.slow), "DiT-tiny/2-VAE-simple",
+                                  pytest.param("SiT-tiny/2-VAE-simple", marks=pytest.mark.slow)])
 def test_dit_triton_equals_torch(device, name):
     torch.manual_seed(0)
     ref = create_model(name, kernels="torch").to(device)

@@ -20,6 +20,7 @@ SHAPES = [  # (N, C, img, patch, D, ratio, bias): odd batch, L = 49 / 196 / 16, 
     (3, 4, 14, 2, 1152, 0.75, True),
     (5, 4, 28, 2, 72, 0.75, False),
     (2, 16, 8, 2, 64, 0.5, True),
+    (2, 16, 6, 1, 32, 0.6, True),      # d16 latents with patch 1: P = C = 16, L = 36
 ]
 
 

@@ -183,6 +183,11 @@ def test_torchrun_two_ranks_gloo(synth_clean, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert "CACHE_DONE rank=0" in p.stdout and "CACHE_DONE rank=1" in p.stdout, p.stdout + p.stderr
     assert "rank 0: wrote shards [0, 2, 4]" in p.stdout and "rank 1: wrote shards [1, 3]" in p.stdout
+    # the reader over two gloo ranks: no sample duplicated or lost, epochs reshuffled
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(REPO, "tests", "_dist_reader_check.py"), out, "24"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert "READER_OK" in r.stdout, r.stdout + r.stderr
     c = LatentCache(out, verify="sha256")
     assert len(c) == 24 and sorted(c.gather(np.arange(24), np.zeros(24, int), np.zeros(24, int))[3].tolist()) \
         == list(range(24))
@@ -214,3 +219,27 @@ def test_build_loader_online_path(synth_clean):
     assert torch.equal(next(iter(again))["latents"], batches[1]["latents"])  # identical resumed batch
     ev = build_loader(data_cfg(synth_clean["root"], batch_size=3), VAEConfig(), train=False)
     assert sum(len(x["labels"]) for x in ev) == 8
+
+
+@pytest.mark.skipif(not __import__("usp_scale.data.dali", fromlist=["x"]).dali_available(), reason="no DALI")
+def test_dali_cache_writer_is_deterministic_and_skips_truncated(synth, vae, tmp_path):
+    ds = build_dataset(synth["root"], "train")
+    args = {**ARGS, "loader": "dali", "shard_size": 16}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_cache(ds, vae, a, **args)
+    ma = write_manifest(a)
+    write_cache(ds, vae, b, stop_after_shards=1, **args)
+    write_cache(ds, vae, b, **args)
+    mb = write_manifest(b)
+    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    assert ma["num_images"] == 46 and sorted(p for p, _ in ma["corrupt"]) == sorted(synth["corrupt"])
+    c = LatentCache(a)
+    mean, _, labels, index = c.gather(np.arange(46), np.zeros(46, int), np.zeros(46, int))
+    assert sorted(index.tolist()) == sorted(set(range(48)) - {i for i, r in enumerate(ds.samples)
+                                                               if r.path in synth["corrupt"]})
+    assert labels.tolist() == [ds.samples[i].label for i in index.tolist()]
+    v1 = c.gather(np.arange(46), np.ones(46, int), np.zeros(46, int))[0]
+    fl = c.gather(np.arange(46), np.zeros(46, int), np.ones(46, int))[0]
+    assert not torch.equal(mean, v1) and not torch.equal(mean, fl)
+    with pytest.raises(LatentCacheError, match="different settings"):
+        write_cache(ds, vae, a, **{**args, "loader": "torchvision"})

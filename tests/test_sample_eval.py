@@ -54,6 +54,17 @@ def test_fid_of_a_set_with_itself_is_zero(tmp_path):
     assert abs(r["kid_mean"]) < 0.05 * r2["kid_mean"]
 
 
+def test_generator_source_equals_array_source():
+    ims = np.random.RandomState(5).randint(0, 256, (30, 16, 16, 3)).astype(np.uint8)
+    ref = np.random.RandomState(6).randint(0, 256, (30, 16, 16, 3)).astype(np.uint8)
+    gen = ((list(range(i, i + 7)), ims[i:i + 7], None) for i in range(0, 30, 7))  # generate_batches-style tuples
+    kw = dict(metrics=("fid", "is"), feature_extractor="usp-tiny", progress=False)
+    a = compute_metrics(gen, ref, **kw)
+    b = compute_metrics(ims, ref, **kw)
+    assert a["num_samples"] == 30 and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+    assert a["is_mean"] == pytest.approx(b["is_mean"], rel=1e-9)
+
+
 def test_inception_score_edge_cases():
     assert inception_score(torch.zeros(100, 10))["is_mean"] == pytest.approx(1.0, abs=1e-9)  # uniform classifier
     confident = torch.nn.functional.one_hot(torch.arange(100) % 10, 10).double() * 50  # sure and balanced
@@ -162,6 +173,15 @@ def test_evaluate_fid_hook(tmp_path):
     assert good["fid"] < 0.5 * bad["fid"]
     with pytest.raises(ValueError, match="reference"):
         evaluate_fid(net, create_transport(), None, dict(cfg, fid_reference=""), 8, **kw)
+    # the sample grid for watching a run: same images on every call
+    from usp_scale.eval import save_sample_grid
+    from usp_scale.sample import read_png
+    p1 = save_sample_grid(net, create_transport(), None, cfg, str(tmp_path / "g1.png"), num=9,
+                          latent_shape=(3, 8, 8), num_classes=4)
+    p2 = save_sample_grid(net, create_transport(), None, cfg, str(tmp_path / "g2.png"), num=9,
+                          latent_shape=(3, 8, 8), num_classes=4)
+    g1 = read_png(p1)
+    assert g1.shape == (3 * 10 + 2, 3 * 10 + 2, 3) and np.array_equal(g1, read_png(p2)) and net.training
 
 
 def test_evaluate_launcher_end_to_end(tmp_path):
@@ -174,6 +194,7 @@ def test_evaluate_launcher_end_to_end(tmp_path):
     os.makedirs(tmp_path / "s")
     for i in range(20):
         write_png(str(tmp_path / "s" / f"{i:06d}.png"), rng.randint(0, 256, (16, 16, 3)).astype(np.uint8))
+    write_png(str(tmp_path / "s" / "grid.png"), np.zeros((40, 40, 3), np.uint8))  # not a sample: ignored
     (tmp_path / "s" / "sampling.json").write_text(json.dumps({"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5,
                                                              "sampling_precision": "bf16"}))
     write_npz(str(tmp_path / "ref.npz"), rng.randint(0, 256, (20, 16, 16, 3)).astype(np.uint8))

@@ -117,3 +117,40 @@ def test_fid_hook_with_registry_dit_and_vae(assets, tmp_path):
            "fid_reference": str(tmp_path / "ref.npz"), "cfg_scale": 1.5}
     r = evaluate_fid(model, create_diffusion(""), vae, cfg, 8, cache_dir=str(tmp_path / "c"))
     assert r["num_samples"] == 8 and r["fid"] > 0 and r["sampler"] == "ddim" and r["cfg_scale"] == 1.5
+
+
+def test_infer_shape_through_wrappers():
+    from usp_scale.models import create_model
+    from usp_scale.sample import infer_latent_shape, infer_num_classes
+
+    class Wrapper(torch.nn.Module):  # DDP / DeepSpeed style
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+    m = create_model("DiT-tiny/2")
+    w = Wrapper(torch.compile(m))
+    assert infer_latent_shape(w) == (4, 8, 8) and infer_num_classes(w) == 10
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_to_the_same_images(assets, tmp_path):
+    """SIGKILL a sampling process mid-run, rerun it: the result equals an uninterrupted run."""
+    import signal
+    import time
+    d, vae = assets
+    args = _args(d, vae, tmp_path / "k", "ema.safetensors") + ["--num-samples", "12", "--batch-size", "1",
+                                                                 "--steps", "20"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launchers", "sample.py"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((tmp_path / "k").glob("0*.png"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "k").glob("0*.png")))
+    assert 3 <= done < 12, done
+    res = sample_launcher.main(args)
+    assert res["skipped"] == done and res["written"] == 12 - done
+    ref = sample_launcher.main(_args(d, vae, tmp_path / "ref", "ema.safetensors")
+                               + ["--num-samples", "12", "--batch-size", "1", "--steps", "20"])
+    assert np.array_equal(read_npz_images(res["npz"]), read_npz_images(ref["npz"]))

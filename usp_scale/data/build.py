@@ -25,12 +25,12 @@ def resolve_loader_backend(choice: str, augment: str = "pretrain") -> str:
         if not dali_available():
             raise RuntimeError("data.loader=dali but nvidia.dali is not importable: pip install nvidia-dali-cuda130 "
                                "(or nvidia-dali-cuda120), or set data.loader=torchvision")
-        if augment == "finetune":
+        if augment.startswith("finetune"):
             raise ValueError("data.augment=finetune needs RandAugment and RandomErasing, which the DALI pipeline "
                              "does not implement: set data.loader=torchvision (or auto)")
         return choice
     # auto: DALI has no RandAugment/RandomErasing, so the timm finetune recipe always runs on torchvision.
-    return "dali" if dali_available() and augment != "finetune" else "torchvision"
+    return "dali" if dali_available() and not augment.startswith("finetune") else "torchvision"
 
 
 def build_image_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True,

@@ -61,10 +61,9 @@ def _pipeline(source, augment: str, size: int, crop_scale_min: float, decode_dev
     mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     cubic = types.INTERP_CUBIC
     norm = dict(dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3)
-    if augment in ("pretrain", "finetune"):
-        lo = crop_scale_min if augment == "pretrain" else 0.08
+    if augment == "pretrain":
         images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
-                                               random_area=[lo, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                               random_area=[crop_scale_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                                                num_attempts=10)
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=cubic, antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=mirror, **norm)
@@ -98,18 +97,15 @@ def _pipeline(source, augment: str, size: int, crop_scale_min: float, decode_dev
             h2, w2 = _round_half_even(h1 * s), _round_half_even(w1 * s)
             top, left = dmath.floor((h2 - size) / 2.0), dmath.floor((w2 - size) / 2.0)
         images = fn.resize(images, resize_x=w2, resize_y=h2, interp_type=cubic, antialias=True)
-        images = fn.slice(images, fn.stack(top, left), fn.stack(float(size), float(size)), axis_names="HW",
-                          normalized_anchor=False, normalized_shape=False)
+        images = fn.slice(images, start=fn.cast(fn.stack(top, left), dtype=types.INT32),
+                          shape=[size, size], axis_names="HW")
         images = fn.crop_mirror_normalize(images, mirror=mirror if augment == "adm" else 0, **norm)
     elif augment == "none":
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=cubic, antialias=True)
         images = fn.crop_mirror_normalize(images, mirror=0, **norm)
     else:
-        raise ValueError(f"data.augment={augment!r} has no DALI pipeline; use pretrain, finetune, eval, adm or none "
-                         f"(finetune in DALI omits RandAugment/RandomErasing: use data.loader=torchvision for them)")
-    if decode_device == "mixed":
-        labels = labels.gpu()
+        raise ValueError(f"data.augment={augment!r} has no DALI pipeline; use pretrain, adm, eval or none")
     return images, labels
 
 
@@ -120,11 +116,20 @@ class DALIImageLoader(ResumableLoader):
 
     def __init__(self, dataset: ImageDataset, sampler: ShardSampler, *, augment: str, size: int,
                  crop_scale_min: float = 0.2, device="cpu", decode_device: str = "auto", num_threads: int = 4,
-                 strict: bool = False, precheck: bool = True):
+                 strict: bool = False, precheck: bool = True, indices: Optional[List[int]] = None,
+                 pipeline_seed: Optional[int] = None):
+        """``indices``/``pipeline_seed`` (used by the latent-cache writer) read exactly these dataset positions,
+        in order, with this DALI seed, instead of the sampler's epoch order and the (seed, epoch, rank) seed."""
         if not dali_available():
             raise RuntimeError("data.loader=dali but nvidia.dali is not installed: pip install nvidia-dali-cuda130 "
                                "(or -cuda120), or set data.loader=torchvision")
         super().__init__(sampler)
+        flip = True
+        if augment.endswith("_noflip"):
+            augment, flip = augment[: -len("_noflip")], False
+        if augment not in ("pretrain", "adm", "eval", "none"):
+            raise ValueError(f"data.augment={augment!r} has no DALI pipeline (pretrain, adm, eval, none); the timm "
+                             f"finetune recipe (RandAugment, RandomErasing) needs data.loader=torchvision")
         self.dataset, self.augment, self.size, self.crop_scale_min = dataset, augment, size, crop_scale_min
         self.device = torch.device(device)
         if decode_device == "auto":
@@ -135,8 +140,12 @@ class DALIImageLoader(ResumableLoader):
             raise ValueError("data.dali_device=mixed decodes on the GPU and needs a CUDA device (got device "
                              f"{self.device}); use data.dali_device=cpu")
         self.decode_device, self.num_threads, self.strict = decode_device, num_threads, strict
+        self.indices, self.pipeline_seed = indices, pipeline_seed
+        if indices is not None and isinstance(dataset, TarDataset):
+            raise ValueError("reading chosen positions of WebDataset tars through DALI is not supported; "
+                             "use the torchvision loader for them")
         self.is_tar = isinstance(dataset, TarDataset)
-        self.flip = augment in ("pretrain", "adm", "finetune")
+        self.flip = flip and augment in ("pretrain", "adm")
         self._tracker = CorruptTracker()
         self._valid = np.ones(len(dataset), bool)
         if precheck and self.is_tar:
@@ -168,12 +177,15 @@ class DALIImageLoader(ResumableLoader):
         return [min(bs, m - b * bs) for b in range(nb)]
 
     def __len__(self) -> int:
+        if self.indices is not None:
+            return -(-len(self.indices) // self.sampler.batch_size)
         return len(self._tar_counts()) if self.is_tar else self.sampler.num_batches()
 
     def _build(self, files: List[str], labels: List[int]):
         from nvidia.dali import fn, pipeline_def
         bs = self.sampler.batch_size
-        seed = sample_seed(self.sampler.seed, self.epoch, self.sampler.rank) % (1 << 31)
+        seed = self.pipeline_seed if self.pipeline_seed is not None else \
+            sample_seed(self.sampler.seed, self.epoch, self.sampler.rank) % (1 << 31)
         dev_id = self.device.index if self.device.type == "cuda" else None
         if self.device.type == "cuda" and dev_id is None:
             dev_id = torch.cuda.current_device()
@@ -187,9 +199,8 @@ class DALIImageLoader(ResumableLoader):
                                             num_shards=self.sampler.world_size, random_shuffle=self.sampler.shuffle,
                                             initial_fill=1024, seed=seed, pad_last_batch=True, name="Reader")
                 jpegs, cls = src
-                # .cls holds ASCII digits: parse them on the CPU.
-                label = fn.python_function(cls, function=_ascii_to_int, num_outputs=1)
-                src = (jpegs, label)
+                # .cls holds ASCII digits: pad them to a fixed width here, parse them on the host (_parse_cls)
+                src = (jpegs, fn.pad(cls, fill_value=32, shape=[CLS_WIDTH]))
             else:
                 src = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
                                       name="Reader")
@@ -205,7 +216,8 @@ class DALIImageLoader(ResumableLoader):
         if self.is_tar:
             files, labels, counts = None, None, self._tar_counts()
         else:
-            order = [i for i in self.sampler.indices().tolist() if self._valid[i]]
+            order = self.indices if self.indices is not None else self.sampler.indices().tolist()
+            order = [i for i in order if self._valid[i]]
             counts = [len(order[b * bs:(b + 1) * bs]) for b in range(nb)]
             files = [self.dataset.samples[i].path for i in order] or [self.dataset.samples[0].path]
             labels = [self.dataset.samples[i].label for i in order] or [0]
@@ -220,13 +232,18 @@ class DALIImageLoader(ResumableLoader):
                 images, lab = pipe.run()
             except RuntimeError as e:
                 chunk = files[b * bs:(b + 1) * bs] if files else self.dataset.tars
-                raise CorruptImageError(f"DALI failed on a batch from {chunk[:4]}...: {e}\nA file that fails to "
-                                        f"decode here is corrupt; data.loader=torchvision skips and reports such "
-                                        f"files one by one") from e
+                msg = f"DALI pipeline failed on a batch from {chunk[:4]}...: {e}"
+                if "decod" in str(e).lower():
+                    raise CorruptImageError(msg + "\nA file that fails to decode is corrupt; data.loader=torchvision "
+                                                  "skips and reports such files one by one") from e
+                raise RuntimeError(msg) from e
             if b < start:
                 continue  # replay: the skipped batches advance DALI's RNG exactly as in the first run
             n = counts[b]
-            yield {"images": _to_torch(images, self.device)[:n], "labels": _to_torch(lab, self.device).long().view(-1)[:n]}
+            extra = {} if self.is_tar else {"index": torch.tensor(order[b * bs:b * bs + n], device=self.device)}
+            lab = _parse_cls(_to_torch(lab, torch.device("cpu"))) if self.is_tar else _to_torch(lab, torch.device("cpu"))
+            yield {"images": _to_torch(images, self.device)[:n], "labels": lab.long().view(-1)[:n].to(self.device),
+                   **extra}
         if self.is_tar or files:
             del pipe
 
@@ -253,8 +270,21 @@ def _member_complete(r) -> bool:
     return r.size > 0
 
 
-def _ascii_to_int(a):
-    return np.array([int(bytes(np.asarray(a)).decode().strip() or 0)], dtype=np.int64)
+CLS_WIDTH = 12  # .cls members are padded to this many bytes (class ids up to 12 digits)
+
+
+def _parse_cls(raw: torch.Tensor) -> torch.Tensor:
+    """(N, CLS_WIDTH) uint8 ASCII (digits, spaces/newlines) -> (N,) int64 class ids."""
+    raw = raw.view(raw.shape[0], -1).long()
+    digit = (raw >= 48) & (raw <= 57)
+    if not bool(digit.any(1).all()):
+        bad = [bytes(r.tolist()) for r in raw[~digit.any(1)]][:3]
+        raise ValueError(f"WebDataset .cls members without a class id: {bad}")
+    out = torch.zeros(raw.shape[0], dtype=torch.long)
+    for j in range(raw.shape[1]):  # left to right; non-digits (whitespace) are skipped
+        d = digit[:, j]
+        out = torch.where(d, out * 10 + (raw[:, j] - 48), out)
+    return out
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:

@@ -61,11 +61,19 @@ class ImageDataset:
     def read_bytes(self, i: int) -> bytes:
         r = self.samples[i]
         if r.tar:
-            with open(r.tar, "rb") as f:
-                f.seek(r.offset)
-                return f.read(r.size)
+            # one open handle per tar and process (workers are forked: key the cache by pid)
+            cache = self.__dict__.setdefault("_handles", {})
+            key = (os.getpid(), r.tar)
+            f = cache.get(key)
+            if f is None:
+                f = cache[key] = open(r.tar, "rb")
+            f.seek(r.offset)
+            return f.read(r.size)
         with open(r.path, "rb") as f:
             return f.read()
+
+    def __getstate__(self):  # open tar handles stay in their process
+        return {k: v for k, v in self.__dict__.items() if k != "_handles"}
 
     def load(self, i: int, strict: bool = False) -> Tuple[Optional[Image.Image], int, str]:
         """(RGB image or None if corrupt, label, error message or "")."""

@@ -19,12 +19,12 @@ import json
 import os
 import struct
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .datasets import DatasetError, ImageDataset
+from .datasets import ImageDataset
 from .loaders import CorruptTracker, ResumableLoader, _BatchTask
 from .sampler import ShardSampler
 from .transforms import build_transform, describe_augment, sample_seed
@@ -68,14 +68,18 @@ def shard_name(s: int) -> str:
 def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 224, augment: str = "pretrain",
                 crop_scale_min: float = 0.2, views: int = 1, seed: int = 0, dtype: str = "fp16",
                 shard_size: int = 1000, batch_size: int = 64, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, strict: bool = False, progress: bool = True,
+                num_workers: int = 0, strict: bool = False, progress: bool = True, loader: str = "torchvision",
                 stop_after_shards: Optional[int] = None) -> dict:
     """Encode ``dataset`` into ``out_dir``; returns a summary {"written", "skipped", "corrupt"} for this rank.
 
     ``augment`` is the crop of each view ("pretrain" = RandomResizedCrop, "adm", "eval", "none"); the flip
-    is never random here: every view is stored plain and flipped. ``stop_after_shards`` (tests) stops this
-    rank after writing that many shards, as a crash would.
+    is never random here: every view is stored plain and flipped. ``loader`` "torchvision" (PIL, crops
+    seeded per (seed, image, view)) or "dali" (ImageFolder only; decodes on the VAE's GPU when it has one,
+    crops seeded per (seed, shard, view)); both rerun a shard identically. ``stop_after_shards`` (tests)
+    stops this rank after writing that many shards, as a crash would.
     """
+    if loader not in ("torchvision", "dali"):
+        raise LatentCacheError(f"cache loader {loader!r} is unknown; use torchvision or dali")
     if dtype not in STORE_DTYPES:
         raise LatentCacheError(f"cache dtype {dtype!r} is unknown; use fp16 or bf16")
     if views < 1:
@@ -87,7 +91,7 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
     settings = {"num_source_images": n, "shard_size": shard_size, "views": views, "seed": seed, "dtype": dtype,
                 "resolution": image_size, "augment": describe_augment(augment, image_size, crop_scale_min),
                 "vae": vae.identity(), "latent_shape": list(vae.latent_shape(image_size)),
-                "dataset": {"root": dataset.root, "num_classes": len(dataset.classes)}}
+                "dataset": {"root": dataset.root, "num_classes": len(dataset.classes)}, "loader": loader}
     mine = [s for s in range(num_shards) if s % world_size == rank]
     todo, skipped = [], []
     for s in mine:
@@ -104,6 +108,17 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
         if stop_after_shards is not None and len(written) >= stop_after_shards:
             break
         idx = list(range(s * shard_size, min((s + 1) * shard_size, n)))
+        if loader == "dali":
+            shard = _encode_shard_dali(dataset, vae, s, idx, image_size=image_size, augment=augment,
+                                       crop_scale_min=crop_scale_min, views=views, seed=seed, dtype=dtype,
+                                       batch_size=batch_size, num_threads=max(1, num_workers), strict=strict)
+            tracker.add(shard[4])
+            if bar is not None:
+                bar.update(len(idx))
+                bar.set_postfix(img_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.1f}", refresh=False)
+            _write_shard(out_dir, s, *shard, settings)
+            written.append(s)
+            continue
         batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
         task = _BatchTask(dataset, transform, batches, seed, 0, strict, views=views)
         dl = torch.utils.data.DataLoader(task, batch_size=None, num_workers=num_workers,
@@ -135,6 +150,47 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
     if bar is not None:
         bar.close()
     return {"written": written, "skipped": skipped, "corrupt": dict(tracker.corrupt), "num_shards": num_shards}
+
+
+def _encode_shard_dali(dataset, vae, s, idx, *, image_size, augment, crop_scale_min, views, seed, dtype,
+                       batch_size, num_threads, strict):
+    """One shard through DALI: view k of the shard is one pass seeded by (seed, shard, k)."""
+    from .dali import DALIImageLoader, looks_complete
+    from .datasets import CorruptImageError, TarDataset
+    if isinstance(dataset, TarDataset):
+        raise LatentCacheError("--loader dali reads ImageFolder data; use --loader torchvision for tar shards")
+    bad, valid = [], []
+    for i in idx:
+        if looks_complete(dataset.samples[i].path):
+            valid.append(i)
+        elif strict:
+            raise CorruptImageError(f"corrupt (truncated) image {dataset.samples[i].path} (--strict)")
+        else:
+            bad.append((dataset.samples[i].path, "truncated file (no end-of-image marker)"))
+    if not valid:
+        return [], [], [], [], bad
+    st = STORE_DTYPES[dtype]
+    sampler = ShardSampler(len(dataset), batch_size=batch_size, shuffle=False, even=False, drop_last=False)
+    per_view_mu, per_view_lv, index = [], [], None
+    for k in range(views):
+        dl = DALIImageLoader(dataset, sampler, augment=augment + "_noflip", size=image_size,
+                             crop_scale_min=crop_scale_min, device=vae.device, num_threads=num_threads,
+                             strict=strict, precheck=False, indices=valid,
+                             pipeline_seed=sample_seed(seed, s, k) % (1 << 31))
+        mu, lv, ix = [], [], []
+        for b in dl:
+            x = b["images"]                                                   # (b,3,H,W) on the VAE device
+            a, c = vae.encode_moments(torch.cat([x, x.flip(-1)]))             # (2b,C,h,w): plain, then flipped
+            m = len(x)
+            mu.append(torch.stack([a[:m], a[m:]], 1).to("cpu", st))          # (b,2,C,h,w)
+            lv.append(torch.stack([c[:m], c[m:]], 1).to("cpu", st))
+            ix.append(b["index"].cpu())
+        per_view_mu.append(torch.cat(mu))
+        per_view_lv.append(torch.cat(lv))
+        index = torch.cat(ix)
+    labels = torch.tensor([dataset.samples[i].label for i in index.tolist()], dtype=torch.long)
+    return ([torch.stack(per_view_mu, 1)], [torch.stack(per_view_lv, 1)],       # (m,K,2,C,h,w)
+            [labels], [index], bad)
 
 
 def _write_shard(out_dir, s, means, logvars, labels, index, bad, settings) -> None:
@@ -202,10 +258,11 @@ def write_manifest(out_dir: str) -> dict:
 # --------------------------------------------------------------------------- reader
 
 def _open_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file as a numpy array (bf16 as int16 bits)."""
+    """Memory-map a safetensors file once and view each tensor as a numpy array (bf16 as int16 bits)."""
     with open(path, "rb") as f:
         (hlen,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(hlen))
+    mm = np.memmap(path, dtype=np.uint8, mode="r")  # one mapping (and one file descriptor) per shard
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -216,14 +273,32 @@ def _open_safetensors(path: str) -> Dict[str, np.ndarray]:
         if e == b:
             out[name] = np.zeros(shape, np_dtype)
         else:
-            out[name] = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + hlen + b, shape=shape)
+            out[name] = mm[8 + hlen + b: 8 + hlen + e].view(np_dtype).reshape(shape)
     return out
+
+
+def _ensure_open_files(n: int) -> None:
+    """Each mapped shard keeps a file descriptor: raise the soft RLIMIT_NOFILE (up to the hard one) if needed."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = n + 1024
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            if new < want:
+                raise LatentCacheError(f"the cache has {n} shards but only {new} files may be open (ulimit -n); "
+                                       f"raise the limit or rebuild the cache with a larger --shard-size")
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class LatentCache:
     """Read access to a finished cache: ``gather(indices, views, flips) -> (mean, logvar, label, index)``."""
 
     def __init__(self, path: str, verify: str = "size"):
+        if verify not in ("none", "size", "sha256"):
+            raise LatentCacheError(f"data.latent_verify={verify!r} is unknown; use none, size or sha256")
         mpath = os.path.join(path, "manifest.json")
         if not os.path.isfile(mpath):
             raise LatentCacheError(f"no manifest.json in latent cache folder {path!r}: build the cache with "
@@ -247,6 +322,7 @@ class LatentCache:
         if bad:
             raise LatentCacheError("latent cache shards fail their checksum: " + "; ".join(bad) +
                                    " - delete them and their .json sidecars and rerun cache_latents.py to rewrite them")
+        _ensure_open_files(len(m["shards"]))
         self.shards = [_open_safetensors(os.path.join(path, sh["file"])) for sh in m["shards"]]
         self.storage = torch.bfloat16 if m["dtype"] == "bf16" else torch.float16
         counts = [len(s["label"]) for s in self.shards]
@@ -334,4 +410,4 @@ class LatentCacheLoader(ResumableLoader):
             z = posterior_latents(mean, logvar, self.scale, sample=self.sample, generator=gen)  # (N,C,h,w)
             yield {"latents": z, "labels": labels.to(self.device, non_blocking=pin),
                    "index": index.to(self.device, non_blocking=pin),
-                   "view": torch.from_numpy(c // 2), "flip": torch.from_numpy(c % 2)}
+                   "view": torch.from_numpy(c // 2).to(self.device), "flip": torch.from_numpy(c % 2).to(self.device)}

@@ -5,13 +5,14 @@ Every loader follows one contract:
   number of batches per epoch on this rank, ``set_epoch(e)`` starts epoch e (a no-op when e is the
   current epoch, so a resumed position is kept), and ``state_dict()``/``load_state_dict()`` hold
   ``{"epoch", "position"}`` (batches already yielded in the epoch) so a resumed run continues with the
-  identical next batch.
+  identical next batch. A new iterator continues from the position; iterating a finished epoch again
+  starts it over, except right after ``load_state_dict`` of a finished epoch, which yields nothing.
 """
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,7 +38,7 @@ class ResumableLoader:
     def set_epoch(self, epoch: int) -> None:
         epoch = int(epoch)
         if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
+            self.epoch, self.position, self._restored = epoch, 0, False
         self.sampler.set_epoch(self.epoch)
 
     def state_dict(self) -> Dict[str, int]:
@@ -51,10 +52,14 @@ class ResumableLoader:
                                  f"{k}={getattr(self.sampler, k)}; the position cannot be restored exactly")
         self.epoch, self.position = int(sd["epoch"]), int(sd["position"])
         self.sampler.set_epoch(self.epoch)
+        self._restored = True
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
+        restored, self._restored = getattr(self, "_restored", False), False
         if self.position >= len(self):
+            if restored:
+                return  # state saved after the epoch's last batch: the epoch is finished (call set_epoch(e + 1))
             self.position = 0  # iterating a finished epoch again starts it over
         for batch in self._iter_from(self.position):
             self.position += 1
@@ -159,6 +164,9 @@ class OnlineLatentLoader(ResumableLoader):
     def __init__(self, image_loader: ResumableLoader, vae, posterior: str = "mean"):
         super().__init__(image_loader.sampler)
         self.images, self.vae, self.posterior = image_loader, vae, posterior
+
+    def __len__(self) -> int:
+        return len(self.images)
 
     @property
     def corrupt(self) -> Dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import numpy as np
 import torch

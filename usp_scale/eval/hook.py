@@ -6,6 +6,7 @@ is broadcast. Nothing is written to disk except the reference cache.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional, Sequence
 
@@ -128,3 +129,37 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
         context = {k: v for k, v in out.items() if k not in ("fid", "num_samples")}
         write_records(records_file, make_records({"fid": out["fid"], "num_samples": out["num_samples"]}, context))
     return out
+
+
+@torch.no_grad()
+def save_sample_grid(model, diffusion_or_transport, vae, cfg, path: str, num: int = 16, *, device=None,
+                     latent_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
+                     latent_scale: Optional[float] = None) -> str:
+    """Sample ``num`` images (indices 0..num-1 of ``cfg.seed``, so the same noise and labels every call) and
+    write them as one grid PNG at ``path``; for watching a run's EMA model between FID evaluations."""
+    from ..sample import make_grid, write_png
+    if device is None:
+        device = next(model.parameters()).device
+    latent_shape = tuple(latent_shape or infer_latent_shape(model))
+    num_classes = int(num_classes if num_classes is not None else infer_num_classes(model))
+    lo, hi = _get(cfg, "cfg_interval_low", 1.0), _get(cfg, "cfg_interval_high", 0.0)
+    sampler = build_sampler(_get(cfg, "sampler", "ddpm"), diffusion_or_transport, int(_get(cfg, "steps", 250)),
+                            eta=float(_get(cfg, "ddim_eta", 0.0)))
+    model_fn = make_model_fn(model, num_classes=num_classes, cfg_scale=float(_get(cfg, "cfg_scale", 1.0)),
+                             cfg_channels=int(_get(cfg, "cfg_channels", 0)),
+                             interval=(float(lo), float(hi)) if lo <= hi else None,
+                             precision=_get(cfg, "precision", "fp32"))
+    decode = make_decoder(vae, latent_scale) if vae is not None else make_decoder(None)
+    was_training = model.training
+    model.eval()
+    try:
+        ims = [b for _, b, _ in generate_batches(model_fn, sampler, decode, list(range(num)),
+                                                 seed=int(_get(cfg, "seed", 0)), latent_shape=latent_shape,
+                                                 num_classes=num_classes, batch_size=int(_get(cfg, "batch_size", 64)),
+                                                 device=device)]
+    finally:
+        model.train(was_training)
+    images = np.concatenate(ims)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_png(path, make_grid(images, nrow=int(np.ceil(np.sqrt(len(images))))))
+    return path

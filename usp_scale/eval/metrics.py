@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Dict, Iterable, Optional, Sequence
 
@@ -36,7 +37,15 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # ----------------------------------------------------------------------------- sources
 def _folder_files(path: str) -> list:
-    files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTS))
+    """Images of a folder, sorted. In a folder made by launchers/sample.py (it holds sampling.json) only the
+    numbered samples ``{index:06d}.png`` count (not grid.png). Elsewhere the folder is searched
+    recursively, so an ImageFolder split (one sub-folder per class) is a valid reference."""
+    if os.path.isfile(os.path.join(path, "sampling.json")):
+        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTS))
+        files = [f for f in files if re.fullmatch(r"\d{6,}\.png", os.path.basename(f))]
+    else:
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in folder {path}")
     return files
@@ -167,9 +176,16 @@ def kid(features_gen: torch.Tensor, features_ref: torch.Tensor, subset_size: int
             "kid_subset_size": size}
 
 
-def precision_recall(features_gen: torch.Tensor, features_ref: torch.Tensor, k: int = 3) -> dict:
-    """k-NN manifold precision (generated inside the reference manifold) and recall (Kynkaanniemi et al.)."""
-    r = prc_features_to_metric(features_gen, features_ref, prc_neighborhood=k, verbose=False)
+def precision_recall(features_gen: torch.Tensor, features_ref: torch.Tensor, k: int = 3,
+                     device=None) -> dict:
+    """k-NN manifold precision (generated inside the reference manifold) and recall (Kynkaanniemi et al.).
+
+    Distances are computed on ``device`` (default: where the features are); above 10,000 samples the
+    blockwise variant is used so the full distance matrices are never held in memory."""
+    if device is not None:
+        features_gen, features_ref = features_gen.to(device), features_ref.to(device)
+    big = max(len(features_gen), len(features_ref)) > 10000
+    r = prc_features_to_metric(features_gen, features_ref, prc_neighborhood=k, save_cpu_ram=big, verbose=False)
     return {"precision": r["precision"], "recall": r["recall"]}
 
 
@@ -259,7 +275,7 @@ def compute_metrics(generated, reference=None, metrics: Sequence[str] = ("fid",)
     if "kid" in metrics:
         out.update(kid(gen[layers["kid"]], ref_feats[layers["kid"]], subset_size=kid_subset_size))
     if "pr" in metrics:
-        out.update(precision_recall(gen[layers["pr"]], ref_feats[layers["pr"]], k=pr_k))
+        out.update(precision_recall(gen[layers["pr"]], ref_feats[layers["pr"]], k=pr_k, device=device))
     return out
 
 

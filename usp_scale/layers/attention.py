@@ -116,9 +116,10 @@ def _probe(name: str, key: "ShapeKey", device: torch.device) -> Optional[str]:
     B, H, N, d, dtype = key
     if name in ("flash2", "flash3") and dtype not in (torch.float16, torch.bfloat16):
         return f"{name} needs fp16/bf16 inputs, got {dtype} (enable bf16 autocast or pick an SDPA backend)"
-    qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
     try:
-        _fn_for(name)(qkv).sum().backward()
+        with torch.inference_mode(False), torch.enable_grad():   # the first call may come from sampling
+            qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+            _fn_for(name)(qkv).sum().backward()
     except Exception as e:  # "No available kernel", unsupported head dim, ...
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
@@ -127,18 +128,19 @@ def _probe(name: str, key: "ShapeKey", device: torch.device) -> Optional[str]:
 def _time_ms(name: str, key: "ShapeKey", device: torch.device, reps: int = 10) -> float:
     """Median forward+backward time (ms) of ``name`` at this shape, with CUDA events."""
     B, H, N, d, dtype = key
-    qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
     fn = _fn_for(name)
-    for _ in range(3):
-        fn(qkv).sum().backward()
     times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(qkv).sum().backward()
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end))
+    with torch.inference_mode(False), torch.enable_grad():
+        qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3):
+            fn(qkv).sum().backward()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(qkv).sum().backward()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 

@@ -11,8 +11,21 @@ from .cfg import CFGModel
 PRECISIONS = ("fp32", "bf16")
 
 
+def _unwrap(model):
+    """The bare module inside DDP / FSDP / DeepSpeed (``.module``) and torch.compile (``._orig_mod``)."""
+    for _ in range(4):
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
 def infer_latent_shape(model) -> Tuple[int, int, int]:
     """(C, H, W) of the model's input latents, from ``in_channels`` and ``x_embedder.img_size``."""
+    model = _unwrap(model)
     try:
         size = model.x_embedder.img_size
         size = size[0] if isinstance(size, (tuple, list)) else size
@@ -23,6 +36,7 @@ def infer_latent_shape(model) -> Tuple[int, int, int]:
 
 
 def infer_num_classes(model) -> int:
+    model = _unwrap(model)
     try:
         return int(model.y_embedder.num_classes)
     except AttributeError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -111,8 +112,10 @@ def run_sampling(model: Callable, sampler: Callable, decode: Callable[[torch.Ten
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(meta or {})
     meta.update(num_samples=num_samples, seed=seed, labels=labels, latent_shape=list(latent_shape))
+    _check_meta(out_dir, meta)  # every rank checks (and raises together) before rank 0 rewrites the file
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if rank == 0:
-        _check_meta(out_dir, meta)
         with open(os.path.join(out_dir, META_FILE), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
     mine = list(range(rank, num_samples, world_size))
@@ -126,20 +129,26 @@ def run_sampling(model: Callable, sampler: Callable, decode: Callable[[torch.Ten
         bar = tqdm(total=len(todo), unit="img", desc=f"sampling (rank 0 of {world_size})", dynamic_ncols=True)
     t0 = time.perf_counter()
     written = 0
-    for idx, images, _ in generate_batches(model, sampler, decode, todo, seed=seed, latent_shape=latent_shape,
-                                           num_classes=num_classes, batch_size=batch_size, device=device,
-                                           labels=labels, progress_bar=bar):
-        if write_pngs:
-            for i, im in zip(idx, images):
-                write_png(png_path(out_dir, i), im)
-        written += len(idx)
+    # PNG encoding runs on writer threads while the next batch samples; at most two batches in flight.
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for idx, images, _ in generate_batches(model, sampler, decode, todo, seed=seed, latent_shape=latent_shape,
+                                               num_classes=num_classes, batch_size=batch_size, device=device,
+                                               labels=labels, progress_bar=bar):
+            if write_pngs:
+                while len(pending) > 2 * batch_size:
+                    pending.pop(0).result()
+                pending.extend(pool.submit(write_png, png_path(out_dir, i), im) for i, im in zip(idx, images))
+            written += len(idx)
+        for f in pending:
+            f.result()  # re-raises a failed write
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    result = {"rank": rank, "world_size": world_size, "written": written, "skipped": skipped, "seconds": seconds, "images_per_s": written / seconds if seconds > 0 else float("nan"),
-              "npz": None, "grid": None}
+    result = {"rank": rank, "world_size": world_size, "written": written, "skipped": skipped, "seconds": seconds,
+              "images_per_s": written / seconds if seconds > 0 else float("nan"), "npz": None, "grid": None}
     missing = [i for i in range(num_samples) if not os.path.exists(png_path(out_dir, i))]
     result["missing"] = len(missing)
     if rank == 0 and not missing:
@@ -156,15 +165,22 @@ def assemble_npz(out_dir: str, num_samples: int, path: Optional[str] = None, pro
     """Read ``{i:06d}.png`` for i < num_samples into one ADM ``.npz`` (arr_0 uint8 [N, H, W, 3])."""
     first = read_png(png_path(out_dir, 0))
     arr = np.empty((num_samples, *first.shape), dtype=np.uint8)
-    it = range(num_samples)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc="npz", unit="img", leave=False)
-    for i in it:
+
+    def load(i: int) -> None:
         im = read_png(png_path(out_dir, i))
         if im.shape != first.shape:
             raise ValueError(f"{png_path(out_dir, i)} is {im.shape}, expected {first.shape}")
         arr[i] = im
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=num_samples, desc="npz", unit="img", leave=False)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # PIL decodes without the GIL
+        for _ in pool.map(load, range(num_samples)):
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     h, w = first.shape[:2]
     path = path or os.path.join(out_dir, f"samples_{num_samples}x{h}x{w}x3.npz")
     return write_npz(path, arr)

@@ -32,20 +32,24 @@ class VAELoadError(ValueError):
 
 # --------------------------------------------------------------------------- building
 
-def _tiny_random(version: str, seed: int = 0):
-    """A small seeded AutoencoderKL with the d8 (x8, 4 ch) or d16 (x16, 16 ch, attention at the lowest level) layout."""
+RANDOM_PATHS = ("tiny-random", "sd-random")
+
+
+def _random_vae(version: str, seed: int = 0, full: bool = False):
+    """A seeded random AutoencoderKL with the d8 (x8, 4 ch) or d16 (x16, 16 ch, attention at the lowest level)
+    layout: small ("tiny-random", tests and the CPU demo) or the real sizes ("sd-random", for benchmarks)."""
     from diffusers import AutoencoderKL
     if version == "d8":
-        blocks, down = (32, 32, 64, 64), ("DownEncoderBlock2D",) * 4
-        latent = 4
+        blocks = (128, 256, 512, 512) if full else (32, 32, 64, 64)
+        down, latent = ("DownEncoderBlock2D",) * 4, 4
     else:
-        blocks, down = (32, 32, 64, 64, 64), ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",)
-        latent = 16
+        blocks = (128, 128, 256, 256, 512) if full else (32, 32, 64, 64, 64)
+        down, latent = ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",), 16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=down,
                              up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
-                             layers_per_block=1, latent_channels=latent, norm_num_groups=32,
+                             layers_per_block=2 if full else 1, latent_channels=latent, norm_num_groups=32,
                              scaling_factor=SCALE[version])
 
 
@@ -143,12 +147,13 @@ def _from_single_file(path: str, version: str):
 
 
 def load_autoencoder(path: str, version: str = "d8", seed: int = 0):
-    """AutoencoderKL from "tiny-random", a local diffusers folder, or a .safetensors/.ckpt/.pt/.pth file."""
+    """AutoencoderKL from "tiny-random"/"sd-random" (seeded random weights), a local diffusers folder, or a
+    .safetensors/.ckpt/.pt/.pth file."""
     from diffusers import AutoencoderKL
     if version not in SCALE:
         raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
-    if path == "tiny-random":
-        return _tiny_random(version, seed)
+    if path in RANDOM_PATHS:
+        return _random_vae(version, seed, full=path == "sd-random")
     if not path:
         raise VAELoadError(f"vae.path is empty. {WHERE}")
     if os.path.isdir(path):
@@ -277,12 +282,11 @@ class FrozenVAE:
 def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float, sample: bool = True,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """scale * mean, or scale * (mean + exp(0.5*clamp(logvar, -30, 20)) * eps) in fp32."""
-    mean = mean.float()
     if not sample:
-        return mean * scale
-    std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+        return mean.to(torch.float32, copy=True).mul_(scale)
+    std = logvar.to(torch.float32, copy=True).clamp_(-30.0, 20.0).mul_(0.5).exp_()
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-    return (mean + std * eps) * scale
+    return eps.mul_(std).add_(mean).mul_(scale)  # (mean + std * eps) * scale, in place
 
 
 def describe(vae: FrozenVAE) -> str:

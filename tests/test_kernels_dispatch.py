@@ -1,0 +1,34 @@
+"""Kernel selection: usp_scale.kernels imports without triton, and kernels=auto|triton|torch resolves
+as documented, with a clear error when triton cannot run."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from usp_scale.kernels import dispatch
+
+
+def test_package_imports_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import importlib.util as u; u.find_spec = (lambda f: (lambda n, *a: None if n == 'triton' else f(n, *a)))(u.find_spec)\n"
+            "import usp_scale.kernels as k, usp_scale.layers.fused as f, usp_scale.models\n"
+            "assert not k.triton_available()\n"
+            "assert f.resolve_impl('auto', 'cpu') == 'torch'\n"
+            "try:\n    f.resolve_impl('triton', 'cpu')\nexcept RuntimeError as e:\n    assert 'triton is not installed' in str(e); print('OK')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_resolve_impl():
+    assert dispatch.resolve_impl("torch", "cpu") == "torch"
+    assert dispatch.resolve_impl("auto", torch.device("cpu")) == "torch"       # auto: Triton on CUDA only
+    if dispatch.interpreting():                                                # conftest's default
+        assert dispatch.resolve_impl("triton", "cpu") == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            dispatch.resolve_impl("triton", "cpu")
+    with pytest.raises(ValueError, match="model.kernels must be one of"):
+        dispatch.resolve_impl("fast", "cpu")
+    with pytest.raises(RuntimeError, match="neither CUDA nor a CPU under TRITON_INTERPRET"):
+        dispatch.resolve_impl("triton", "meta")
