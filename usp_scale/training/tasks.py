@@ -47,7 +47,9 @@ def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None
 
     report = load_pretrained(model, path, use_pretrain_layer=use_pretrain_layer)
     if report is not None:
-        print(f"[usp_scale] init_from {path}: {report}", flush=True)
+        parts = [f"{k} {len(getattr(report, k))}" for k in ("copied", "resampled", "dropped", "new")
+                 if hasattr(report, k)]
+        print(f"[usp_scale] init_from {path}: transferred ({', '.join(parts)})", flush=True)
 
 
 class Task:

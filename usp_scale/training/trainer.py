@@ -86,6 +86,7 @@ class Trainer:
         self.device = D.device_for(self.info)
         self.task = task or build_task(cfg)
         self.loader_factory = loader_factory or default_loader
+        self._last_eval, self._last_eval_step = {}, -1
         self._signal_raw = False  # set by the signal handler (this rank only)
         self._signal = False  # agreed by all ranks: checkpoint and stop
 
@@ -306,7 +307,8 @@ class Trainer:
                   "grad_norm": last_norm, "stopped_by_request": result_stopped}
         if step >= total:
             if val_loader is not None:
-                result["eval"] = self._evaluate(val_loader, step, epoch)
+                result["eval"] = self._last_eval if self._last_eval_step == step else \
+                    self._evaluate(val_loader, step, epoch)
             result["exports"] = self.export(step)
             if self.is_main and cfg.plot:
                 result["plot"] = logger.plot(os.path.join(out, "loss_curve.png"), f"{cfg.task} {cfg.model.name}")
@@ -334,6 +336,7 @@ class Trainer:
 
     def _evaluate(self, loader, step, epoch):
         res = self.task.evaluate(self.engine, loader)
+        self._last_eval, self._last_eval_step = res, step
         if res:
             self.logger.log({"kind": "eval", "step": step, "epoch": epoch, **res})
             self._print(f"[usp_scale] eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
