@@ -125,6 +125,8 @@ EQUIV_CASES = {
     "ds1": dict(name="deepspeed", zero_stage=1),
     "ds2": dict(name="deepspeed", zero_stage=2),
     "ds3": dict(name="deepspeed", zero_stage=3),
+    "ds2_bf16": dict(name="deepspeed", zero_stage=2, precision="bf16"),
+    "fsdp2_bf16": dict(name="fsdp2", precision="bf16"),
 }
 
 

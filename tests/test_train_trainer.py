@@ -274,8 +274,12 @@ def test_stop_file_checkpoints_and_exits_then_resume_finishes(tmp_path):
     assert res["stopped_by_request"] and res["step"] == 3 and "exports" not in res
     assert not (tmp_path / "run" / STOP_FILE).exists()
     assert os.path.basename(CheckpointManager(str(tmp_path / "run" / "checkpoints")).latest()) == "step_00000003"
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:  # records a crashed run wrote after the checkpoint
+        f.write(json.dumps({"kind": "train", "step": 4, "loss": 123.0}) + "\n")
     res = run(cfg_for(tmp_path, "log_every=3"))  # the requeued job
     assert res["step"] == 10 and not res["stopped_by_request"] and "model" in res["exports"]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [3, 6, 9, 10]
 
 
 class _RngHungryLoader:

@@ -35,6 +35,19 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
 
+    def truncate_after(self, step: int) -> int:
+        """Drop records past ``step`` (written by a run that crashed after its last checkpoint); returns #dropped."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return 0
+        recs = self.read_all()
+        keep = [r for r in recs if r.get("step", 0) <= step]
+        if len(keep) != len(recs):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(tmp, self.path)
+        return len(recs) - len(keep)
+
     def read_all(self) -> List[dict]:
         if not os.path.isfile(self.path):
             return []

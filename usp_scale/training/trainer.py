@@ -175,6 +175,8 @@ class Trainer:
 
         logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
         self.logger = logger
+        if resume and logger.truncate_after(step):
+            self._print(f"[usp_scale] metrics.jsonl: dropped records past step {step} (written after the checkpoint)")
         val_loader = None
         if cfg.task in ("cls", "linprobe"):
             val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
