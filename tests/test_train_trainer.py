@@ -344,3 +344,19 @@ def test_exact_resume_with_the_real_image_pipeline(tmp_path):
     run(cfg(tmp_path / "split"))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert len(a) == 24 and a == b
+
+
+@pytest.mark.parametrize("task,model", [("sit", "SiT-tiny/2"), ("dit", "DiT-tiny/2")])
+def test_real_generative_tasks_with_real_losses(tmp_path, task, model):
+    """The registry models with usp_scale.diffusion / usp_scale.transport losses through the launcher CLI."""
+    from usp_scale.training.cli import main
+
+    rc = main(["--task", task, "--config", os.path.join(H.REPO, "configs", "debug", "toy_pretrain.yaml"),
+               f"output_dir={tmp_path}/{task}", f"model.name={model}", "model.num_classes=10", "schedule.name=constant",
+               "optim.lr=1e-3", "optim.weight_decay=0.0", "schedule.max_steps=4", "ema.decay=0.9999",
+               "engine.precision=fp32"], finetune=True)
+    assert rc == 0
+    recs = [json.loads(line) for line in open(tmp_path / task / "metrics.jsonl")]
+    assert len(recs) == 4 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in recs)
+    off = torch.load(str(tmp_path / task / "export" / "0000004.pt"), weights_only=False)
+    assert set(off) == {"model", "ema", "opt", "args"} and "pos_embed" in off["ema"]
