@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from typing import Optional
+
 import torch
 
 from ._common import interpreting
@@ -29,8 +31,16 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
-def resolve_impl(mode: str, device) -> str:
-    """``kernels`` setting -> "triton" or "torch". "auto" is Triton on CUDA only; "triton" must be usable."""
+# Ops whose Triton kernel beat eager torch end to end (forward + backward) in the H200 micro-benchmark
+# of 2026-11-26 (benchmarks/reports/kernels_h200_2026-11-26.md): layernorm_modulate 1.34x, unshuffle
+# 1.15x, gated_residual 1.09x. embed_visible_patches (0.60x) and masked_latent_loss (0.62x) were slower,
+# so "auto" keeps the torch reference for them; "triton" forces every kernel.
+AUTO_TRITON_OPS = frozenset({"layernorm_modulate", "gated_residual", "unshuffle"})
+
+
+def resolve_impl(mode: str, device, op: Optional[str] = None) -> str:
+    """``kernels`` setting -> "triton" or "torch". "auto" is Triton on CUDA only, and only for the ops in
+    :data:`AUTO_TRITON_OPS` when ``op`` is named; "triton" must be usable."""
     if mode not in IMPLS:
         raise ValueError(f"model.kernels must be one of {IMPLS}, got {mode!r}")
     if not isinstance(device, torch.device):
@@ -39,6 +49,8 @@ def resolve_impl(mode: str, device) -> str:
         return "torch"
     usable = triton_usable(device)
     if mode == "auto":
+        if op is not None and op not in AUTO_TRITON_OPS:
+            return "torch"
         return "triton" if usable and device.type == "cuda" else "torch"
     if not usable:
         why = ("triton is not installed (pip install triton)" if not triton_available() else

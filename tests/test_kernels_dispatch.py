@@ -32,3 +32,16 @@ def test_resolve_impl():
         dispatch.resolve_impl("fast", "cpu")
     with pytest.raises(RuntimeError, match="neither CUDA nor a CPU under TRITON_INTERPRET"):
         dispatch.resolve_impl("triton", "meta")
+
+
+def test_auto_uses_triton_only_for_ops_measured_faster(monkeypatch):
+    from usp_scale.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
+    cuda = torch.device("cuda", 0)
+    assert dispatch.resolve_impl("auto", cuda, "layernorm_modulate") == "triton"
+    assert dispatch.resolve_impl("auto", cuda, "unshuffle") == "triton"
+    assert dispatch.resolve_impl("auto", cuda, "embed_visible_patches") == "torch"
+    assert dispatch.resolve_impl("auto", cuda, "masked_latent_loss") == "torch"
+    assert dispatch.resolve_impl("triton", cuda, "masked_latent_loss") == "triton"
+    assert dispatch.resolve_impl("auto", torch.device("cpu"), "layernorm_modulate") == "torch"

@@ -79,7 +79,7 @@ class DiTBlock(nn.Module):
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        impl = fused.resolve_impl(self.kernels, x.device)
+        impl = fused.resolve_impl(self.kernels, x.device, "layernorm_modulate")
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = fused.layernorm_modulate(x, self.norm1.weight, self.norm1.bias, shift_msa, scale_msa,
                                      self.norm1.eps, impl=impl)
@@ -99,7 +99,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        impl = fused.resolve_impl(self.kernels, x.device)
+        impl = fused.resolve_impl(self.kernels, x.device, "layernorm_modulate")
         return self.linear(fused.layernorm_modulate(x, None, None, shift, scale, self.norm_final.eps, impl=impl))
 
 

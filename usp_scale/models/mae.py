@@ -83,8 +83,8 @@ class MaskedAutoencoderViT(nn.Module):
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         return unpatchify(x, self.patch_size, self.in_chans)
 
-    def _impl(self, x: torch.Tensor) -> str:
-        return fused.resolve_impl(self.kernels, x.device)
+    def _impl(self, x: torch.Tensor, op: str) -> str:
+        return fused.resolve_impl(self.kernels, x.device, op)
 
     # ------------------------------------------------------------------------ forward
     def forward_encoder(self, latents: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
@@ -92,7 +92,7 @@ class MaskedAutoencoderViT(nn.Module):
         """latents (N, C, H, W) -> encoded (N, 1 + K, D), mask (N, L), ids_restore (N, L)."""
         N = latents.shape[0]
         L = self.num_patches
-        impl = self._impl(latents)
+        impl = self._impl(latents, "embed_visible_patches")
         if impl == "torch":
             # Official order: embed every patch, add positions, then drop the masked tokens.
             x = self.patch_embed(latents) + self.pos_embed[:, 1:, :]           # (N, L, D)
@@ -114,7 +114,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """(N, 1 + K, D) -> predictions (N, L, p*p*C) for every token (cls dropped)."""
         x = self.decoder_embed(x)                                               # (N, 1 + K, Dd)
-        x = fused.unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed, impl=self._impl(x))
+        x = fused.unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed,
+                            impl=self._impl(x, "unshuffle"))
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))                             # (N, 1 + L, p*p*C)
@@ -123,7 +124,7 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_loss(self, latents: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Norm-pix MSE on the (h, w, p, q, c)-patchified latent, averaged over removed tokens."""
         return fused.masked_latent_loss(pred, latents, mask, self.patch_size, norm_pix=self.norm_pix_loss,
-                                        per_image=self.norm_image, impl=self._impl(pred))
+                                        per_image=self.norm_image, impl=self._impl(pred, "masked_latent_loss"))
 
     def forward(self, latents: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
         """Returns (loss, pred (N, L, p*p*C), mask (N, L) with 1 = removed)."""
