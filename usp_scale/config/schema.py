@@ -213,7 +213,7 @@ class CheckpointConfig:
 class EMAConfig:
     # EMA decay (0 = no EMA).
     decay: float = 0.0
-    # Export the EMA weights (when present) as the model-only safetensors file.
+    # Also export the EMA weights (when ema.decay > 0) as export/ema.safetensors.
     export_ema: bool = True
 
 

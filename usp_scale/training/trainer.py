@@ -363,7 +363,7 @@ class Trainer:
             meta = {"task": cfg.task, "model": cfg.model.name, "step": step}
             if cfg.checkpoint.export:
                 out["model"] = save_safetensors(model_sd, os.path.join(exp, "model.safetensors"), meta)
-                if ema_sd is not None:
+                if ema_sd is not None and cfg.ema.export_ema:
                     out["ema"] = save_safetensors(ema_sd, os.path.join(exp, "ema.safetensors"), meta)
             if cfg.checkpoint.export_official:
                 if cfg.task in ("dit", "sit") and ema_sd is None:
