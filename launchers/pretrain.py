@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Masked latent pretraining. Runs under python, torchrun, deepspeed --hostfile and SLURM.
 
-    python launchers/pretrain.py --config configs/debug/toy_pretrain.yaml
+    python launchers/pretrain.py --config configs/debug/synthetic_pretrain.yaml
     torchrun --nproc_per_node 8 launchers/pretrain.py --config CONFIG engine.name=fsdp2
     deepspeed --hostfile hostfile launchers/pretrain.py --config CONFIG engine.name=deepspeed
 """

@@ -1,4 +1,4 @@
-"""Helpers for the training-system tests: toy engine runs and multi-process workers.
+"""Helpers for the training-system tests: engine runs on a real tiny model and multi-process workers.
 
 Run as a worker under torchrun:  python tests/_helpers_train.py {equiv,resume} --out DIR [--engines ...]
 Each worker writes DIR/<mode>.json on rank 0 and prints TRAIN_HELPER_OK when every rank finished.
@@ -43,36 +43,28 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
 
 # ---------------------------------------------------------------------------------------- engine runs
 
-class ToyRegressor(nn.Module):
-    """Deterministic (no randomness in forward) model with ``blocks`` for FSDP2."""
+def engine_model() -> nn.Module:
+    """The real tiny classifier (vit_tiny_patch16_vae on 4x8x8 latents, 10 classes): no dropout or drop-path,
+    so its forward is deterministic, and it has ``blocks`` for FSDP2."""
+    from usp_scale.models import create_model
 
-    def __init__(self, dim: int = 16, depth: int = 2):
-        super().__init__()
-        from usp_scale.training.toy import ToyBlock
-
-        self.inp = nn.Linear(dim, dim)
-        self.blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
-        self.out = nn.Linear(dim, 1)
-
-    def forward(self, x):  # x: (N, L, dim)
-        h = self.inp(x)
-        for b in self.blocks:
-            h = b(h)
-        return self.out(h).mean(dim=(1, 2))  # (N,)
+    return create_model("vit_tiny_patch16_vae", img_size=8, in_chans=4, num_classes=10)
 
 
-def toy_data(steps: int, accum: int, global_batch: int, dim: int = 16):
+def engine_data(steps: int, accum: int, global_batch: int):
+    """Latents (micro, global_batch, 4, 8, 8) and labels (micro, global_batch) from a fixed pool, so runs of
+    different lengths see the same first batches."""
     g = torch.Generator().manual_seed(7)
-    n = 16  # fixed pool, so runs of different lengths see the same first batches
+    n = 16
     assert steps * accum <= n
-    x = torch.randn(n, global_batch, 3, dim, generator=g)
-    y = torch.randn(n, global_batch, generator=g)
+    x = torch.randn(n, global_batch, 4, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n, global_batch), generator=g)
     return x[: steps * accum], y[: steps * accum]
 
 
 def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan_at=None, nan_rank=None,
                   rank=0, world=1):
-    """Train ToyRegressor; returns per-step global-mean losses, applied flags and the final full weights."""
+    """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the final full weights."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
@@ -80,17 +72,17 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
     from usp_scale.training.optim import build_optimizer, param_groups
 
     torch.manual_seed(0)
-    model = ToyRegressor()
+    model = engine_model()
     ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, fused=False)
     per = global_batch // world
     eng = build_engine(engine_cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
                        accum_iter=accum, clip_grad=clip, micro_batch=per)
-    x, y = toy_data(steps, accum, global_batch)
+    x, y = engine_data(steps, accum, global_batch)
     losses, applied, acc = [], [], 0.0
     for i in range(steps * accum):
         xb, yb = x[i, rank * per:(rank + 1) * per], y[i, rank * per:(rank + 1) * per]
         with eng.sync_context(), eng.autocast():
-            loss = ((eng(xb).float() - yb) ** 2).mean()
+            loss = torch.nn.functional.cross_entropy(eng(xb).float(), yb)
         if nan_at is not None and i // accum == nan_at and (nan_rank is None or nan_rank == rank):
             loss = loss * float("nan")
         eng.backward(loss)
@@ -160,13 +152,13 @@ def trainer_cfg(engine: str, out: str, **over):
     from usp_scale.config import load_config
 
     ov = [f"output_dir={out}", f"engine.name={engine}", "engine.precision=fp32", "engine.ddp_bf16_grads=false",
-          "data.root=toy:48", "data.batch_size=4", "schedule.accum_iter=2", "schedule.max_steps=10",
+          "data.synthetic_samples=48", "data.batch_size=4", "schedule.accum_iter=2", "schedule.max_steps=10",
           "schedule.warmup_steps=3", "ema.decay=0.9", "checkpoint.every_steps=0", "optim.fused=false",
           "optim.clip_grad=1.0"]
     if engine == "deepspeed":
         ov.append("engine.zero_stage=" + str(over.pop("zero_stage", 2)))
     ov += [f"{k}={v}" for k, v in over.items()]
-    return load_config(os.path.join(REPO, "configs", "debug", "toy_pretrain.yaml"), ov)
+    return load_config(os.path.join(REPO, "configs", "debug", "synthetic_pretrain.yaml"), ov)
 
 
 def run_resume_pair(engine: str, base: str, **over) -> dict:

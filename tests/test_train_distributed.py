@@ -93,7 +93,7 @@ def test_exact_resume_deepspeed_zero2_zero3(tmp_path):
 
 
 def _launcher_args(out, engine, steps=3):
-    return ["launchers/pretrain.py", "--config", "configs/debug/toy_pretrain.yaml", f"output_dir={out}",
+    return ["launchers/pretrain.py", "--config", "configs/debug/synthetic_pretrain.yaml", f"output_dir={out}",
             f"engine.name={engine}", "engine.precision=fp32", f"schedule.max_steps={steps}", "optim.fused=false"]
 
 
@@ -126,7 +126,7 @@ def test_slurm_dry_run_for_a_fake_two_node_allocation(tmp_path):
     env.update(SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", DRY_RUN="1",
                SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", PYTHON=sys.executable, GPUS_PER_NODE="8",
                OUTPUT_DIR=str(tmp_path / "run"))
-    args = ["--config", "configs/debug/toy_pretrain.yaml", "engine.name=fsdp2"]
+    args = ["--config", "configs/debug/synthetic_pretrain.yaml", "engine.name=fsdp2"]
     p = subprocess.run(["bash", "launchers/slurm/torchrun.sbatch", *args], cwd=H.REPO, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -134,7 +134,7 @@ def test_slurm_dry_run_for_a_fake_two_node_allocation(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("[node 0 gpu07]") and lines[1].startswith("[node 1 gpu08]")
     for ln in lines:
         assert "--nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=gpu07:29500" in ln
-        assert "--rdzv_id=4242 launchers/pretrain.py --config configs/debug/toy_pretrain.yaml engine.name=fsdp2" in ln
+        assert "--rdzv_id=4242 launchers/pretrain.py --config configs/debug/synthetic_pretrain.yaml engine.name=fsdp2" in ln
     p = subprocess.run(["bash", "launchers/slurm/deepspeed.sbatch", *args[:2], "engine.name=deepspeed"], cwd=H.REPO,
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -11,8 +11,7 @@ import _helpers_train as H  # noqa: E402
 
 from usp_scale.checkpoint import CheckpointManager, IncompatibleCheckpoint  # noqa: E402
 from usp_scale.training import NonFiniteError, Trainer, run  # noqa: E402
-from usp_scale.training.tasks import PretrainTask, build_task  # noqa: E402
-from usp_scale.training.toy import ToyDiffusion, ToyTransport  # noqa: E402
+from usp_scale.training.tasks import PretrainTask  # noqa: E402
 
 
 def cfg_for(tmp_path, *over, engine="local"):
@@ -155,46 +154,6 @@ def test_k_nonfinite_in_a_row_checkpoints_and_stops(tmp_path):
 
 # ------------------------------------------------------------------------------------------ tasks
 
-@pytest.mark.parametrize("task", ["dit", "sit"])
-def test_toy_generative_tasks_run_with_ema_and_official_export(tmp_path, task):
-    cfg = cfg_for(tmp_path, f"task={task}", "model.name=toy_dit", "schedule.name=constant", "optim.lr=1e-3",
-                  "optim.weight_decay=0.0", "ema.decay=0.9999", "schedule.max_steps=3")
-    kw = {"diffusion": ToyDiffusion()} if task == "dit" else {"transport": ToyTransport()}
-    res = Trainer(cfg, task=build_task(cfg, **kw)).fit()
-    off = torch.load(res["exports"]["official"], weights_only=False)
-    assert os.path.basename(res["exports"]["official"]) == "0000003.pt"
-    assert set(off) == {"model", "ema", "opt", "args"} and off["args"]["task"] == task
-    assert set(off["ema"]) == set(off["model"])
-    # EMA after 3 steps at 0.9999 is still (almost) the initial weights, the model is not
-    w0 = off["model"]["out.weight"]
-    assert not torch.equal(off["ema"]["out.weight"], w0)
-
-
-def test_cls_task_layer_decay_mixup_and_eval(tmp_path):
-    cfg = cfg_for(tmp_path, "task=cls", "model.name=toy_cls", "optim.layer_decay=0.75", "mixup=0.8", "cutmix=1.0",
-                  "schedule.max_steps=4", "optim.beta2=0.999", "model.num_classes=10")
-    trainer = Trainer(cfg)
-    res = trainer.fit()
-    ev = res["eval"]
-    assert 0.0 <= ev["top1"] <= ev["top5"] <= 100.0 and ev["val_samples"] > 0
-    scales = sorted({g["lr_scale"] for g in trainer.engine.param_groups})
-    assert scales == pytest.approx([0.421875, 0.5625, 0.75, 1.0])
-    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert any(r["kind"] == "eval" and "top5" in r for r in recs)
-
-
-def test_linprobe_trains_only_the_bn_linear_head(tmp_path):
-    cfg = cfg_for(tmp_path, "task=linprobe", "model.name=toy_cls", "optim.name=lars", "optim.blr=0.1",
-                  "optim.weight_decay=0.0", "schedule.max_steps=3", "ema.decay=0.0")
-    trainer = Trainer(cfg)
-    trainer.fit()
-    model = trainer.engine.unwrapped
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"head.1.weight", "head.1.bias"}
-    assert isinstance(model.head[0], torch.nn.BatchNorm1d) and model.head[0].affine is False
-    assert type(trainer.engine.optimizer).__name__ == "LARS"
-
-
 # ------------------------------------------------------------------------------------------ CLI
 
 def test_launcher_cli(tmp_path, capsys):
@@ -203,7 +162,7 @@ def test_launcher_cli(tmp_path, capsys):
     assert main(["--help-config"]) == 0
     out = capsys.readouterr().out
     assert "engine.zero_stage" in out and "checkpoint.keep_last" in out
-    cfgp = os.path.join(H.REPO, "configs", "debug", "toy_pretrain.yaml")
+    cfgp = os.path.join(H.REPO, "configs", "debug", "synthetic_pretrain.yaml")
     assert main(["--config", cfgp, "--deepspeed_config", "x.json"]) == 2
     assert "engine.name=deepspeed" in capsys.readouterr().err
     assert main(["--config", cfgp, "task=dit"]) == 2
@@ -217,14 +176,14 @@ def test_launcher_cli(tmp_path, capsys):
 
 def test_tiny_pretrain_transfer_dit_pipeline_loss_goes_down(tmp_path):
     """Real tiny MAE pretrain -> init a DiT-tiny/2-VAE-simple from its export (transfer) -> DDPM finetune."""
-    res = run(H.trainer_cfg("local", str(tmp_path / "mae"), **{"schedule.max_steps": 30, "data.root": "toy:64",
+    res = run(H.trainer_cfg("local", str(tmp_path / "mae"), **{"schedule.max_steps": 30, "data.synthetic_samples": 64,
                                                                 "ema.decay": 0.0, "log_every": 5}))
     mae = [json.loads(line)["loss"] for line in open(tmp_path / "mae" / "metrics.jsonl")]
     assert mae[-1] < mae[0]
     dit_cfg = H.trainer_cfg("local", str(tmp_path / "dit"), **{
         "task": "dit", "model.name": "DiT-tiny/2-VAE-simple", "model.num_classes": 10, "schedule.name": "constant",
         "optim.lr": 1e-3, "optim.weight_decay": 0.0, "optim.beta2": 0.999, "schedule.max_steps": 40,
-        "schedule.accum_iter": 1, "ema.decay": 0.999, "data.root": "toy:64", "log_every": 5,
+        "schedule.accum_iter": 1, "ema.decay": 0.999, "data.synthetic_samples": 64, "log_every": 5,
         "checkpoint.init_from": res["exports"]["model"]})
     out = run(dit_cfg)
     dit = [json.loads(line)["loss"] for line in open(tmp_path / "dit" / "metrics.jsonl")]
@@ -240,20 +199,27 @@ def test_tiny_pretrain_transfer_dit_pipeline_loss_goes_down(tmp_path):
 
 
 def test_real_cls_and_linprobe_tasks(tmp_path):
-    for task, extra in (("cls", {"optim.layer_decay": 0.75, "model.drop_path_rate": 0.1}),
+    """cls: layer decay, mixup/cutmix, top-1/top-5 eval records; linprobe: only the BN + Linear head trains, LARS."""
+    for task, extra in (("cls", {"optim.layer_decay": 0.75, "model.drop_path_rate": 0.1, "mixup": 0.8,
+                                 "cutmix": 1.0, "optim.beta2": 0.999}),
                         ("linprobe", {"optim.name": "lars", "optim.blr": 0.1, "optim.weight_decay": 0.0,
                                       "model.global_pool": "token"})):
         cfg = H.trainer_cfg("local", str(tmp_path / task), **{
             "task": task, "model.name": "vit_tiny_patch16_vae", "model.num_classes": 10, "schedule.max_steps": 3,
-            "ema.decay": 0.0, "data.root": "toy:64", **extra})
+            "ema.decay": 0.0, "data.synthetic_samples": 64, **extra})
         t = Trainer(cfg)
         res = t.fit()
-        assert 0 <= res["eval"]["top1"] <= res["eval"]["top5"] <= 100
+        assert 0 <= res["eval"]["top1"] <= res["eval"]["top5"] <= 100 and res["eval"]["val_samples"] > 0
+        model = t.engine.unwrapped
         if task == "linprobe":
-            assert {n for n, p in t.engine.unwrapped.named_parameters() if p.requires_grad} == \
-                {"head.1.weight", "head.1.bias"}
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.1.weight", "head.1.bias"}
+            assert isinstance(model.head[0], torch.nn.BatchNorm1d) and model.head[0].affine is False
+            assert type(t.engine.optimizer).__name__ == "LARS"
         else:
-            assert len({g["lr_scale"] for g in t.engine.param_groups}) == 4  # depth 2 -> layers 0..3
+            scales = sorted({g["lr_scale"] for g in t.engine.param_groups})  # depth 2 -> layers 0..3
+            assert scales == pytest.approx([0.421875, 0.5625, 0.75, 1.0])
+            recs = [json.loads(line) for line in open(tmp_path / task / "metrics.jsonl")]
+            assert any(r["kind"] == "eval" and "top5" in r for r in recs)
 
 
 def test_task_model_family_mismatch_is_an_error(tmp_path):
@@ -283,7 +249,7 @@ def test_stop_file_checkpoints_and_exits_then_resume_finishes(tmp_path):
 
 
 class _RngHungryLoader:
-    """Toy loader that draws from the global CPU RNG when an epoch starts, like torch's DataLoader does."""
+    """Loader wrapper that draws from the global CPU RNG when an epoch starts, like torch's DataLoader does."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -348,10 +314,11 @@ def test_exact_resume_with_the_real_image_pipeline(tmp_path):
 
 @pytest.mark.parametrize("task,model", [("sit", "SiT-tiny/2"), ("dit", "DiT-tiny/2")])
 def test_real_generative_tasks_with_real_losses(tmp_path, task, model):
-    """The registry models with usp_scale.diffusion / usp_scale.transport losses through the launcher CLI."""
+    """The registry models with usp_scale.diffusion / usp_scale.transport losses through the launcher CLI;
+    EMA and the official export (model, ema, opt, args)."""
     from usp_scale.training.cli import main
 
-    rc = main(["--task", task, "--config", os.path.join(H.REPO, "configs", "debug", "toy_pretrain.yaml"),
+    rc = main(["--task", task, "--config", os.path.join(H.REPO, "configs", "debug", "synthetic_pretrain.yaml"),
                f"output_dir={tmp_path}/{task}", f"model.name={model}", "model.num_classes=10", "schedule.name=constant",
                "optim.lr=1e-3", "optim.weight_decay=0.0", "schedule.max_steps=4", "ema.decay=0.9999",
                "engine.precision=fp32"], finetune=True)
@@ -359,4 +326,8 @@ def test_real_generative_tasks_with_real_losses(tmp_path, task, model):
     recs = [json.loads(line) for line in open(tmp_path / task / "metrics.jsonl")]
     assert len(recs) == 4 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in recs)
     off = torch.load(str(tmp_path / task / "export" / "0000004.pt"), weights_only=False)
-    assert set(off) == {"model", "ema", "opt", "args"} and "pos_embed" in off["ema"]
+    assert set(off) == {"model", "ema", "opt", "args"} and off["args"]["task"] == task
+    assert set(off["ema"]) == set(off["model"]) and "pos_embed" in off["ema"]
+    # EMA after 4 steps at 0.9999 is still (almost) the initial weights, the model is not
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(off["ema"][w], off["model"][w])

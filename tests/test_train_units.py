@@ -8,10 +8,18 @@ import torch.nn as nn
 from usp_scale.config import ConfigError, OptimConfig, ScheduleConfig
 from usp_scale.engine.deepspeed_engine import generate_config, merge_user_config
 from usp_scale.engine.dist import detect, expand_slurm_nodelist
+from usp_scale.models import create_model
 from usp_scale.training.ema import EMA
 from usp_scale.training.optim import LARS, build_optimizer, param_groups
 from usp_scale.training.schedule import LRSchedule
-from usp_scale.training.toy import ToyClassifier, ToyMAE
+
+
+def _mae():
+    return create_model("vit_tiny_patch_vae", img_size=8, in_chans=4)
+
+
+def _classifier():
+    return create_model("vit_tiny_patch16_vae", img_size=8, in_chans=4, num_classes=10)  # depth 2
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -58,30 +66,30 @@ def test_constant_schedule_and_max_steps():
 # ------------------------------------------------------------------------------------------ param groups
 
 def test_pretrain_weight_decay_groups_follow_timm_rule():
-    """ndim <= 1 and '.bias' undecayed; cls/mask tokens (3-D) decayed; frozen pos_embed not in the optimizer."""
-    m = ToyMAE()
+    """ndim <= 1 and '.bias' undecayed; cls/mask tokens (3-D) decayed; frozen pos embeds not in the optimizer."""
+    m = _mae()
     groups = param_groups(m, 0.05)
     by_name = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
-    assert "pos_embed" not in by_name
+    assert "pos_embed" not in by_name and "decoder_pos_embed" not in by_name
     assert by_name["cls_token"] == 0.05 and by_name["mask_token"] == 0.05
-    assert by_name["patch_embed.weight"] == 0.05 and by_name["patch_embed.bias"] == 0.0
-    assert by_name["blocks.0.norm.weight"] == 0.0 and by_name["blocks.0.fc1.weight"] == 0.05
+    assert by_name["patch_embed.proj.weight"] == 0.05 and by_name["patch_embed.proj.bias"] == 0.0
+    assert by_name["blocks.0.norm1.weight"] == 0.0 and by_name["blocks.0.mlp.fc1.weight"] == 0.05
     n_trainable = sum(1 for p in m.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in groups) == n_trainable
 
 
 def test_layer_decay_groups_hand_computed():
     """depth 2 -> num_layers 3: embeddings 0.75^3, block0 0.75^2, block1 0.75, head/fc_norm 1."""
-    m = ToyClassifier(depth=2)
+    m = _classifier()
     groups = param_groups(m, 0.05, no_weight_decay_list=m.no_weight_decay(), layer_decay=0.75)
     scale = {n: (g["lr_scale"], g["weight_decay"]) for g in groups for n in g["param_names"]}
-    assert scale["patch_embed.weight"] == (0.421875, 0.05)
+    assert scale["patch_embed.proj.weight"] == (0.421875, 0.05)
     assert scale["pos_embed"] == (0.421875, 0.0) and scale["cls_token"] == (0.421875, 0.0)
-    assert scale["blocks.0.fc1.weight"] == (0.5625, 0.05) and scale["blocks.0.fc1.bias"] == (0.5625, 0.0)
-    assert scale["blocks.1.fc2.weight"] == (0.75, 0.05)
+    assert scale["blocks.0.mlp.fc1.weight"] == (0.5625, 0.05) and scale["blocks.0.mlp.fc1.bias"] == (0.5625, 0.0)
+    assert scale["blocks.1.mlp.fc2.weight"] == (0.75, 0.05)
     assert scale["head.weight"] == (1.0, 0.05) and scale["fc_norm.weight"] == (1.0, 0.0)
     # the name-based fallback (model without param_groups_layer_id) gives the same ids
-    m2 = ToyClassifier(depth=2)
+    m2 = _classifier()
     m2.param_groups_layer_id = None
     g2 = param_groups(m2, 0.05, no_weight_decay_list=m.no_weight_decay(), layer_decay=0.75)
     assert {n: g["lr_scale"] for g in g2 for n in g["param_names"]} == {n: v[0] for n, v in scale.items()}
@@ -106,7 +114,7 @@ def test_lars_step_hand_computed():
 
 
 def test_build_optimizer_errors_and_adamw_settings():
-    m = ToyMAE()
+    m = _mae()
     opt = build_optimizer(OptimConfig(lr=1e-3), param_groups(m, 0.05), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
     with pytest.raises(ConfigError, match="apex"):

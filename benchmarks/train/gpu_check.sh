@@ -20,7 +20,7 @@ r = H.run_resume_pair("local", os.path.join(out, "resume"), **{"engine.precision
 print("GPU local bf16 exact resume:", r["full"] == r["split"], r["model_equal"], r["ema_equal"], r["full"][:3])
 PYEOF
 for eng in ddp fsdp2; do
-  $PY -m torch.distributed.run --nproc_per_node 1 launchers/pretrain.py --config configs/debug/toy_pretrain.yaml \
+  $PY -m torch.distributed.run --nproc_per_node 1 launchers/pretrain.py --config configs/debug/synthetic_pretrain.yaml \
       output_dir="$OUT/$eng" engine.name=$eng schedule.max_steps=6 progress=false 2>&1 | grep -E "done|Error|error" | tail -3
   tail -1 "$OUT/$eng/metrics.jsonl"
 done

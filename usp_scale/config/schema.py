@@ -19,7 +19,8 @@ MISSING = "???"
 class DataConfig:
     # Dataset root: ImageFolder (one folder per class) or a folder of WebDataset .tar shards.
     root: str = ""
-    # "folder" (ImageFolder layout), "wds" (WebDataset tar shards) or "latents" (a latent cache).
+    # "folder" (ImageFolder layout), "wds" (WebDataset tar shards), "latents" (a latent cache) or
+    # "synthetic" (random latents and labels, no files: throughput benchmarks and smoke tests).
     format: str = "folder"
     # Sub-folder of root holding the split, e.g. "train" or "val" ("" = root itself).
     split: str = "train"
@@ -57,6 +58,8 @@ class DataConfig:
     latent_verify: str = "size"
     # DALI: check each file for a complete JPEG/PNG ending before decoding, skipping and reporting truncated ones.
     dali_precheck: bool = True
+    # data.format=synthetic: number of random latent samples per epoch (the validation stream has as many).
+    synthetic_samples: int = 1024
 
 
 @dataclass

@@ -63,13 +63,21 @@ def _expected_latent_shape(vae_cfg, image_size: int):
 
 
 def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True,
-                 device="cpu"):
+                 device="cpu", latent_shape=None, num_classes=None):
     """Resumable loader yielding ``{"latents": (N,C,h,w) fp32 scaled, "labels": (N,) long, "index"}`` on device.
 
     ``data.format == "latents"``: reads the cache at ``data.latent_cache`` (``data.latent_cache_val`` for
     train=False; without it evaluation encodes ``data.val_split`` online). Otherwise images are decoded
     (DALI or torchvision, ``data.loader``) and encoded by the frozen VAE on the fly.
+    ``data.format == "synthetic"``: ``data.synthetic_samples`` random latents of ``latent_shape`` (the model's
+    (C,h,w); default: the VAE's latent shape at ``data.image_size``) with labels below ``num_classes``
+    (default ``data.num_classes``), no files and no VAE.
     """
+    if data_cfg.format == "synthetic":
+        from .synthetic_latents import build_synthetic_loader
+        shape = latent_shape or _expected_latent_shape(vae_cfg, data_cfg.image_size)
+        return build_synthetic_loader(data_cfg, shape, num_classes or data_cfg.num_classes, rank=rank,
+                                      world_size=world_size, seed=seed, train=train, device=device)
     from ..vae import SCALE, FrozenVAE
     cache_path = data_cfg.latent_cache if train else data_cfg.latent_cache_val
     if data_cfg.format == "latents" and cache_path:

@@ -188,4 +188,5 @@ def build_dataset(root: str, split: str, fmt: str = "folder") -> ImageDataset:
         return ImageFolderDataset(root, split)
     if fmt == "wds":
         return TarDataset(root, split)
-    raise DatasetError(f"data.format={fmt!r} is not an image format; use 'folder' or 'wds' ('latents' reads a cache)")
+    raise DatasetError(f"data.format={fmt!r} is not an image format; use 'folder' or 'wds' "
+                       "('latents' reads a cache, 'synthetic' draws random latents)")

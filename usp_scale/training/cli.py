@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 EXAMPLES = """
 examples:
-  python {prog} --config configs/debug/toy_pretrain.yaml
+  python {prog} --config configs/debug/synthetic_pretrain.yaml
   torchrun --nproc_per_node 8 {prog} --config CONFIG engine.name=fsdp2
   deepspeed --hostfile hostfile {prog} --config CONFIG engine.name=deepspeed engine.zero_stage=2
   python {prog} --help-config          # every config key, its default and documentation
@@ -24,7 +24,7 @@ def build_parser(prog: str, finetune: bool) -> argparse.ArgumentParser:
             if finetune else "Masked latent pretraining (MAE on frozen VAE latents).")
     ap = argparse.ArgumentParser(prog=prog, description=desc, epilog=EXAMPLES.format(prog=prog),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML recipe (e.g. configs/debug/toy_pretrain.yaml); "
+    ap.add_argument("--config", default=None, help="YAML recipe (e.g. configs/debug/synthetic_pretrain.yaml); "
                     "trailing key=value arguments override it")
     if finetune:
         ap.add_argument("--task", choices=["dit", "sit", "cls", "linprobe"], default=None,

@@ -15,27 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..models import create_model
+from ..models.registry import model_family
 from . import optim as O
-
-
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Toy models for tests (``toy_*``), else :func:`usp_scale.models.create_model`."""
-    if name.startswith("toy_"):
-        from .toy import create_toy_model
-
-        return create_toy_model(name, **kwargs)
-    from ..models import create_model as _create
-
-    return _create(name, **kwargs)
-
-
-def model_family(name: str) -> str:
-    """"mae", "dit", "sit", "vit" (real registry) or "toy"."""
-    if name.startswith("toy_"):
-        return "toy"
-    from ..models.registry import model_family as _family
-
-    return _family(name)
 
 
 def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None:
@@ -67,7 +49,7 @@ class Task:
     def build_model(self) -> nn.Module:
         family = model_family(self.cfg.model.name)
         expected = {"pretrain": "mae", "dit": "dit", "sit": "sit", "cls": "vit", "linprobe": "vit"}[self.name]
-        if family not in (expected, "toy"):
+        if family != expected:
             raise ConfigError(f"task={self.name} needs a {expected} model, model.name={self.cfg.model.name!r} is a "
                               f"{family} model")
         kwargs = self.model_kwargs()
@@ -138,9 +120,6 @@ class DiTTask(Task):
 
     def model_kwargs(self):
         m = self.cfg.model
-        if model_family(m.name) == "toy":
-            return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
-                        learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
         return dict(input_size=m.img_size, in_channels=m.in_chans, num_classes=m.num_classes,
                     learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
                     cfg_official_channels=m.cfg_official_channels)
@@ -241,19 +220,13 @@ class LinprobeTask(ClsTask):
 
     def model_kwargs(self):
         m = self.cfg.model
-        kw = dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool)
-        if model_family(m.name) != "toy":
-            kw["linprobe"] = True  # the model builds its BatchNorm1d(affine=False) + Linear head
-        return kw
+        # linprobe=True: the model builds its BatchNorm1d(affine=False) + Linear head
+        return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool,
+                    linprobe=True)
 
     def build_model(self):
         model = super().build_model()
-        head = getattr(model, "head", None)
-        if isinstance(head, nn.Linear):  # toy models: add the BN in front of the head here
-            nn.init.trunc_normal_(head.weight, std=0.01)
-            nn.init.zeros_(head.bias)
-            model.head = nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
-        if not (isinstance(model.head, nn.Sequential) and isinstance(model.head[0], nn.BatchNorm1d)):
+        if not (isinstance(getattr(model, "head", None), nn.Sequential) and isinstance(model.head[0], nn.BatchNorm1d)):
             raise ConfigError(f"task=linprobe: model {self.cfg.model.name} has no BatchNorm1d + Linear 'head'")
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("head.")

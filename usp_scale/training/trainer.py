@@ -41,21 +41,12 @@ class NonFiniteError(RuntimeError):
 
 
 def default_loader(cfg, *, rank: int, world_size: int, device, train: bool = True):
-    """``data.root: toy:N`` -> the toy loader; otherwise :func:`usp_scale.data.build_loader`."""
-    if cfg.data.root.startswith("toy:"):
-        from .toy import ToyLatentLoader
-
-        n = int(cfg.data.root.split(":", 1)[1])
-        if not train:
-            n = max(n // 4, cfg.data.batch_size * world_size)
-        return ToyLatentLoader(n, batch_size=cfg.data.batch_size, rank=rank, world_size=world_size,
-                               seed=cfg.seed + (0 if train else 7), shape=(cfg.model.in_chans, cfg.model.img_size,
-                                                                           cfg.model.img_size),
-                               num_classes=cfg.model.num_classes, device=device)
+    """:func:`usp_scale.data.build_loader`; ``data.format=synthetic`` draws latents of the model's shape."""
     from ..data import build_loader
 
+    m = cfg.model
     return build_loader(cfg.data, cfg.vae, rank=rank, world_size=world_size, seed=cfg.seed, train=train,
-                        device=device)
+                        device=device, latent_shape=(m.in_chans, m.img_size, m.img_size), num_classes=m.num_classes)
 
 
 def _seed_all(seed: int) -> None:
@@ -128,10 +119,9 @@ class Trainer:
             save_config(cfg, os.path.join(out, "config.yaml"))
         self._install_signals()
 
-        if not cfg.model.name.startswith("toy_"):
-            from ..layers.attention import configure_attention
+        from ..layers.attention import configure_attention
 
-            configure_attention(cfg.model.attn_backend, self.device)
+        configure_attention(cfg.model.attn_backend, self.device)
         # Model: the same initialisation on every rank, then per-rank randomness.
         _seed_all(cfg.seed)
         model = self.task.build_model()

@@ -1,0 +1,68 @@
+"""``data.format: synthetic``: random latents and labels, no files and no VAE.
+
+For throughput benchmarks and smoke tests. Sample ``i`` of a stream is a standard-normal latent of the
+model's latent shape and a uniform label, both drawn from a generator seeded by (seed, stream, i), so a
+sample is the same on every rank, epoch and run. The loader shards and shuffles indices with
+:class:`ShardSampler` like the real loaders and follows the same resumable contract
+(:mod:`usp_scale.data.loaders`). Not to be confused with :mod:`usp_scale.data.synthetic`, which writes a
+small dataset of real JPEG files.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .loaders import ResumableLoader
+from .sampler import ShardSampler
+from .transforms import sample_seed
+
+STREAMS = {"train": 0, "val": 1}
+
+
+def synthetic_sample(seed: int, stream: int, index: int, shape: Sequence[int], num_classes: int):
+    """One sample: ``(latent (C,h,w) fp32, label int)``, deterministic per (seed, stream, index)."""
+    g = torch.Generator().manual_seed(sample_seed(seed, stream, index))
+    z = torch.randn(*shape, generator=g)
+    y = int(torch.randint(0, num_classes, (1,), generator=g))
+    return z, y
+
+
+class SyntheticLatentLoader(ResumableLoader):
+    """Yields ``{"latents": (N,C,h,w) fp32, "labels": (N,) long, "index": (N,) long}`` on device."""
+
+    def __init__(self, sampler: ShardSampler, *, shape: Sequence[int], num_classes: int, stream: int = 0,
+                 device="cpu"):
+        super().__init__(sampler)
+        if num_classes < 1:
+            raise ValueError(f"data.format=synthetic needs num_classes >= 1, got {num_classes}")
+        self.shape, self.num_classes, self.stream = tuple(int(s) for s in shape), int(num_classes), int(stream)
+        self.device = torch.device(device)
+
+    def _iter_from(self, start: int):
+        pin = self.device.type == "cuda"
+        for batch in self.sampler.batches(start):
+            zs, ys = zip(*(synthetic_sample(self.sampler.seed, self.stream, i, self.shape, self.num_classes)
+                           for i in batch))
+            z = torch.stack(zs)  # (N, C, h, w)
+            if pin:
+                z = z.pin_memory()
+            yield {"latents": z.to(self.device, non_blocking=pin),
+                   "labels": torch.tensor(ys, dtype=torch.long).to(self.device),
+                   "index": torch.tensor(batch, dtype=torch.long).to(self.device)}
+
+
+def build_synthetic_loader(data_cfg, shape: Sequence[int], num_classes: int, *, rank: int = 0, world_size: int = 1,
+                           seed: int = 0, train: bool = True, device="cpu") -> SyntheticLatentLoader:
+    """``data.synthetic_samples`` samples; train: shuffled equal shards, eval: in order, each sample once."""
+    n = int(data_cfg.synthetic_samples)
+    if n < 1:
+        raise ValueError(f"data.format=synthetic needs data.synthetic_samples >= 1, got {n}")
+    drop_last = data_cfg.drop_last if train else False
+    sampler = ShardSampler(n, rank, world_size, seed, shuffle=train, even=train, batch_size=data_cfg.batch_size,
+                           drop_last=drop_last)
+    if sampler.num_batches() == 0:
+        raise ValueError(f"data.synthetic_samples={n} is smaller than one global batch (data.batch_size="
+                         f"{data_cfg.batch_size} x {world_size} ranks): raise data.synthetic_samples")
+    return SyntheticLatentLoader(sampler, shape=shape, num_classes=num_classes,
+                                 stream=STREAMS["train" if train else "val"], device=device)
