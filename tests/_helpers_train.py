@@ -73,7 +73,10 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
 
     torch.manual_seed(0)
     model = engine_model()
-    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, fused=False)
+    # eps 1e-4: AdamW's per-element normalisation would turn the reduction-order noise on parameters whose true
+    # gradient is ~0 (e.g. the key bias, softmax-invariant) into full-size steps; a large eps keeps updates
+    # proportional to the gradient, which also makes a wrong gradient scale (e.g. sum vs mean) visible.
+    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=False)
     per = global_batch // world
     eng = build_engine(engine_cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
                        accum_iter=accum, clip_grad=clip, micro_batch=per)

@@ -331,3 +331,25 @@ def test_real_generative_tasks_with_real_losses(tmp_path, task, model):
     # EMA after 4 steps at 0.9999 is still (almost) the initial weights, the model is not
     w = "blocks.0.attn.qkv.weight"
     assert not torch.equal(off["ema"][w], off["model"][w])
+
+
+def test_bench_step_smoke_times_each_kernel_choice(tmp_path, capsys):
+    """benchmarks/train/bench_step.py --smoke: tiny real model, synthetic latents, one row per kernels choice."""
+    import csv
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(H.REPO, "benchmarks", "train",
+                                                                             "bench_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.csv"
+    assert bench.main(["--smoke", "--models", "MAE-tiny", "--kernels", "torch,auto", "--device", "cpu",
+                       "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["model"], r["kernels"], r["compile"]) for r in rows] == [("MAE-tiny", "torch", "False"),
+                                                                        ("MAE-tiny", "auto", "False")]
+    assert rows[0]["vs_torch_eager"] == "1.0" and float(rows[1]["samples_per_s"]) > 0
+    assert rows[0]["grad_norm"] == rows[1]["grad_norm"]  # CPU: "auto" is the torch path, same batch and init
+    assert {"date", "device", "torch"} <= set(rows[0])
+    with pytest.raises(SystemExit, match="--kernels"):
+        bench.main(["--smoke", "--kernels", "cuda"])
