@@ -64,7 +64,8 @@ def engine_data(steps: int, accum: int, global_batch: int):
 
 def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan_at=None, nan_rank=None,
                   rank=0, world=1):
-    """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the final full weights."""
+    """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the
+    final full weights."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
