@@ -4,7 +4,8 @@ import torch
 
 from usp_scale.config import DataConfig, VAEConfig
 from usp_scale.data import build_loader
-from usp_scale.data.synthetic_latents import STREAMS, synthetic_sample
+from usp_scale.data.sampler import ShardSampler
+from usp_scale.data.synthetic_latents import STREAMS, SyntheticLatentLoader, synthetic_sample
 
 
 def _cfg(**kw):
@@ -84,3 +85,19 @@ def test_shape_from_the_model_or_the_vae_and_errors():
         _loader(0, 2, synthetic_samples=6)
     with pytest.raises(ValueError, match="synthetic_samples >= 1"):
         _loader(synthetic_samples=0)
+
+
+def test_the_host_cache_changes_nothing():
+    def epochs(cache_bytes):
+        ld = SyntheticLatentLoader(ShardSampler(12, seed=5, batch_size=4), shape=(2, 4, 4), num_classes=3,
+                                   cache_bytes=cache_bytes)
+        out = []
+        for e in range(2):
+            ld.set_epoch(e)
+            out += [b["latents"] for b in ld]
+        return out, len(ld._cache)
+
+    cached, n_cached = epochs(1 << 20)
+    fresh, n_fresh = epochs(0)
+    assert n_cached == 12 and n_fresh == 0
+    assert all(torch.equal(a, b) for a, b in zip(cached, fresh)) and len(cached) == 6

@@ -29,21 +29,34 @@ def synthetic_sample(seed: int, stream: int, index: int, shape: Sequence[int], n
 
 
 class SyntheticLatentLoader(ResumableLoader):
-    """Yields ``{"latents": (N,C,h,w) fp32, "labels": (N,) long, "index": (N,) long}`` on device."""
+    """Yields ``{"latents": (N,C,h,w) fp32, "labels": (N,) long, "index": (N,) long}`` on device.
+
+    Drawn samples are kept in host memory up to ``cache_bytes`` (later epochs then cost no generation time);
+    beyond it they are drawn again each time, with the same values.
+    """
 
     def __init__(self, sampler: ShardSampler, *, shape: Sequence[int], num_classes: int, stream: int = 0,
-                 device="cpu"):
+                 device="cpu", cache_bytes: int = 1 << 30):
         super().__init__(sampler)
         if num_classes < 1:
             raise ValueError(f"data.format=synthetic needs num_classes >= 1, got {num_classes}")
         self.shape, self.num_classes, self.stream = tuple(int(s) for s in shape), int(num_classes), int(stream)
         self.device = torch.device(device)
+        self._cache: dict = {}
+        self._cache_max = cache_bytes // (4 * max(1, torch.Size(self.shape).numel()))
+
+    def _sample(self, i: int):
+        hit = self._cache.get(i)
+        if hit is None:
+            hit = synthetic_sample(self.sampler.seed, self.stream, i, self.shape, self.num_classes)
+            if len(self._cache) < self._cache_max:
+                self._cache[i] = hit
+        return hit
 
     def _iter_from(self, start: int):
         pin = self.device.type == "cuda"
         for batch in self.sampler.batches(start):
-            zs, ys = zip(*(synthetic_sample(self.sampler.seed, self.stream, i, self.shape, self.num_classes)
-                           for i in batch))
+            zs, ys = zip(*(self._sample(i) for i in batch))
             z = torch.stack(zs)  # (N, C, h, w)
             if pin:
                 z = z.pin_memory()
