@@ -72,6 +72,9 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
     from usp_scale.engine import build_engine
     from usp_scale.training.optim import build_optimizer, param_groups
 
+    from usp_scale.layers.attention import reset_attention
+
+    reset_attention()  # the same attention path in every process, whatever earlier tests configured
     torch.manual_seed(0)
     model = engine_model()
     # eps 1e-4: AdamW's per-element normalisation would turn the reduction-order noise on parameters whose true

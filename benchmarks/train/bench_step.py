@@ -54,6 +54,7 @@ def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: in
               device, peak: float, ac: bool) -> dict:
     from usp_scale.config import JobConfig
     from usp_scale.engine import build_engine
+    from usp_scale.layers.attention import configure_attention
     from usp_scale.training.optim import build_optimizer
     from usp_scale.training.tasks import build_task
 
@@ -65,6 +66,8 @@ def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: in
     cfg.optim.lr = 1e-4
     cfg.data.batch_size = batch
     task = build_task(cfg)
+    # As the trainer does; it also forgets earlier rows' choices, whose probes would shift the RNG stream.
+    configure_attention(cfg.model.attn_backend, device)
     torch.manual_seed(0)
     model = task.build_model()
     flops = task.train_flops_per_sample(model)
