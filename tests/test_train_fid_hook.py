@@ -152,3 +152,26 @@ def test_fid_on_a_non_generative_task_is_an_error(tmp_path, synthetic):
     cfg = cfg_for(str(tmp_path / "p"), synthetic, "dit", "task=pretrain", "model.name=vit_tiny_patch_vae")
     with pytest.raises(ConfigError, match="eval.fid_every=2: in-training FID is for task=dit or sit"):
         Trainer(cfg).fit()
+
+
+@pytest.mark.slow
+def test_fid_hook_under_ddp_fsdp2_deepspeed_zero3_two_ranks(tmp_path, synthetic):
+    """World size 2: the logged FID equals an independent FID of the exported EMA (so every rank sampled with
+    the full gathered EMA), and 2 + resume + 2 steps reproduce the losses and FIDs of 4 steps."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _helpers_train as H
+
+    engines = ["ddp", "fsdp2", "deepspeed:3"]
+    p = H.torchrun(["tests/_helpers_fidhook.py", "--out", str(tmp_path), "--data", synthetic, "--engines", *engines],
+                   timeout=900)
+    assert p.stdout.count("FIDHOOK_OK") == 2, p.stdout[-3000:] + p.stderr[-5000:]
+    res = json.load(open(tmp_path / "fidhook.json"))
+    for e in engines:
+        r = res[e]
+        assert len(r["full_losses"]) == 4 and r["full_losses"] == r["split_losses"], e
+        assert [x[0] for x in r["full_eval"]] == [2, 4] and r["full_eval"] == r["split_eval"], e
+        assert all(x[2] == 10 and x[3] == "ema" for x in r["full_eval"]), e
+        assert r["grids"] == ["step_0000002.png", "step_0000004.png"], e
+        assert r["full_eval"][-1][1] == pytest.approx(r["independent_fid"], rel=1e-5), e
