@@ -143,6 +143,10 @@ class FIDHook:
                "grid": grid, "eval_seconds": time.perf_counter() - t0}
         if logger is not None:
             logger.log(rec)
+        if D.get_rank() == 0:
+            print(f"[usp_scale] eval step {step}: fid {rec['fid']:.4f} ({rec['num_samples']} samples, {rec['sampler']} "
+                  f"{rec['sampling_steps']} steps, {weights} weights, {rec['eval_seconds']:.1f} s); grid {grid}",
+                  flush=True)
         return rec
 
 
