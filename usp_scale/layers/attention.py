@@ -120,7 +120,7 @@ def _probe_input(key: "ShapeKey", device: torch.device) -> torch.Tensor:
 
 def _probe(name: str, key: "ShapeKey", device: torch.device) -> Optional[str]:
     """Run ``name`` once at this shape (forward and backward); None if it works, else the error text."""
-    B, H, N, d, dtype = key
+    dtype = key[4]
     if name in ("flash2", "flash3") and dtype not in (torch.float16, torch.bfloat16):
         return f"{name} needs fp16/bf16 inputs, got {dtype} (enable bf16 autocast or pick an SDPA backend)"
     try:
