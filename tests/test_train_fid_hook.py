@@ -123,6 +123,19 @@ def test_exact_resume_with_fid_on_and_fid_does_not_touch_the_training_rng(tmp_pa
     assert records(off, "eval") == [] and not os.path.exists(os.path.join(off, "samples"))
 
 
+def test_evaluation_missed_before_a_resume_is_caught_up(tmp_path, synthetic):
+    """A job stopped after its step-2 checkpoint but before the step-2 FID runs that FID first on resume."""
+    from usp_scale.training import run
+
+    out = str(tmp_path / "r")
+    run(cfg_for(out, synthetic, "dit", "schedule.max_steps=4", "stop_after_steps=2", "eval.fid_every=0"))
+    assert records(out, "eval") == []
+    run(cfg_for(out, synthetic, "dit", "schedule.max_steps=4"))
+    assert [r["step"] for r in records(out, "eval")] == [2, 4]
+    run(cfg_for(out, synthetic, "dit", "schedule.max_steps=4"))  # finished run resumed: nothing is redone
+    assert [r["step"] for r in records(out, "eval")] == [2, 4]
+
+
 @pytest.mark.parametrize("override,key", [
     ("eval.fid_reference=", "eval.fid_reference"),
     ("eval.fid_reference=/nonexistent/val", "eval.fid_reference=/nonexistent/val"),

@@ -92,6 +92,19 @@ class FIDHook:
         """Every ``eval.fid_every`` optimizer steps and at the last step, once per step."""
         return step != self.last_step and (step % self.cfg.eval.fid_every == 0 or step == total)
 
+    def catch_up(self, engine, ema, step: int, epoch: int, total: int, logger, progress: bool = False):
+        """After a resume at ``step``: run the evaluation due at ``step`` if metrics.jsonl has none (the
+        checkpoint is written first, so a job stopped during FID resumes here). Collective."""
+        from ..engine import dist as D
+
+        if step <= 0 or not self.due(step, total):
+            return None
+        done = any(r.get("kind") == "eval" and r.get("metric") == "fid" and r.get("step") == step
+                   for r in logger.read_all()) if D.get_rank() == 0 else True
+        if D.all_reduce_max(float(not done)) == 0.0:
+            return None
+        return self(engine, ema, step, epoch, logger, progress=progress)
+
     @torch.no_grad()
     def _load_weights(self, engine, ema) -> str:
         """Full weights (EMA over the model's) into the private copy on every rank; collective."""

@@ -184,6 +184,8 @@ class Trainer:
         if cfg.task in ("cls", "linprobe"):
             val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
                                              train=False)
+        if resume and self.fid_hook is not None:  # an evaluation interrupted after its checkpoint: run it now
+            self.fid_hook.catch_up(engine, self.ema, step, epoch, total, logger, progress=cfg.progress)
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, disable=not (self.is_main and cfg.progress), desc=cfg.task,
@@ -285,13 +287,13 @@ class Trainer:
                 elif self.world == 1 and self._signal_raw:
                     self._signal = True
 
-                if self.fid_hook is not None and not self._signal and self.fid_hook.due(step, total):
-                    ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
-                    win["t0"] += ev["eval_seconds"]  # keep evaluation time out of the throughput numbers
                 reached_stop = cfg.stop_after_steps > 0 and step - start_step >= cfg.stop_after_steps
                 every = cfg.checkpoint.every_steps
                 if (every > 0 and step % every == 0) or self._signal or reached_stop or step == total:
                     last_ckpt = self._save(step, epoch, micro_in_epoch)
+                if self.fid_hook is not None and not self._signal and self.fid_hook.due(step, total):
+                    ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
+                    win["t0"] += ev["eval_seconds"]  # keep evaluation time out of the throughput numbers
                 if self._signal:
                     self._print(f"[usp_scale] stop requested (signal or {STOP_FILE}): checkpointed at step {step}, "
                                 "exiting so that a requeued job resumes")
