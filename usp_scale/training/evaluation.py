@@ -116,12 +116,15 @@ class FIDHook:
             sd = {**sd, **engine.gather_ema(ema.state_dict())}
             which = "ema"
         rank, world = D.get_rank(), D.get_world_size()
+        bad = ""
         if rank == 0:
             missing, unexpected = self.model.load_state_dict(sd, strict=False)
             if missing or unexpected:
-                raise RuntimeError(f"in-training FID: engine weights do not match the model (missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]})")
+                bad = (f"in-training FID: the engine's weights do not match the model (missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]})")
         del sd
+        if D.all_reduce_max(float(bool(bad))) > 0:  # fail on every rank, not only on rank 0
+            raise RuntimeError(bad or "in-training FID: rank 0 could not load the engine's weights")
         self.model.to(self.device)
         if world > 1:
             import torch.distributed as dist
@@ -171,6 +174,10 @@ def build_fid_hook(cfg, task, model: nn.Module, loader, device) -> Optional[FIDH
     if cfg.task not in GENERATIVE_TASKS:
         raise ConfigError(f"eval.fid_every={cfg.eval.fid_every}: in-training FID is for task=dit or sit, "
                           f"not task={cfg.task}; set eval.fid_every=0")
-    process = task.diffusion if cfg.task == "dit" else task.transport
+    attr = "diffusion" if cfg.task == "dit" else "transport"
+    process = getattr(task, attr, None)
+    if process is None:
+        raise ConfigError(f"eval.fid_every={cfg.eval.fid_every}: task object {type(task).__name__} has no "
+                          f"'{attr}' to sample with")
     check_eval_config(cfg, process)
     return FIDHook(cfg, process, model, _frozen_vae(cfg, loader, device), device)
