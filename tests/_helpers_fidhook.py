@@ -71,11 +71,15 @@ def main() -> None:
         ref = evaluate_fid(model, task.diffusion, FrozenVAE.from_config(c.vae), c.eval, c.eval.fid_samples)
         if info.rank == 0:
             rf, rs = records(full), records(split)
+
+            def ev(recs):
+                return [(r["step"], r["fid"], r["num_samples"], r["weights"]) for r in recs if r["kind"] == "eval"]
+
             results[engine] = {
                 "full_losses": [r["loss"] for r in rf if r["kind"] == "train"],
                 "split_losses": [r["loss"] for r in rs if r["kind"] == "train"],
-                "full_eval": [(r["step"], r["fid"], r["num_samples"], r["weights"]) for r in rf if r["kind"] == "eval"],
-                "split_eval": [(r["step"], r["fid"], r["num_samples"], r["weights"]) for r in rs if r["kind"] == "eval"],
+                "full_eval": ev(rf),
+                "split_eval": ev(rs),
                 "grids": sorted(os.listdir(os.path.join(full, "samples"))),
                 "independent_fid": ref["fid"],
             }

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"kind", "step", "epoch", "metric", "fid", "num_samples", "sampler", "sampling_steps", "cfg_scale",
