@@ -92,16 +92,37 @@ def test_dit_fid_every_n_steps_and_at_the_end_matches_the_exported_ema(tmp_path,
     assert not np.array_equal(_png(ev[0]["grid"]), _png(ev[1]["grid"]))
 
 
+class _FakeWriter:
+    scalars = []
+
+    def __init__(self, logdir):
+        pass
+
+    def add_scalar(self, tag, value, step):
+        _FakeWriter.scalars.append((tag, value, step))
+
+    def close(self):
+        pass
+
+
 @pytest.mark.parametrize("sampler", ["sde", "euler"])
-def test_sit_fid_hook_with_the_model_weights_when_ema_is_off(tmp_path, synthetic, sampler):
+def test_sit_fid_hook_with_the_model_weights_when_ema_is_off(tmp_path, synthetic, sampler, monkeypatch):
+    import sys
+    import types
+
     from usp_scale.training import run
 
+    # TensorBoard is not installed here: a stand-in SummaryWriter records what the logger sends it.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_FakeWriter))
+    _FakeWriter.scalars = []
     out = str(tmp_path / "sit")
-    run(cfg_for(out, synthetic, "sit", f"eval.sampler={sampler}", "ema.decay=0", "schedule.max_steps=2"))
+    run(cfg_for(out, synthetic, "sit", f"eval.sampler={sampler}", "ema.decay=0", "schedule.max_steps=2",
+                "tensorboard=true"))
     ev = records(out, "eval")
     assert [r["step"] for r in ev] == [2]  # the step-2 evaluation is also the final one: not run twice
     assert ev[0]["sampler"] == sampler and ev[0]["weights"] == "model" and np.isfinite(ev[0]["fid"])
     assert os.path.isfile(os.path.join(out, "samples", "step_0000002.png"))
+    assert ("fid", ev[0]["fid"], 2) in _FakeWriter.scalars
 
 
 def test_exact_resume_with_fid_on_and_fid_does_not_touch_the_training_rng(tmp_path, synthetic):
