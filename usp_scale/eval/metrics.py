@@ -298,7 +298,7 @@ def make_records(results: dict, context: dict) -> list:
 
 
 def format_record(r: dict) -> str:
-    keys = ("num_samples",) + CONTEXT_KEYS
+    keys = ("num_samples",) + CONTEXT_KEYS + (("step",) if "step" in r else ())
     return f"{r['metric']}={r['value']:.6g} " + " ".join(f"{k}={r.get(k)}" for k in keys)
 
 

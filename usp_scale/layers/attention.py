@@ -111,15 +111,21 @@ def _fn_for(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return _sdpa_fn(name[len("sdpa_"):] if name.startswith("sdpa_") else name)
 
 
+def _probe_input(key: "ShapeKey", device: torch.device) -> torch.Tensor:
+    """Random packed qkv (B, N, 3, H, d) for probing/timing, from a private generator (global RNG untouched)."""
+    B, H, N, d, dtype = key
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(B, N, 3, H, d, device=device, dtype=dtype, generator=g).requires_grad_()
+
+
 def _probe(name: str, key: "ShapeKey", device: torch.device) -> Optional[str]:
     """Run ``name`` once at this shape (forward and backward); None if it works, else the error text."""
-    B, H, N, d, dtype = key
+    dtype = key[4]
     if name in ("flash2", "flash3") and dtype not in (torch.float16, torch.bfloat16):
         return f"{name} needs fp16/bf16 inputs, got {dtype} (enable bf16 autocast or pick an SDPA backend)"
     try:
         with torch.inference_mode(False), torch.enable_grad():   # the first call may come from sampling
-            qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
-            _fn_for(name)(qkv).sum().backward()
+            _fn_for(name)(_probe_input(key, device)).sum().backward()
     except Exception as e:  # "No available kernel", unsupported head dim, ...
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
@@ -127,11 +133,10 @@ def _probe(name: str, key: "ShapeKey", device: torch.device) -> Optional[str]:
 
 def _time_ms(name: str, key: "ShapeKey", device: torch.device, reps: int = 10) -> float:
     """Median forward+backward time (ms) of ``name`` at this shape, with CUDA events."""
-    B, H, N, d, dtype = key
     fn = _fn_for(name)
     times = []
     with torch.inference_mode(False), torch.enable_grad():
-        qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+        qkv = _probe_input(key, device)
         for _ in range(3):
             fn(qkv).sum().backward()
         for _ in range(reps):
@@ -222,10 +227,20 @@ def _choose_sdpa(key: ShapeKey, device: torch.device) -> Tuple[str, str]:
 
 @torch.compiler.disable
 def _choose(key: ShapeKey) -> Tuple[str, Callable]:
-    B, H, N, d, dtype = key
-    ck = (H, N, d, dtype)
+    """Backend for this shape, chosen once. Probing never touches the global CPU/CUDA RNG streams, so the
+    first forward at a new shape (e.g. after a resume, or in-training sampling) does not shift training noise."""
+    ck = key[1:]
     if ck in _CHOICES:
         return _CHOICES[ck]
+    device = _STATE["device"]
+    devices = [device] if device is not None and device.type == "cuda" and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return _choose_uncached(key)
+
+
+def _choose_uncached(key: ShapeKey) -> Tuple[str, Callable]:
+    B, H, N, d, dtype = key
+    ck = (H, N, d, dtype)
     backend, device = _STATE["backend"], _STATE["device"]
     if backend in ("math", "cudnn", "efficient", "flash2", "flash3"):
         name = backend if backend.startswith("flash") else f"sdpa_{backend}"

@@ -25,6 +25,7 @@ from ..config import ConfigError, save_config, to_dict
 from ..engine import build_engine
 from ..engine import dist as D
 from .ema import EMA
+from .evaluation import build_fid_hook
 from .logging import MetricsLogger
 from .optim import build_optimizer
 from .schedule import LRSchedule
@@ -136,6 +137,8 @@ class Trainer:
             raise ConfigError(f"the loader has {len(self.loader)} batches per epoch, fewer than "
                               f"schedule.accum_iter={accum}")
         global_batch = cfg.data.batch_size * accum * self.world
+        # In-training FID (dit/sit, eval.fid_every > 0): checks its settings now; keeps an unwrapped model copy.
+        self.fid_hook = build_fid_hook(cfg, self.task, model, self.loader, self.device)
 
         task = self.task
         self.engine = engine = build_engine(
@@ -171,6 +174,8 @@ class Trainer:
         if cfg.task in ("cls", "linprobe"):
             val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
                                              train=False)
+        if resume and self.fid_hook is not None:  # an evaluation interrupted after its checkpoint: run it now
+            self.fid_hook.catch_up(engine, self.ema, step, epoch, total, logger, progress=cfg.progress)
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, disable=not (self.is_main and cfg.progress), desc=cfg.task,
@@ -276,6 +281,9 @@ class Trainer:
                 every = cfg.checkpoint.every_steps
                 if (every > 0 and step % every == 0) or self._signal or reached_stop or step == total:
                     last_ckpt = self._save(step, epoch, micro_in_epoch)
+                if self.fid_hook is not None and not self._signal and self.fid_hook.due(step, total):
+                    ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
+                    win["t0"] += ev["eval_seconds"]  # keep evaluation time out of the throughput numbers
                 if self._signal:
                     self._print(f"[usp_scale] stop requested (signal or {STOP_FILE}): checkpointed at step {step}, "
                                 "exiting so that a requeued job resumes")
