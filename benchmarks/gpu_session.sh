@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Everything a short GPU lease should check and time, in order of value, each part under its own time
+# limit so that one slow part cannot eat the others. Logs and CSV/JSON rows go to OUT; copy them into
+# benchmarks/reports/ with the card's name afterwards.
+#
+#   bash benchmarks/gpu_session.sh OUT                      # all parts (~9 min on an H200)
+#   bash benchmarks/gpu_session.sh OUT kernels train        # chosen parts
+#
+# Parts:
+#   kernels  Triton kernels and attention dispatch vs their torch references on the GPU (correctness)
+#   train    one training step, MAE-XL and DiT-XL/2, batch 128, bf16: torch reference vs kernels=auto,
+#            eager and compiled (issue 4 goal: >= official compiled, 2,176 / 577 img/s on an H200)
+#   sample   DiT-XL/2 sampling throughput at batch 256 and the projected FID-50K GPU-hours
+#   micro    kernel micro-benchmarks (forward / backward / both vs eager and compiled torch)
+# The data benchmark (DALI decode, SD-VAE encode) needs diffusers and DALI wheels carried to the device:
+# see benchmarks/data/bench_loader.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: gpu_session.sh OUT [parts...]}
+shift
+PARTS=${*:-kernels train sample micro}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+mkdir -p "$OUT"
+$PY -c "import usp_scale.kernels" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e . \
+    > "$OUT/pip.log" 2>&1 || { echo "cannot install usp_scale (see $OUT/pip.log)"; exit 1; }
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_session.sh needs a CUDA GPU')" || exit 1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } \
+    | tee "$OUT/machine.txt"
+
+run() {  # run NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$? $(grep -vE '^W[0-9]{4}' "$OUT/$name.log" | tail -3 | tr '\n' ' ')"
+}
+
+for part in $PARTS; do
+  case $part in
+    kernels) run kernels 180 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_adaln.py tests/test_kernels_loss.py \
+               tests/test_kernels_patch_embed.py tests/test_kernels_unshuffle.py tests/test_kernels_models.py \
+               tests/test_attention_dispatch.py tests/test_attention_rng.py ;;
+    train)   run train 300 $PY benchmarks/train/bench_step.py --models MAE-XL,DiT-XL/2 --batch 128 --compile both \
+               --kernels torch,auto --steps 20 --warmup 5 --csv "$OUT/train_step.csv" ;;
+    sample)  run sample 180 $PY benchmarks/sample/bench_sampling.py --modes eager,compile --iters 10 --loop-steps 5 \
+               --out "$OUT/sampling.json" ;;
+    micro)   run micro 150 $PY benchmarks/kernels/run_all.py --quick --dtype bf16 --csv "$OUT/kernels.csv" ;;
+    *) echo "unknown part $part (kernels, train, sample, micro)"; exit 2 ;;
+  esac
+done
