@@ -93,7 +93,8 @@ class Engine:
 
     name = "base"
     # How EMA tensors of this engine are laid out: "replicated" (full on every rank), "dtensor"
-    # (FSDP2 shards, saved through DCP) or "per_rank" (DeepSpeed ZeRO-3 partitions).
+    # (FSDP2 shards, saved through DCP) or "per_rank" (DeepSpeed ZeRO-3 partitions, or ZeRO-1/2 fp32 master
+    # fragments in bf16/fp16).
     ema_layout = "replicated"
 
     def __init__(self, model: nn.Module, *, accum_iter: int = 1, clip_grad: float = 0.0,

@@ -119,7 +119,11 @@ class DeepSpeedEngine(Engine):
             cfg = merge_user_config(cfg, load_user_config(user_config), user_config)
         self.ds_config = cfg
         self.zero_stage = cfg["zero_optimization"]["stage"]
-        if self.zero_stage == 3:
+        # ZeRO-1/2 in bf16/fp16: the EMA follows this rank's slice of the fp32 master partition, not the
+        # low-precision module weights (fp32 ZeRO-1/2 module weights equal the masters, so they stay replicated).
+        bit16 = bool(cfg.get("bf16", {}).get("enabled")) or bool(cfg.get("fp16", {}).get("enabled"))
+        self.ema_from_masters = self.zero_stage in (1, 2) and bit16
+        if self.zero_stage == 3 or self.ema_from_masters:
             self.ema_layout = "per_rank"
         optimizer = optimizer_factory(model)
         self._client_optimizer = optimizer
@@ -161,6 +165,8 @@ class DeepSpeedEngine(Engine):
 
     # ---------------------------------------------------------------- EMA
     def ema_sources(self):
+        if self.ema_from_masters:
+            return self._master_fragments()
         if self.zero_stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param
 
@@ -171,7 +177,48 @@ class DeepSpeedEngine(Engine):
             return out
         return super().ema_sources()
 
+    def _master_fragments(self):
+        """(name, fp32 tensor) per trainable parameter under ZeRO-1/2 with bf16/fp16 weights: the 1-D view of
+        DeepSpeed's fp32 master partition (``single_partition_of_fp32_groups`` / the bf16 optimizer's fp32
+        groups) that holds this rank's part of the parameter, linked through ``param._hp_mapping``; an empty
+        tensor where no element of the parameter lives on this rank."""
+        out = []
+        for n, p in self.unwrapped.named_parameters():
+            if not p.requires_grad:
+                continue
+            if not hasattr(p, "get_full_hp_param"):
+                raise RuntimeError(f"deepspeed ZeRO-{self.zero_stage}: parameter {n!r} has no fp32 master linked by "
+                                   "DeepSpeed (is it missing from the optimizer's param groups?)")
+            m = p._hp_mapping
+            frag = m.get_hp_fragment() if m is not None else None
+            if frag is None:
+                frag = torch.empty(0, dtype=torch.float32, device=p.device)
+            out.append((n, frag))  # (fragment numel,) fp32, a view of the master partition
+        return out
+
+    def _gather_master_fragments(self, ema_state: dict) -> dict:
+        import torch.distributed as dist
+
+        params = dict(self.unwrapped.named_parameters())
+        out = {}
+        for k, v in ema_state.items():
+            p = params[k]
+            # Disjoint fragments: every element is written by exactly one rank, so the sum is exact.
+            buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            m = p._hp_mapping
+            if m is not None:
+                a = m.lp_fragment_address
+                if v.numel() != a.numel:
+                    raise RuntimeError(f"EMA of {k!r} holds {v.numel()} elements, this rank's fp32 master fragment "
+                                       f"{a.numel}: the EMA does not match the ZeRO partitioning")
+                buf.narrow(0, a.start, a.numel).copy_(v.detach().float().reshape(-1))
+            dist.all_reduce(buf, group=getattr(p, "_dp_group", None))
+            out[k] = buf.view(p.shape).cpu()
+        return out
+
     def gather_ema(self, ema_state: dict) -> dict:
+        if self.ema_from_masters:
+            return self._gather_master_fragments(ema_state)
         if self.zero_stage != 3:
             return super().gather_ema(ema_state)
         import torch.distributed as dist
@@ -212,8 +259,19 @@ class DeepSpeedEngine(Engine):
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'ds') found")
         if ema_state is not None:
             name = f"ema_rank{D.get_rank():05d}.pt" if self.ema_layout == "per_rank" else "ema.pt"
-            saved = torch.load(os.path.join(path, name), map_location="cpu")
+            f = os.path.join(path, name)
+            if not os.path.isfile(f):
+                other = "ema.pt" if self.ema_layout == "per_rank" else "ema_rank*.pt"
+                raise FileNotFoundError(
+                    f"{f}: no EMA for this rank; this run keeps a {self.ema_layout} EMA (ZeRO-{self.zero_stage}, "
+                    f"{self.precision}). A checkpoint with {other} was written with another ZeRO stage or precision: "
+                    "resume with the engine.zero_stage / engine.precision it was saved with")
+            saved = torch.load(f, map_location="cpu")
             for k, v in ema_state.items():
+                if k not in saved or saved[k].shape != v.shape:
+                    got = tuple(saved[k].shape) if k in saved else "missing"
+                    raise ValueError(f"{f}: EMA tensor {k!r} is {got}, this rank expects {tuple(v.shape)}; the "
+                                     "checkpoint was written with another world size, ZeRO stage or precision")
                 v.copy_(saved[k])
 
     def full_model_state_dict(self) -> dict:

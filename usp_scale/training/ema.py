@@ -1,7 +1,8 @@
 """fp32 exponential moving average of model parameters (DiT: decay 0.9999 after every step).
 
-The EMA follows the tensors an engine exposes (full parameters, FSDP2 DTensor shards, or
-DeepSpeed ZeRO-3 local fp32 partitions); the engine gathers them for export.
+The EMA follows the tensors an engine exposes (full parameters, FSDP2 DTensor shards, DeepSpeed
+ZeRO-3 local fp32 partitions, or under ZeRO-1/2 bf16 this rank's fragments of the fp32 masters);
+the engine gathers them for export.
 """
 from __future__ import annotations
 
