@@ -54,6 +54,11 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res["mismatch"] = "no error"
     except RuntimeError as e:
         res["mismatch"] = str(e)
+    # A rank-local forward (e.g. a sample grid on rank 0) inside attention_sync(False): no collective, no hang.
+    if rank == 0:
+        with A.attention_sync(False):
+            res["local"] = A._choose((4, 16, 512, 72, torch.bfloat16))[0]
+    res["sync_after"] = A._STATE["sync"]
     res["info_logs"] = [m for lv, m in records if lv >= logging.INFO and "->" in m]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)

@@ -20,10 +20,12 @@ def test_two_ranks_agree_on_backend(tmp_path):
     assert r0["excluded"] == r1["excluded"] == "sdpa_flash"  # efficient fails on rank 0 -> never chosen
     assert r0["auto"] == r1["auto"] == "sdpa_flash"          # flash2 only on rank 0 -> skipped on both
     assert (r0["unsynced"], r1["unsynced"]) == ("sdpa_cudnn", "sdpa_efficient")   # sync=False: per rank
+    assert r0["local"] == "sdpa_cudnn" and "local" not in r1                 # rank 0 alone, its own timing
     for r in (r0, r1):
+        assert r["sync_after"] is True
         assert "not in step" in r["mismatch"]
         assert r["rng_same"]
     # agreed choices are logged by rank 0 only (rank 1 logs just its unsynced choice)
-    assert len(r0["info_logs"]) == 4 and "agreed over 2 ranks" in r0["info_logs"][0]
+    assert len(r0["info_logs"]) == 5 and "agreed over 2 ranks" in r0["info_logs"][0]
     assert len(r1["info_logs"]) == 1 and "sdpa_efficient" in r1["info_logs"][0]
     assert "efficient: no kernel" in r0["info_logs"][1]                # why rank 0 excluded it

@@ -21,11 +21,14 @@ kernel (same numerics, no rank-dependent recompile). Rank 0 logs the agreed choi
 inside the first forward at each new shape, which is safe when every rank reaches its first call of each shape
 in the same order (data parallelism: DDP, FSDP, DeepSpeed ZeRO, where all ranks run the same shapes at the same
 step); the ranks' shapes are checked to be equal. Where that does not hold (ranks with different shapes, or
-forwards on only some ranks, e.g. sampling on rank 0), pass the shapes to ``configure_attention(...,
-shapes=[...])`` before training, which agrees on them outside the forward, or use ``sync=False``.
+forwards on only some ranks, e.g. a sample grid on rank 0, or resumed sampling where ranks have different
+amounts of work left), pass the shapes to ``configure_attention(..., shapes=[...])`` beforehand, or run one
+forward on every rank first (launchers/sample.py does), or wrap the rank-local forwards in
+``with attention_sync(False):`` (or configure with ``sync=False``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -200,6 +203,17 @@ def configure_attention(backend: str, device, shapes: Iterable[Tuple[int, int, i
     log.info("attention: backend %s requested on %s", backend, device)
     for shape in shapes:
         _choose(tuple(shape))
+
+
+@contextlib.contextmanager
+def attention_sync(enabled: bool):
+    """Within this block, agree new choices over ranks (True) or choose per rank (False). Use False around
+    forwards that run on some ranks only (e.g. a sample grid on rank 0), where a collective would hang."""
+    old, _STATE["sync"] = _STATE["sync"], bool(enabled)
+    try:
+        yield
+    finally:
+        _STATE["sync"] = old
 
 
 def reset_attention() -> None:
