@@ -171,6 +171,12 @@ def main(argv: Optional[list] = None) -> dict:
                              cfg_channels=args.cfg_channels, interval=interval, precision=args.precision)
     sampler = build_sampler(kind, process, args.steps, eta=args.ddim_eta, atol=args.atol, rtol=args.rtol,
                             last_step=args.sde_last_step)
+    if world > 1:
+        # One forward on every rank now, so the attention backend is agreed over ranks here: a resumed run
+        # gives ranks different amounts of work (none, for some), and an agreement inside sampling would hang.
+        with torch.no_grad():
+            model_fn(torch.zeros(1, model.in_channels, latent, latent, device=device),
+                     torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device))
     decode = make_decoder(vae)
     meta = {"model": args.model, "ckpt": os.path.abspath(args.ckpt), "weights": args.weights,
             "sampling_precision": args.precision, "cfg_scale": args.cfg_scale,

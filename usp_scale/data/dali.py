@@ -5,8 +5,11 @@ on ``device="mixed"`` (GPU, hardware JPEG decoder where present) or ``"cpu"`` ->
 -> ``crop_mirror_normalize`` to [-1, 1] CHW float.
 
 Sharding: for ImageFolder the reader gets this rank's files of the epoch from :class:`ShardSampler`
-(the very same files, in the same order, as the torchvision loader; global rank). For tar shards DALI's
-own ``shard_id``/``num_shards`` split is used with a per-epoch shuffle seed. Random augmentations are
+(the very same files, in the same order, as the torchvision loader; global rank). For tar shards (training)
+the list of tars is permuted per epoch, seeded by (seed, epoch) and the same on every rank, and DALI's own
+contiguous ``shard_id``/``num_shards`` split of that list's samples gives each rank its part, so which tars a
+rank reads changes every epoch; the pipeline is rebuilt per epoch; DALI shuffles within its buffer with a
+per-epoch seed. Random augmentations are
 DALI's (seeded by seed, epoch and rank); resuming mid-epoch replays the skipped batches through the
 pipeline so the next batch is identical. The resampling filters differ from PIL: see docs/data.md.
 """
@@ -167,6 +170,16 @@ class DALIImageLoader(ResumableLoader):
     def corrupt(self) -> Dict[str, str]:
         return self._tracker.corrupt
 
+    def epoch_tars(self) -> List[str]:
+        """The tar shards in this epoch's reading order, the same on every rank: a permutation seeded by
+        (seed, epoch) when training (``sampler.shuffle``), else the sorted order. DALI splits the samples of
+        this list contiguously over ranks, so the ranks' parts are disjoint, cover the data and move per epoch."""
+        tars = list(self.dataset.tars)
+        if not self.sampler.shuffle:
+            return tars
+        g = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
+        return [tars[i] for i in torch.randperm(len(tars), generator=g).tolist()]
+
     def _tar_counts(self) -> List[int]:
         """Samples per batch on this rank under DALI's contiguous webdataset sharding."""
         n, w, r, bs = len(self.dataset), self.sampler.world_size, self.sampler.rank, self.sampler.batch_size
@@ -194,7 +207,7 @@ class DALIImageLoader(ResumableLoader):
                       prefetch_queue_depth=2)
         def pipe():
             if self.is_tar:
-                src = fn.readers.webdataset(paths=self.dataset.tars, ext=["jpg;jpeg;png;webp", "cls"],
+                src = fn.readers.webdataset(paths=self.epoch_tars(), ext=["jpg;jpeg;png;webp", "cls"],
                                             missing_component_behavior="skip", shard_id=self.sampler.rank,
                                             num_shards=self.sampler.world_size, random_shuffle=self.sampler.shuffle,
                                             initial_fill=1024, seed=seed, pad_last_batch=True, name="Reader")

@@ -12,16 +12,31 @@ goes through :func:`attention_packed`, whose backend is chosen once per run by
   cannot run (package missing, wrong device or dtype, unsupported head dim) is an error, never a fallback.
 
 Every choice is logged once per shape. Without :func:`configure_attention`, SDPA picks its own kernel.
+
+**Distributed jobs.** When ``torch.distributed`` is initialized (world size > 1) and ``sync`` is on (the
+default), a timed/probed choice is agreed by all ranks of the default process group: each rank probes and
+times the candidates, one ``all_reduce(MAX)`` combines them (a candidate that fails on any rank counts as
+unavailable; the time is the slowest rank's), and every rank takes the same argmin, so all ranks run the same
+kernel (same numerics, no rank-dependent recompile). Rank 0 logs the agreed choice. This puts one collective
+inside the first forward at each new shape, which is safe when every rank reaches its first call of each shape
+in the same order (data parallelism: DDP, FSDP, DeepSpeed ZeRO, where all ranks run the same shapes at the same
+step); the ranks' shapes are checked to be equal. Where that does not hold (ranks with different shapes, or
+forwards on only some ranks, e.g. a sample grid on rank 0, or resumed sampling where ranks have different
+amounts of work left), pass the shapes to ``configure_attention(..., shapes=[...])`` beforehand, or run one
+forward on every rank first (launchers/sample.py does), or wrap the rank-local forwards in
+``with attention_sync(False):`` (or configure with ``sync=False``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -152,7 +167,7 @@ def _time_ms(name: str, key: "ShapeKey", device: torch.device, reps: int = 10) -
 # ------------------------------------------------------------------------------------------- dispatch state
 ShapeKey = Tuple[int, int, int, int, torch.dtype]      # (B, H, N, d, dtype)
 
-_STATE: Dict[str, object] = {"backend": None, "device": None, "fn": None}
+_STATE: Dict[str, object] = {"backend": None, "device": None, "fn": None, "sync": True}
 _CHOICES: Dict[Tuple, Tuple[str, Callable]] = {}      # (H, N, d, dtype) -> (name, fn)
 
 
@@ -162,13 +177,16 @@ def set_attention_fn(fn) -> None:
     _STATE["fn"] = fn
 
 
-def configure_attention(backend: str, device, shapes: Iterable[Tuple[int, int, int, int, torch.dtype]] = ()
-                        ) -> None:
+def configure_attention(backend: str, device, shapes: Iterable[Tuple[int, int, int, int, torch.dtype]] = (),
+                        sync: bool = True) -> None:
     """Select the attention backend for this process (call once, before the first forward).
 
     ``backend``: one of :data:`BACKENDS` (config ``model.attn_backend``). ``shapes``: optional
-    (B, H, N, d, dtype) tuples to choose for now rather than at their first call. A forced backend that
-    cannot run on ``device`` raises here; one that cannot run a given shape raises at that shape.
+    (B, H, N, d, dtype) tuples to choose for now rather than at their first call (in a distributed job every
+    rank must pass the same list: the choice is agreed here, so no collective runs inside a forward for them).
+    ``sync``: agree timed choices over all ranks when torch.distributed is initialized (see the module doc).
+    A forced backend that cannot run on ``device`` raises here; one that cannot run a given shape raises at
+    that shape.
     """
     if backend not in BACKENDS:
         raise ValueError(f"model.attn_backend must be one of {BACKENDS}, got {backend!r}")
@@ -180,16 +198,27 @@ def configure_attention(backend: str, device, shapes: Iterable[Tuple[int, int, i
         if why is not None:
             raise RuntimeError(f"model.attn_backend={backend} is unavailable: {why}. "
                                f"Use model.attn_backend=auto (or sdpa) to let the dispatcher choose.")
-    _STATE["backend"], _STATE["device"] = backend, device
+    _STATE["backend"], _STATE["device"], _STATE["sync"] = backend, device, bool(sync)
     _CHOICES.clear()
     log.info("attention: backend %s requested on %s", backend, device)
     for shape in shapes:
         _choose(tuple(shape))
 
 
+@contextlib.contextmanager
+def attention_sync(enabled: bool):
+    """Within this block, agree new choices over ranks (True) or choose per rank (False). Use False around
+    forwards that run on some ranks only (e.g. a sample grid on rank 0), where a collective would hang."""
+    old, _STATE["sync"] = _STATE["sync"], bool(enabled)
+    try:
+        yield
+    finally:
+        _STATE["sync"] = old
+
+
 def reset_attention() -> None:
     """Forget the configuration (SDPA picks its own kernel again)."""
-    _STATE.update(backend=None, device=None, fn=None)
+    _STATE.update(backend=None, device=None, fn=None, sync=True)
     _CHOICES.clear()
 
 
@@ -209,19 +238,58 @@ def _auto_order(device: torch.device) -> Tuple[str, ...]:
     return tuple(order) + ("sdpa",)
 
 
+def _synced() -> bool:
+    """Whether choices are agreed over ranks now (sync on, torch.distributed initialized, world size > 1)."""
+    return bool(_STATE.get("sync", True)) and dist.is_available() and dist.is_initialized() \
+        and dist.get_world_size() > 1
+
+
+_DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+
+
+def _agree_costs(key: ShapeKey, costs: List[float], device: torch.device) -> List[float]:
+    """Per-candidate cost (inf = cannot run) combined over all ranks of the default group: the maximum, so a
+    candidate that fails anywhere is inf everywhere and a time is the slowest rank's. One all_reduce; the
+    ranks' shape keys (H, N, d, dtype) must be equal, else an error names them (a mismatch means the ranks'
+    first calls are not in the same order, see the module doc)."""
+    ck = [float(key[1]), float(key[2]), float(key[3]), float(_DTYPE_CODE.get(key[4], 0))]
+    on = device if dist.get_backend() == "nccl" and device.type == "cuda" else torch.device("cpu")
+    buf = torch.tensor(ck + [-c for c in ck] + list(costs), dtype=torch.float64, device=on)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    buf = buf.cpu()
+    hi, lo = buf[:4].tolist(), [-x for x in buf[4:8].tolist()]
+    if hi != lo:
+        raise RuntimeError(
+            f"attention backend choice: rank {dist.get_rank()} chooses for heads={key[1]} tokens={key[2]} "
+            f"head_dim={key[3]} dtype={key[4]}, but other ranks chose for a different shape at the same time "
+            f"(per-field min {lo}, max {hi}). The ranks' first calls of each shape are not in step: pass the "
+            f"shapes to configure_attention(..., shapes=[...]) on every rank, or use sync=False.")
+    return buf[8:].tolist()
+
+
 def _choose_sdpa(key: ShapeKey, device: torch.device) -> Tuple[str, str]:
-    """Time the SDPA GPU backends that run this shape; (name, detail for the log)."""
+    """Time the SDPA GPU backends that run this shape (agreed over ranks when synced); (name, log detail)."""
     if device.type != "cuda":
         return "sdpa_math", "CPU"
     ok, errors = [], []
     for cand in SDPA_GPU_CANDIDATES:
         err = _probe(cand, key, device)
         (errors.append(f"{cand}: {err}") if err else ok.append(cand))
-    if not ok:
-        raise RuntimeError(f"no SDPA GPU backend runs attention shape {key}: {'; '.join(errors)}")
     times = {c: _time_ms(c, key, device) for c in ok}
-    best = min(ok, key=lambda c: times[c])
-    detail = ", ".join(f"{c} {times[c]:.3f} ms" for c in ok) + "".join(f"; {e}" for e in errors)
+    where = ""
+    if _synced():
+        local = [times.get(c, math.inf) for c in SDPA_GPU_CANDIDATES]
+        agreed = _agree_costs(key, local, device)
+        lost = [c for c, t in zip(SDPA_GPU_CANDIDATES, agreed) if c in ok and math.isinf(t)]
+        errors += [f"{c}: fails on another rank" for c in lost]
+        ok = [c for c, t in zip(SDPA_GPU_CANDIDATES, agreed) if not math.isinf(t)]
+        times = dict(zip(SDPA_GPU_CANDIDATES, agreed))
+        where = f"agreed over {dist.get_world_size()} ranks, slowest-rank times: "
+    if not ok:
+        raise RuntimeError(f"no SDPA GPU backend runs attention shape {key}"
+                           f"{' on every rank' if where else ''}: {'; '.join(errors)}")
+    best = min(ok, key=lambda c: times[c])   # ties: SDPA_GPU_CANDIDATES order
+    detail = where + ", ".join(f"{c} {times[c]:.3f} ms" for c in ok) + "".join(f"; {e}" for e in errors)
     return f"sdpa_{best}", detail
 
 
@@ -253,19 +321,27 @@ def _choose_uncached(key: ShapeKey) -> Tuple[str, Callable]:
         name, detail = _choose_sdpa(key, device)
     else:  # auto
         name, detail, skipped = None, "", []
-        for cand in _auto_order(device):
+        order = _auto_order(device)
+        if _synced():   # the same candidate sequence on every rank; one not available locally fails its probe
+            order = tuple(c for c in ("flash3", "flash2") if c in order or device.type == "cuda") + ("sdpa",)
+        for cand in order:
             if cand == "sdpa":
                 name, detail = _choose_sdpa(key, device)
                 break
-            err = _probe(cand, key, device)
+            err = _probe(cand, key, device) if cand in _auto_order(device) else "unavailable on this rank"
+            if _synced():   # collective on every rank, whatever the local result
+                elsewhere = math.isinf(_agree_costs(key, [math.inf if err else 0.0], device)[0])
+                if elsewhere and err is None:
+                    err = "fails on another rank"
             if err is None:
                 name = cand
                 break
             skipped.append(f"{cand}: {err}")
         detail = "; ".join([detail] + skipped) if skipped else detail
     _CHOICES[ck] = (name, _fn_for(name))
-    log.info("attention: heads=%d tokens=%d head_dim=%d %s -> %s (%s)", H, N, d, str(dtype).replace("torch.", ""),
-             name, detail or "auto")
+    quiet = _synced() and dist.get_rank() != 0   # an agreed choice is logged once, by rank 0
+    log.log(logging.DEBUG if quiet else logging.INFO, "attention: heads=%d tokens=%d head_dim=%d %s -> %s (%s)",
+            H, N, d, str(dtype).replace("torch.", ""), name, detail or "auto")
     return _CHOICES[ck]
 
 

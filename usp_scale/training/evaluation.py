@@ -148,8 +148,10 @@ class FIDHook:
                                    step=step, records_file=self.records_file, progress=progress)
                 grid = os.path.join(self.grid_dir, f"step_{step:07d}.png")
                 if D.get_rank() == 0:  # the same indices (noise and labels) every time: comparable grids
-                    save_sample_grid(self.model, self.process, self.vae, e, grid, num=self.grid_num,
-                                     device=self.device)
+                    from ..layers.attention import attention_sync
+                    with attention_sync(False):  # rank 0 only: no cross-rank agreement of attention kernels
+                        save_sample_grid(self.model, self.process, self.vae, e, grid, num=self.grid_num,
+                                         device=self.device)
             finally:
                 self.model.to("cpu")
         rec = {"kind": "eval", "step": step, "epoch": epoch, "metric": "fid", "fid": res["fid"],
