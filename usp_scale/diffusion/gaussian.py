@@ -229,14 +229,20 @@ class GaussianDiffusion:
 
         ``noise_fn(x)`` supplies each step's noise (default ``torch.randn_like``); the sharded sampler
         passes a per-sample-generator source so results do not depend on the batch composition."""
+        return self._sample_loop(
+            shape, noise, device, progress, "ddpm", noise_fn, noisy=lambda i: i > 0,
+            step=lambda x, t, z: self.p_sample(model, x, t, clip_denoised, model_kwargs, noise=z)["sample"])
+
+    def _sample_loop(self, shape, noise, device, progress, name, noise_fn, noisy, step) -> torch.Tensor:
+        """Shared loop of the samplers: start from ``noise`` (or N(0, I)), then for each kept step i
+        (last to first) draw that step's noise when ``noisy(i)`` and apply ``step(x, t, z)``."""
         noise_fn = noise_fn or torch.randn_like
         if noise is None:
             noise = torch.randn(*shape, device=device)
         x = noise.float()
-        for i in self._steps(progress, "ddpm"):
+        for i in self._steps(progress, name):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            step_noise = noise_fn(x) if i > 0 else torch.zeros_like(x)
-            x = self.p_sample(model, x, t, clip_denoised, model_kwargs, noise=step_noise)["sample"]
+            x = step(x, t, noise_fn(x) if noisy(i) else torch.zeros_like(x))
         return x
 
     def ddim_sample(self, model: ModelFn, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
@@ -259,15 +265,10 @@ class GaussianDiffusion:
                          device: Optional[torch.device] = None, progress: bool = False, eta: float = 0.0,
                          noise_fn: Optional[NoiseFn] = None) -> torch.Tensor:
         """DDIM sampling over this object's steps (respace first for fewer steps)."""
-        noise_fn = noise_fn or torch.randn_like
-        if noise is None:
-            noise = torch.randn(*shape, device=device)
-        x = noise.float()
-        for i in self._steps(progress, "ddim"):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            step_noise = noise_fn(x) if (eta > 0 and i > 0) else torch.zeros_like(x)
-            x = self.ddim_sample(model, x, t, clip_denoised, model_kwargs, eta=eta, noise=step_noise)["sample"]
-        return x
+        return self._sample_loop(
+            shape, noise, device, progress, "ddim", noise_fn, noisy=lambda i: eta > 0 and i > 0,
+            step=lambda x, t, z: self.ddim_sample(model, x, t, clip_denoised, model_kwargs, eta=eta,
+                                                  noise=z)["sample"])
 
     # ------------------------------------------------------------------ respacing
     def respace(self, section_counts) -> "GaussianDiffusion":
