@@ -63,7 +63,7 @@ def engine_data(steps: int, accum: int, global_batch: int):
 
 
 def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan_at=None, nan_rank=None,
-                  rank=0, world=1):
+                  rank=0, world=1, fused=False):
     """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the
     final full weights."""
     import torch.distributed as dist
@@ -80,7 +80,8 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
     # eps 1e-4: AdamW's per-element normalisation would turn the reduction-order noise on parameters whose true
     # gradient is ~0 (e.g. the key bias, softmax-invariant) into full-size steps; a large eps keeps updates
     # proportional to the gradient, which also makes a wrong gradient scale (e.g. sum vs mean) visible.
-    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=False)
+    # fused=True: torch's fused AdamW, which skips non-finite steps on the device (no host sync).
+    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=fused)
     per = global_batch // world
     eng = build_engine(engine_cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
                        accum_iter=accum, clip_grad=clip, micro_batch=per)
@@ -126,6 +127,9 @@ EQUIV_CASES = {
     "ds3": dict(name="deepspeed", zero_stage=3),
     "ds2_bf16": dict(name="deepspeed", zero_stage=2, precision="bf16"),
     "fsdp2_bf16": dict(name="fsdp2", precision="bf16"),
+    # fused AdamW: non-finite steps skipped on the device through found_inf (FSDP2: over DTensor shards)
+    "ddp_fused": dict(name="ddp", fused=True),
+    "fsdp2_fused": dict(name="fsdp2", fused=True),
 }
 
 
@@ -138,9 +142,11 @@ def worker_equiv(out: str, cases: list) -> None:
     results = {}
     for case in cases:
         kw = dict(EQUIV_CASES[case])
+        fused = kw.pop("fused", False)
         cfg = engine_cfg(kw.pop("name"), **kw)
-        losses, applied, sd = engine_losses(cfg, clip=1.0, rank=info.rank, world=info.world_size)
-        nl, na, nsd = engine_losses(cfg, steps=3, nan_at=1, nan_rank=1, rank=info.rank, world=info.world_size)
+        losses, applied, sd = engine_losses(cfg, clip=1.0, rank=info.rank, world=info.world_size, fused=fused)
+        nl, na, nsd = engine_losses(cfg, steps=3, nan_at=1, nan_rank=1, rank=info.rank, world=info.world_size,
+                                    fused=fused)
         results[case] = {"losses": losses, "applied": applied, "state": sd,
                          "nan_losses": nl, "nan_applied": na, "nan_state": nsd}
     flags = [None] * info.world_size

@@ -21,10 +21,13 @@ def _launch_ok(proc, n=2):
 
 
 def _check_equiv(path, cases, tol_loss, tol_w):
-    ref_l, ref_a, ref_sd = H.engine_losses(H.engine_cfg("local"), clip=1.0)
-    nref_l, nref_a, nref_sd = H.engine_losses(H.engine_cfg("local"), steps=3, nan_at=1)
+    refs = {}
+    for fused in sorted({bool(H.EQUIV_CASES[c].get("fused")) for c in cases}):
+        refs[fused] = (H.engine_losses(H.engine_cfg("local"), clip=1.0, fused=fused),
+                       H.engine_losses(H.engine_cfg("local"), steps=3, nan_at=1, fused=fused))
     res = json.load(open(path))
     for case in cases:
+        (ref_l, ref_a, ref_sd), (nref_l, nref_a, nref_sd) = refs[bool(H.EQUIV_CASES[case].get("fused"))]
         r = res[case]
         tl, tw = tol_loss.get(case, 1e-6), tol_w.get(case, 1e-6)
         assert r["applied"] == ref_a == [True] * 4
@@ -41,8 +44,9 @@ def _check_equiv(path, cases, tol_loss, tol_w):
 
 def test_torch_engines_match_single_process(tmp_path):
     """ddp (fp32 and bf16 all-reduce) and fsdp2 (both reshard modes, bf16 params) on 2 ranks == local fp32 on
-    the global batch (bf16 cases to a tolerance); a NaN loss on one rank skips the step on every rank."""
-    cases = ["ddp", "ddp_bf16", "fsdp2", "fsdp2_noreshard", "fsdp2_bf16"]
+    the global batch (bf16 cases to a tolerance); a NaN loss on one rank skips the step on every rank, decided on
+    the host (foreach AdamW) or on the device (fused AdamW, *_fused cases)."""
+    cases = ["ddp", "ddp_bf16", "fsdp2", "fsdp2_noreshard", "fsdp2_bf16", "ddp_fused", "fsdp2_fused"]
     p = H.torchrun(["tests/_helpers_train.py", "equiv", "--out", str(tmp_path), "--cases", *cases])
     _launch_ok(p)
     _check_equiv(tmp_path / "equiv.json", cases, tol_loss={"ddp_bf16": 2e-3, "fsdp2_bf16": 5e-3},

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Throughput of one training step (local engine, synthetic latents): samples/s, MFU, peak memory.
 
-    python benchmarks/train/bench_step.py --models MAE-XL,DiT-XL/2 --batch 128 --compile both --kernels torch,auto
+    python benchmarks/train/bench_step.py --models MAE-XL@256,DiT-XL/2@128 --compile both --kernels torch,auto
     python benchmarks/train/bench_step.py --smoke        # tiny real models on CPU or GPU: checks the script
 
 Each row runs the real task loss (MAE masked loss, DDPM / SiT training losses) through the same
 engine the trainer uses, with bf16 autocast on GPU, on a batch from the ``data.format=synthetic``
 loader. Every model is timed with each ``--kernels`` choice (``torch`` = the reference path the
 official code computes, ``auto`` / ``triton`` = the Triton kernels) and each ``--compile`` mode, and the
-speed-up over torch-eager is printed. MFU = 3 x forward FLOPs (model.flops_per_sample) x samples/s / peak.
+speed-up over torch-eager is printed. The step is what the trainer runs: forward, backward, global grad
+norm, fused AdamW (non-finite steps skipped on the device, no host sync per step). MFU = 3 x forward FLOPs (model.flops_per_sample) x samples/s / peak.
 Rows are appended to a CSV with date, card, torch version and settings. Anchors (official code, H200,
 bf16): MAE-XL 1,777 img/s eager, 2,176 compiled; DiT-XL/2 358 eager, 577 compiled
 (shared/design/performance-anchors.md).
@@ -112,8 +113,10 @@ def _comma_list(s: str, known, what: str) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="MAE-XL,DiT-XL/2", help=f"comma list of {', '.join(MODELS)}")
-    ap.add_argument("--batch", type=int, default=128, help="per-device batch size")
+    ap.add_argument("--models", default="MAE-XL@256,DiT-XL/2@128",
+                    help=f"comma list of {', '.join(MODELS)}; NAME@BATCH sets that model's batch size "
+                         "(default: the batch sizes of the official H200 anchors)")
+    ap.add_argument("--batch", type=int, default=128, help="per-device batch size of models given without @BATCH")
     ap.add_argument("--compile", choices=["eager", "compiled", "both"], default="both",
                     help="run eager, torch.compile'd blocks, or both")
     ap.add_argument("--kernels", default="torch,auto",
@@ -133,9 +136,13 @@ def main(argv=None) -> int:
         if a.models == ap.get_default("models"):
             a.models = SMOKE_MODELS
         a.batch, a.steps, a.warmup = min(a.batch, 4), 2, 1
+        a.models = ",".join(m.split("@")[0] for m in a.models.split(","))
         if a.compile == "both":
             a.compile = "eager"
-    models = _comma_list(a.models, MODELS, "models")
+    # NAME@BATCH gives one model its own batch size (the official anchors: MAE-XL at 256, DiT-XL/2 at 128).
+    specs = [(m.split("@")[0], int(m.split("@")[1]) if "@" in m else None) for m in a.models.split(",") if m]
+    models = _comma_list(",".join(n for n, _ in specs), MODELS, "models")
+    batch_of = {n: b for n, b in specs}
     kernels = _comma_list(a.kernels, KERNELS, "kernels")
     if a.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -153,7 +160,7 @@ def main(argv=None) -> int:
         base = None
         for k in kernels:
             for c in modes:
-                row = {**meta, **bench_one(short, batch=a.batch, compile_=c, kernels=k, steps=a.steps,
+                row = {**meta, **bench_one(short, batch=batch_of[short] or a.batch, compile_=c, kernels=k, steps=a.steps,
                                            warmup=a.warmup, precision=a.precision, device=device,
                                            peak=a.peak_flops, ac=a.ac)}
                 if k == "torch" and not c:

@@ -141,7 +141,8 @@ class OptimConfig:
     layer_decay: float = 1.0
     # Gradient clipping max-norm (0 = off).
     clip_grad: float = 0.0
-    # Use torch's fused AdamW kernel when the device supports it.
+    # Use torch's fused AdamW kernel when the device supports it (CUDA and CPU); it also lets a non-finite step be
+    # skipped on the device without a host sync.
     fused: bool = True
     # Use apex's fused optimizer when importable (error if asked for and missing).
     apex: bool = False

@@ -11,12 +11,17 @@ The trainer calls, for every micro-batch::
 gradient norm, clips when asked, and skips the update when the loss or the gradients are not
 finite (``StepResult.applied`` is False). A non-finite loss poisons the gradients with NaN
 (no host sync per micro-step), so every engine detects it through the gradient norm.
+
+No host synchronisation per step where the optimizer can skip on the device: torch's fused
+AdamW/Adam/SGD read a ``found_inf`` tensor and leave parameters, moments and step counts untouched
+when it is 1 (the mechanism GradScaler uses). ``StepResult`` then carries device tensors; the trainer
+reads them on the host one step later (``DeferredStepStats``), so the GPU never waits for the CPU.
+Other optimizers (LARS, apex, foreach AdamW) and fp16 with a GradScaler decide on the host.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Tuple
 
@@ -26,10 +31,27 @@ import torch.nn as nn
 
 @dataclass
 class StepResult:
-    # True when the optimizer update was applied (False: non-finite loss/gradients, skipped).
-    applied: bool
-    # Global L2 norm of the gradients before clipping (inf/nan when non-finite).
-    grad_norm: float
+    """Outcome of one optimizer step, as 0-dim tensors on the training device (no host sync made)."""
+
+    # True when the optimizer update was applied (False: non-finite loss/gradients, skipped). bool tensor.
+    ok: torch.Tensor
+    # Global L2 norm of the gradients before clipping (inf/nan when non-finite). fp32 tensor.
+    norm: torch.Tensor
+
+    @classmethod
+    def from_host(cls, applied: bool, grad_norm: float, device=None) -> "StepResult":
+        return cls(ok=torch.tensor(bool(applied), device=device),
+                   norm=torch.tensor(float(grad_norm), dtype=torch.float32, device=device))
+
+    @property
+    def applied(self) -> bool:
+        """Host bool (synchronises with the device)."""
+        return bool(self.ok)
+
+    @property
+    def grad_norm(self) -> float:
+        """Host float (synchronises with the device)."""
+        return float(self.norm)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -146,6 +168,11 @@ class Engine:
             return torch.zeros((), device=self.device)
         return torch.nn.utils.get_total_norm(grads, 2.0)
 
+    def skips_on_device(self) -> bool:
+        """True when a non-finite step can be skipped without a host sync: no GradScaler and an optimizer
+        whose step honours ``found_inf`` (torch's fused Adam/AdamW/SGD set ``_step_supports_amp_scaling``)."""
+        return self.scaler is None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
     def step(self) -> Optional[StepResult]:
         boundary = self.is_boundary()
         self.micro_step = (self.micro_step + 1) % self.accum_iter
@@ -155,20 +182,32 @@ class Engine:
             self.scaler.unscale_(self.optimizer)
         grads = self._grads()
         norm_t = self._total_norm(grads)
-        norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
-        ok = math.isfinite(norm)
-        if ok and self.clip_grad > 0:
-            params = [p for p in self.unwrapped.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm_t)
-        if ok:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            else:
+        norm_full = (norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t).float()
+        ok_t = torch.isfinite(norm_full)
+        params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+        if self.skips_on_device():
+            # Non-finite: clipping turns the gradients into NaN, and found_inf = 1 makes the fused kernel
+            # leave parameters, moments and step counts as they were.
+            if self.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm_t)
+            self.optimizer.found_inf = (~ok_t).float()
+            try:
                 self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        else:
+            ok = bool(ok_t)                                   # host decision (sync)
+            if ok and self.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm_t)
+            if ok:
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                else:
+                    self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
         self.zero_grad()
-        return StepResult(applied=ok, grad_norm=norm)
+        return StepResult(ok=ok_t, norm=norm_full)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -148,13 +148,9 @@ class DeepSpeedEngine(Engine):
         applied = bool(self.model.was_step_applied())
         if norm != norm or norm in (float("inf"), float("-inf")):
             applied = False
-        return self._result(applied, norm)
-
-    @staticmethod
-    def _result(applied, norm):
         from .base import StepResult
 
-        return StepResult(applied=applied, grad_norm=norm)
+        return StepResult.from_host(applied, norm, device=self.device)
 
     def zero_grad(self):
         self.model.zero_grad()

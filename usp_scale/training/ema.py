@@ -6,7 +6,7 @@ the engine gathers them for export.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,11 +20,25 @@ class EMA:
         self.shadow: Dict[str, torch.Tensor] = {n: t.detach().float().clone() for n, t in sources}
 
     @torch.no_grad()
-    def update(self, sources: List[Tuple[str, torch.Tensor]]) -> None:
-        """ema <- decay * ema + (1 - decay) * theta."""
-        for n, t in sources:
-            e = self.shadow[n]
-            e.mul_(self.decay).add_(t.detach().float(), alpha=1.0 - self.decay)
+    def update(self, sources: List[Tuple[str, torch.Tensor]], gate: Optional[torch.Tensor] = None) -> None:
+        """ema <- decay * ema + (1 - decay) * theta, written as a lerp towards theta.
+
+        ``gate``: a 0-dim bool tensor on the device (the step's ``StepResult.ok``); where False the EMA is left
+        unchanged, decided on the device without a host sync.
+        """
+        if gate is None:
+            shadow = [self.shadow[n] for n, _ in sources]
+            torch._foreach_lerp_(shadow, [t.detach().float() for _, t in sources], 1.0 - self.decay)
+            return
+        w = gate.to(torch.float32) * (1.0 - self.decay)                # 0-dim, on the device
+        # A Python-scalar weight would need w on the host; lerp_ with a 0-dim tensor weight does not. FSDP2 shards
+        # are DTensors: the plain 0-dim weight joins them as a replicated value.
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        with implicit_replication():
+            for n, t in sources:
+                e = self.shadow[n]
+                e.lerp_(t.detach().float(), w if w.device == e.device else w.to(e.device))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.shadow

@@ -110,7 +110,11 @@ def build_optimizer(optim_cfg, groups: List[dict], device: torch.device) -> torc
                                   "(torch's fused AdamW is used then)") from e
             return FusedAdam(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
                              adam_w_mode=True)
-        fused = bool(optim_cfg.fused) and device.type == "cuda"
+        # torch's fused AdamW runs on CUDA and on the CPU (and skips non-finite steps on the device, see
+        # Engine.skips_on_device); elsewhere the foreach implementation.
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused = bool(optim_cfg.fused) and device.type in _get_fused_kernels_supported_devices()
         return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
                                  eps=optim_cfg.eps, fused=fused or None)
     if optim_cfg.name == "lars":

@@ -29,6 +29,7 @@ from .evaluation import build_fid_hook
 from .logging import MetricsLogger
 from .optim import build_optimizer
 from .schedule import LRSchedule
+from .stepstats import DeferredStepStats
 from .tasks import Task, build_task
 
 
@@ -110,6 +111,23 @@ class Trainer:
                               meta=self._meta(step, epoch))
         self._print(f"[usp_scale] checkpoint: {path}")
         return path
+
+    def _account(self, entries, win, max_nonfinite):
+        """Fold step results read back from the device into the counters and the log window. Returns
+        (step, streak, lr, grad norm) of the step whose streak reached ``max_nonfinite`` (> 0), else None."""
+        hit = None
+        for s_done, (ok_f, norm_f), lr_f in entries:
+            self._last_norm = norm_f
+            win["gnorm"] += norm_f if math.isfinite(norm_f) else 0.0
+            if ok_f:
+                self.nonfinite_streak = 0
+                continue
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            if hit is None and self.nonfinite_streak >= max_nonfinite > 0:
+                hit = (s_done, self.nonfinite_streak, lr_f, norm_f)
+                break
+        return hit
 
     # ------------------------------------------------------------------ main
     def fit(self) -> dict:
@@ -197,7 +215,8 @@ class Trainer:
                    samples=0, t0=time.perf_counter(), gnorm=0.0)
         stop = False
         result_stopped = False
-        last_norm = float("nan")
+        last_norm = self._last_norm = float("nan")
+        stats = DeferredStepStats(self.device)
         while step < total and not stop:
             self.loader.set_epoch(epoch)
             it = iter(self.loader)
@@ -225,31 +244,34 @@ class Trainer:
                 if res is None:
                     continue
                 step += 1
-                last_norm = res.grad_norm
                 win["steps"] += 1
                 win["loss"] += loss_acc / accum
                 win["samples"] += global_batch
-                win["gnorm"] += res.grad_norm if math.isfinite(res.grad_norm) else 0.0
                 loss_acc.zero_()
-                if res.applied:
-                    self.nonfinite_streak = 0
-                    if self.ema is not None:
-                        self.ema.update(engine.ema_sources())
-                else:
-                    self.nonfinite_total += 1
-                    self.nonfinite_streak += 1
+                if self.ema is not None:
+                    self.ema.update(engine.ema_sources(), gate=res.ok)   # skipped steps leave it unchanged
                 bar.update(1)
-
-                if self.nonfinite_streak >= cfg.max_nonfinite > 0:
-                    path = self._save(step, epoch, micro_in_epoch)
-                    raise NonFiniteError(
-                        f"{self.nonfinite_streak} consecutive non-finite steps (loss or gradients) ending at "
-                        f"optimizer step {step}, epoch {epoch}, micro-batch {micro_in_epoch}/{len(self.loader)} "
-                        f"of the epoch, lr {lr:.3e}, grad norm {res.grad_norm}; rank {self.rank}. "
-                        f"Checkpoint written to {path}. Lower optim.blr, set optim.clip_grad, or use a wider "
-                        f"precision (engine.precision=bf16/fp32).")
+                # Applied?/grad norm reach the host one step late (no device sync per step).
+                stats.push(step, res.ok, res.norm, meta=lr)
 
                 log_now = step % max(cfg.log_every, 1) == 0 or step == total
+                every = cfg.checkpoint.every_steps
+                reached_stop = cfg.stop_after_steps > 0 and step - start_step >= cfg.stop_after_steps
+                ckpt_now = (every > 0 and step % every == 0) or reached_stop or step == total
+                entries = stats.flush() if log_now or ckpt_now or self._signal_raw else stats.ready()
+                bad = self._account(entries, win, cfg.max_nonfinite)
+                if bad is not None:
+                    s_bad, streak, lr_bad, norm_bad = bad
+                    self._account(stats.flush(), win, 0)    # the newer steps too, so the checkpoint counts them
+                    path = self._save(step, epoch, micro_in_epoch)
+                    raise NonFiniteError(
+                        f"{streak} consecutive non-finite steps (loss or gradients) ending at optimizer step "
+                        f"{s_bad}, epoch {epoch}, near micro-batch {micro_in_epoch}/{len(self.loader)} of the epoch, "
+                        f"lr {lr_bad:.3e}, grad norm {norm_bad}; rank {self.rank}. Checkpoint written to {path} "
+                        f"(step {step}). Lower optim.blr, set optim.clip_grad, or use a wider precision "
+                        f"(engine.precision=bf16/fp32).")
+                last_norm = self._last_norm
+
                 if log_now:
                     n = win["steps"]
                     lsum = win["loss"].clone()
@@ -277,9 +299,7 @@ class Trainer:
                 elif self.world == 1 and self._signal_raw:
                     self._signal = True
 
-                reached_stop = cfg.stop_after_steps > 0 and step - start_step >= cfg.stop_after_steps
-                every = cfg.checkpoint.every_steps
-                if (every > 0 and step % every == 0) or self._signal or reached_stop or step == total:
+                if ckpt_now or self._signal:
                     last_ckpt = self._save(step, epoch, micro_in_epoch)
                 if self.fid_hook is not None and not self._signal and self.fid_hook.due(step, total):
                     ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
