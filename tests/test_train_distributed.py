@@ -110,6 +110,18 @@ def test_torchrun_launch_of_pretrain_launcher(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3]
 
 
+def test_plain_python_launch_with_deepspeed_engine(tmp_path):
+    """`python launchers/pretrain.py engine.name=deepspeed` (no launcher: one process; DeepSpeed needs LOCAL_RANK,
+    which the 1-rank process group sets up), with the default fused AdamW."""
+    out = tmp_path / "py"
+    args = [a for a in _launcher_args(out, "deepspeed") if a != "optim.fused=false"]
+    env = {k: v for k, v in H.child_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    p = subprocess.run([sys.executable] + args, cwd=H.REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "[usp_scale] done: step 3" in p.stdout, (p.stdout + p.stderr)[-4000:]
+    meta = json.load(open(out / "checkpoints" / "step_00000003" / "meta.json"))
+    assert meta["world_size"] == 1 and meta["engine"] == "deepspeed"
+
+
 @pytest.mark.slow
 def test_deepspeed_hostfile_launch_of_pretrain_launcher(tmp_path):
     hostfile = tmp_path / "hostfile"

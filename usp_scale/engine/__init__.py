@@ -48,6 +48,9 @@ def _ensure_process_group(backend: str) -> None:
         port = s.getsockname()[1]
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
+    # DeepSpeed reads these even for one process started with plain `python`.
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(k, v)
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
