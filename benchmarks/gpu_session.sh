@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh OUT                      # kernels train micro (~10 min on an H200)
 #   bash benchmarks/gpu_session.sh OUT kernels train        # chosen parts
 #   bash benchmarks/gpu_session.sh OUT sample               # the sampling benchmark (~3 min), not in the default
+# Through the device tool, whose $OUT returns at most 8 files: write elsewhere and return one archive,
+#   bash benchmarks/gpu_session.sh /tmp/s; tar czf $OUT/session.tgz -C /tmp s
 #
 # Parts:
 #   kernels  Triton kernels and attention dispatch vs their torch references on the GPU (correctness)
@@ -14,13 +16,15 @@
 #            >= official compiled, 2,176 / 577 img/s on an H200); ~6-7 min, most of it compiling
 #   sample   DiT-XL/2 sampling throughput at batch 256 and the projected FID-50K GPU-hours
 #   micro    kernel micro-benchmarks (forward / backward / both vs eager and compiled torch)
+#   profile  device time of one eager step by kernel category (matmul, attention, ours, norm, ...), MAE-XL and
+#            DiT-XL/2, torch vs auto (~1 min); PROFILE_COMPILE=both adds the compiled step (+3 min)
 # The data benchmark (DALI decode, SD-VAE encode) needs diffusers and DALI wheels carried to the device:
 # see benchmarks/data/bench_loader.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_session.sh OUT [parts...]}
 shift
-PARTS=${*:-kernels train micro}
+PARTS=${*:-kernels train micro profile}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 mkdir -p "$OUT"
@@ -48,6 +52,8 @@ for part in $PARTS; do
     sample)  run sample 180 $PY benchmarks/sample/bench_sampling.py --modes eager,compile --iters 10 --loop-steps 5 \
                --out "$OUT/sampling.json" ;;
     micro)   run micro 120 $PY benchmarks/kernels/run_all.py --quick --dtype bf16 --csv "$OUT/kernels.csv" ;;
-    *) echo "unknown part $part (kernels, train, sample, micro)"; exit 2 ;;
+    profile) run profile 240 $PY benchmarks/train/profile_step.py --models MAE-XL@256,DiT-XL/2@128 --kernels torch,auto \
+               --compile "${PROFILE_COMPILE:-eager}" --out "$OUT/profile" ;;
+    *) echo "unknown part $part (kernels, train, sample, micro, profile)"; exit 2 ;;
   esac
 done

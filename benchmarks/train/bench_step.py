@@ -51,8 +51,9 @@ def synthetic_batch(cfg, device) -> dict:
     return next(iter(loader))
 
 
-def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: int, warmup: int, precision: str,
-              device, peak: float, ac: bool) -> dict:
+def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision: str, device, ac: bool):
+    """Build model, engine and one on-device synthetic batch for ``short``; returns (step_fn, engine, train FLOPs
+    per sample, registry name). ``step_fn()`` runs forward, backward and the optimizer step as the trainer does."""
     from usp_scale.config import JobConfig
     from usp_scale.engine import build_engine
     from usp_scale.layers.attention import configure_attention
@@ -82,6 +83,13 @@ def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: in
         eng.backward(loss)
         return eng.step()
 
+    return step, eng, flops, reg
+
+
+def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: int, warmup: int, precision: str,
+              device, peak: float, ac: bool) -> dict:
+    step, eng, flops, reg = make_step(short, batch=batch, compile_=compile_, kernels=kernels, precision=precision,
+                                      device=device, ac=ac)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_c = time.perf_counter()
     for _ in range(warmup):
