@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", default=None, help="generated images: a folder of PNG/JPEG or an ADM .npz (arr_0)")
     p.add_argument("--reference", default=None, help="reference: folder, image .npz (arr_0) or statistics .npz "
                    "(mu, sigma; e.g. VIRTUAL_imagenet256_labeled.npz)")
-    p.add_argument("--metrics", nargs="+", default=["fid", "is"], choices=["fid", "is", "kid", "pr"],
-                   help="metrics to compute (pr = precision and recall, k-NN with k = --pr-k)")
+    p.add_argument("--metrics", nargs="+", default=["fid", "is"], choices=["fid", "sfid", "is", "kid", "pr"],
+                   help="metrics to compute (sfid = FID on Inception's spatial mixed_6/conv features, as ADM; pr = precision "
+                        "and recall, k-NN with k = --pr-k)")
     p.add_argument("--feature-extractor", default="inception-v3-compat",
                    help="torch-fidelity extractor name ('usp-tiny' = small test extractor, no weights needed)")
     p.add_argument("--inception-weights", default=None,
@@ -38,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the sample count)")
     p.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds for precision/recall")
     p.add_argument("--out", default=None, help="JSON-lines results file (default: <samples folder>/metrics.jsonl)")
-    p.add_argument("--save-stats", default=None, help="only compute the reference's FID statistics (mu, sigma) "
-                   "and write them to this .npz")
+    p.add_argument("--save-stats", default=None, help="only compute the reference's FID statistics (mu, sigma; "
+                   "and mu_s, sigma_s for sFID) and write them to this .npz")
     g = p.add_argument_group("context written with every number (default: from the samples' sampling.json)")
     g.add_argument("--sampler", default=None, help="sampler used to make the samples")
     g.add_argument("--steps", default=None, help="sampling steps")
@@ -68,11 +69,17 @@ def main(argv: Optional[list] = None) -> list:
         if not args.reference:
             raise SystemExit("--save-stats needs --reference (images to summarise)")
         layer = default_layer(args.feature_extractor, "fid")
-        ext = create_extractor(args.feature_extractor, [layer], device, args.inception_weights)
+        try:                                      # sFID statistics too where the extractor has spatial features
+            spatial = default_layer(args.feature_extractor, "sfid")
+        except KeyError:
+            spatial = None
+        ext = create_extractor(args.feature_extractor, [layer] + ([spatial] if spatial else []), device,
+                               args.inception_weights)
         feats = reference_features(args.reference, ext, args.feature_extractor, args.batch_size, device,
                                    args.cache_dir, progress=not args.no_progress)
-        print(f"wrote {save_statistics(args.save_stats, feats[layer])} ({feats[layer].shape[0]} images, "
-              f"{args.feature_extractor}:{layer})")
+        path = save_statistics(args.save_stats, feats[layer], feats[spatial] if spatial else None)
+        print(f"wrote {path} ({feats[layer].shape[0]} images, {args.feature_extractor}:{layer}"
+              f"{f' and {spatial} (mu_s, sigma_s)' if spatial else ''})")
         return []
     if not args.samples:
         raise SystemExit("--samples is required (or use --save-stats)")

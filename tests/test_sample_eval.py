@@ -199,14 +199,19 @@ def test_evaluate_launcher_end_to_end(tmp_path):
                                                              "sampling_precision": "bf16"}))
     write_npz(str(tmp_path / "ref.npz"), rng.randint(0, 256, (20, 16, 16, 3)).astype(np.uint8))
     recs = ev.main(["--samples", str(tmp_path / "s"), "--reference", str(tmp_path / "ref.npz"), "--metrics", "fid",
-                    "is", "kid", "pr", "--feature-extractor", "usp-tiny", "--no-progress",
+                    "sfid", "is", "kid", "pr", "--feature-extractor", "usp-tiny", "--no-progress",
                     "--cache-dir", str(tmp_path / "c")])
-    assert {r["metric"] for r in recs} == {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"}
+    assert {r["metric"] for r in recs} == {"fid", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "precision",
+                                           "recall"}
     assert all(r["sampler"] == "ddpm" and r["cfg_scale"] == 1.5 and r["num_samples"] == 20 for r in recs)
-    assert len((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()) == 7
+    assert len((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()) == 8
     ev.main(["--save-stats", str(tmp_path / "st.npz"), "--reference", str(tmp_path / "ref.npz"),
              "--feature-extractor", "usp-tiny", "--no-progress", "--cache-dir", str(tmp_path / "c")])
-    assert set(np.load(tmp_path / "st.npz").keys()) == {"mu", "sigma"}
+    assert set(np.load(tmp_path / "st.npz").keys()) == {"mu", "sigma", "mu_s", "sigma_s"}   # FID and sFID statistics
+    again = ev.main(["--samples", str(tmp_path / "s"), "--reference", str(tmp_path / "st.npz"), "--metrics", "fid",
+                     "sfid", "--feature-extractor", "usp-tiny", "--no-progress", "--cache-dir", str(tmp_path / "c")])
+    by = {r["metric"]: r["value"] for r in recs}
+    assert {r["metric"]: r["value"] for r in again} == pytest.approx({"fid": by["fid"], "sfid": by["sfid"]}, rel=1e-9)
 
 
 @pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])

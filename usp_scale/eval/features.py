@@ -3,6 +3,9 @@
 * ``inception-v3-compat``: torch-fidelity's port of the TF Inception used by the ADM evaluator.
   Its weights are never downloaded here: give the local file
   ``weights-inception-2015-12-05-6726825d.pth`` (a path to the file or to its folder).
+  This module registers it with one more feature for sFID (``INCEPTION_SPATIAL``): the first 7 channels of
+  the 1x1-conv branch of the Mixed_6d block (ADM's ``mixed_6/conv``, 17x17), flattened in TF's (h, w, c)
+  order to 2,023 values, as the ADM evaluator computes its spatial features.
 * ``usp-tiny``: a small fixed random conv net registered by this module for tests and the CPU
   demo; its numbers are only comparable with other ``usp-tiny`` numbers.
 """
@@ -15,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
@@ -22,6 +26,9 @@ INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE)
 TINY_NAME = "usp-tiny"
+# sFID features: ADM's mixed_6/conv, channels 0..6, (h, w, c) order
+INCEPTION_SPATIAL = "mixed_6_conv_7ch"
+TINY_SPATIAL = "spatial"
 
 # torch-fidelity's metric keys for default feature layers
 _METRIC_KEY = {"fid": "fid", "kid": "kid", "pr": "prc", "is": "isc"}
@@ -48,7 +55,7 @@ def resolve_inception_weights(path: Optional[str]) -> str:
 class TinyFeatureExtractor(FeatureExtractorBase):
     """uint8 (N, 3, H, W) -> 'pool' (N, 64) features and 'logits_unbiased' (N, 10); fixed seed-0 weights."""
 
-    FEATURES = ("pool", "logits_unbiased")
+    FEATURES = ("pool", "logits_unbiased", TINY_SPATIAL)
 
     def __init__(self, name: str, features_list: Sequence[str], **kwargs):
         super().__init__(name, list(features_list))
@@ -86,8 +93,52 @@ class TinyFeatureExtractor(FeatureExtractorBase):
         h = F.relu(self.conv1(h))
         h = F.relu(self.conv2(h))                   # (N, 64, 8, 8)
         pool = h.mean(dim=(2, 3))                   # (N, 64)
-        out = {"pool": pool, "logits_unbiased": self.fc(pool)}
+        out = {"pool": pool, "logits_unbiased": self.fc(pool),
+               TINY_SPATIAL: h[:, :7].permute(0, 2, 3, 1).reshape(len(h), -1)}   # (N, 8*8*7), like the sFID features
         return tuple(out[k] for k in self.features_list)
+
+
+class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
+    """torch-fidelity's TF-compatible Inception with one more feature, :data:`INCEPTION_SPATIAL` (N, 2023) for
+    sFID; every other feature is computed by the unchanged parent forward."""
+
+    _LATE = ("768", "2048", "logits_unbiased", "logits")   # features computed after Mixed_6d
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list, **kwargs)
+        self._spatial: Optional[torch.Tensor] = None
+        self.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output):
+        self._spatial = output                      # (N, 192, 17, 17), after BN + ReLU like TF's mixed_6/conv
+
+    @staticmethod
+    def get_provided_features_list():
+        return tuple(FeatureExtractorInceptionV3.get_provided_features_list()) + (INCEPTION_SPATIAL,)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(metric)
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    def forward(self, x):
+        want = list(self.features_list)
+        base = [f for f in want if f != INCEPTION_SPATIAL]
+        if INCEPTION_SPATIAL in want and not any(f in self._LATE for f in base):
+            base.append("768")                      # run the parent at least through Mixed_6d
+        saved, self.features_list = self.features_list, base
+        try:
+            feats = dict(zip(base, super().forward(x)))
+        finally:
+            self.features_list = saved
+        if INCEPTION_SPATIAL in want:
+            sp = self._spatial[:, :7]               # (N, 7, 17, 17)
+            feats[INCEPTION_SPATIAL] = sp.permute(0, 2, 3, 1).reshape(len(sp), -1).to(torch.float32)
+        self._spatial = None
+        return tuple(feats[f] for f in want)
 
 
 def register_extractor(name: str, cls) -> None:
@@ -100,10 +151,20 @@ def register_extractor(name: str, cls) -> None:
 
 
 register_extractor(TINY_NAME, TinyFeatureExtractor)
+# Registered under its own name: torch-fidelity keeps its plain extractor as INCEPTION_NAME.
+INCEPTION_SFID_NAME = INCEPTION_NAME + "+spatial"
+register_extractor(INCEPTION_SFID_NAME, InceptionV3WithSpatial)
+_SPATIAL_LAYER = {INCEPTION_NAME: INCEPTION_SPATIAL, INCEPTION_SFID_NAME: INCEPTION_SPATIAL, TINY_NAME: TINY_SPATIAL}
 
 
 def default_layer(name: str, metric: str) -> str:
-    """torch-fidelity's default feature layer of extractor ``name`` for ``metric`` (fid, kid, pr, is)."""
+    """torch-fidelity's default feature layer of extractor ``name`` for ``metric`` (fid, kid, pr, is), or the
+    spatial layer for ``sfid``."""
+    if metric == "sfid":
+        if name not in _SPATIAL_LAYER:
+            raise KeyError(f"sFID needs spatial features, which feature extractor {name!r} does not provide; use "
+                           f"{INCEPTION_NAME} (or {TINY_NAME} for tests)")
+        return _SPATIAL_LAYER[name]
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise KeyError(f"feature extractor {name!r} is not registered; known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
     return FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric(_METRIC_KEY[metric])
@@ -114,8 +175,10 @@ def create_extractor(name: str, layers: Sequence[str], device: torch.device | st
     """torch-fidelity extractor ``name`` producing ``layers``, on ``device``."""
     device = torch.device(device)
     kwargs = {"verbose": False}
-    if name == INCEPTION_NAME:
+    if name in (INCEPTION_NAME, INCEPTION_SFID_NAME):
         kwargs["feature_extractor_weights_path"] = resolve_inception_weights(inception_weights)
+        # the same network and forward; the subclass adds the sFID features
+        name = INCEPTION_SFID_NAME
     elif name not in FEATURE_EXTRACTORS_REGISTRY:
         raise KeyError(f"feature extractor {name!r} is not registered; known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
     ext = create_feature_extractor(name, list(dict.fromkeys(layers)), cuda=False, **kwargs)

@@ -1,11 +1,15 @@
-"""FID, Inception Score, KID and precision/recall on features from a torch-fidelity extractor.
+"""FID, sFID, Inception Score, KID and precision/recall on features from a torch-fidelity extractor.
 
 Image sources (generated or reference): a folder of PNG/JPEG files (sorted by name), an ADM
 ``.npz`` (``arr_0`` uint8 [N, H, W, 3]), a uint8 array/tensor [N, H, W, 3], or an iterable of
 such batches (e.g. :func:`usp_scale.sample.generate_batches`, whose (indices, images, labels)
 tuples are accepted). A reference may also be a statistics ``.npz`` with ``mu`` and ``sigma``
-(e.g. ADM's VIRTUAL_imagenet256_labeled.npz, Inception pool features): then only FID is
-available from the statistics, and other metrics use its ``arr_0`` images when present.
+(e.g. ADM's VIRTUAL_imagenet256_labeled.npz, Inception pool features): then FID comes from the
+statistics, sFID from its ``mu_s`` / ``sigma_s`` (ADM's spatial statistics) when present, and other
+metrics use its ``arr_0`` images when present.
+
+sFID (Nash et al. 2021, as the ADM evaluator computes it) is the Fréchet distance on spatial features:
+the first 7 channels of Inception's mixed_6/conv (17x17), 2,023 values per image.
 
 Reference features and statistics are cached in ``cache_dir`` (default
 ``$USP_SCALE_CACHE`` or ``~/.cache/usp_scale/eval``), keyed by path, size, mtime and extractor.
@@ -31,7 +35,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 
 from .features import INCEPTION_NAME, create_extractor, default_layer
 
-METRICS = ("fid", "is", "kid", "pr")
+METRICS = ("fid", "sfid", "is", "kid", "pr")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -222,10 +226,15 @@ def reference_features(path: str, extractor, extractor_name: str, batch_size: in
     return feats
 
 
-def save_statistics(path: str, features: torch.Tensor) -> str:
-    """Write {mu, sigma} as an .npz usable as a FID reference."""
+def save_statistics(path: str, features: torch.Tensor, spatial: Optional[torch.Tensor] = None) -> str:
+    """Write {mu, sigma} (and, given the sFID features, ADM's {mu_s, sigma_s}) as an .npz usable as a
+    FID / sFID reference."""
     s = statistics(features)
-    np.savez(path, mu=s["mu"], sigma=s["sigma"])
+    extra = {}
+    if spatial is not None:
+        ss = statistics(spatial)
+        extra = {"mu_s": ss["mu"], "sigma_s": ss["sigma"]}
+    np.savez(path, mu=s["mu"], sigma=s["sigma"], **extra)
     return path
 
 
@@ -250,15 +259,19 @@ def compute_metrics(generated, reference=None, metrics: Sequence[str] = ("fid",)
     if "is" in metrics:
         out.update(inception_score(gen[layers["is"]], splits=is_splits))
     ref_feats, ref_stats = None, None
+    ref_spatial_stats = None
     if needs_ref:
         if isinstance(reference, str) and is_stats_file(reference):
             with np.load(reference) as d:
                 ref_stats = {"mu": d["mu"], "sigma": d["sigma"]}
                 has_images = "arr_0" in d.files
-            if any(m in metrics for m in ("kid", "pr")):
+                if "mu_s" in d.files and "sigma_s" in d.files:
+                    ref_spatial_stats = {"mu": d["mu_s"], "sigma": d["sigma_s"]}
+            need_feats = [m for m in metrics if m in ("kid", "pr") or (m == "sfid" and ref_spatial_stats is None)]
+            if need_feats:
                 if not has_images:
-                    raise ValueError(f"{reference} holds only statistics (mu, sigma): KID and precision/recall need "
-                                     "reference images (a folder or an .npz with arr_0)")
+                    raise ValueError(f"{reference} holds only statistics (mu, sigma): {need_feats} need reference "
+                                     "images (a folder or an .npz with arr_0), or for sFID its mu_s / sigma_s")
                 ref_feats = reference_features(reference, extractor, feature_extractor, batch_size, device,
                                                cache_dir, progress)
         elif isinstance(reference, str):
@@ -272,6 +285,10 @@ def compute_metrics(generated, reference=None, metrics: Sequence[str] = ("fid",)
         if ref_stats is None:
             ref_stats = statistics(ref_feats[layers["fid"]])
         out["fid"] = frechet_distance(statistics(gen[layers["fid"]]), ref_stats)
+    if "sfid" in metrics:
+        if ref_spatial_stats is None:
+            ref_spatial_stats = statistics(ref_feats[layers["sfid"]])
+        out["sfid"] = frechet_distance(statistics(gen[layers["sfid"]]), ref_spatial_stats)
     if "kid" in metrics:
         out.update(kid(gen[layers["kid"]], ref_feats[layers["kid"]], subset_size=kid_subset_size))
     if "pr" in metrics:
@@ -281,7 +298,7 @@ def compute_metrics(generated, reference=None, metrics: Sequence[str] = ("fid",)
 
 # ----------------------------------------------------------------------------- records
 CONTEXT_KEYS = ("sampler", "steps", "cfg_scale", "sampling_precision", "reference", "feature_extractor")
-VALUE_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
+VALUE_KEYS = ("fid", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
 
 
 def make_records(results: dict, context: dict) -> list:
