@@ -1,6 +1,6 @@
 """Worker for the DeepSpeed ZeRO-1/2 bf16 EMA tests (fp32 masters, not bf16 module weights).
 
-Run under torchrun:  python tests/_helpers_dsema.py {ema,resume} --out DIR
+Run under torchrun:  python tests/_helpers_dsema.py {ema,resume,init} --out DIR
 Rank 0 writes DIR/<mode>.json; every rank prints TRAIN_HELPER_OK when done.
 """
 from __future__ import annotations
@@ -97,6 +97,52 @@ def ema_run(case: str, out: str, rank: int, world: int, steps: int = 4, accum: i
     return r
 
 
+INIT_CASES = {"ds1_bf16": 1, "ds2_bf16": 2, "ds3_bf16": 3}
+
+
+def init_run(case: str, rank: int, world: int) -> dict:
+    """Build a bf16 DeepSpeed engine over fp32 weights that bf16 cannot represent: the fp32 masters and the
+    EMA must start from those fp32 values, not from their bf16 rounding."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from usp_scale.config import OptimConfig
+    from usp_scale.engine import build_engine
+    from usp_scale.layers.attention import reset_attention
+    from usp_scale.training.ema import EMA
+    from usp_scale.training.optim import build_optimizer, param_groups
+
+    reset_attention()
+    torch.manual_seed(0)
+    model = H.engine_model()
+    orig = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    assert any((v != v.bfloat16().float()).any() for v in orig.values())
+    cfg = H.engine_cfg("deepspeed", precision="bf16", zero_stage=INIT_CASES[case])
+    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=False)
+    eng = build_engine(cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
+                       micro_batch=8 // world)
+    named = [(n, p) for n, p in eng.unwrapped.named_parameters() if p.requires_grad]
+    masters = {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in named}
+    ema = eng.gather_ema(EMA(eng.ema_sources(), 0.9).state_dict())
+    return {"masters_exact": all(torch.equal(masters[n], orig[n]) for n in masters),
+            "ema_exact": sorted(ema) == sorted(orig) and all(torch.equal(ema[n], orig[n]) for n in orig)
+            if rank == 0 else True,
+            "masters_vs_bf16_exact": all(torch.equal(masters[n], orig[n].bfloat16().float()) for n in masters)}
+
+
+def worker_init(out: str, cases: list) -> None:
+    import torch.distributed as dist
+
+    from usp_scale.engine.dist import init_distributed
+
+    info = init_distributed("gloo")
+    results = {c: init_run(c, info.rank, info.world_size) for c in cases}
+    if info.rank == 0:
+        with open(os.path.join(out, "init.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    print(H.OK, info.rank, flush=True)
+
+
 def worker_ema(out: str, cases: list) -> None:
     import torch.distributed as dist
 
@@ -131,7 +177,7 @@ def worker_resume(out: str) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ema", "resume"])
+    ap.add_argument("mode", choices=["ema", "resume", "init"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", nargs="*", default=list(EMA_CASES))
     ap.add_argument("--local_rank", type=int, default=-1)
@@ -139,6 +185,8 @@ if __name__ == "__main__":
     sys.path.insert(0, H.REPO)
     if a.mode == "ema":
         worker_ema(a.out, a.cases)
+    elif a.mode == "init":
+        worker_init(a.out, [c for c in a.cases if c in INIT_CASES] or list(INIT_CASES))
     else:
         worker_resume(a.out)
     sys.stdout.flush()

@@ -60,3 +60,15 @@ def test_zero2_bf16_exact_resume_with_fp32_ema_export(tmp_path):
         floats = [v for k, v in ema.items() if v.is_floating_point() and v.numel() > 16]
         n_not_bf16 = sum(int((v != v.bfloat16().float()).sum()) for v in floats)
         assert n_not_bf16 > 0.5 * sum(v.numel() for v in floats)
+
+
+@pytest.mark.slow
+def test_bf16_masters_and_ema_start_from_the_fp32_weights(tmp_path):
+    """ZeRO-1/2/3 in bf16: DeepSpeed builds its fp32 masters from the bf16-cast module; the engine restores the
+    fp32 values (a transferred fp32 checkpoint keeps its precision), so masters and EMA start exact."""
+    p = H.torchrun(["tests/_helpers_dsema.py", "init", "--out", str(tmp_path), "--cases", "ds1_bf16", "ds2_bf16",
+                    "ds3_bf16"], timeout=600)
+    _launch_ok(p)
+    res = json.load(open(tmp_path / "init.json"))
+    for case, r in res.items():
+        assert r["masters_exact"] and r["ema_exact"] and not r["masters_vs_bf16_exact"], (case, r)

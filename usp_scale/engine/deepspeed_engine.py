@@ -127,8 +127,19 @@ class DeepSpeedEngine(Engine):
             self.ema_layout = "per_rank"
         optimizer = optimizer_factory(model)
         self._client_optimizer = optimizer
+        # In bf16/fp16 DeepSpeed casts the module first and builds its fp32 masters from the cast weights, which
+        # would drop the low bits of fp32 weights (a transferred checkpoint, the fp32 init). Keep them (on the
+        # host) and write them back into the masters.
+        fp32 = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()
+                if p.requires_grad and p.dtype == torch.float32} if bit16 else {}
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
         self.unwrapped = self.model.module
+        if fp32:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for n, p in self.unwrapped.named_parameters():
+                if n in fp32:
+                    safe_set_full_fp32_param(p, fp32[n].to(self.device))
 
     def autocast(self):
         # bf16 DeepSpeed holds bf16 module weights; autocast casts fp32 inputs to match.
