@@ -211,7 +211,7 @@ class Trainer:
         start_step = step
         last_ckpt = None
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
-        win = dict(steps=0, loss=torch.zeros((), dtype=torch.float64, device=self.device), data=0.0, compute=0.0,
+        win = dict(steps=0, loss=torch.zeros((), dtype=torch.float64, device=self.device), data=0.0,
                    samples=0, t0=time.perf_counter(), gnorm=0.0)
         stop = False
         result_stopped = False
@@ -240,7 +240,6 @@ class Trainer:
                 loss_acc += loss.detach().double()
                 micro_in_epoch += 1
                 res = engine.step()
-                win["compute"] += time.perf_counter() - t_comp
                 if res is None:
                     continue
                 step += 1
@@ -285,13 +284,15 @@ class Trainer:
                     sps = win["samples"] / max(dt, 1e-9)
                     rec = {"kind": "train", "step": step, "epoch": epoch, "loss": float(lsum) / n, "lr": lr,
                            "grad_norm": win["gnorm"] / n, "samples_per_s": sps,
-                           "data_time": win["data"] / n, "compute_time": win["compute"] / n,
+                           # The device runs ahead of the host (no sync per step): compute_time is the wall time
+                           # not spent waiting for the loader, which is exact over a window that ends in a sync.
+                           "data_time": win["data"] / n, "compute_time": max(dt - win["data"], 0.0) / n,
                            "max_mem_gb": _max_memory_gb(self.device), "nonfinite_total": self.nonfinite_total}
                     if train_flops:
                         rec["mfu"] = train_flops * sps / self.world / cfg.peak_flops
                     logger.log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
-                    win.update(steps=0, data=0.0, compute=0.0, samples=0, t0=time.perf_counter(), gnorm=0.0)
+                    win.update(steps=0, data=0.0, samples=0, t0=time.perf_counter(), gnorm=0.0)
                     win["loss"].zero_()
                     req = self._signal_raw or (self.is_main and os.path.exists(os.path.join(out, STOP_FILE)))
                     # A signal may reach only some ranks: agree at log steps (the checkpoint is collective).
@@ -300,7 +301,9 @@ class Trainer:
                     self._signal = True
 
                 if ckpt_now or self._signal:
+                    t_save = time.perf_counter()
                     last_ckpt = self._save(step, epoch, micro_in_epoch)
+                    win["t0"] += time.perf_counter() - t_save  # checkpoint time is not training throughput
                 if self.fid_hook is not None and not self._signal and self.fid_hook.due(step, total):
                     ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
                     win["t0"] += ev["eval_seconds"]  # keep evaluation time out of the throughput numbers
