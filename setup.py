@@ -20,6 +20,8 @@ extras = {
     "gpu": ["triton>=3.0"],
     "flash": ["flash-attn>=2.6"],
     "plot": ["matplotlib>=3.7"],
+    # engine.fp8 (torchao float8 training); capped at the version tested with torch 2.14
+    "fp8": ["torchao>=0.12,<0.19"],
 }
 extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash",) for d in v})
 

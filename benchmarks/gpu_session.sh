@@ -16,6 +16,9 @@
 #            >= official compiled, 2,176 / 577 img/s on an H200); ~6-7 min, most of it compiling
 #   sample   DiT-XL/2 sampling throughput at batch 256 and the projected FID-50K GPU-hours
 #   micro    kernel micro-benchmarks (forward / backward / both vs eager and compiled torch)
+#   fp8      the compiled step with engine.fp8=tensorwise, MAE-XL@256 and DiT-XL/2@128 (~3 min; needs torchao,
+#            which the device image lacks: carry the wheel, `pip download --no-deps torchao==0.18.0 -d .whl`,
+#            and install it first as the device tool's README says); compare with the train part's rows
 #   profile  device time of one eager step by kernel category (matmul, attention, ours, norm, ...), MAE-XL and
 #            DiT-XL/2, torch vs auto (~1 min); PROFILE_COMPILE=both adds the compiled step (+3 min)
 # The data benchmark (DALI decode, SD-VAE encode) needs diffusers and DALI wheels carried to the device:
@@ -54,6 +57,8 @@ for part in $PARTS; do
     micro)   run micro 120 $PY benchmarks/kernels/run_all.py --quick --dtype bf16 --csv "$OUT/kernels.csv" ;;
     profile) run profile 240 $PY benchmarks/train/profile_step.py --models MAE-XL@256,DiT-XL/2@128 --kernels torch,auto \
                --compile "${PROFILE_COMPILE:-eager}" --out "$OUT/profile" ;;
-    *) echo "unknown part $part (kernels, train, sample, micro, profile)"; exit 2 ;;
+    fp8)     run fp8 300 $PY benchmarks/train/bench_step.py --models MAE-XL@256,DiT-XL/2@128 --compile compiled \
+               --kernels torch --fp8 tensorwise --steps 20 --warmup 5 --csv "$OUT/train_step_fp8.csv" ;;
+    *) echo "unknown part $part (kernels, train, sample, micro, profile, fp8)"; exit 2 ;;
   esac
 done

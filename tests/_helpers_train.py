@@ -130,6 +130,9 @@ EQUIV_CASES = {
     # fused AdamW: non-finite steps skipped on the device through found_inf (FSDP2: over DTensor shards)
     "ddp_fused": dict(name="ddp", fused=True),
     "fsdp2_fused": dict(name="fsdp2", fused=True),
+    # FP8 matmuls (torchao) in the block linears, compared with a local FP8 run
+    "ddp_fp8": dict(name="ddp", fp8="tensorwise"),
+    "fsdp2_fp8": dict(name="fsdp2", fp8="tensorwise"),
 }
 
 

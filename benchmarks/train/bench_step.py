@@ -51,7 +51,8 @@ def synthetic_batch(cfg, device) -> dict:
     return next(iter(loader))
 
 
-def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision: str, device, ac: bool):
+def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision: str, device, ac: bool,
+              fp8: str = "off"):
     """Build model, engine and one on-device synthetic batch for ``short``; returns (step_fn, engine, train FLOPs
     per sample, registry name). ``step_fn()`` runs forward, backward and the optimizer step as the trainer does."""
     from usp_scale.config import JobConfig
@@ -65,6 +66,7 @@ def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision
     cfg.task, cfg.model.name, cfg.model.img_size, cfg.model.kernels = task_name, reg, side, kernels
     cfg.engine.name, cfg.engine.precision, cfg.engine.compile = "local", precision, compile_
     cfg.engine.activation_checkpointing = ac
+    cfg.engine.fp8 = fp8
     cfg.optim.lr = 1e-4
     cfg.data.batch_size = batch
     task = build_task(cfg)
@@ -87,9 +89,9 @@ def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision
 
 
 def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: int, warmup: int, precision: str,
-              device, peak: float, ac: bool) -> dict:
+              device, peak: float, ac: bool, fp8: str = "off") -> dict:
     step, eng, flops, reg = make_step(short, batch=batch, compile_=compile_, kernels=kernels, precision=precision,
-                                      device=device, ac=ac)
+                                      device=device, ac=ac, fp8=fp8)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_c = time.perf_counter()
     for _ in range(warmup):
@@ -104,7 +106,8 @@ def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: in
     sync()
     dt = time.perf_counter() - t0
     sps = batch * steps / dt
-    return {"model": short, "registry": reg, "batch": batch, "compile": compile_, "kernels": kernels, "ac": ac,
+    return {"model": short, "registry": reg, "batch": batch, "compile": compile_, "kernels": kernels, "fp8": fp8,
+            "ac": ac,
             "precision": eng.precision, "samples_per_s": round(sps, 2), "step_ms": round(1000 * dt / steps, 2),
             "mfu": round(flops * sps / peak, 4) if flops else "", "train_gflop_per_sample": round(flops / 1e9, 2)
             if flops else "", "max_mem_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -131,6 +134,9 @@ def main(argv=None) -> int:
                     help="comma list of torch (reference path), auto (Triton where measured faster), triton "
                          "(all Triton kernels); each model is timed with each (model.kernels)")
     ap.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
+    ap.add_argument("--fp8", default="off",
+                    help="comma list of engine.fp8 settings to time (off, tensorwise, rowwise, rowwise_with_gw_hp; "
+                         "needs torchao)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -152,6 +158,9 @@ def main(argv=None) -> int:
     models = _comma_list(",".join(n for n, _ in specs), MODELS, "models")
     batch_of = {n: b for n, b in specs}
     kernels = _comma_list(a.kernels, KERNELS, "kernels")
+    from usp_scale.engine.fp8 import RECIPES
+
+    fp8s = _comma_list(a.fp8, RECIPES, "fp8")
     if a.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -167,20 +176,21 @@ def main(argv=None) -> int:
     for short in models:
         base = None
         for k in kernels:
-            for c in modes:
-                row = {**meta, **bench_one(short, batch=batch_of[short] or a.batch, compile_=c, kernels=k, steps=a.steps,
-                                           warmup=a.warmup, precision=a.precision, device=device,
-                                           peak=a.peak_flops, ac=a.ac)}
-                if k == "torch" and not c:
-                    base = row["samples_per_s"]
-                row["vs_torch_eager"] = round(row["samples_per_s"] / base, 3) if base else ""
-                print(row, flush=True)
-                rows.append(row)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    print(f"\n{'model':>12} {'kernels':>7} {'mode':>8} {'samples/s':>10} {'ms/step':>8} {'x torch-eager':>13}")
+            for f8 in fp8s:
+                for c in modes:
+                    row = {**meta, **bench_one(short, batch=batch_of[short] or a.batch, compile_=c, kernels=k,
+                                               steps=a.steps, warmup=a.warmup, precision=a.precision, device=device,
+                                               peak=a.peak_flops, ac=a.ac, fp8=f8)}
+                    if k == "torch" and not c and f8 == "off":
+                        base = row["samples_per_s"]
+                    row["vs_torch_eager"] = round(row["samples_per_s"] / base, 3) if base else ""
+                    print(row, flush=True)
+                    rows.append(row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    print(f"\n{'model':>12} {'kernels':>7} {'fp8':>10} {'mode':>8} {'samples/s':>10} {'ms/step':>8} {'x torch-eager':>13}")
     for r in rows:
-        print(f"{r['model']:>12} {r['kernels']:>7} {'compiled' if r['compile'] else 'eager':>8} "
+        print(f"{r['model']:>12} {r['kernels']:>7} {r['fp8']:>10} {'compiled' if r['compile'] else 'eager':>8} "
               f"{r['samples_per_s']:>10.1f} {r['step_ms']:>8.2f} {r['vs_torch_eager']!s:>13}")
     if a.csv and rows:
         os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)

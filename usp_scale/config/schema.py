@@ -193,6 +193,9 @@ class EngineConfig:
     # What engine.compile compiles: "auto" (the whole model on local/ddp, each block on fsdp2/deepspeed),
     # "model" or "blocks". On an H200, whole-model compile gave MAE-XL 2061 img/s vs 1916 per block.
     compile_scope: str = "auto"
+    # FP8 matmuls (torchao float8 training) for the blocks' attention/MLP linears: "off", "tensorwise", "rowwise"
+    # or "rowwise_with_gw_hp". Changes the numerics; for Hopper-class GPUs with engine.compile=true.
+    fp8: str = "off"
 
 
 @dataclass

@@ -72,6 +72,15 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
         raise ConfigError(f"engine.name={name!r}: use one of {', '.join(ENGINES)}")
     precision = resolve_precision(engine_cfg.precision, device)
     model = model.to(device)
+    fp8 = getattr(engine_cfg, "fp8", "off")
+    if fp8 != "off":
+        from .fp8 import apply_fp8
+
+        if name == "deepspeed":
+            raise ConfigError(f"engine.fp8={fp8} is supported with the local, ddp and fsdp2 engines, not deepspeed")
+        if precision == "fp16":
+            raise ConfigError(f"engine.fp8={fp8} runs with bf16 or fp32 autocast, not engine.precision=fp16")
+        apply_fp8(model, fp8, device)
     if engine_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if engine_cfg.compile:
