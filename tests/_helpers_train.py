@@ -62,10 +62,25 @@ def engine_data(steps: int, accum: int, global_batch: int):
     return x[: steps * accum], y[: steps * accum]
 
 
+def inject_inf(eng, rank: int, world: int, name: str = "head.weight", row: int = 5) -> None:
+    """Put +inf into one gradient element, ``name[row, 0]`` of the full gradient, as an fp16 overflow in that
+    element would: in the full (replicated) gradient for local/ddp, and only in the shard of the rank that owns
+    the row for fsdp2 (dim-0 shards of ceil(rows / world) rows)."""
+    p = dict(eng.unwrapped.named_parameters())[name]
+    g = p.grad
+    if hasattr(g, "to_local"):  # FSDP2: a DTensor sharded on dim 0
+        per = -(-p.shape[0] // world)
+        if rank == row // per:
+            g.to_local()[row - rank * per, 0] = float("inf")
+    else:
+        g[row, 0] = float("inf")
+
+
 def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan_at=None, nan_rank=None,
-                  rank=0, world=1):
+                  rank=0, world=1, inf_at=None, record=None, fused=False):
     """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the
-    final full weights."""
+    final full weights. ``inf_at``: optimizer step whose gradients get one +inf element (:func:`inject_inf`);
+    ``record``: a dict that receives the GradScaler scale after every optimizer step ("scales")."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
@@ -80,7 +95,7 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
     # eps 1e-4: AdamW's per-element normalisation would turn the reduction-order noise on parameters whose true
     # gradient is ~0 (e.g. the key bias, softmax-invariant) into full-size steps; a large eps keeps updates
     # proportional to the gradient, which also makes a wrong gradient scale (e.g. sum vs mean) visible.
-    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=False)
+    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=fused)
     per = global_batch // world
     eng = build_engine(engine_cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
                        accum_iter=accum, clip_grad=clip, micro_batch=per)
@@ -93,10 +108,14 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
         if nan_at is not None and i // accum == nan_at and (nan_rank is None or nan_rank == rank):
             loss = loss * float("nan")
         eng.backward(loss)
+        if inf_at is not None and i // accum == inf_at and i % accum == accum - 1:
+            inject_inf(eng, rank, world)
         acc += float(loss.detach()) / accum
         res = eng.step()
         if res is None:
             continue
+        if record is not None:
+            record.setdefault("scales", []).append(eng.scaler.get_scale() if eng.scaler is not None else None)
         t = torch.tensor([acc], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(t)
@@ -148,6 +167,45 @@ def worker_equiv(out: str, cases: list) -> None:
     if info.rank == 0:
         results["_nan_applied_per_rank"] = flags
         with open(os.path.join(out, "equiv.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    print(OK, info.rank, flush=True)
+
+
+FP16_CASES = {"ddp_fp16": dict(name="ddp"), "fsdp2_fp16": dict(name="fsdp2"),
+              "fsdp2_fp16_noreshard": dict(name="fsdp2", reshard_after_forward=False),
+              # torch's fused AdamW: GradScaler.step hands it found_inf (and no grad_scale after unscale_)
+              "ddp_fp16_fused": dict(name="ddp", fused=True), "fsdp2_fp16_fused": dict(name="fsdp2", fused=True)}
+
+
+def worker_fp16(out: str, cases: list) -> None:
+    """engine.precision=fp16 (CPU autocast + GradScaler): a clean run, and a run with one +inf gradient element at
+    step 1 (in one rank's shard under fsdp2); per-step losses, applied flags, scales of every rank, final weights."""
+    import torch.distributed as dist
+
+    from usp_scale.engine.dist import init_distributed
+
+    info = init_distributed("gloo")
+    if os.environ.get("USP_TEST_NO_DTENSOR_FOUND_INF"):  # test-power check: rank-local found_inf under FSDP2
+        from torch.distributed.tensor import DTensor
+
+        DTensor._op_dispatcher._custom_op_handlers.pop(torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default)
+    results = {}
+    for case in cases:
+        kw = dict(FP16_CASES[case])
+        fused = kw.pop("fused", False)
+        cfg = engine_cfg(kw.pop("name"), precision="fp16", **kw)
+        rec, irec = {}, {}
+        losses, applied, sd = engine_losses(cfg, clip=1.0, rank=info.rank, world=info.world_size, record=rec,
+                                            fused=fused)
+        il, ia, isd = engine_losses(cfg, clip=1.0, inf_at=1, rank=info.rank, world=info.world_size, record=irec,
+                                    fused=fused)
+        scales = [None] * info.world_size
+        dist.all_gather_object(scales, {"scales": rec["scales"], "inf_scales": irec["scales"], "inf_applied": ia})
+        results[case] = {"losses": losses, "applied": applied, "state": sd, "inf_losses": il, "inf_applied": ia,
+                         "inf_state": isd, "per_rank": scales}
+    if info.rank == 0:
+        with open(os.path.join(out, "fp16.json"), "w") as f:
             json.dump(results, f)
     dist.barrier()
     print(OK, info.rank, flush=True)
@@ -212,7 +270,7 @@ def worker_resume(out: str, engines: list, model: str = "") -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "resume"])
+    ap.add_argument("mode", choices=["equiv", "resume", "fp16"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", nargs="*", default=list(EQUIV_CASES))
     ap.add_argument("--model", default="", help="model for the resume runs (default: the debug recipe's)")
@@ -221,6 +279,8 @@ if __name__ == "__main__":
     sys.path.insert(0, REPO)
     if a.mode == "equiv":
         worker_equiv(a.out, a.cases)
+    elif a.mode == "fp16":
+        worker_fp16(a.out, a.cases)
     else:
         worker_resume(a.out, a.cases, a.model)
     sys.stdout.flush()
