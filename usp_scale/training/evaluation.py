@@ -28,6 +28,26 @@ def _isolated_rng(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
+def truncate_eval_records(path: str, step: int) -> int:
+    """On resume at ``step``: drop the records past ``step`` from the eval package's JSON-lines file ``path``
+    (``eval.metrics_file``) and rewrite its readable ``.txt`` companion from the records kept. Rank 0 only;
+    returns #dropped."""
+    import json
+
+    from ..eval.metrics import format_record
+    from .logging import truncate_jsonl
+
+    dropped = truncate_jsonl(path, step)
+    txt = os.path.splitext(path)[0] + ".txt"
+    if dropped and os.path.isfile(txt):
+        with open(path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        with open(txt + ".tmp", "w") as f:
+            f.writelines(format_record(r) + "\n" for r in recs)
+        os.replace(txt + ".tmp", txt)
+    return dropped
+
+
 def check_eval_config(cfg, process) -> None:
     """Start-up checks of the ``eval`` section when in-training FID is on; raises ConfigError naming the key."""
     e = cfg.eval
@@ -103,6 +123,8 @@ class FIDHook:
                    for r in logger.read_all()) if D.get_rank() == 0 else True
         if D.all_reduce_max(float(not done)) == 0.0:
             return None
+        if D.get_rank() == 0:  # killed between the two record writes: the redone evaluation replaces its record
+            truncate_eval_records(self.records_file, step - 1)
         return self(engine, ema, step, epoch, logger, progress=progress)
 
     @torch.no_grad()

@@ -111,6 +111,21 @@ class Trainer:
         self._print(f"[usp_scale] checkpoint: {path}")
         return path
 
+    def _truncate_records(self, step: int) -> None:
+        """On resume at ``step`` (rank 0): drop the records past ``step`` from every JSON-lines file the run
+        appends to (metrics.jsonl, the FID hook's eval.metrics_file and its .txt), written after the checkpoint
+        by the run that stopped (or by a later run, when resuming an earlier checkpoint)."""
+        if not self.is_main:
+            return
+        from .evaluation import truncate_eval_records
+
+        eval_file = os.path.join(self.cfg.output_dir, self.cfg.eval.metrics_file)
+        for path, n in ((self.logger.path, self.logger.truncate_after(step)),
+                        (eval_file, truncate_eval_records(eval_file, step))):
+            if n:
+                self._print(f"[usp_scale] {os.path.basename(path)}: dropped {n} record(s) past step {step} "
+                            "(written after the checkpoint)")
+
     # ------------------------------------------------------------------ main
     def fit(self) -> dict:
         cfg = self.cfg
@@ -168,8 +183,8 @@ class Trainer:
 
         logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
         self.logger = logger
-        if resume and logger.truncate_after(step):
-            self._print(f"[usp_scale] metrics.jsonl: dropped records past step {step} (written after the checkpoint)")
+        if resume:
+            self._truncate_records(step)
         val_loader = None
         if cfg.task in ("cls", "linprobe"):
             val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
