@@ -80,7 +80,8 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
                   rank=0, world=1, inf_at=None, record=None, fused=False):
     """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the
     final full weights. ``inf_at``: optimizer step whose gradients get one +inf element (:func:`inject_inf`);
-    ``record``: a dict that receives the GradScaler scale after every optimizer step ("scales")."""
+    ``record``: a dict that receives the GradScaler scale after every optimizer step ("scales") and, when it has
+    an "optimizer" key, the engine's ``full_optimizer_state_dict()`` at the end."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
@@ -122,6 +123,8 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
         losses.append(float(t) / world)
         applied.append(res.applied)
         acc = 0.0
+    if record is not None and "optimizer" in record:  # asked for: the engine's full optimizer state (collective)
+        record["optimizer"] = eng.full_optimizer_state_dict()
     sd = eng.full_model_state_dict()
     return losses, applied, {k: v.tolist() for k, v in sd.items()}
 
@@ -211,6 +214,33 @@ def worker_fp16(out: str, cases: list) -> None:
     print(OK, info.rank, flush=True)
 
 
+OPTSTATE_CASES = {"ddp": dict(name="ddp"), "fsdp2": dict(name="fsdp2"), "ds1": dict(name="deepspeed", zero_stage=1),
+                  "ds2": dict(name="deepspeed", zero_stage=2), "ds3": dict(name="deepspeed", zero_stage=3),
+                  "ds2_bf16": dict(name="deepspeed", zero_stage=2, precision="bf16")}
+
+
+def worker_optstate(out: str, cases: list) -> None:
+    """4 optimizer steps (accumulation 2, clipping) per engine; rank 0 saves full_optimizer_state_dict() as
+    DIR/opt_<case>.pt, and what the other ranks returned as DIR/opt_<case>_others.json."""
+    import torch.distributed as dist
+
+    from usp_scale.engine.dist import init_distributed
+
+    info = init_distributed("gloo")
+    for case in cases:
+        kw = dict(OPTSTATE_CASES[case])
+        rec = {"optimizer": None}
+        engine_losses(engine_cfg(kw.pop("name"), **kw), clip=1.0, rank=info.rank, world=info.world_size, record=rec)
+        others = [None] * info.world_size
+        dist.all_gather_object(others, None if rec["optimizer"] is None else type(rec["optimizer"]).__name__)
+        if info.rank == 0:
+            torch.save(rec["optimizer"], os.path.join(out, f"opt_{case}.pt"))
+            with open(os.path.join(out, f"opt_{case}_others.json"), "w") as f:
+                json.dump(others, f)
+    dist.barrier()
+    print(OK, info.rank, flush=True)
+
+
 # ---------------------------------------------------------------------------------------- trainer runs
 
 def trainer_cfg(engine: str, out: str, **over):
@@ -270,7 +300,7 @@ def worker_resume(out: str, engines: list, model: str = "") -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "resume", "fp16"])
+    ap.add_argument("mode", choices=["equiv", "resume", "fp16", "optstate"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", nargs="*", default=list(EQUIV_CASES))
     ap.add_argument("--model", default="", help="model for the resume runs (default: the debug recipe's)")
@@ -281,6 +311,8 @@ if __name__ == "__main__":
         worker_equiv(a.out, a.cases)
     elif a.mode == "fp16":
         worker_fp16(a.out, a.cases)
+    elif a.mode == "optstate":
+        worker_optstate(a.out, a.cases)
     else:
         worker_resume(a.out, a.cases, a.model)
     sys.stdout.flush()
