@@ -112,19 +112,25 @@ class Trainer:
         return path
 
     def _truncate_records(self, step: int) -> None:
-        """On resume at ``step`` (rank 0): drop the records past ``step`` from every JSON-lines file the run
-        appends to (metrics.jsonl, the FID hook's eval.metrics_file and its .txt), written after the checkpoint
-        by the run that stopped (or by a later run, when resuming an earlier checkpoint)."""
-        if not self.is_main:
-            return
+        """On resume at ``step``: drop the records past ``step`` from every JSON-lines file the run appends to
+        (metrics.jsonl, the FID hook's eval.metrics_file and its .txt), written after the checkpoint by the run
+        that stopped (or by a later run, when resuming an earlier checkpoint). Rank 0 edits the files; collective
+        (a failure there, e.g. a corrupt line, stops every rank with its message)."""
+        from ..eval import agree_on_success
         from .evaluation import truncate_eval_records
 
-        eval_file = os.path.join(self.cfg.output_dir, self.cfg.eval.metrics_file)
-        for path, n in ((self.logger.path, self.logger.truncate_after(step)),
-                        (eval_file, truncate_eval_records(eval_file, step))):
-            if n:
-                self._print(f"[usp_scale] {os.path.basename(path)}: dropped {n} record(s) past step {step} "
-                            "(written after the checkpoint)")
+        err = None
+        if self.is_main:
+            try:
+                eval_file = os.path.join(self.cfg.output_dir, self.cfg.eval.metrics_file)
+                for path, n in ((self.logger.path, self.logger.truncate_after(step)),
+                                (eval_file, truncate_eval_records(eval_file, step))):
+                    if n:
+                        self._print(f"[usp_scale] {os.path.basename(path)}: dropped {n} record(s) past step {step} "
+                                    "(written after the checkpoint)")
+            except Exception as e:  # noqa: BLE001 -- agreed over ranks, re-raised below
+                err = e
+        agree_on_success(err, f"resume at step {step}: truncating the metrics files")
 
     # ------------------------------------------------------------------ main
     def fit(self) -> dict:
