@@ -80,8 +80,9 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
                   rank=0, world=1, inf_at=None, record=None, fused=False):
     """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the
     final full weights. ``inf_at``: optimizer step whose gradients get one +inf element (:func:`inject_inf`);
-    ``record``: a dict that receives the GradScaler scale after every optimizer step ("scales") and, when it has
-    an "optimizer" key, the engine's ``full_optimizer_state_dict()`` at the end."""
+    ``record``: a dict that receives the GradScaler scale after every optimizer step ("scales"); with an
+    "optimizer" key, the engine's ``full_optimizer_state_dict()`` at the end; with "roundtrip": DIR, the scale of
+    a fresh engine loaded from ``eng.save(DIR)`` ("loaded_scale")."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
@@ -125,6 +126,14 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
         acc = 0.0
     if record is not None and "optimizer" in record:  # asked for: the engine's full optimizer state (collective)
         record["optimizer"] = eng.full_optimizer_state_dict()
+    if record is not None and "roundtrip" in record:  # save, load into a fresh engine: the restored scale
+        eng.save(record["roundtrip"])
+        torch.manual_seed(0)
+        eng2 = build_engine(engine_cfg, engine_model(),
+                            lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
+                            accum_iter=accum, clip_grad=clip, micro_batch=per)
+        eng2.load(record["roundtrip"])
+        record["loaded_scale"] = eng2.scaler.get_scale() if eng2.scaler is not None else None
     sd = eng.full_model_state_dict()
     return losses, applied, {k: v.tolist() for k, v in sd.items()}
 
@@ -198,13 +207,14 @@ def worker_fp16(out: str, cases: list) -> None:
         kw = dict(FP16_CASES[case])
         fused = kw.pop("fused", False)
         cfg = engine_cfg(kw.pop("name"), precision="fp16", **kw)
-        rec, irec = {}, {}
+        rec, irec = {}, {"roundtrip": os.path.join(out, f"ckpt_{case}")}
         losses, applied, sd = engine_losses(cfg, clip=1.0, rank=info.rank, world=info.world_size, record=rec,
                                             fused=fused)
         il, ia, isd = engine_losses(cfg, clip=1.0, inf_at=1, rank=info.rank, world=info.world_size, record=irec,
                                     fused=fused)
         scales = [None] * info.world_size
-        dist.all_gather_object(scales, {"scales": rec["scales"], "inf_scales": irec["scales"], "inf_applied": ia})
+        dist.all_gather_object(scales, {"scales": rec["scales"], "inf_scales": irec["scales"], "inf_applied": ia,
+                                        "loaded_scale": irec["loaded_scale"]})
         results[case] = {"losses": losses, "applied": applied, "state": sd, "inf_losses": il, "inf_applied": ia,
                          "inf_state": isd, "per_rank": scales}
     if info.rank == 0:
@@ -278,7 +288,7 @@ def run_resume_pair(engine: str, base: str, **over) -> dict:
     return out
 
 
-def worker_resume(out: str, engines: list, model: str = "") -> None:
+def worker_resume(out: str, engines: list, model: str = "", sets: tuple = ()) -> None:
     import torch.distributed as dist
 
     from usp_scale.engine.dist import init_distributed
@@ -290,6 +300,7 @@ def worker_resume(out: str, engines: list, model: str = "") -> None:
         over = {"zero_stage": int(stage)} if stage else {}
         if model:
             over["model.name"] = model
+        over.update(kv.split("=", 1) for kv in sets)
         results[spec] = run_resume_pair(name, os.path.join(out, spec.replace(":", "")), **over)
     if info.rank == 0:
         with open(os.path.join(out, "resume.json"), "w") as f:
@@ -304,6 +315,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", nargs="*", default=list(EQUIV_CASES))
     ap.add_argument("--model", default="", help="model for the resume runs (default: the debug recipe's)")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides for the resume runs")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     sys.path.insert(0, REPO)
@@ -314,6 +326,6 @@ if __name__ == "__main__":
     elif a.mode == "optstate":
         worker_optstate(a.out, a.cases)
     else:
-        worker_resume(a.out, a.cases, a.model)
+        worker_resume(a.out, a.cases, a.model, tuple(a.set))
     sys.stdout.flush()
     os._exit(0)  # DeepSpeed on CPU occasionally aborts in its exit handlers after success

@@ -47,9 +47,26 @@ def test_fp16_grad_scaler_ddp_fsdp2_match_single_process(tmp_path):
             # every rank skipped the same step and holds the same scale as the single process
             assert pr["scales"] == rec["scales"], (case, rank)
             assert pr["inf_applied"] == iref_a and pr["inf_scales"] == irec["scales"], (case, rank, pr)
+            assert pr["loaded_scale"] == init / 2, (case, rank, pr)  # the backed-off scale survives save/load
         assert r["applied"] == ref_a and r["inf_applied"] == iref_a, case
         # same global batch in fp16: reduction order and fp16 rounding of 2 half-batches differ
         assert r["losses"] == pytest.approx(ref_l, rel=1e-3), case
         assert r["inf_losses"] == pytest.approx(iref_l, rel=1e-3), case
         _close(r["state"], ref_sd, 5e-3, case)
         _close(r["inf_state"], iref_sd, 5e-3, case + " inf")
+
+
+@pytest.mark.slow
+def test_fp16_exact_resume_ddp_fsdp2(tmp_path):
+    """The trainer with engine.precision=fp16: 10 steps == 5 + resume + 5 (GradScaler state in the checkpoint:
+    engine.pt for ddp, DCP for fsdp2), per-step losses and exported weights bit-identical."""
+    specs = ["ddp", "fsdp2"]
+    p = H.torchrun(["tests/_helpers_train.py", "resume", "--out", str(tmp_path), "--cases", *specs,
+                    "--set", "engine.precision=fp16"])
+    assert p.stdout.count(H.OK) == 2, f"rc={p.returncode}\n{(p.stdout + p.stderr)[-6000:]}"
+    res = json.load(open(tmp_path / "resume.json"))
+    for spec in specs:
+        r = res[spec]
+        assert len(r["full"]) == 10 and r["full"] == r["split"], spec
+        assert r["model_equal"] and r["ema_equal"], spec
+    assert res["ddp"]["full"] == pytest.approx(res["fsdp2"]["full"], rel=1e-3)
