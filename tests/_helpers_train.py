@@ -201,7 +201,8 @@ def worker_fp16(out: str, cases: list) -> None:
     if os.environ.get("USP_TEST_NO_DTENSOR_FOUND_INF"):  # test-power check: rank-local found_inf under FSDP2
         from torch.distributed.tensor import DTensor
 
-        DTensor._op_dispatcher._custom_op_handlers.pop(torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default)
+        handlers = DTensor._op_dispatcher._custom_op_handlers
+        handlers.pop(torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default)
     results = {}
     for case in cases:
         kw = dict(FP16_CASES[case])
