@@ -62,10 +62,27 @@ def engine_data(steps: int, accum: int, global_batch: int):
     return x[: steps * accum], y[: steps * accum]
 
 
+def inject_inf(eng, rank: int, world: int, name: str = "head.weight", row: int = 5) -> None:
+    """Put +inf into one gradient element, ``name[row, 0]`` of the full gradient, as an fp16 overflow in that
+    element would: in the full (replicated) gradient for local/ddp, and only in the shard of the rank that owns
+    the row for fsdp2 (dim-0 shards of ceil(rows / world) rows)."""
+    p = dict(eng.unwrapped.named_parameters())[name]
+    g = p.grad
+    if hasattr(g, "to_local"):  # FSDP2: a DTensor sharded on dim 0
+        per = -(-p.shape[0] // world)
+        if rank == row // per:
+            g.to_local()[row - rank * per, 0] = float("inf")
+    else:
+        g[row, 0] = float("inf")
+
+
 def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan_at=None, nan_rank=None,
-                  rank=0, world=1, fused=False):
+                  rank=0, world=1, inf_at=None, record=None, fused=False):
     """Train :func:`engine_model` (cross-entropy); returns per-step global-mean losses, applied flags and the
-    final full weights."""
+    final full weights. ``inf_at``: optimizer step whose gradients get one +inf element (:func:`inject_inf`);
+    ``record``: a dict that receives the GradScaler scale after every optimizer step ("scales"); with an
+    "optimizer" key, the engine's ``full_optimizer_state_dict()`` at the end; with "roundtrip": DIR, the scale of
+    a fresh engine loaded from ``eng.save(DIR)`` ("loaded_scale")."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
@@ -94,16 +111,30 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
         if nan_at is not None and i // accum == nan_at and (nan_rank is None or nan_rank == rank):
             loss = loss * float("nan")
         eng.backward(loss)
+        if inf_at is not None and i // accum == inf_at and i % accum == accum - 1:
+            inject_inf(eng, rank, world)
         acc += float(loss.detach()) / accum
         res = eng.step()
         if res is None:
             continue
+        if record is not None:
+            record.setdefault("scales", []).append(eng.scaler.get_scale() if eng.scaler is not None else None)
         t = torch.tensor([acc], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(t)
         losses.append(float(t) / world)
         applied.append(res.applied)
         acc = 0.0
+    if record is not None and "optimizer" in record:  # asked for: the engine's full optimizer state (collective)
+        record["optimizer"] = eng.full_optimizer_state_dict()
+    if record is not None and "roundtrip" in record:  # save, load into a fresh engine: the restored scale
+        eng.save(record["roundtrip"])
+        torch.manual_seed(0)
+        eng2 = build_engine(engine_cfg, engine_model(),
+                            lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
+                            accum_iter=accum, clip_grad=clip, micro_batch=per)
+        eng2.load(record["roundtrip"])
+        record["loaded_scale"] = eng2.scaler.get_scale() if eng2.scaler is not None else None
     sd = eng.full_model_state_dict()
     return losses, applied, {k: v.tolist() for k, v in sd.items()}
 
@@ -162,6 +193,74 @@ def worker_equiv(out: str, cases: list) -> None:
     print(OK, info.rank, flush=True)
 
 
+FP16_CASES = {"ddp_fp16": dict(name="ddp"), "fsdp2_fp16": dict(name="fsdp2"),
+              "fsdp2_fp16_noreshard": dict(name="fsdp2", reshard_after_forward=False),
+              # torch's fused AdamW: GradScaler.step hands it found_inf (and no grad_scale after unscale_)
+              "ddp_fp16_fused": dict(name="ddp", fused=True), "fsdp2_fp16_fused": dict(name="fsdp2", fused=True)}
+
+
+def worker_fp16(out: str, cases: list) -> None:
+    """engine.precision=fp16 (CPU autocast + GradScaler): a clean run, and a run with one +inf gradient element at
+    step 1 (in one rank's shard under fsdp2); per-step losses, applied flags, scales of every rank, final weights."""
+    import torch.distributed as dist
+
+    from usp_scale.engine.dist import init_distributed
+
+    info = init_distributed("gloo")
+    if os.environ.get("USP_TEST_NO_DTENSOR_FOUND_INF"):  # test-power check: rank-local found_inf under FSDP2
+        from torch.distributed.tensor import DTensor
+
+        handlers = DTensor._op_dispatcher._custom_op_handlers
+        handlers.pop(torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default)
+    results = {}
+    for case in cases:
+        kw = dict(FP16_CASES[case])
+        fused = kw.pop("fused", False)
+        cfg = engine_cfg(kw.pop("name"), precision="fp16", **kw)
+        rec, irec = {}, {"roundtrip": os.path.join(out, f"ckpt_{case}")}
+        losses, applied, sd = engine_losses(cfg, clip=1.0, rank=info.rank, world=info.world_size, record=rec,
+                                            fused=fused)
+        il, ia, isd = engine_losses(cfg, clip=1.0, inf_at=1, rank=info.rank, world=info.world_size, record=irec,
+                                    fused=fused)
+        scales = [None] * info.world_size
+        dist.all_gather_object(scales, {"scales": rec["scales"], "inf_scales": irec["scales"], "inf_applied": ia,
+                                        "loaded_scale": irec["loaded_scale"]})
+        results[case] = {"losses": losses, "applied": applied, "state": sd, "inf_losses": il, "inf_applied": ia,
+                         "inf_state": isd, "per_rank": scales}
+    if info.rank == 0:
+        with open(os.path.join(out, "fp16.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    print(OK, info.rank, flush=True)
+
+
+OPTSTATE_CASES = {"ddp": dict(name="ddp"), "fsdp2": dict(name="fsdp2"), "ds1": dict(name="deepspeed", zero_stage=1),
+                  "ds2": dict(name="deepspeed", zero_stage=2), "ds3": dict(name="deepspeed", zero_stage=3),
+                  "ds2_bf16": dict(name="deepspeed", zero_stage=2, precision="bf16")}
+
+
+def worker_optstate(out: str, cases: list) -> None:
+    """4 optimizer steps (accumulation 2, clipping) per engine; rank 0 saves full_optimizer_state_dict() as
+    DIR/opt_<case>.pt, and what the other ranks returned as DIR/opt_<case>_others.json."""
+    import torch.distributed as dist
+
+    from usp_scale.engine.dist import init_distributed
+
+    info = init_distributed("gloo")
+    for case in cases:
+        kw = dict(OPTSTATE_CASES[case])
+        rec = {"optimizer": None}
+        engine_losses(engine_cfg(kw.pop("name"), **kw), clip=1.0, rank=info.rank, world=info.world_size, record=rec)
+        others = [None] * info.world_size
+        dist.all_gather_object(others, None if rec["optimizer"] is None else type(rec["optimizer"]).__name__)
+        if info.rank == 0:
+            torch.save(rec["optimizer"], os.path.join(out, f"opt_{case}.pt"))
+            with open(os.path.join(out, f"opt_{case}_others.json"), "w") as f:
+                json.dump(others, f)
+    dist.barrier()
+    print(OK, info.rank, flush=True)
+
+
 # ---------------------------------------------------------------------------------------- trainer runs
 
 def trainer_cfg(engine: str, out: str, **over):
@@ -199,7 +298,7 @@ def run_resume_pair(engine: str, base: str, **over) -> dict:
     return out
 
 
-def worker_resume(out: str, engines: list, model: str = "") -> None:
+def worker_resume(out: str, engines: list, model: str = "", sets: tuple = ()) -> None:
     import torch.distributed as dist
 
     from usp_scale.engine.dist import init_distributed
@@ -211,6 +310,7 @@ def worker_resume(out: str, engines: list, model: str = "") -> None:
         over = {"zero_stage": int(stage)} if stage else {}
         if model:
             over["model.name"] = model
+        over.update(kv.split("=", 1) for kv in sets)
         results[spec] = run_resume_pair(name, os.path.join(out, spec.replace(":", "")), **over)
     if info.rank == 0:
         with open(os.path.join(out, "resume.json"), "w") as f:
@@ -221,16 +321,21 @@ def worker_resume(out: str, engines: list, model: str = "") -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "resume"])
+    ap.add_argument("mode", choices=["equiv", "resume", "fp16", "optstate"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", nargs="*", default=list(EQUIV_CASES))
     ap.add_argument("--model", default="", help="model for the resume runs (default: the debug recipe's)")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides for the resume runs")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     sys.path.insert(0, REPO)
     if a.mode == "equiv":
         worker_equiv(a.out, a.cases)
+    elif a.mode == "fp16":
+        worker_fp16(a.out, a.cases)
+    elif a.mode == "optstate":
+        worker_optstate(a.out, a.cases)
     else:
-        worker_resume(a.out, a.cases, a.model)
+        worker_resume(a.out, a.cases, a.model, tuple(a.set))
     sys.stdout.flush()
     os._exit(0)  # DeepSpeed on CPU occasionally aborts in its exit handlers after success

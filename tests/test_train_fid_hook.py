@@ -208,3 +208,48 @@ def test_fid_hook_under_ddp_fsdp2_deepspeed_zero3_two_ranks(tmp_path, synthetic)
         assert all(x[2] == 10 and x[3] == "ema" for x in r["full_eval"]), e
         assert r["grids"] == ["step_0000002.png", "step_0000004.png"], e
         assert r["full_eval"][-1][1] == pytest.approx(r["independent_fid"], rel=1e-5), e
+
+
+def _eval_side(out):
+    """(steps, fids) in eval_metrics.jsonl and the steps named in eval_metrics.txt."""
+    with open(os.path.join(out, "eval_metrics.jsonl")) as f:
+        side = [json.loads(line) for line in f]
+    with open(os.path.join(out, "eval_metrics.txt")) as f:
+        txt = [line.split(" step=")[1].strip() for line in f]
+    return [r["step"] for r in side], [r["value"] for r in side], [int(s) for s in txt]
+
+
+def test_resume_from_an_earlier_checkpoint_keeps_one_record_per_step_in_every_jsonl(tmp_path, synthetic):
+    """Kill/resume: a finished 4-step run (FID at 2 and 4, checkpoints at 2 and 4) resumed from its step-2
+    checkpoint re-trains steps 3-4; metrics.jsonl and eval_metrics.jsonl/.txt both drop what was written after
+    step 2, so no step appears twice, and the redone records equal the first ones (exact resume). Then a kill
+    between the two record writes of the step-4 FID (eval_metrics.jsonl written, metrics.jsonl not): the
+    evaluation caught up on resume replaces its record instead of adding a second one."""
+    from usp_scale.training import run
+
+    out = str(tmp_path / "r")
+    extra = ("schedule.max_steps=4", "checkpoint.every_steps=2")
+    run(cfg_for(out, synthetic, "dit", *extra))
+    first_train, first_eval = records(out, "train"), records(out, "eval")
+    first_side = _eval_side(out)
+    assert [r["step"] for r in first_eval] == [2, 4] and first_side[0] == first_side[2] == [2, 4]
+    with open(os.path.join(out, "eval_metrics.jsonl"), "a") as f:
+        f.write('{"metric": "fid", "step": 5, "val')  # a torn line from a killed writer
+    step2 = os.path.join(out, "checkpoints", "step_00000002")
+    run(cfg_for(out, synthetic, "dit", *extra, f"checkpoint.resume={step2}"))
+    for kind, first in (("train", first_train), ("eval", first_eval)):
+        recs = records(out, kind)
+        assert [r["step"] for r in recs] == [r["step"] for r in first], kind
+        drop = ("eval_seconds", "samples_per_s", "data_time", "compute_time", "max_mem_gb", "mfu")
+        assert [{k: v for k, v in r.items() if k not in drop} for r in recs] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in first], kind
+    assert _eval_side(out) == first_side
+
+    # killed after eval_metrics.jsonl got the step-4 FID but before metrics.jsonl did
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        lines = [ln for ln in f if not ('"kind": "eval"' in ln and '"step": 4,' in ln)]
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.writelines(lines)
+    run(cfg_for(out, synthetic, "dit", *extra))  # latest checkpoint: step 4 = the end; catches up the FID
+    assert [r["step"] for r in records(out, "eval")] == [2, 4]
+    assert _eval_side(out) == first_side

@@ -126,6 +126,10 @@ class DeepSpeedEngine(Engine):
         if self.zero_stage == 3 or self.ema_from_masters:
             self.ema_layout = "per_rank"
         optimizer = optimizer_factory(model)
+        # Parameter names of each param group, in the optimizer's order (DeepSpeed replaces the groups' params
+        # by flat partitions): the index layout of a torch optimizer state dict over the same groups.
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._group_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         self._client_optimizer = optimizer
         # In bf16/fp16 DeepSpeed casts the module first and builds its fp32 masters from the cast weights, which
         # would drop the low bits of fp32 weights (a transferred checkpoint, the fp32 init). Keep them (on the
@@ -301,5 +305,60 @@ class DeepSpeedEngine(Engine):
             out[n] = b.detach().cpu()
         return out
 
-    def full_optimizer_state_dict(self):
-        return None
+    def _link_optimizer_states(self) -> None:
+        """ZeRO-1/2: (re)link every parameter to its fragment of the optimizer state. DeepSpeed links them once,
+        right after the optimizer step of the first param group, when the later groups have no state yet, so the
+        parameters of group 2 onward (e.g. the no-weight-decay group) are left without optimizer state
+        (``safe_get_full_optimizer_state`` raises "exp_avg not found in optimizer state fragment")."""
+        if self.zero_stage not in (1, 2):
+            return
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        zopt = self.model.optimizer
+        inner = getattr(zopt, "optimizer", None)
+        lps = getattr(zopt, "bit16_groups", None) or getattr(zopt, "bf16_groups", None)
+        flats = getattr(zopt, "single_partition_of_fp32_groups", None) or \
+            getattr(zopt, "fp32_groups_flat_partition", None)
+        if inner is None or lps is None or flats is None:
+            raise RuntimeError(f"deepspeed ZeRO-{self.zero_stage}: unknown optimizer wrapper {type(zopt).__name__} "
+                               "(no bit16 groups / fp32 partitions); cannot export its optimizer state")
+        for lp, flat in zip(lps, flats):
+            if len(inner.state.get(flat, {})):
+                lazy_init_hp_params_optimizer_state(lp, flat, inner.state)
+
+    def full_optimizer_state_dict(self) -> Optional[dict]:
+        """The optimizer state in torch's own format, as ``optimizer.state_dict()`` of the client optimizer (e.g.
+        torch.optim.AdamW) over the unwrapped model's param groups would give it: {"state": {index: {"step",
+        "exp_avg", "exp_avg_sq", ...}}, "param_groups": [{hyper-parameters..., "params": [index, ...]}]}, indices
+        running over the groups' parameters in order. Per-element states are fp32 tensors of the parameter's
+        shape, gathered from the ZeRO-1/2/3 partitions (``safe_get_full_optimizer_state``); scalar states such as
+        "step" are the same for every partition. Collective; the dict on rank 0, None on other ranks."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._link_optimizer_states()
+        client = self._client_optimizer
+        sample = next(iter(client.state.values()), {})  # one flat partition's state (all alike); {} before a step
+        per_elem = sorted(k for k, v in sample.items() if torch.is_tensor(v) and v.dim() > 0)
+        scalar = {k: (v.detach().clone().cpu() if torch.is_tensor(v) else v) for k, v in sample.items()
+                  if k not in per_elem}
+        params = dict(self.unwrapped.named_parameters())
+        main = D.get_rank() == 0
+        state, groups, index = {}, [], 0
+        for names, group in zip(self._group_names, client.param_groups):
+            ids = []
+            for n in names:
+                entry = dict(scalar) if sample else None
+                for k in per_elem:
+                    full = safe_get_full_optimizer_state(params[n], k)  # collective
+                    if full is None:
+                        raise RuntimeError(f"deepspeed ZeRO-{self.zero_stage}: no optimizer state {k!r} linked to "
+                                           f"parameter {n!r}; cannot export a full optimizer state")
+                    if main:
+                        entry[k] = full.detach().float().cpu().reshape(params[n].ds_shape if hasattr(
+                            params[n], "ds_shape") else params[n].shape)
+                if main and entry is not None:
+                    state[index] = entry
+                ids.append(index)
+                index += 1
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        return {"state": state, "param_groups": groups} if main else None

@@ -16,7 +16,10 @@ class FSDP2Engine(Engine):
 
     ``reshard_after_forward=False`` keeps gathered parameters between forward and backward
     (ZeRO-2-like: more memory, one all-gather fewer). Mixed precision: parameters are gathered in
-    bf16/fp16 when asked, gradients are reduced in fp32.
+    bf16/fp16 when asked, gradients are reduced in fp32. fp16 uses the base class's torch.amp.GradScaler
+    unchanged: DTensor's handler of ``_amp_foreach_non_finite_check_and_unscale_`` all-reduces found_inf
+    over the mesh, so an overflow in one rank's shard skips the step and backs off the scale on every rank
+    (tests/test_train_fp16.py).
     """
 
     name = "fsdp2"
@@ -94,7 +97,20 @@ class FSDP2Engine(Engine):
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
     def full_optimizer_state_dict(self) -> Optional[dict]:
+        """Full optimizer state in torch's index-keyed format (as ``optimizer.state_dict()`` of the unwrapped model
+        over the same param groups gives it, e.g. the official DiT checkpoint's "opt"): DCP's full state dict is
+        keyed by parameter names, renumbered here in param-group order. Collective; complete on rank 0."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        osd = get_optimizer_state_dict(self.model, self.optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not osd.get("param_groups"):  # ranks other than 0 get nothing with cpu_offload
+            return osd
+        index, groups = {}, []
+        for g in osd["param_groups"]:
+            ids = []
+            for fqn in g["params"]:
+                index[fqn] = len(index)
+                ids.append(index[fqn])
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+        return {"state": {index[k]: v for k, v in osd["state"].items()}, "param_groups": groups}

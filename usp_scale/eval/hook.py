@@ -2,7 +2,9 @@
 
 Every rank samples its share of indices (rank, rank + W, ...), so the sample set is the same
 for any world size; ranks all-reduce the feature sums (float64) and rank 0 computes FID, which
-is broadcast. Nothing is written to disk except the reference cache.
+is broadcast. Nothing is written to disk except the reference cache (and ``records_file`` when given).
+Work that can fail on one rank only is followed by a collective status check (:func:`agree_on_success`),
+so a failure stops every rank with the failing rank's error instead of a collective timeout.
 """
 from __future__ import annotations
 
@@ -33,6 +35,45 @@ def _dist():
     return 0, 1
 
 
+class DistributedEvalError(RuntimeError):
+    """Evaluation work failed on some rank(s); raised on every rank by :func:`agree_on_success`."""
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_on_success(error: Optional[BaseException], what: str) -> None:
+    """Collective status check after work that may fail on some ranks only (call it on every rank, with the
+    exception this rank caught or None, before the next collective). Without a process group (or world size
+    1) it re-raises ``error``. Otherwise one all_reduce tells every rank whether any rank failed; then every
+    rank raises :class:`DistributedEvalError` naming the failing ranks and their errors (chained to its own
+    error where it has one); rank 0's message also carries the failing ranks' tracebacks."""
+    rank, world = _dist()
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    import traceback
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=_collective_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() == 0.0:
+        return
+    mine = None if error is None else (f"{type(error).__name__}: {error}",
+                                       "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    every = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    failed = [(r, e) for r, e in enumerate(every) if e is not None]
+    msg = (f"{what} failed on rank{'s' if len(failed) > 1 else ''} {', '.join(str(r) for r, _ in failed)} "
+           f"(of {world}); every rank stops here: " + "; ".join(f"rank {r}: {e[0]}" for r, e in failed))
+    if rank == 0:
+        msg += "".join(f"\n--- traceback on rank {r} ---\n{e[1]}" for r, e in failed)
+    raise DistributedEvalError(msg) from error
+
+
 @torch.no_grad()
 def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, reference: Optional[str] = None,
                  device=None, latent_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
@@ -45,7 +86,11 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     ``vae`` decodes model-space latents (see :func:`usp_scale.sample.make_decoder`; None = pixel-space
     model). Returns {fid, num_samples, sampler, steps, cfg_scale, sampling_precision, reference,
     feature_extractor, seconds} on every rank. The model is put in eval mode and restored after.
-    With ``records_file`` rank 0 also appends the FID record (with ``step``) there (JSON lines + .txt)."""
+    With ``records_file`` rank 0 also appends the FID record (with ``step``) there (JSON lines + .txt).
+
+    Distributed: collective; a rank may have no samples (``num_samples`` < world size). A failure on any
+    rank (setup, sampling, reference or record writing on rank 0) raises :class:`DistributedEvalError` on
+    every rank instead of leaving the others waiting in a collective (:func:`agree_on_success`)."""
     t0 = time.perf_counter()
     reference = reference or _get(cfg, "fid_reference", "")
     if not reference:
@@ -55,8 +100,6 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    latent_shape = tuple(latent_shape or infer_latent_shape(model))
-    num_classes = int(num_classes if num_classes is not None else infer_num_classes(model))
     sampler_kind = _get(cfg, "sampler", "ddpm")
     steps = int(_get(cfg, "steps", 250))
     cfg_scale = float(_get(cfg, "cfg_scale", 1.0))
@@ -65,69 +108,105 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     precision = _get(cfg, "precision", "fp32")
     batch_size = int(_get(cfg, "batch_size", 64))
     extractor_name = _get(cfg, "feature_extractor", "inception-v3-compat")
+    what = f"FID ({num_samples} samples{f', step {step}' if step is not None else ''})"
 
-    sampler = build_sampler(sampler_kind, diffusion_or_transport, steps, eta=float(_get(cfg, "ddim_eta", 0.0)))
-    model_fn = make_model_fn(model, num_classes=num_classes, cfg_scale=cfg_scale,
-                             cfg_channels=int(_get(cfg, "cfg_channels", 0)), interval=interval, precision=precision)
-    decode = make_decoder(vae, latent_scale) if vae is not None else make_decoder(None)
-    layer = default_layer(extractor_name, "fid")
-    extractor = create_extractor(extractor_name, [layer], device, _get(cfg, "inception_weights", None))
+    err = None
+    try:  # set-up (may fail on one rank only, e.g. out of memory)
+        latent_shape = tuple(latent_shape or infer_latent_shape(model))
+        num_classes = int(num_classes if num_classes is not None else infer_num_classes(model))
+        sampler = build_sampler(sampler_kind, diffusion_or_transport, steps, eta=float(_get(cfg, "ddim_eta", 0.0)))
+        model_fn = make_model_fn(model, num_classes=num_classes, cfg_scale=cfg_scale,
+                                 cfg_channels=int(_get(cfg, "cfg_channels", 0)), interval=interval,
+                                 precision=precision)
+        decode = make_decoder(vae, latent_scale) if vae is not None else make_decoder(None)
+        layer = default_layer(extractor_name, "fid")
+        extractor = create_extractor(extractor_name, [layer], device, _get(cfg, "inception_weights", None))
+    except Exception as e:  # noqa: BLE001 -- agreed over ranks, re-raised below
+        err = e
+    agree_on_success(err, what + ": set-up")
+
+    from ..layers.attention import attention_sync
 
     was_training = model.training
     model.eval()
+    indices = list(range(rank, num_samples, world))
+    s1, s2, n = None, None, 0
     try:
-        indices = list(range(rank, num_samples, world))
-        bar = None
-        if progress and rank == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(indices), unit="img", desc="fid samples", leave=False)
-        s1, s2, n = None, None, 0
-        for _, images, _ in generate_batches(model_fn, sampler, decode, indices, seed=int(_get(cfg, "seed", 0)),
-                                             latent_shape=latent_shape, num_classes=num_classes,
-                                             batch_size=batch_size, device=device, progress_bar=bar):
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-            f = extractor.convert_features_tuple_to_dict(extractor(x))[layer].double()  # (n, D)
-            s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
-            s2 = f.T @ f if s2 is None else s2 + f.T @ f
-            n += f.shape[0]
-        if bar is not None:
-            bar.close()
+        if world > 1:
+            # One forward of the same shape on every rank first: the attention dispatcher agrees its kernel
+            # choice for a new shape (e.g. the evaluation dtype) with a collective inside the first forward,
+            # which a rank without samples, or one that failed, would never join. After this, sampling
+            # below runs no collective (choices for unforeseen shapes are made per rank).
+            try:
+                x1 = torch.zeros((1, *latent_shape), device=device)
+                make_model_fn(model, num_classes=num_classes, precision=precision)(
+                    x1, torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device))
+            except Exception as e:  # noqa: BLE001
+                err = e
+            agree_on_success(err, what + ": first forward")
+        try:
+            bar = None
+            if progress and rank == 0:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(indices), unit="img", desc="fid samples", leave=False)
+            with attention_sync(False):
+                for _, images, _ in generate_batches(model_fn, sampler, decode, indices,
+                                                     seed=int(_get(cfg, "seed", 0)), latent_shape=latent_shape,
+                                                     num_classes=num_classes, batch_size=batch_size, device=device,
+                                                     progress_bar=bar):
+                    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+                    f = extractor.convert_features_tuple_to_dict(extractor(x))[layer].double()  # (n, D)
+                    s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
+                    s2 = f.T @ f if s2 is None else s2 + f.T @ f
+                    n += f.shape[0]
+                if s1 is None:  # this rank had no indices; contribute zeros of the right size
+                    d = extractor.convert_features_tuple_to_dict(
+                        extractor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)))[layer].shape[1]
+                    s1 = torch.zeros(d, dtype=torch.float64, device=device)
+                    s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+            if bar is not None:
+                bar.close()
+        except Exception as e:  # noqa: BLE001
+            err = e
     finally:
         model.train(was_training)
-    if s1 is None:  # this rank had no indices; contribute zeros of the right size
-        d = extractor.convert_features_tuple_to_dict(
-            extractor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)))[layer].shape[1]
-        s1 = torch.zeros(d, dtype=torch.float64, device=device)
-        s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+    agree_on_success(err, what + ": sampling and features")
     count = torch.tensor([float(n)], dtype=torch.float64, device=device)
     if world > 1:
         for t in (s1, s2, count):
             torch.distributed.all_reduce(t)
-    fid = torch.zeros(1, dtype=torch.float64, device=device)
-    if rank == 0:
-        N = count.item()
-        mu = (s1 / N).cpu().numpy()
-        sigma = ((s2 - N * torch.outer(s1 / N, s1 / N)) / (N - 1)).cpu().numpy()
-        if isinstance(reference, str) and is_stats_file(reference):
-            with np.load(reference) as dref:
-                ref_stats = {"mu": dref["mu"], "sigma": dref["sigma"]}
-        else:
-            ref = reference_features(reference, extractor, extractor_name, batch_size, device, cache_dir,
-                                     progress=progress)
-            ref_stats = statistics(ref[layer])
-        fid[0] = frechet_distance({"mu": mu, "sigma": sigma}, ref_stats)
-    if world > 1:
-        torch.distributed.broadcast(fid, 0)
     desc = sampler.describe()
-    out = {"fid": float(fid.item()), "num_samples": int(count.item()), "sampler": desc["sampler"],
+    out = {"fid": float("nan"), "num_samples": int(count.item()), "sampler": desc["sampler"],
            "steps": desc["steps"], "cfg_scale": cfg_scale, "sampling_precision": precision,
-           "reference": str(reference), "feature_extractor": extractor_name,
-           "seconds": time.perf_counter() - t0}
+           "reference": str(reference), "feature_extractor": extractor_name}
     if step is not None:
         out["step"] = int(step)
-    if records_file and rank == 0:
-        context = {k: v for k, v in out.items() if k not in ("fid", "num_samples")}
-        write_records(records_file, make_records({"fid": out["fid"], "num_samples": out["num_samples"]}, context))
+    fid = torch.zeros(1, dtype=torch.float64, device=device)
+    if rank == 0:
+        try:
+            N = count.item()
+            mu = (s1 / N).cpu().numpy()
+            sigma = ((s2 - N * torch.outer(s1 / N, s1 / N)) / (N - 1)).cpu().numpy()
+            if isinstance(reference, str) and is_stats_file(reference):
+                with np.load(reference) as dref:
+                    ref_stats = {"mu": dref["mu"], "sigma": dref["sigma"]}
+            else:
+                ref = reference_features(reference, extractor, extractor_name, batch_size, device, cache_dir,
+                                         progress=progress)
+                ref_stats = statistics(ref[layer])
+            fid[0] = frechet_distance({"mu": mu, "sigma": sigma}, ref_stats)
+            if records_file:
+                context = {k: v for k, v in out.items() if k not in ("fid", "num_samples")}
+                context["seconds"] = time.perf_counter() - t0
+                write_records(records_file, make_records({"fid": float(fid.item()), "num_samples": out["num_samples"]},
+                                                         context))
+        except Exception as e:  # noqa: BLE001
+            err = e
+    agree_on_success(err, what + ": FID on rank 0")
+    if world > 1:
+        torch.distributed.broadcast(fid, 0)
+    out["fid"] = float(fid.item())
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 

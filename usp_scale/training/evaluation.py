@@ -28,6 +28,26 @@ def _isolated_rng(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
+def truncate_eval_records(path: str, step: int) -> int:
+    """On resume at ``step``: drop the records past ``step`` from the eval package's JSON-lines file ``path``
+    (``eval.metrics_file``) and rewrite its readable ``.txt`` companion from the records kept. Rank 0 only;
+    returns #dropped."""
+    import json
+
+    from ..eval.metrics import format_record
+    from .logging import truncate_jsonl
+
+    dropped = truncate_jsonl(path, step)
+    txt = os.path.splitext(path)[0] + ".txt"
+    if dropped and os.path.isfile(txt):
+        with open(path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        with open(txt + ".tmp", "w") as f:
+            f.writelines(format_record(r) + "\n" for r in recs)
+        os.replace(txt + ".tmp", txt)
+    return dropped
+
+
 def check_eval_config(cfg, process) -> None:
     """Start-up checks of the ``eval`` section when in-training FID is on; raises ConfigError naming the key."""
     e = cfg.eval
@@ -103,12 +123,15 @@ class FIDHook:
                    for r in logger.read_all()) if D.get_rank() == 0 else True
         if D.all_reduce_max(float(not done)) == 0.0:
             return None
+        if D.get_rank() == 0:  # killed between the two record writes: the redone evaluation replaces its record
+            truncate_eval_records(self.records_file, step - 1)
         return self(engine, ema, step, epoch, logger, progress=progress)
 
     @torch.no_grad()
     def _load_weights(self, engine, ema) -> str:
         """Full weights (EMA over the model's) into the private copy on every rank; collective."""
         from ..engine import dist as D
+        from ..eval import agree_on_success
 
         sd = engine.full_model_state_dict()  # full on rank 0 at least
         which = "model"
@@ -116,15 +139,17 @@ class FIDHook:
             sd = {**sd, **engine.gather_ema(ema.state_dict())}
             which = "ema"
         rank, world = D.get_rank(), D.get_world_size()
-        bad = ""
+        err = None
         if rank == 0:
-            missing, unexpected = self.model.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                bad = (f"in-training FID: the engine's weights do not match the model (missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]})")
+            try:
+                missing, unexpected = self.model.load_state_dict(sd, strict=False)
+                if missing or unexpected:
+                    raise RuntimeError(f"in-training FID: the engine's weights do not match the model (missing "
+                                       f"{missing[:5]}, unexpected {unexpected[:5]})")
+            except Exception as e:  # noqa: BLE001 -- agreed over ranks, re-raised below
+                err = e
         del sd
-        if D.all_reduce_max(float(bool(bad))) > 0:  # fail on every rank, not only on rank 0
-            raise RuntimeError(bad or "in-training FID: rank 0 could not load the engine's weights")
+        agree_on_success(err, "in-training FID: loading the engine's weights on rank 0")
         self.model.to(self.device)
         if world > 1:
             import torch.distributed as dist
@@ -136,32 +161,39 @@ class FIDHook:
     def __call__(self, engine, ema, step: int, epoch: int, logger=None, progress: bool = False) -> dict:
         """Evaluate at ``step`` (collective). Returns the metrics.jsonl record (on every rank)."""
         from ..engine import dist as D
-        from ..eval import evaluate_fid, save_sample_grid
+        from ..eval import agree_on_success, evaluate_fid, save_sample_grid
 
         e = self.cfg.eval
         t0 = time.perf_counter()
         self.last_step = step
+        rank = D.get_rank()
         with _isolated_rng(self.device):
             try:
                 weights = self._load_weights(engine, ema)
                 res = evaluate_fid(self.model, self.process, self.vae, e, e.fid_samples, device=self.device,
                                    step=step, records_file=self.records_file, progress=progress)
                 grid = os.path.join(self.grid_dir, f"step_{step:07d}.png")
-                if D.get_rank() == 0:  # the same indices (noise and labels) every time: comparable grids
-                    from ..layers.attention import attention_sync
-                    with attention_sync(False):  # rank 0 only: no cross-rank agreement of attention kernels
-                        save_sample_grid(self.model, self.process, self.vae, e, grid, num=self.grid_num,
-                                         device=self.device)
+                err = None
+                try:  # rank-0 work: the sample grid and the metrics record
+                    if rank == 0:  # the same indices (noise and labels) every time: comparable grids
+                        from ..layers.attention import attention_sync
+                        with attention_sync(False):  # rank 0 only: no cross-rank agreement of attention kernels
+                            save_sample_grid(self.model, self.process, self.vae, e, grid, num=self.grid_num,
+                                             device=self.device)
+                    rec = {"kind": "eval", "step": step, "epoch": epoch, "metric": "fid", "fid": res["fid"],
+                           "num_samples": res["num_samples"], "sampler": res["sampler"],
+                           "sampling_steps": res["steps"], "cfg_scale": res["cfg_scale"],
+                           "sampling_precision": res["sampling_precision"], "reference": res["reference"],
+                           "feature_extractor": res["feature_extractor"], "weights": weights, "grid": grid,
+                           "eval_seconds": time.perf_counter() - t0}
+                    if logger is not None:
+                        logger.log(rec)
+                except Exception as ex:  # noqa: BLE001 -- agreed over ranks, re-raised below
+                    err = ex
+                agree_on_success(err, f"in-training FID at step {step}: sample grid / metrics record on rank 0")
             finally:
                 self.model.to("cpu")
-        rec = {"kind": "eval", "step": step, "epoch": epoch, "metric": "fid", "fid": res["fid"],
-               "num_samples": res["num_samples"], "sampler": res["sampler"], "sampling_steps": res["steps"],
-               "cfg_scale": res["cfg_scale"], "sampling_precision": res["sampling_precision"],
-               "reference": res["reference"], "feature_extractor": res["feature_extractor"], "weights": weights,
-               "grid": grid, "eval_seconds": time.perf_counter() - t0}
-        if logger is not None:
-            logger.log(rec)
-        if D.get_rank() == 0:
+        if rank == 0:
             print(f"[usp_scale] eval step {step}: fid {rec['fid']:.4f} ({rec['num_samples']} samples, {rec['sampler']} "
                   f"{rec['sampling_steps']} steps, {weights} weights, {rec['eval_seconds']:.1f} s); grid {grid}",
                   flush=True)

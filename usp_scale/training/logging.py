@@ -6,6 +6,34 @@ import os
 from typing import List, Optional
 
 
+def truncate_jsonl(path: str, step: int) -> int:
+    """Drop the JSON-lines records of ``path`` whose ``step`` is past ``step`` (records without one are kept)
+    and a torn last line (a job killed mid-write); kept lines are unchanged; rewritten atomically. Returns
+    #dropped (0 when the file does not exist). Used on resume for every JSONL file a run appends to, so a run
+    resumed from an earlier checkpoint never holds two records for one step."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    keep = []
+    for i, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue  # torn write at the end
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e}); fix or remove that line and resume again") \
+                from None
+        if rec.get("step", 0) <= step:
+            keep.append(ln)
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(ln + "\n" for ln in keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
@@ -37,16 +65,9 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> int:
         """Drop records past ``step`` (written by a run that crashed after its last checkpoint); returns #dropped."""
-        if not self.enabled or not os.path.isfile(self.path):
+        if not self.enabled:
             return 0
-        recs = self.read_all()
-        keep = [r for r in recs if r.get("step", 0) <= step]
-        if len(keep) != len(recs):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(tmp, self.path)
-        return len(recs) - len(keep)
+        return truncate_jsonl(self.path, step)
 
     def read_all(self) -> List[dict]:
         if not os.path.isfile(self.path):

@@ -129,6 +129,27 @@ class Trainer:
                 break
         return hit
 
+    def _truncate_records(self, step: int) -> None:
+        """On resume at ``step``: drop the records past ``step`` from every JSON-lines file the run appends to
+        (metrics.jsonl, the FID hook's eval.metrics_file and its .txt), written after the checkpoint by the run
+        that stopped (or by a later run, when resuming an earlier checkpoint). Rank 0 edits the files; collective
+        (a failure there, e.g. a corrupt line, stops every rank with its message)."""
+        from ..eval import agree_on_success
+        from .evaluation import truncate_eval_records
+
+        err = None
+        if self.is_main:
+            try:
+                eval_file = os.path.join(self.cfg.output_dir, self.cfg.eval.metrics_file)
+                for path, n in ((self.logger.path, self.logger.truncate_after(step)),
+                                (eval_file, truncate_eval_records(eval_file, step))):
+                    if n:
+                        self._print(f"[usp_scale] {os.path.basename(path)}: dropped {n} record(s) past step {step} "
+                                    "(written after the checkpoint)")
+            except Exception as e:  # noqa: BLE001 -- agreed over ranks, re-raised below
+                err = e
+        agree_on_success(err, f"resume at step {step}: truncating the metrics files")
+
     # ------------------------------------------------------------------ main
     def fit(self) -> dict:
         cfg = self.cfg
@@ -186,8 +207,8 @@ class Trainer:
 
         logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
         self.logger = logger
-        if resume and logger.truncate_after(step):
-            self._print(f"[usp_scale] metrics.jsonl: dropped records past step {step} (written after the checkpoint)")
+        if resume:
+            self._truncate_records(step)
         val_loader = None
         if cfg.task in ("cls", "linprobe"):
             val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,

@@ -1,0 +1,34 @@
+"""truncate_jsonl / truncate_eval_records: what a resume does to the JSON-lines files a run appends to."""
+import json
+
+import pytest
+
+
+def test_truncate_jsonl_keeps_lines_up_to_the_step_and_drops_a_torn_last_line(tmp_path):
+    from usp_scale.training.logging import truncate_jsonl
+
+    p = tmp_path / "m.jsonl"
+    lines = ['{"step": 1, "loss": 2.5}', '{"kind": "meta"}', '{"loss": 1.0, "step": 2}', '{"step": 3}',
+             '{"step": 2, "x": 1}']
+    p.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # a writer killed mid-line
+    assert truncate_jsonl(str(p), 2) == 2  # step 3 and the torn line
+    assert p.read_text().splitlines() == [lines[0], lines[1], lines[2], lines[4]]  # kept lines unchanged
+    assert truncate_jsonl(str(p), 2) == 0 and truncate_jsonl(str(tmp_path / "none.jsonl"), 2) == 0
+    p.write_text('{"step": 1}\n{"step": 2, bad\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"m\.jsonl: line 2 is not JSON"):
+        truncate_jsonl(str(p), 5)
+
+
+def test_truncate_eval_records_rewrites_the_txt_companion(tmp_path):
+    from usp_scale.eval import make_records, write_records
+    from usp_scale.training.evaluation import truncate_eval_records
+
+    ctx = {"sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "sampling_precision": "fp32", "reference": "r",
+           "feature_extractor": "usp-tiny"}
+    path = str(tmp_path / "eval_metrics.jsonl")
+    for step in (2, 4, 6):
+        write_records(path, make_records({"fid": 10.0 + step, "num_samples": 8}, dict(ctx, step=step)))
+    assert truncate_eval_records(path, 4) == 1
+    assert [json.loads(line)["step"] for line in open(path)] == [2, 4]
+    txt = (tmp_path / "eval_metrics.txt").read_text().splitlines()
+    assert len(txt) == 2 and txt[0].startswith("fid=12 ") and txt[1].endswith("step=4")
