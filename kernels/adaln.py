@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, interpreting, next_pow2, num_warps_for, promote, rows_per_program, sm_count
+from ._common import check, opaque_op, interpreting, next_pow2, num_warps_for, promote, rows_per_program, sm_count
 
 
 @triton.jit
@@ -154,8 +154,7 @@ def _ln_out_dtype(x, weight, bias, shift, scale) -> torch.dtype:
     return dt
 
 
-@torch.library.custom_op("usp_scale_kernels::ln_mod_fwd", mutates_args=())
-def _ln_mod_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _ln_mod_fwd_impl(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> y (N, T, D) in ``dtype``, row mean and rstd (N * T,) fp32."""
@@ -172,15 +171,16 @@ def _ln_mod_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     return y, mean, rstd
 
 
-@_ln_mod_fwd_op.register_fake
-def _(x, weight, bias, shift, scale, eps, dtype):
+def _ln_mod_fwd_fake(x, weight, bias, shift, scale, eps, dtype):
     N, T, _ = x.shape
     return (x.new_empty(x.shape, dtype=dtype), x.new_empty((N * T,), dtype=torch.float32),
             x.new_empty((N * T,), dtype=torch.float32))
 
 
-@torch.library.custom_op("usp_scale_kernels::ln_mod_bwd", mutates_args=())
-def _ln_mod_bwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+_ln_mod_fwd_op = opaque_op("ln_mod_fwd", _ln_mod_fwd_impl, _ln_mod_fwd_fake)
+
+
+def _ln_mod_bwd_impl(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (like x), d gamma (D,), d beta (D,) (empty without affine), d shift, d scale (N, D); grads fp32."""
@@ -200,13 +200,15 @@ def _ln_mod_bwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     return dx, gw, gb, parts[2].sum(1), parts[3].sum(1)
 
 
-@_ln_mod_bwd_op.register_fake
-def _(x, weight, bias, scale, mean, rstd, dy):
+def _ln_mod_bwd_fake(x, weight, bias, scale, mean, rstd, dy):
     N, T, D = x.shape
     f32 = torch.float32
     return (torch.empty_like(x), x.new_empty((D if weight is not None else 0,), dtype=f32),
             x.new_empty((D if bias is not None else 0,), dtype=f32), x.new_empty((N, D), dtype=f32),
             x.new_empty((N, D), dtype=f32))
+
+
+_ln_mod_bwd_op = opaque_op("ln_mod_bwd", _ln_mod_bwd_impl, _ln_mod_bwd_fake)
 
 
 class LayerNormModulate(torch.autograd.Function):
@@ -272,8 +274,7 @@ def _gated_residual_kernel(
         tl.store(out_ptr + off, (x + g[None, :] * y).to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@torch.library.custom_op("usp_scale_kernels::gated_residual_fwd", mutates_args=())
-def _gated_fwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _gated_fwd_impl(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     N, T, D = x.shape
     out = torch.empty(N, T, D, device=x.device, dtype=dtype)
     bt, bd = _fwd_tiling(T, D)
@@ -283,13 +284,14 @@ def _gated_fwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, dtype: t
     return out
 
 
-@_gated_fwd_op.register_fake
-def _(x, gate, y, dtype):
+def _gated_fwd_fake(x, gate, y, dtype):
     return x.new_empty(x.shape, dtype=dtype)
 
 
-@torch.library.custom_op("usp_scale_kernels::gated_residual_bwd", mutates_args=())
-def _gated_bwd_op(grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+_gated_fwd_op = opaque_op("gated_residual_fwd", _gated_fwd_impl, _gated_fwd_fake)
+
+
+def _gated_bwd_impl(grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> grad of y (like y), grad of gate (N, D) fp32."""
     N, T, D = y.shape
     grad, gate, y = grad.contiguous(), gate.contiguous(), y.contiguous()
@@ -302,9 +304,11 @@ def _gated_bwd_op(grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Tu
     return dy, pg.sum(1)
 
 
-@_gated_bwd_op.register_fake
-def _(grad, gate, y):
+def _gated_bwd_fake(grad, gate, y):
     return torch.empty_like(y), gate.new_empty(gate.shape, dtype=torch.float32)
+
+
+_gated_bwd_op = opaque_op("gated_residual_bwd", _gated_bwd_impl, _gated_bwd_fake)
 
 
 class GatedResidual(torch.autograd.Function):

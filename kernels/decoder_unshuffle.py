@@ -16,13 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, next_pow2, num_warps_for, promote, rows_per_program
+from ._common import check, opaque_op, next_pow2, num_warps_for, promote, rows_per_program
 
 
 @triton.jit
 def _unshuffle_kernel(
     x_ptr,      # (N, 1 + K, D) decoder tokens, cls first            | bwd: grad_x (written)
-    mt_ptr,     # (D,) mask token, already cast to x's dtype as the reference does | bwd: unused
+    mt_ptr,     # (D,) mask token (any float dtype; rounded to x's dtype) | bwd: unused
     ids_ptr,    # (N, L) int64 ids_restore
     pos_ptr,    # (1 + L, D) position table (unused without HAS_POS)
     out_ptr,    # (N, 1 + L, D) fwd output                           | bwd: grad_out (read)
@@ -50,7 +50,8 @@ def _unshuffle_kernel(
         tl.store(part_ptr + (n * tl.num_programs(1) + tb) * D + d, tl.sum(gm, axis=0), mask=dmask)
     else:
         xv = tl.load(x_ptr + x_off, mask=mx, other=0.0).to(tl.float32)
-        mt = tl.load(mt_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        # the reference casts the mask token to x's dtype before the concat
+        mt = tl.load(mt_ptr + d, mask=dmask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
         v = tl.where(from_x[:, None], xv, mt[None, :])
         if HAS_POS:
             v += tl.load(pos_ptr + t[:, None] * D + d[None, :], mask=tmask[:, None] & dmask[None, :],
@@ -64,45 +65,44 @@ def _grid(N: int, L: int, D: int):
     return (N, triton.cdiv(L + 1, block_t)), block_t, block_d
 
 
-@torch.library.custom_op("usp_scale_kernels::unshuffle_fwd", mutates_args=())
-def _unshuffle_fwd_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
+def _unshuffle_fwd_impl(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                       pos: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     N, K1, D = x.shape
     L = ids_restore.shape[1]
-    x = x.contiguous()
     out = torch.empty(N, L + 1, D, device=x.device, dtype=dtype)
-    mt = mask_token.reshape(-1).to(x.dtype).contiguous()   # (D,) the reference's cast before the concat
     grid, bt, bd = _grid(N, L, D)
-    _unshuffle_kernel[grid](x, mt, ids_restore.contiguous(), x if pos is None else pos.contiguous(), out, out,
+    _unshuffle_kernel[grid](x, mask_token, ids_restore, x if pos is None else pos, out, out,
                             K1 - 1, L, D, HAS_POS=pos is not None, BACKWARD=False,
                             BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
     return out
 
 
-@_unshuffle_fwd_op.register_fake
-def _(x, mask_token, ids_restore, pos, dtype):
+def _unshuffle_fwd_fake(x, mask_token, ids_restore, pos, dtype):
     return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=dtype)
 
 
-@torch.library.custom_op("usp_scale_kernels::unshuffle_bwd", mutates_args=())
-def _unshuffle_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
+_unshuffle_fwd_op = opaque_op("unshuffle_fwd", _unshuffle_fwd_impl, _unshuffle_fwd_fake)
+
+
+def _unshuffle_bwd_impl(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
                       dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """grad (N, 1 + L, D) -> grad_x (N, 1 + K, D) in ``dtype``, grad of the mask token (D,) in fp32."""
+    """grad (N, 1 + L, D) contiguous -> grad_x (N, 1 + K, D) in ``dtype``, grad of the mask token (D,) fp32."""
     N, L1, D = grad.shape
     L = L1 - 1
-    grad = grad.contiguous()
     gx = torch.empty(N, num_visible + 1, D, device=grad.device, dtype=dtype)
     grid, bt, bd = _grid(N, L, D)
     part = torch.empty(grid[0] * grid[1], D, device=grad.device, dtype=torch.float32)
-    _unshuffle_kernel[grid](gx, gx, ids_restore.contiguous(), gx, grad, part, num_visible, L, D, HAS_POS=False,
+    _unshuffle_kernel[grid](gx, gx, ids_restore, gx, grad, part, num_visible, L, D, HAS_POS=False,
                             BACKWARD=True, BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
     return gx, part.sum(0)
 
 
-@_unshuffle_bwd_op.register_fake
-def _(grad, ids_restore, num_visible, dtype):
+def _unshuffle_bwd_fake(grad, ids_restore, num_visible, dtype):
     N, _, D = grad.shape
     return grad.new_empty((N, num_visible + 1, D), dtype=dtype), grad.new_empty((D,), dtype=torch.float32)
+
+
+_unshuffle_bwd_op = opaque_op("unshuffle_bwd", _unshuffle_bwd_impl, _unshuffle_bwd_fake)
 
 
 class Unshuffle(torch.autograd.Function):
@@ -110,16 +110,17 @@ class Unshuffle(torch.autograd.Function):
     def forward(ctx, x, mask_token, ids_restore, pos):
         out = _unshuffle_fwd_op(x, mask_token, ids_restore, pos, promote(x, pos))
         ctx.save_for_backward(ids_restore)
-        ctx.meta = (x.shape[1] - 1, x.dtype, tuple(mask_token.shape), mask_token.dtype,
+        ctx.meta = (x.shape[1] - 1, x.dtype, mask_token.dtype,
                     None if pos is None else pos.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (ids_restore,) = ctx.saved_tensors
-        num_visible, xdtype, mtshape, mtdtype, pos_dtype = ctx.meta
+        num_visible, xdtype, mtdtype, pos_dtype = ctx.meta
+        grad = grad.contiguous()
         gx, gmt = _unshuffle_bwd_op(grad, ids_restore, num_visible, xdtype)
-        gmt = gmt.view(mtshape).to(mtdtype) if ctx.needs_input_grad[1] else None
+        gmt = gmt.to(mtdtype) if ctx.needs_input_grad[1] else None          # (D,): input is the flat view
         gpos = None
         if pos_dtype is not None and ctx.needs_input_grad[3]:
             gpos = grad.sum(0, keepdim=True, dtype=torch.float32).to(pos_dtype)
@@ -139,4 +140,4 @@ def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tens
     if pos is not None:
         check(pos.numel() == (L + 1) * D, f"pos must be (1, {L + 1}, {D}), got {tuple(pos.shape)}")
         pos = pos.contiguous()
-    return Unshuffle.apply(x.contiguous(), mask_token.contiguous(), ids_restore.contiguous(), pos)
+    return Unshuffle.apply(x.contiguous(), mask_token.contiguous().view(-1), ids_restore.contiguous(), pos)
