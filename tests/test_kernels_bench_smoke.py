@@ -18,12 +18,22 @@ def test_bench_harness_cpu_smoke(tmp_path):
     out = tmp_path / "bench.csv"
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, str(BENCH / "bench_unshuffle.py"), "--device", "cpu", "--batch", "1",
-                        "--quick", "--reps", "1", "--modes", "forward,full", "--providers", "torch-eager,triton",
+                        "--quick", "--reps", "1", "--modes", "forward,backward,full", "--providers", "torch-eager,triton",
                         "--csv", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 4 and {r["provider"] for r in rows} == {"torch-eager", "triton"}
+    assert len(rows) == 6 and {r["provider"] for r in rows} == {"torch-eager", "triton"}
     assert all(r["card"].startswith("CPU") and r["torch"] and r["triton"] and r["date"] for r in rows)
+    # device-time columns: on the CPU the profiler path stands in for CUDA-graph replay
+    assert all(r["device_method"] == "profiler-cpu" and float(r["device_ms"]) > 0 for r in rows)
+    assert all(float(r["kernels_per_call"]) >= 1 and r["device_speedup_vs_eager"] for r in rows)
+    # a CSV with other columns is refused before anything is measured
+    old = tmp_path / "old.csv"
+    old.write_text("date,card,ms\n")
+    r = subprocess.run([sys.executable, str(BENCH / "bench_unshuffle.py"), "--device", "cpu", "--batch", "1",
+                        "--quick", "--reps", "1", "--csv", str(old)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "has other columns" in r.stderr and old.read_text() == "date,card,ms\n"
 
 
 def test_bench_refuses_without_gpu(tmp_path):
