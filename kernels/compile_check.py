@@ -79,12 +79,17 @@ def _specs(N: int = 256, L: int = 196, D: int = 1152, Dd: int = 512, C: int = 4,
                             {"C": C, "PATCH": patch, "P": P, "NORM": norm, "PER_IMAGE": per_image,
                              "WRITE_GRAD": bwd, "BLOCK_L": bl, "BLOCK_P": bp, "BLOCK_S": 2048},
                             num_warps_for(bl * bp)))
-            gt, gd = adaln._fwd_tiling(256, D)
-            out.append((f"gated_residual[{dt},bwd={bwd}]", adaln._gated_residual_kernel,
-                        {"x_ptr": "*fp32", "gate_ptr": f"*{dt}", "y_ptr": f"*{dt}", "out_ptr": "*fp32",
-                         "dy_ptr": f"*{dt}", "pg_ptr": "*fp32", "T": "i32", "D": "i32",
-                         "BACKWARD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                        {"BACKWARD": bwd, "BLOCK_T": gt, "BLOCK_D": gd}, num_warps_for(gt * gd)))
+        gt, gd = adaln._fwd_tiling(256, D)
+        out.append((f"gated_residual[{dt}]", adaln._gated_residual_kernel,
+                    {"x_ptr": "*fp32", "gate_ptr": f"*{dt}", "y_ptr": f"*{dt}", "out_ptr": "*fp32",
+                     "T": "i32", "D": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                    {"BLOCK_T": gt, "BLOCK_D": gd}, num_warps_for(gt * gd)))
+        _, _, gt, gd = adaln._gated_bwd_tiling(N, 256, D, torch.device("cpu"))
+        out.append((f"gated_residual_bwd[{dt}]", adaln._gated_bwd_kernel,
+                    {"go_ptr": "*fp32", "gate_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dy_ptr": f"*{dt}",
+                     "pg_ptr": "*fp32", "T": "i32", "D": "i32", "ROWS_PER_CHUNK": "i32",
+                     "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                    {"BLOCK_T": gt, "BLOCK_D": gd}, num_warps_for(gt * gd)))
         out.append((f"loss_finalize[{dt}]", masked_loss._loss_finalize_kernel,
                     {"part_ptr": "*fp32", "sums_ptr": "*fp32", "loss_ptr": f"*{dt}", "n_parts": "i32",
                      "BLOCK": "constexpr"}, {"BLOCK": 512}, 4))
