@@ -1,8 +1,12 @@
 """adaLN: fused LayerNorm + modulate ``LN(x)(1 + scale) + shift`` and the gated residual ``x + gate * y``.
 
 Per-sample shift/scale/gate are (N, D) and broadcast over the T tokens of sample n. Programs own a block
-of tokens of one sample, so the per-sample vectors are loaded once per program. Parameter gradients
-(gamma, beta, shift, scale, gate) are reduced from per-program fp32 partials with one torch sum.
+of tokens of one sample, so the per-sample vectors are loaded once per program. The backward kernels
+loop over a chunk of one sample's rows (about 4 (LN) or 8 (gate) programs per SM), issuing the next
+tile's loads before the current tile's math, and write one fp32 partial row per program for the
+parameter gradients: (N, chunks, D), reduced by torch (two sums for LN-modulate: gamma/beta together,
+shift/scale together, and none for shift/scale when a sample is one chunk; one for the gate). The LN
+backward keeps only sum(dy) and sum(dy * xhat) per program and derives the four partials from them.
 """
 from __future__ import annotations
 

@@ -61,13 +61,19 @@ def _specs(N: int = 256, L: int = 196, D: int = 1152, Dd: int = 512, C: int = 4,
         _, bt, bdd = decoder_unshuffle._grid(N, L, Dd)
         bl = rows_per_program(bp, L, gpu_elems=2048)
         for bwd in (False, True):
-            out.append((f"unshuffle[{dt},bwd={bwd}]", decoder_unshuffle._unshuffle_kernel,
-                        {"x_ptr": f"*{dt}", "mt_ptr": f"*{dt}", "ids_ptr": "*i64", "pos_ptr": "*fp32",
-                         "out_ptr": "*fp32", "part_ptr": "*fp32", "K": "i32", "L": "i32", "D": "i32",
-                         "HAS_POS": "constexpr", "BACKWARD": "constexpr", "BLOCK_T": "constexpr",
-                         "BLOCK_D": "constexpr"},
-                        {"HAS_POS": not bwd, "BACKWARD": bwd, "BLOCK_T": bt, "BLOCK_D": bdd},
-                        num_warps_for(bt * bdd)))
+            if bwd:
+                _, _, ubt, ubd = decoder_unshuffle._bwd_tiling(N, L, Dd, torch.device("cpu"))
+                out.append((f"unshuffle_bwd[{dt}]", decoder_unshuffle._unshuffle_bwd_kernel,
+                            {"gx_ptr": f"*{dt}", "ids_ptr": "*i64", "go_ptr": f"*{dt}", "part_ptr": "*fp32",
+                             "K": "i32", "L": "i32", "D": "i32", "ROWS_PER_CHUNK": "i32",
+                             "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                            {"BLOCK_T": ubt, "BLOCK_D": ubd}, num_warps_for(ubt * ubd)))
+            else:
+                out.append((f"unshuffle[{dt}]", decoder_unshuffle._unshuffle_kernel,
+                            {"x_ptr": f"*{dt}", "mt_ptr": f"*{dt}", "ids_ptr": "*i64", "pos_ptr": "*fp32",
+                             "out_ptr": "*fp32", "K": "i32", "L": "i32", "D": "i32",
+                             "HAS_POS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                            {"HAS_POS": True, "BLOCK_T": bt, "BLOCK_D": bdd}, num_warps_for(bt * bdd)))
             for norm, per_image in ((True, False), (True, True), (False, False)):
                 out.append((f"masked_loss[{dt},grad={bwd},norm={norm},per_image={per_image}]",
                             masked_loss._masked_loss_kernel,

@@ -214,7 +214,8 @@ def _profiler_ms(call: Callable, reps: int, device: str) -> Tuple[float, float]:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
         for i in range(reps):
             call(i)
         if cuda:
