@@ -32,8 +32,8 @@ def _specs(N: int = 256, L: int = 196, D: int = 1152, Dd: int = 512, C: int = 4,
         for scatter, conv in ((False, False), (True, True)):
             out.append((f"patch_gather[{dt},scatter={scatter}]", patch_embed._patch_gather_kernel,
                         {"lat_ptr": f"*{dt}", "ids_ptr": "*i64", "pat_ptr": f"*{dt}", "K": "i32", "H": "i32",
-                         "W": "i32", "GW": "i32", "C": "constexpr", "PATCH": "constexpr", "P": "constexpr",
-                         "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "SCATTER": "constexpr",
+                         "W": "i32", "GW": "i32", "ID_STRIDE": "i32", "C": "constexpr", "PATCH": "constexpr",
+                         "P": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "SCATTER": "constexpr",
                          "CONV_ORDER": "constexpr"},
                         {"C": C, "PATCH": patch, "P": P, "BLOCK_K": bk, "BLOCK_P": bp, "SCATTER": scatter,
                          "CONV_ORDER": conv}, num_warps_for(bk * bp)))
@@ -45,7 +45,7 @@ def _specs(N: int = 256, L: int = 196, D: int = 1152, Dd: int = 512, C: int = 4,
             out.append((f"embed_fwd[{dt},P={Pc},save={save}]", patch_embed._embed_fwd_kernel,
                         {"lat_ptr": "*fp32", "ids_ptr": "*i64", "w_ptr": "*fp32", "b_ptr": "*fp32",
                          "pos_ptr": "*fp32", "out_ptr": f"*{odt}", "pat_ptr": f"*{odt}", "M": "i32", "K": "i32",
-                         "H": "i32", "W": "i32", "GW": "i32", "D": "i32", "P1": "i32", "C": "constexpr",
+                         "H": "i32", "W": "i32", "GW": "i32", "D": "i32", "P1": "i32", "ID_STRIDE": "i32", "C": "constexpr",
                          "PATCH": "constexpr", "P": "constexpr", "CDT": "constexpr", "HAS_BIAS": "constexpr",
                          "SAVE_PATCHES": "constexpr", "ONES_COL": "constexpr", "BLOCK_M": "constexpr",
                          "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"},
@@ -55,7 +55,7 @@ def _specs(N: int = 256, L: int = 196, D: int = 1152, Dd: int = 512, C: int = 4,
         bn, bt, bkk, bd = patch_embed._dpos_tiling(N, K, L, D)
         out.append((f"embed_dpos[{dt}]", patch_embed._dpos_kernel,
                     {"g_ptr": f"*{dt}", "ids_ptr": "*i64", "dpos_ptr": "*fp32", "N": "i32", "K": "i32",
-                     "L": "i32", "D": "i32", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr",
+                     "L": "i32", "D": "i32", "ID_STRIDE": "i32", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr",
                      "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"},
                     {"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bkk, "BLOCK_D": bd}, num_warps_for(bn * bt * bd)))
         _, bt, bdd = decoder_unshuffle._grid(N, L, Dd)

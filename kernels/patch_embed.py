@@ -10,7 +10,7 @@ permuted or copied; ``gather_patches`` still returns the official (p, q, c) orde
 
 When the weight or bias needs a gradient, the d-block-0 programs also save the gathered patches (N*K,
 P [+1]) in the output's dtype, with a column of ones appended when the bias needs a gradient.
-Backward: [dW | db] = grad^T @ [patches | 1] (one GEMM reads grad once for both); dpos by a
+Backward: [dW | db]^T = [patches | 1]^T @ grad (one GEMM reads grad once for both); dpos by a
 deterministic gather kernel: each program owns a block of position rows and loops over the samples in
 a fixed order, finding where its tokens sit in ids_keep[n] (ids_keep is a permutation prefix, so at most
 once per sample), so no atomics and bit-stable results. The latents gradient (rare: latents usually need
@@ -33,9 +33,9 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 @triton.jit
 def _patch_gather_kernel(
     lat_ptr,   # (N, C, H, W) latents, contiguous
-    ids_ptr,   # (N, K) int64 kept token indices in [0, L), token = row * GW + col
+    ids_ptr,   # (N, K) int64 kept token indices in [0, L), token = row * GW + col; row stride ID_STRIDE
     pat_ptr,   # (N, K, P) patches, P = PATCH*PATCH*C
-    K, H, W, GW,
+    K, H, W, GW, ID_STRIDE,
     C: tl.constexpr, PATCH: tl.constexpr, P: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, SCATTER: tl.constexpr, CONV_ORDER: tl.constexpr,
 ):
@@ -44,7 +44,7 @@ def _patch_gather_kernel(
     n = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)             # (BLOCK_K,)
     kmask = k < K
-    tok = tl.load(ids_ptr + n * K + k, mask=kmask, other=0)             # (BLOCK_K,)
+    tok = tl.load(ids_ptr + n * ID_STRIDE + k, mask=kmask, other=0)     # (BLOCK_K,)
     row = tok // GW
     col = tok % GW
     j = tl.arange(0, BLOCK_P)                                           # (BLOCK_P,)
@@ -73,13 +73,13 @@ def _patch_gather_kernel(
 @triton.jit
 def _embed_fwd_kernel(
     lat_ptr,   # (N, C, H, W) latents
-    ids_ptr,   # (N * K,) int64 kept token indices, flattened
+    ids_ptr,   # (N, K) int64 kept token indices, row stride ID_STRIDE (a slice of argsort output is fine)
     w_ptr,     # (D, C, PATCH, PATCH) conv weight = (D, P) with j = c*PATCH*PATCH + pi*PATCH + qi
     b_ptr,     # (D,) bias (unused without HAS_BIAS)
     pos_ptr,   # (L, D) position table
     out_ptr,   # (N * K, D) output
     pat_ptr,   # (N * K, P1) saved patches (out dtype; column P = 1 with ONES_COL); SAVE_PATCHES only
-    M, K, H, W, GW, D, P1,
+    M, K, H, W, GW, D, P1, ID_STRIDE,
     C: tl.constexpr, PATCH: tl.constexpr, P: tl.constexpr, CDT: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_PATCHES: tl.constexpr, ONES_COL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -88,8 +88,8 @@ def _embed_fwd_kernel(
     pid_m = tl.program_id(1)
     r = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)           # (BLOCK_M,) flat token rows
     rmask = r < M
-    tok = tl.load(ids_ptr + r, mask=rmask, other=0)
     n = r // K
+    tok = tl.load(ids_ptr + n * ID_STRIDE + (r - n * K), mask=rmask, other=0)
     j = tl.arange(0, BLOCK_P)
     jmask = j < P
     c = j // (PATCH * PATCH)
@@ -124,9 +124,9 @@ def _embed_fwd_kernel(
 @triton.jit
 def _dpos_kernel(
     g_ptr,     # (N, K, D) grad of the output
-    ids_ptr,   # (N, K) int64 kept token indices (each row: distinct tokens)
+    ids_ptr,   # (N, K) int64 kept token indices (each row: distinct tokens), row stride ID_STRIDE
     dpos_ptr,  # (L, D) fp32 grad of the position table, written (every row)
-    N, K, L, D,
+    N, K, L, D, ID_STRIDE,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dpos[t] = sum_n grad[n, k_n(t)] over the samples n that kept token t (k_n(t): its slot)."""
@@ -143,7 +143,8 @@ def _dpos_kernel(
     for n0 in range(0, N, BLOCK_N):                                     # fixed order: deterministic
         n = (n0 + nn).to(tl.int64)                                      # (BLOCK_N,)
         nmask = n < N
-        ids = tl.load(ids_ptr + n[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=-1)
+        ids = tl.load(ids_ptr + n[:, None] * ID_STRIDE + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                      other=-1)
         hit = ids[:, None, :] == t[None, :, None]                       # (BLOCK_N, BLOCK_T, BLOCK_K)
         slot = tl.max(tl.where(hit, kk[None, None, :], -1), axis=2)     # (BLOCK_N, BLOCK_T), -1: not kept
         valid = (slot >= 0) & tmask[None, :]
@@ -161,7 +162,7 @@ def _launch_gather(lat: torch.Tensor, ids: torch.Tensor, pat: torch.Tensor, patc
     block_p = next_pow2(P)
     block_k = rows_per_program(block_p, K)
     grid = (N, triton.cdiv(K, block_k))
-    _patch_gather_kernel[grid](lat, ids, pat, K, H, W, W // patch, C=C, PATCH=patch, P=P,
+    _patch_gather_kernel[grid](lat, ids, pat, K, H, W, W // patch, ids.stride(0), C=C, PATCH=patch, P=P,
                                BLOCK_K=block_k, BLOCK_P=block_p, SCATTER=scatter, CONV_ORDER=conv_order,
                                num_warps=num_warps_for(block_k * block_p))
 
@@ -214,7 +215,7 @@ def _embed_fwd_impl(latents: torch.Tensor, weight: torch.Tensor, bias: Optional[
     bm, bp, bd = _fwd_tiling(M, D, P)
     grid = (triton.cdiv(D, bd), triton.cdiv(M, bm))
     _embed_fwd_kernel[grid](latents, ids_keep, weight, weight if bias is None else bias, pos, out,
-                            pat if save else out, M, K, H, W, W // patch, D, P1,
+                            pat if save else out, M, K, H, W, W // patch, D, P1, ids_keep.stride(0),
                             C=C, PATCH=patch, P=P, CDT=_TL_DTYPE[cdt], HAS_BIAS=bias is not None,
                             SAVE_PATCHES=bool(save), ONES_COL=save == 2, BLOCK_M=bm, BLOCK_P=bp, BLOCK_D=bd,
                             num_warps=_fwd_warps(bm, bd))
@@ -233,7 +234,8 @@ def _dpos_impl(grad: torch.Tensor, ids_keep: torch.Tensor, L: int) -> torch.Tens
     N, K, D = grad.shape
     dpos = torch.empty(L, D, device=grad.device, dtype=torch.float32)
     bn, bt, bk, bd = _dpos_tiling(N, K, L, D)
-    _dpos_kernel[(triton.cdiv(D, bd), triton.cdiv(L, bt))](grad, ids_keep, dpos, N, K, L, D, BLOCK_N=bn,
+    _dpos_kernel[(triton.cdiv(D, bd), triton.cdiv(L, bt))](grad, ids_keep, dpos, N, K, L, D, ids_keep.stride(0),
+                                                           BLOCK_N=bn,
                                                            BLOCK_T=bt, BLOCK_K=bk, BLOCK_D=bd,
                                                            num_warps=num_warps_for(bn * bt * bd))
     return dpos
@@ -272,10 +274,16 @@ _patch_gather = opaque_op("patch_gather", _gather_impl, _gather_fake)
 _patch_scatter = opaque_op("patch_scatter", _scatter_impl, _scatter_fake)
 
 
+def _ids(ids_keep: torch.Tensor) -> torch.Tensor:
+    """The kernels read ids with any row stride (MAE's ids_keep is a column slice of an argsort):
+    copy only when the tokens of a row are not adjacent."""
+    return ids_keep if ids_keep.stride(1) == 1 else ids_keep.contiguous()
+
+
 def gather_patches(latents: torch.Tensor, ids_keep: torch.Tensor, patch: int,
                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(N, C, H, W), ids (N, K) -> kept patches (N, K, p*p*C) in (p, q, c) order (no autograd)."""
-    return _patch_gather(latents.contiguous(), ids_keep.contiguous(), patch, dtype or latents.dtype)
+    return _patch_gather(latents.contiguous(), _ids(ids_keep), patch, dtype or latents.dtype)
 
 
 class EmbedVisiblePatches(torch.autograd.Function):
@@ -300,11 +308,13 @@ class EmbedVisiblePatches(torch.autograd.Function):
         g2 = grad.view(N * K, D)                                                        # (N*K, D)
         gw = gb = glat = gpos = None
         if ctx.needs_input_grad[1] or (bdtype is not None and ctx.needs_input_grad[2]):
-            gwb = g2.t() @ pat                                                          # (D, P [+ 1])
+            # [dW | db]^T = [patches | 1]^T @ grad: db is then a contiguous row (autograd keeps it as is);
+            # dW^T's transpose is viewed in the conv layout (autograd copies it once into .grad's layout)
+            gwb_t = pat.t() @ g2                                                        # (P [+ 1], D)
             if ctx.needs_input_grad[1]:
-                gw = gwb[:, :P].view(D, C, p, p).to(wdtype)                             # conv order already
+                gw = gwb_t[:P].t().view(D, C, p, p).to(wdtype)                          # conv order already
             if bdtype is not None and ctx.needs_input_grad[2]:
-                gb = gwb[:, P].to(bdtype)
+                gb = gwb_t[P].to(bdtype)
         if ctx.needs_input_grad[3]:
             gpos = _dpos(grad, ids_keep, pshape[1]).view(pshape).to(pdtype)
         if ctx.needs_input_grad[0]:
@@ -331,7 +341,7 @@ def embed_visible_patches(latents: torch.Tensor, weight: torch.Tensor, bias: Opt
     check(cdt in _TL_DTYPE, f"embed_visible_patches supports fp32/bf16/fp16, got {cdt}")
     out_dtype = torch.promote_types(cdt, pos.dtype)
     args = (latents.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-            pos.contiguous(), ids_keep.contiguous(), patch, cdt, out_dtype)
+            pos.contiguous(), _ids(ids_keep), patch, cdt, out_dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
         return EmbedVisiblePatches.apply(*args)
     return _embed_fwd(*args, 0)[0]

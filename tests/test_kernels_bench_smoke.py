@@ -46,3 +46,29 @@ def test_bench_refuses_without_gpu(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "no CUDA GPU found" in r.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts launches through the interpreter")
+def test_launch_counts_of_the_fused_ops():
+    """The launch budget per call (benchmarks/kernels/count_launches.py): the fused patch embed is one
+    kernel forward and one GEMM (+ autograd's layout copy of dW) backward in the MAE training case; the
+    loss is two kernels forward and one backward; eager calls make no custom-op round-trip."""
+    sys.path.insert(0, str(BENCH))
+    import count_launches as cl
+
+    from usp_scale.layers import fused
+
+    cases = cl._cases()
+    expect = {  # case: (forward total, backward total)
+        "embed_visible_patches[train]": (1, 2),
+        "embed_visible_patches[train-autocast]": (1, 2),
+        "masked_latent_loss[image]": (2, 1),
+        "layernorm_modulate": (1, 2),
+        "unshuffle": (1, 3),
+    }
+    for name, (fwd, bwd) in expect.items():
+        op, make = cases[name]
+        for mode, want in (("forward", fwd), ("backward", bwd)):
+            c = cl.count(cl._op_fn(fused, op, "triton"), make(), mode)
+            total = sum(v for k, v in c.items() if not k.startswith("custom_op."))
+            assert total == want and not any(k.startswith("custom_op.") for k in c), (name, mode, dict(c))
