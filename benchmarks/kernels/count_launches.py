@@ -119,10 +119,47 @@ def _op_fn(fused, op: str, impl: str):
     return run
 
 
+def host_us(fn, make, mode: str, reps: int) -> float:
+    """Median host microseconds of one call (``forward`` under no_grad, or ``full`` forward + backward)
+    with every Triton launch replaced by a no-op: the Python, dispatch and allocation work around the
+    kernels, which on a GPU is paid per call whenever the host does not run ahead of the device."""
+    import statistics
+    import time
+
+    import torch
+    from triton.runtime import interpreter, jit
+
+    originals = {cls: cls.run for cls in (interpreter.InterpretedFunction, jit.JITFunction)}
+    for cls in originals:
+        cls.run = lambda self, *a, **k: None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)               # the few real ATen ops are tiny: no thread-pool wake-ups
+    try:
+        inputs = make()
+        times = []
+        for i in range(reps + 10):
+            t0 = time.perf_counter()
+            if mode == "forward":
+                with torch.no_grad():
+                    fn(**inputs)
+            else:
+                fn(**inputs).sum().backward()
+            if i >= 10:
+                times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+        for cls, orig in originals.items():
+            cls.run = orig
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", default="", help="comma list of case names (default: all)")
     ap.add_argument("--detail", action="store_true", help="also list the counted ops of every row")
+    ap.add_argument("--host", type=int, default=0, metavar="REPS",
+                    help="instead of counting, time the host work per Triton call (kernels stubbed out), "
+                         "median of REPS calls, forward and forward+backward")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         sys.exit("count_launches.py runs the kernels on the CPU: set TRITON_INTERPRET=1")
@@ -130,6 +167,14 @@ def main(argv=None) -> int:
 
     cases = _cases()
     names = [n for n in args.ops.split(",") if n] or list(cases)
+    if args.host:
+        print(f"{'case':38s} {'host us fwd':>11s} {'host us fwd+bwd':>15s}   (triton, kernels stubbed out)")
+        for name in names:
+            op, make = cases[name]
+            fn = _op_fn(fused, op, "triton")
+            print(f"{name:38s} {host_us(fn, make, 'forward', args.host):11.1f} "
+                  f"{host_us(fn, make, 'full', args.host):15.1f}")
+        return 0
     print(f"{'case':38s} {'mode':8s} {'provider':8s} {'triton':>6s} {'aten':>5s} {'total':>5s} {'custom_op':>9s}")
     for name in names:
         op, make = cases[name]
