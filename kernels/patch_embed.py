@@ -5,12 +5,15 @@ so no padding per sample) and BLOCK_D output features, gathers the tokens' patch
 latents, multiplies them with the conv weight read in place as (D, C*p*p) (``tl.dot``, fp32 accumulate;
 P = C*p*p is padded to a power of two >= 16 and masked), adds the bias, rounds to the compute dtype (as
 the reference's linear does) and adds ``pos[ids_keep]``; one write of (N, K, D). Inside the kernel the
-reduction axis is in the conv weight's own (c, p, q) order, so neither the weight nor its gradient is
-permuted or copied; ``gather_patches`` still returns the official (p, q, c) order.
+reduction axis is in the conv weight's own (c, p, q) order, so the weight is never permuted or copied;
+``gather_patches`` still returns the official (p, q, c) order. ids_keep is read with its row stride (the
+MAE's ids_keep, a column slice of an argsort, is not copied).
 
 When the weight or bias needs a gradient, the d-block-0 programs also save the gathered patches (N*K,
 P [+1]) in the output's dtype, with a column of ones appended when the bias needs a gradient.
-Backward: [dW | db]^T = [patches | 1]^T @ grad (one GEMM reads grad once for both); dpos by a
+Backward: [dW | db]^T = [patches | 1]^T @ grad (one GEMM reads grad once for both, in grad's dtype:
+under autocast that is fp32, where the reference first rounds grad to bf16; autograd copies the
+transposed dW once into ``.grad``'s layout, db is a contiguous row); dpos by a
 deterministic gather kernel: each program owns a block of position rows and loops over the samples in
 a fixed order, finding where its tokens sit in ids_keep[n] (ids_keep is a permutation prefix, so at most
 once per sample), so no atomics and bit-stable results. The latents gradient (rare: latents usually need
