@@ -241,6 +241,10 @@ class LayerNormModulate(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, scale, mean, rstd = ctx.saved_tensors
         dx, gwb, gss = _ln_mod_bwd_op(x, weight, bias, scale, mean, rstd, dy.contiguous())
+        if weight is not None and bias is not None and weight.dtype == bias.dtype:
+            gwb = gwb.to(weight.dtype)                      # one cast for both (a no-op in fp32)
+        if ctx.dtypes[0] == ctx.dtypes[1]:
+            gss = gss.to(ctx.dtypes[0])                     # bf16 shift/scale under autocast: one cast
         gw = gwb[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         gb = gwb[1].to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         gsh = gss[0].to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
