@@ -2,8 +2,10 @@
 
 Each kernel module holds the ``@triton.jit`` kernels, an ``autograd.Function`` and a functional
 wrapper; the torch references live in ``usp_scale.layers`` and ``usp_scale.layers.fused`` selects
-between them (``kernels: auto|triton|torch``). Every launch is wrapped in a ``torch.library`` custom op
-(namespace ``usp_scale_kernels``), so torch.compile treats the kernels as opaque calls (fullgraph works).
+between them (``kernels: auto|triton|torch``). In eager mode the autograd Functions launch the kernels
+directly (no dispatcher round-trip per call); while torch.compile traces, the same launch functions run
+as ``torch.library`` custom ops (namespace ``usp_scale_kernels``, see ``_common.opaque_op``), so compiled
+graphs treat them as opaque calls (fullgraph works).
 This package imports without triton: the kernel functions below are loaded on first use.
 
 ``python -m usp_scale.kernels.compile_check --arch 90`` compiles every kernel for a GPU without one.

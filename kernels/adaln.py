@@ -1,8 +1,12 @@
 """adaLN: fused LayerNorm + modulate ``LN(x)(1 + scale) + shift`` and the gated residual ``x + gate * y``.
 
 Per-sample shift/scale/gate are (N, D) and broadcast over the T tokens of sample n. Programs own a block
-of tokens of one sample, so the per-sample vectors are loaded once per program. Parameter gradients
-(gamma, beta, shift, scale, gate) are reduced from per-program fp32 partials with one torch sum.
+of tokens of one sample, so the per-sample vectors are loaded once per program. The backward kernels
+loop over a chunk of one sample's rows (about 4 (LN) or 8 (gate) programs per SM), issuing the next
+tile's loads before the current tile's math, and write one fp32 partial row per program for the
+parameter gradients: (N, chunks, D), reduced by torch (two sums for LN-modulate: gamma/beta together,
+shift/scale together, and none for shift/scale when a sample is one chunk; one for the gate). The LN
+backward keeps only sum(dy) and sum(dy * xhat) per program and derives the four partials from them.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, interpreting, next_pow2, num_warps_for, promote, rows_per_program, sm_count
+from ._common import check, opaque_op, interpreting, next_pow2, num_warps_for, promote, rows_per_program, sm_count
 
 
 @triton.jit
@@ -63,10 +67,10 @@ def _ln_mod_bwd_kernel(
     rstd_ptr,   # (N * T,) fp32
     dy_ptr,     # (N, T, D) grad of the output
     dx_ptr,     # (N, T, D) grad of x (written)
-    pw_ptr,     # (N, CHUNKS, D) fp32 partial grad of gamma
-    pb_ptr,     # (N, CHUNKS, D) fp32 partial grad of beta
-    psh_ptr,    # (N, CHUNKS, D) fp32 partial grad of shift
-    psc_ptr,    # (N, CHUNKS, D) fp32 partial grad of scale
+    pw_ptr,     # (N, CHUNKS, D) fp32 partial grad of gamma   } four slices of one (4, N, CHUNKS, D)
+    pb_ptr,     # (N, CHUNKS, D) fp32 partial grad of beta    } buffer, reduced by two torch sums
+    psh_ptr,    # (N, CHUNKS, D) fp32 partial grad of shift   } (none for shift/scale with one
+    psc_ptr,    # (N, CHUNKS, D) fp32 partial grad of scale   }  chunk per sample)
     T, D, ROWS_PER_CHUNK,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -75,50 +79,62 @@ def _ln_mod_bwd_kernel(
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     sc1 = 1.0 + tl.load(scale_ptr + n * D + d, mask=dmask, other=0.0).to(tl.float32)
+    sw = sc1                                                            # d xhat = dy * (1 + scale) * gamma
     if HAS_W:
         w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    acc_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_sh = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_sc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        sw = sc1 * w
+    # Only two running sums per program (one sample): S1 = sum dy, S2 = sum dy * xhat. The four
+    # parameter partials follow after the loop, since shift/scale/gamma/beta are constant per sample:
+    # d shift = S1, d scale = gamma S2 + beta S1, d beta = (1 + scale) S1, d gamma = (1 + scale) S2.
+    s1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     t_start = chunk * ROWS_PER_CHUNK
-    for t0 in range(t_start, t_start + ROWS_PER_CHUNK, BLOCK_T):
+    t_end = t_start + ROWS_PER_CHUNK
+    # Hand-pipelined: the next tile's loads are issued before this tile's math, so two tiles are in
+    # flight per program (Triton does not pipeline these loads itself; the loop was latency-bound).
+    t = t_start + tl.arange(0, BLOCK_T)
+    tmask = (t < T) & (t < t_end)
+    rows = n * T + t
+    m2 = tmask[:, None] & dmask[None, :]
+    x_nx = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0)
+    dy_nx = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0)
+    mean_nx = tl.load(mean_ptr + rows, mask=tmask, other=0.0)
+    rstd_nx = tl.load(rstd_ptr + rows, mask=tmask, other=0.0)
+    for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        tmask = (t < T) & (t < t_start + ROWS_PER_CHUNK)
+        tmask = (t < T) & (t < t_end)
         m2 = tmask[:, None] & dmask[None, :]
-        rows = n * T + t
-        off = rows[:, None] * D + d[None, :]
-        x = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=tmask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=tmask, other=0.0)
+        off = (n * T + t)[:, None] * D + d[None, :]
+        x = x_nx.to(tl.float32)
+        dy = dy_nx.to(tl.float32)
+        mean = mean_nx
+        rstd = rstd_nx
+        tn = t + BLOCK_T
+        tnmask = (tn < T) & (tn < t_end)
+        rn = n * T + tn
+        mn = tnmask[:, None] & dmask[None, :]
+        x_nx = tl.load(x_ptr + rn[:, None] * D + d[None, :], mask=mn, other=0.0)
+        dy_nx = tl.load(dy_ptr + rn[:, None] * D + d[None, :], mask=mn, other=0.0)
+        mean_nx = tl.load(mean_ptr + rn, mask=tnmask, other=0.0)
+        rstd_nx = tl.load(rstd_ptr + rn, mask=tnmask, other=0.0)
         xhat = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)       # (BLOCK_T, BLOCK_D)
-        u = xhat
-        if HAS_W:
-            u = u * w[None, :]
-        if HAS_B:
-            u = u + b[None, :]
-        acc_sh += tl.sum(dy, axis=0)
-        acc_sc += tl.sum(dy * u, axis=0)
-        du = dy * sc1[None, :]
-        acc_b += tl.sum(du, axis=0)
-        acc_w += tl.sum(du * xhat, axis=0)
-        dxhat = du
-        if HAS_W:
-            dxhat = du * w[None, :]
+        s1 += tl.sum(dy, axis=0)
+        s2 += tl.sum(dy * xhat, axis=0)
+        dxhat = dy * sw[None, :]
         c1 = tl.sum(dxhat * xhat, axis=1) / D
         c2 = tl.sum(dxhat, axis=1) / D
         dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
     poff = (n * tl.num_programs(1) + chunk) * D + d
-    tl.store(psh_ptr + poff, acc_sh, mask=dmask)
-    tl.store(psc_ptr + poff, acc_sc, mask=dmask)
+    tl.store(psh_ptr + poff, s1, mask=dmask)
+    dsc = s2
     if HAS_W:
-        tl.store(pw_ptr + poff, acc_w, mask=dmask)
+        dsc = s2 * w
+        tl.store(pw_ptr + poff, sc1 * s2, mask=dmask)
     if HAS_B:
-        tl.store(pb_ptr + poff, acc_b, mask=dmask)
+        dsc += s1 * tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(pb_ptr + poff, sc1 * s1, mask=dmask)
+    tl.store(psc_ptr + poff, dsc, mask=dmask)
 
 
 def _fwd_tiling(T: int, D: int):
@@ -131,18 +147,18 @@ def _fwd_tiling(T: int, D: int):
 BWD_TILING_OVERRIDE: Optional[tuple] = None
 
 
-def _bwd_tiling(N: int, T: int, D: int, device: torch.device):
-    """(rows per chunk, chunks per sample, BLOCK_T, BLOCK_D): enough programs to fill the GPU, and as
-    few as possible in the interpreter."""
+def _bwd_tiling(N: int, T: int, D: int, device: torch.device, per_sm: int = 4, gpu_elems: int = 2048):
+    """(rows per chunk, chunks per sample, BLOCK_T, BLOCK_D): about ``per_sm`` programs per SM, each
+    looping over its rows and accumulating the per-sample partials in registers; as few programs as
+    possible in the interpreter."""
     block_d = next_pow2(D)
-    block_t = rows_per_program(block_d, T, gpu_elems=2048)
+    block_t = rows_per_program(block_d, T, gpu_elems=gpu_elems)
     if BWD_TILING_OVERRIDE is not None:
         block_t, chunks = BWD_TILING_OVERRIDE
     elif interpreting():
         chunks = triton.cdiv(T, block_t)
     else:
-        # ~4 programs per SM in all; each loops over its rows, accumulating the parameter partials
-        chunks = max(1, min(triton.cdiv(T, block_t), triton.cdiv(4 * sm_count(device), N)))
+        chunks = max(1, min(triton.cdiv(T, block_t), triton.cdiv(per_sm * sm_count(device), N)))
     rows = triton.cdiv(triton.cdiv(T, chunks), block_t) * block_t
     return rows, triton.cdiv(T, rows), block_t, block_d
 
@@ -154,59 +170,62 @@ def _ln_out_dtype(x, weight, bias, shift, scale) -> torch.dtype:
     return dt
 
 
-@torch.library.custom_op("usp_scale_kernels::ln_mod_fwd", mutates_args=())
-def _ln_mod_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _ln_mod_fwd_impl(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> y (N, T, D) in ``dtype``, row mean and rstd (N * T,) fp32."""
     N, T, D = x.shape
-    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
     y = torch.empty(N, T, D, device=x.device, dtype=dtype)
     mean = torch.empty(N * T, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     bt, bd = _fwd_tiling(T, D)
     _ln_mod_fwd_kernel[(N, triton.cdiv(T, bt))](
-        x, x if weight is None else weight.contiguous(), x if bias is None else bias.contiguous(), shift, scale,
+        x, x if weight is None else weight, x if bias is None else bias, shift, scale,
         y, mean, rstd, T, D, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_T=bt, BLOCK_D=bd,
         num_warps=num_warps_for(bt * bd))
     return y, mean, rstd
 
 
-@_ln_mod_fwd_op.register_fake
-def _(x, weight, bias, shift, scale, eps, dtype):
+def _ln_mod_fwd_fake(x, weight, bias, shift, scale, eps, dtype):
     N, T, _ = x.shape
     return (x.new_empty(x.shape, dtype=dtype), x.new_empty((N * T,), dtype=torch.float32),
             x.new_empty((N * T,), dtype=torch.float32))
 
 
-@torch.library.custom_op("usp_scale_kernels::ln_mod_bwd", mutates_args=())
-def _ln_mod_bwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (like x), d gamma (D,), d beta (D,) (empty without affine), d shift, d scale (N, D); grads fp32."""
+_ln_mod_fwd_op = opaque_op("ln_mod_fwd", _ln_mod_fwd_impl, _ln_mod_fwd_fake)
+
+
+def _ln_mod_bwd_impl(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx (like x), [d gamma; d beta] (2, D) fp32 (a row is garbage when its parameter is None),
+    [d shift; d scale] (2, N, D) fp32. Inputs contiguous. One sum per pair, none for shift/scale when
+    each sample is one chunk."""
     N, T, D = x.shape
-    x, scale, dy = x.contiguous(), scale.contiguous(), dy.contiguous()
     rows, chunks, bt, bd = _bwd_tiling(N, T, D, x.device)
     dx = torch.empty_like(x)
     parts = torch.empty(4, N, chunks, D, device=x.device, dtype=torch.float32)
     _ln_mod_bwd_kernel[(N, chunks)](
-        x, x if weight is None else weight.contiguous(), x if bias is None else bias.contiguous(), scale, mean,
+        x, x if weight is None else weight, x if bias is None else bias, scale, mean,
         rstd, dy, dx, parts[0], parts[1], parts[2], parts[3], T, D, rows,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_T=bt, BLOCK_D=bd,
         num_warps=num_warps_for(bt * bd))
-    empty = x.new_empty((0,), dtype=torch.float32)
-    gw = parts[0].sum((0, 1)) if weight is not None else empty
-    gb = parts[1].sum((0, 1)) if bias is not None else empty.clone()
-    return dx, gw, gb, parts[2].sum(1), parts[3].sum(1)
+    if weight is not None or bias is not None:
+        gwb = parts[:2].sum((1, 2))
+    else:
+        gwb = x.new_empty((2, 0), dtype=torch.float32)
+    gss = parts[2:].view(2, N, D) if chunks == 1 else parts[2:].sum(2)
+    return dx, gwb, gss
 
 
-@_ln_mod_bwd_op.register_fake
-def _(x, weight, bias, scale, mean, rstd, dy):
+def _ln_mod_bwd_fake(x, weight, bias, scale, mean, rstd, dy):
     N, T, D = x.shape
     f32 = torch.float32
-    return (torch.empty_like(x), x.new_empty((D if weight is not None else 0,), dtype=f32),
-            x.new_empty((D if bias is not None else 0,), dtype=f32), x.new_empty((N, D), dtype=f32),
-            x.new_empty((N, D), dtype=f32))
+    return (torch.empty_like(x), x.new_empty((2, D if (weight is not None or bias is not None) else 0), dtype=f32),
+            x.new_empty((2, N, D), dtype=f32))
+
+
+_ln_mod_bwd_op = opaque_op("ln_mod_bwd", _ln_mod_bwd_impl, _ln_mod_bwd_fake)
 
 
 class LayerNormModulate(torch.autograd.Function):
@@ -221,11 +240,15 @@ class LayerNormModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, scale, mean, rstd = ctx.saved_tensors
-        dx, gw, gb, gsh, gsc = _ln_mod_bwd_op(x, weight, bias, scale, mean, rstd, dy)
-        gw = gw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        gsh = gsh.to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
-        gsc = gsc.to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
+        dx, gwb, gss = _ln_mod_bwd_op(x, weight, bias, scale, mean, rstd, dy.contiguous())
+        if weight is not None and bias is not None and weight.dtype == bias.dtype:
+            gwb = gwb.to(weight.dtype)                      # one cast for both (a no-op in fp32)
+        if ctx.dtypes[0] == ctx.dtypes[1]:
+            gss = gss.to(ctx.dtypes[0])                     # bf16 shift/scale under autocast: one cast
+        gw = gwb[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = gwb[1].to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gsh = gss[0].to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
+        gsc = gss[1].to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
         return dx, gw, gb, gsh, gsc, None
 
 
@@ -239,72 +262,113 @@ def layernorm_modulate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     for name, v in (("weight", weight), ("bias", bias)):
         if v is not None:
             check(tuple(v.shape) == (D,), f"LayerNorm {name} must be ({D},), got {tuple(v.shape)}")
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     return LayerNormModulate.apply(x.contiguous(), weight, bias, shift.contiguous(), scale.contiguous(),
                                    float(eps))
 
 
 @triton.jit
 def _gated_residual_kernel(
-    x_ptr,      # (N, T, D) residual stream         | bwd: unused
+    x_ptr,      # (N, T, D) residual stream
     gate_ptr,   # (N, D) per-sample gate
     y_ptr,      # (N, T, D) branch output
-    out_ptr,    # fwd: (N, T, D) x + gate * y       | bwd: grad of the output (read)
-    dy_ptr,     # bwd: (N, T, D) grad of y (written)
-    pg_ptr,     # bwd: (N, n_tblocks, D) fp32 partial grad of gate
+    out_ptr,    # (N, T, D) x + gate * y
     T, D,
-    BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
-    tb = tl.program_id(1)
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     m2 = (t < T)[:, None] & dmask[None, :]
     off = (n * T + t)[:, None] * D + d[None, :]
     g = tl.load(gate_ptr + n * D + d, mask=dmask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + off, mask=m2, other=0.0).to(tl.float32)
-    if BACKWARD:
-        go = tl.load(out_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    tl.store(out_ptr + off, (x + g[None, :] * y).to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _gated_bwd_kernel(
+    go_ptr,     # (N, T, D) grad of the output
+    gate_ptr,   # (N, D) per-sample gate
+    y_ptr,      # (N, T, D) branch output
+    dy_ptr,     # (N, T, D) grad of y (written)
+    pg_ptr,     # (N, CHUNKS, D) fp32 partial grad of gate (one row per program)
+    T, D, ROWS_PER_CHUNK,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Each program loops over ROWS_PER_CHUNK rows of one sample (next tile's loads issued before this
+    tile's math) and writes one partial row of d gate: (N, CHUNKS, D) partials, a few MB, instead of one
+    row per tile (which at B 256, T 256, D 1152 was as large as the activations)."""
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    g = tl.load(gate_ptr + n * D + d, mask=dmask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    t_start = chunk * ROWS_PER_CHUNK
+    t_end = t_start + ROWS_PER_CHUNK
+    t = t_start + tl.arange(0, BLOCK_T)
+    m2 = ((t < T) & (t < t_end))[:, None] & dmask[None, :]
+    off = (n * T + t)[:, None] * D + d[None, :]
+    go_nx = tl.load(go_ptr + off, mask=m2, other=0.0)
+    y_nx = tl.load(y_ptr + off, mask=m2, other=0.0)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        m2 = ((t < T) & (t < t_end))[:, None] & dmask[None, :]
+        off = (n * T + t)[:, None] * D + d[None, :]
+        go = go_nx.to(tl.float32)
+        y = y_nx.to(tl.float32)
+        tn = t + BLOCK_T
+        mn = ((tn < T) & (tn < t_end))[:, None] & dmask[None, :]
+        offn = (n * T + tn)[:, None] * D + d[None, :]
+        go_nx = tl.load(go_ptr + offn, mask=mn, other=0.0)
+        y_nx = tl.load(y_ptr + offn, mask=mn, other=0.0)
         tl.store(dy_ptr + off, (go * g[None, :]).to(dy_ptr.dtype.element_ty), mask=m2)
-        tl.store(pg_ptr + (n * tl.num_programs(1) + tb) * D + d, tl.sum(go * y, axis=0), mask=dmask)
-    else:
-        x = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        tl.store(out_ptr + off, (x + g[None, :] * y).to(out_ptr.dtype.element_ty), mask=m2)
+        acc += tl.sum(go * y, axis=0)
+    tl.store(pg_ptr + (n * tl.num_programs(1) + chunk) * D + d, acc, mask=dmask)
 
 
-@torch.library.custom_op("usp_scale_kernels::gated_residual_fwd", mutates_args=())
-def _gated_fwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _gated_bwd_tiling(N: int, T: int, D: int, device: torch.device):
+    """Lighter per-row work than the LayerNorm backward: two rows per tile, ~8 programs per SM."""
+    return _bwd_tiling(N, T, D, device, per_sm=8, gpu_elems=4096)
+
+
+def _gated_fwd_impl(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs contiguous -> x + gate[:, None] * y in ``dtype``."""
     N, T, D = x.shape
     out = torch.empty(N, T, D, device=x.device, dtype=dtype)
     bt, bd = _fwd_tiling(T, D)
-    _gated_residual_kernel[(N, triton.cdiv(T, bt))](x.contiguous(), gate.contiguous(), y.contiguous(), out, out, out,
-                                                    T, D, BACKWARD=False, BLOCK_T=bt, BLOCK_D=bd,
+    _gated_residual_kernel[(N, triton.cdiv(T, bt))](x, gate, y, out, T, D, BLOCK_T=bt, BLOCK_D=bd,
                                                     num_warps=num_warps_for(bt * bd))
     return out
 
 
-@_gated_fwd_op.register_fake
-def _(x, gate, y, dtype):
+def _gated_fwd_fake(x, gate, y, dtype):
     return x.new_empty(x.shape, dtype=dtype)
 
 
-@torch.library.custom_op("usp_scale_kernels::gated_residual_bwd", mutates_args=())
-def _gated_bwd_op(grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> grad of y (like y), grad of gate (N, D) fp32."""
+_gated_fwd_op = opaque_op("gated_residual_fwd", _gated_fwd_impl, _gated_fwd_fake)
+
+
+def _gated_bwd_impl(grad: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inputs contiguous -> grad of y (like y), grad of gate (N, D) fp32."""
     N, T, D = y.shape
-    grad, gate, y = grad.contiguous(), gate.contiguous(), y.contiguous()
-    bt, bd = _fwd_tiling(T, D)
-    nb = triton.cdiv(T, bt)
+    rows, chunks, bt, bd = _gated_bwd_tiling(N, T, D, y.device)
     dy = torch.empty_like(y)
-    pg = torch.empty(N, nb, D, device=y.device, dtype=torch.float32)
-    _gated_residual_kernel[(N, nb)](y, gate, y, grad, dy, pg, T, D, BACKWARD=True,
-                                    BLOCK_T=bt, BLOCK_D=bd, num_warps=num_warps_for(bt * bd))
-    return dy, pg.sum(1)
+    pg = torch.empty(N, chunks, D, device=y.device, dtype=torch.float32)
+    _gated_bwd_kernel[(N, chunks)](grad, gate, y, dy, pg, T, D, rows, BLOCK_T=bt, BLOCK_D=bd,
+                                   num_warps=num_warps_for(bt * bd))
+    return dy, (pg.view(N, D) if chunks == 1 else pg.sum(1))
 
 
-@_gated_bwd_op.register_fake
-def _(grad, gate, y):
+def _gated_bwd_fake(grad, gate, y):
     return torch.empty_like(y), gate.new_empty(gate.shape, dtype=torch.float32)
+
+
+_gated_bwd_op = opaque_op("gated_residual_bwd", _gated_bwd_impl, _gated_bwd_fake)
 
 
 class GatedResidual(torch.autograd.Function):
@@ -318,7 +382,7 @@ class GatedResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, y = ctx.saved_tensors
-        dy, dgate = _gated_bwd_op(grad, gate, y)
+        dy, dgate = _gated_bwd_op(grad.contiguous(), gate, y)
         dx = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)
         return dx, dgate.to(gate.dtype), dy
 

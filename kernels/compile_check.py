@@ -25,48 +25,83 @@ def _specs(N: int = 256, L: int = 196, D: int = 1152, Dd: int = 512, C: int = 4,
     P = patch * patch * C
     bp = next_pow2(P)
     out = []
+    import triton.language as tl
+
     for dt in ("fp32", "bf16"):
         bk = rows_per_program(bp, K)
-        for scatter in (False, True):
+        for scatter, conv in ((False, False), (True, True)):
             out.append((f"patch_gather[{dt},scatter={scatter}]", patch_embed._patch_gather_kernel,
                         {"lat_ptr": f"*{dt}", "ids_ptr": "*i64", "pat_ptr": f"*{dt}", "K": "i32", "H": "i32",
-                         "W": "i32", "GW": "i32", "C": "constexpr", "PATCH": "constexpr", "P": "constexpr",
-                         "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "SCATTER": "constexpr"},
-                        {"C": C, "PATCH": patch, "P": P, "BLOCK_K": bk, "BLOCK_P": bp, "SCATTER": scatter},
-                        num_warps_for(bk * bp)))
-        bd = next_pow2(D)
-        bk = rows_per_program(bd, K)
-        out.append((f"pos_gather_add[{dt}]", patch_embed._pos_gather_add_kernel,
-                    {"y_ptr": f"*{dt}", "pos_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32", "K": "i32",
-                     "D": "i32", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"},
-                    {"BLOCK_K": bk, "BLOCK_D": bd}, num_warps_for(bk * bd)))
+                         "W": "i32", "GW": "i32", "ID_STRIDE": "i32", "C": "constexpr", "PATCH": "constexpr",
+                         "P": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "SCATTER": "constexpr",
+                         "CONV_ORDER": "constexpr"},
+                        {"C": C, "PATCH": patch, "P": P, "BLOCK_K": bk, "BLOCK_P": bp, "SCATTER": scatter,
+                         "CONV_ORDER": conv}, num_warps_for(bk * bp)))
+        # fused embed forward: bf16 compute with fp32 pos (autocast) or all in one dtype; P = 16 and P = 12
+        for cp, save in ((C, 2), (3, 1), (C, 0)):
+            Pc = patch * patch * cp
+            bm, bpp, bd = patch_embed._fwd_tiling(N * K, D, Pc)
+            odt = "fp32" if dt == "bf16" and save == 2 else dt
+            out.append((f"embed_fwd[{dt},P={Pc},save={save}]", patch_embed._embed_fwd_kernel,
+                        {"lat_ptr": "*fp32", "ids_ptr": "*i64", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                         "pos_ptr": "*fp32", "out_ptr": f"*{odt}", "pat_ptr": f"*{odt}", "M": "i32", "K": "i32",
+                         "H": "i32", "W": "i32", "GW": "i32", "D": "i32", "P1": "i32", "ID_STRIDE": "i32", "C": "constexpr",
+                         "PATCH": "constexpr", "P": "constexpr", "CDT": "constexpr", "HAS_BIAS": "constexpr",
+                         "SAVE_PATCHES": "constexpr", "ONES_COL": "constexpr", "BLOCK_M": "constexpr",
+                         "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"},
+                        {"C": cp, "PATCH": patch, "P": Pc, "CDT": tl.bfloat16 if dt == "bf16" else tl.float32,
+                         "HAS_BIAS": True, "SAVE_PATCHES": save > 0, "ONES_COL": save == 2, "BLOCK_M": bm,
+                         "BLOCK_P": bpp, "BLOCK_D": bd}, patch_embed._fwd_warps(bm, bd)))
+        bn, bt, bkk, bd = patch_embed._dpos_tiling(N, K, L, D)
+        out.append((f"embed_dpos[{dt}]", patch_embed._dpos_kernel,
+                    {"g_ptr": f"*{dt}", "ids_ptr": "*i64", "dpos_ptr": "*fp32", "N": "i32", "K": "i32",
+                     "L": "i32", "D": "i32", "ID_STRIDE": "i32", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr",
+                     "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"},
+                    {"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bkk, "BLOCK_D": bd}, num_warps_for(bn * bt * bd)))
         _, bt, bdd = decoder_unshuffle._grid(N, L, Dd)
         bl = rows_per_program(bp, L, gpu_elems=2048)
         for bwd in (False, True):
-            out.append((f"unshuffle[{dt},bwd={bwd}]", decoder_unshuffle._unshuffle_kernel,
-                        {"x_ptr": f"*{dt}", "mt_ptr": f"*{dt}", "ids_ptr": "*i64", "pos_ptr": "*fp32",
-                         "out_ptr": "*fp32", "part_ptr": "*fp32", "K": "i32", "L": "i32", "D": "i32",
-                         "HAS_POS": "constexpr", "BACKWARD": "constexpr", "BLOCK_T": "constexpr",
-                         "BLOCK_D": "constexpr"},
-                        {"HAS_POS": not bwd, "BACKWARD": bwd, "BLOCK_T": bt, "BLOCK_D": bdd},
-                        num_warps_for(bt * bdd)))
+            if bwd:
+                _, _, ubt, ubd = decoder_unshuffle._bwd_tiling(N, L, Dd, torch.device("cpu"))
+                out.append((f"unshuffle_bwd[{dt}]", decoder_unshuffle._unshuffle_bwd_kernel,
+                            {"gx_ptr": f"*{dt}", "ids_ptr": "*i64", "go_ptr": f"*{dt}", "part_ptr": "*fp32",
+                             "K": "i32", "L": "i32", "D": "i32", "ROWS_PER_CHUNK": "i32",
+                             "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                            {"BLOCK_T": ubt, "BLOCK_D": ubd}, num_warps_for(ubt * ubd)))
+            else:
+                out.append((f"unshuffle[{dt}]", decoder_unshuffle._unshuffle_kernel,
+                            {"x_ptr": f"*{dt}", "mt_ptr": f"*{dt}", "ids_ptr": "*i64", "pos_ptr": "*fp32",
+                             "out_ptr": "*fp32", "K": "i32", "L": "i32", "D": "i32",
+                             "HAS_POS": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                            {"HAS_POS": True, "BLOCK_T": bt, "BLOCK_D": bdd}, num_warps_for(bt * bdd)))
             for norm, per_image in ((True, False), (True, True), (False, False)):
-                out.append((f"masked_loss[{dt},bwd={bwd},norm={norm},per_image={per_image}]",
+                out.append((f"masked_loss[{dt},grad={bwd},norm={norm},per_image={per_image}]",
                             masked_loss._masked_loss_kernel,
-                            {"pred_ptr": f"*{dt}", "lat_ptr": "*fp32", "mask_ptr": "*fp32", "stats_ptr": "*fp32",
-                             "part_ptr": "*fp32", "coef_ptr": "*fp32", "grad_ptr": f"*{dt}", "L": "i32",
-                             "H": "i32", "W": "i32", "GW": "i32", "eps": "fp32", "C": "constexpr",
-                             "PATCH": "constexpr", "P": "constexpr", "NORM": "constexpr",
-                             "PER_IMAGE": "constexpr", "BACKWARD": "constexpr", "BLOCK_L": "constexpr",
-                             "BLOCK_P": "constexpr"},
+                            {"pred_ptr": f"*{dt}", "lat_ptr": "*fp32", "mask_ptr": "*fp32", "part_ptr": "*fp32",
+                             "u_ptr": "*fp32", "L": "i32", "H": "i32", "W": "i32", "GW": "i32", "eps": "fp32",
+                             "C": "constexpr", "PATCH": "constexpr", "P": "constexpr", "NORM": "constexpr",
+                             "PER_IMAGE": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK_L": "constexpr",
+                             "BLOCK_P": "constexpr", "BLOCK_S": "constexpr"},
                             {"C": C, "PATCH": patch, "P": P, "NORM": norm, "PER_IMAGE": per_image,
-                             "BACKWARD": bwd, "BLOCK_L": bl, "BLOCK_P": bp}, num_warps_for(bl * bp)))
-            gt, gd = adaln._fwd_tiling(256, D)
-            out.append((f"gated_residual[{dt},bwd={bwd}]", adaln._gated_residual_kernel,
-                        {"x_ptr": "*fp32", "gate_ptr": f"*{dt}", "y_ptr": f"*{dt}", "out_ptr": "*fp32",
-                         "dy_ptr": f"*{dt}", "pg_ptr": "*fp32", "T": "i32", "D": "i32",
-                         "BACKWARD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
-                        {"BACKWARD": bwd, "BLOCK_T": gt, "BLOCK_D": gd}, num_warps_for(gt * gd)))
+                             "WRITE_GRAD": bwd, "BLOCK_L": bl, "BLOCK_P": bp, "BLOCK_S": 2048},
+                            num_warps_for(bl * bp)))
+        gt, gd = adaln._fwd_tiling(256, D)
+        out.append((f"gated_residual[{dt}]", adaln._gated_residual_kernel,
+                    {"x_ptr": "*fp32", "gate_ptr": f"*{dt}", "y_ptr": f"*{dt}", "out_ptr": "*fp32",
+                     "T": "i32", "D": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                    {"BLOCK_T": gt, "BLOCK_D": gd}, num_warps_for(gt * gd)))
+        _, _, gt, gd = adaln._gated_bwd_tiling(N, 256, D, torch.device("cpu"))
+        out.append((f"gated_residual_bwd[{dt}]", adaln._gated_bwd_kernel,
+                    {"go_ptr": "*fp32", "gate_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dy_ptr": f"*{dt}",
+                     "pg_ptr": "*fp32", "T": "i32", "D": "i32", "ROWS_PER_CHUNK": "i32",
+                     "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+                    {"BLOCK_T": gt, "BLOCK_D": gd}, num_warps_for(gt * gd)))
+        out.append((f"loss_finalize[{dt}]", masked_loss._loss_finalize_kernel,
+                    {"part_ptr": "*fp32", "sums_ptr": "*fp32", "loss_ptr": f"*{dt}", "n_parts": "i32",
+                     "BLOCK": "constexpr"}, {"BLOCK": 512}, 4))
+        out.append((f"loss_grad[{dt}]", masked_loss._loss_grad_kernel,
+                    {"u_ptr": "*fp32", "gl_ptr": f"*{dt}", "sums_ptr": "*fp32", "out_ptr": f"*{dt}",
+                     "numel": "i32", "BLOCK": "constexpr"}, {"BLOCK": 4096}, 8))
         for aff in (True, False):
             bt, bd = adaln._fwd_tiling(256, D)
             out.append((f"ln_mod_fwd[{dt},affine={aff}]", adaln._ln_mod_fwd_kernel,

@@ -85,3 +85,16 @@ def test_layernorm_modulate_weight_without_bias(device):
     inp["bias"] = None
     assert_matches(_ln_triton, _ln_torch, inp, torch.float32, "ln_mod gamma only",
                    expect_grads=["x", "weight", "shift", "scale"])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("tiling", [(4, 3), (2, 7), (8, 1)], ids=str)
+def test_gated_residual_backward_multi_tile_loop(device, tiling, monkeypatch):
+    """Gated-residual backward with the GPU-style loop: each program walks several row tiles of one
+    sample (prefetching the next), ragged chunk ends, one partial row of d gate per program."""
+    from usp_scale.kernels import adaln
+
+    monkeypatch.setattr(adaln, "BWD_TILING_OVERRIDE", tiling)
+    inp = gated_inputs(3, 49, 72, device=device)
+    assert_matches(_gr_triton, _gr_torch, inp, torch.float32, f"gated tiling {tiling}",
+                   expect_grads=["x", "gate", "y"])

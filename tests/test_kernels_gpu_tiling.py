@@ -34,3 +34,21 @@ CASES = {
 def test_gpu_tiling_under_interpreter(device, op, gpu_tiling):
     fast, ref = _pair(op)
     assert_matches(fast, ref, CASES[op](device), torch.float32, f"{op} with GPU tiling")
+
+
+# Shapes that make the GPU tiling loop: per-image stats over 4*28*28 > 2048 values (two chunks), several
+# loss programs per sample; embed with 16 row-tiles x 2 feature blocks and a dpos loop over 2 sample blocks.
+LOOP_CASES = {
+    "masked_latent_loss_per_image": ("masked_latent_loss", lambda dev: loss_inputs(3, 4, 28, 2, 0.75, True, True,
+                                                                                   device=dev)),
+    "embed_visible_patches_tiles": ("embed_visible_patches", lambda dev: embed_inputs(5, 4, 28, 2, 200, 0.75,
+                                                                                      device=dev)),
+}
+
+
+@pytest.mark.parametrize("device", kernel_devices()[:1])
+@pytest.mark.parametrize("case", list(LOOP_CASES))
+def test_gpu_tiling_loops_under_interpreter(device, case, gpu_tiling):
+    op, make = LOOP_CASES[case]
+    fast, ref = _pair(op)
+    assert_matches(fast, ref, make(device), torch.float32, f"{case} with GPU tiling")

@@ -56,3 +56,25 @@ def test_compiled_tiny_dit_with_kernels(device):
     for (n, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters()):
         if b.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("device", kernel_devices()[:1])
+def test_eager_calls_skip_the_custom_op_dispatch(device):
+    """In eager mode the autograd.Functions launch the kernels directly: no usp_scale_kernels:: op shows
+    up in the profile of forward + backward (while calling the op itself does: the check can fail)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from usp_scale.kernels import masked_loss
+
+    def ops_seen(fn):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events() if e.name.startswith("usp_scale_kernels::")}
+
+    inp = loss_inputs(3, 4, 14, 2, 0.75, True, False, device=device, grad=False)
+    args = (inp["pred"], inp["latents"], inp["mask"], 2, True, False, False, torch.float32)
+    assert ops_seen(lambda: masked_loss._loss_fwd.op(*args)) == {"usp_scale_kernels::masked_loss_fwd"}
+    for op, make in CASES.items():
+        inp = make(device)
+        fn = getattr(fused, op)
+        assert ops_seen(lambda: fn(**inp, impl="triton").sum().backward()) == set(), op

@@ -40,3 +40,16 @@ def test_unshuffle_mixed_dtypes_and_no_pos(device):
     assert_matches(_triton, _torch, inp, torch.bfloat16, "unshuffle mixed")
     inp = unshuffle_inputs(3, 49, 0.75, 72, device=device, pos=False)
     assert_matches(_triton, _torch, inp, torch.float32, "unshuffle no pos")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("tiling", [(4, 3), (8, 1), (2, 30)], ids=str)
+def test_unshuffle_backward_multi_tile_loop(device, tiling, monkeypatch):
+    """GPU-style backward: programs loop over row tiles of one sample (ragged chunk ends, prefetch),
+    one partial row of the mask-token gradient per program."""
+    from usp_scale.kernels import decoder_unshuffle
+
+    monkeypatch.setattr(decoder_unshuffle, "BWD_TILING_OVERRIDE", tiling)
+    inp = unshuffle_inputs(3, 49, 0.75, 72, device=device)
+    assert_matches(_triton, _torch, inp, torch.float32, f"unshuffle tiling {tiling}",
+                   expect_grads=["x", "mask_token", "pos"])

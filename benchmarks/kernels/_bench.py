@@ -2,9 +2,19 @@
 
 Each bench_<op>.py lists cases built with the tests' input factories (tests/_helpers_kernels.py) and
 the byte traffic each mode must move at least; this module times providers (torch-eager reference,
-torch.compile of the reference, triton) in forward / backward / full mode with CUDA events (median,
-inputs rotated so the L2 cache does not flatter), reports GB/s as a fraction of the measured HBM
-bandwidth, and appends rows to a CSV with card, versions and date.
+torch.compile of the reference, triton) in forward / backward / full mode and reports two times per row:
+
+- ``ms`` (wall): median of single calls, each bracketed by CUDA events and a synchronize; it includes the
+  host work of the call (Python, dispatch, launch latency) whenever that exceeds the GPU work, which at
+  these small shapes it often does. It answers "how long does one isolated call take".
+- ``device_ms``: GPU time per call with host overhead removed: the call captured once per input set in a
+  CUDA graph and the graphs replayed back to back (``--device-time graph``), or the summed kernel
+  durations from torch.profiler (``profiler``; also the fallback when capture fails). It answers "how
+  fast are the kernels", and is what the bandwidth fraction should be judged on.
+
+Inputs are rotated over enough copies to exceed 2x L2 so the cache does not flatter; GB/s is reported as
+a fraction of the measured copy bandwidth for both times; ``kernels_per_call`` counts the GPU kernels
+(and memsets/copies) of one call from a short profile. Rows (card, versions, date) go to a CSV.
 """
 from __future__ import annotations
 
@@ -16,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))                     # the tests' input factories
@@ -112,7 +122,25 @@ def _grad_leaves(inputs: Dict) -> List:
 
 
 def time_provider(fn: Callable, input_sets: List[Dict], mode: str, reps: int, device: str = "cuda") -> float:
-    """Median milliseconds of one call in ``mode``, cycling through ``input_sets``."""
+    """Median wall milliseconds of one call in ``mode`` (synchronised after each), cycling ``input_sets``."""
+    import torch
+
+    call = _make_call(fn, input_sets, mode)
+    for i in range(min(5, reps)):
+        call(i)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        with _Timer(device) as t:
+            call(i)
+        times.append(t.ms)
+    _free_grads(input_sets)                                 # free accumulated .grad
+    return statistics.median(times)
+
+
+def _make_call(fn: Callable, input_sets: List[Dict], mode: str):
+    """call(i) running ``fn`` on input set i in ``mode``; backward mode builds the graphs first."""
     import torch
 
     outs, grads = [], []
@@ -134,19 +162,97 @@ def time_provider(fn: Callable, input_sets: List[Dict], mode: str, reps: int, de
             k = i % len(input_sets)
             outs[k].backward(grads[k], retain_graph=True)
 
-    for i in range(min(5, reps)):
-        call(i)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        with _Timer(device) as t:
-            call(i)
-        times.append(t.ms)
-    for inp in input_sets:                                  # free accumulated .grad
+    return call
+
+
+def _free_grads(input_sets: List[Dict]) -> None:
+    for inp in input_sets:
         for t in _grad_leaves(inp):
             t.grad = None
-    return statistics.median(times)
+
+
+def _graph_ms(fn: Callable, input_sets: List[Dict], mode: str, reps: int) -> float:
+    """GPU ms per call: one CUDA graph per input set, replayed back to back so the launch queue never
+    runs dry. Everything (the eager forward that backward mode needs, the warm-up, the capture) runs on
+    one side stream: autograd runs backward ops on their forward's stream, which must be the capturing one."""
+    import torch
+
+    n = len(input_sets)
+    cap = torch.cuda.Stream()
+    cap.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(cap):
+        call = _make_call(fn, input_sets, mode)
+        for i in range(2 * n):
+            call(i)
+    torch.cuda.current_stream().wait_stream(cap)
+    torch.cuda.synchronize()
+    pool = torch.cuda.graph_pool_handle()
+    graphs = []
+    for k in range(n):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool, stream=cap):
+            call(k)
+        graphs.append(g)
+    for g in graphs:
+        g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(reps):
+        graphs[i % n].replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graphs
+    return start.elapsed_time(end) / reps
+
+
+def _profiler_ms(call: Callable, reps: int, device: str) -> Tuple[float, float]:
+    """(ms per call, device events per call) from torch.profiler: on CUDA the summed durations of the
+    GPU kernels/memsets/copies; on the CPU smoke run the summed top-level CPU ops (meaningless)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        for i in range(reps):
+            call(i)
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        evs = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:
+        evs = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    total_us = sum(e.time_range.elapsed_us() for e in evs)
+    return total_us / 1e3 / reps, len(evs) / reps
+
+
+def device_time(fn: Callable, input_sets: List[Dict], mode: str, reps: int, device: str = "cuda",
+                method: str = "graph") -> Tuple[Optional[float], str, Optional[float]]:
+    """(device ms per call or None, method used, kernels per call or None). ``graph`` falls back to
+    ``profiler`` (method "profiler(graph failed: ...)") when the call cannot be captured."""
+    import torch
+
+    if method == "none":
+        return None, "none", None
+    used = method
+    ms = None
+    if method == "graph" and device == "cuda":
+        try:
+            ms = _graph_ms(fn, input_sets, mode, reps)
+        except Exception as e:  # capture unsupported by some op: say so in the row, measure otherwise
+            torch.cuda.synchronize()
+            used = f"profiler(graph failed: {type(e).__name__})"
+    elif method == "graph":
+        used = "profiler"                                   # no CUDA graphs on the CPU smoke run
+    _free_grads(input_sets)
+    prof_reps = max(3, min(reps, 20)) if device == "cuda" else max(1, reps)
+    prof_ms, count = _profiler_ms(_make_call(fn, input_sets, mode), prof_reps, device)
+    _free_grads(input_sets)
+    if ms is None:
+        ms = prof_ms
+    return ms, used if device == "cuda" else f"{used}-cpu", count
 
 
 def n_rotations(bytes_per_set: int, l2_bytes: int = 64 << 20, cap: int = 8) -> int:
@@ -166,7 +272,25 @@ def parse_args(op: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=256, help="batch size of every case (goal shapes use 256)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cuda (real measurements) or cpu (smoke test of this harness under TRITON_INTERPRET=1)")
+    ap.add_argument("--device-time", default="graph", choices=["graph", "profiler", "none"],
+                    help="how device_ms is measured: CUDA-graph replay (host overhead removed; falls back to "
+                         "profiler when capture fails), summed kernel durations from torch.profiler, or not at all")
     return ap.parse_args(argv)
+
+
+FIELDS = ["date", "card", "torch", "triton", "cuda", "op", "case", "dtype", "mode", "provider", "ms", "gbps",
+          "frac_bw", "speedup_vs_eager", "device_ms", "device_gbps", "device_frac_bw", "device_speedup_vs_eager",
+          "device_method", "kernels_per_call", "hbm_gbps"]
+
+
+def _check_csv(path: Path) -> None:
+    """Refuse, before measuring, to append to a CSV written by a harness with other columns."""
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            sys.exit(f"benchmarks/kernels: {path} has other columns ({len(header)}; this harness writes "
+                     f"{len(FIELDS)}: {','.join(FIELDS)}); pass --csv with a new file")
 
 
 def run(op: str, cases_fn: Callable, make_fn: Callable[[str], Callable], argv=None) -> List[Dict]:
@@ -190,31 +314,47 @@ def run(op: str, cases_fn: Callable, make_fn: Callable[[str], Callable], argv=No
     print(f"# {op} | {info['card']} | torch {info['torch']} triton {info['triton']} CUDA {info['cuda']} | "
           f"{info['date']} | measured copy bandwidth {bw:.0f} GB/s")
     rows = []
+    path = Path(args.csv)
+    _check_csv(path)
+    print(f"{'case':28s} {'mode':8s} {'provider':14s} {'wall ms':>9s} {'x eager':>7s} | {'device ms':>9s} "
+          f"{'GB/s':>8s} {'% bw':>5s} {'x eager':>7s} {'kern/call':>9s}  method")
     for case in (cases[:1] if args.quick else cases):
         first = case["make"](dtype, 0)
         per_set = sum(v.numel() * v.element_size() for v in first.values() if isinstance(v, torch.Tensor))
         sets = [first] + [case["make"](dtype, s) for s in range(1, n_rotations(per_set))]
         fns = {p: make_fn(p) for p in providers}
         for mode in modes:
-            base = None
+            base = dbase = None
+            nbytes = case["bytes"](mode, dtype)
             for p in providers:
                 ms = time_provider(fns[p], sets, mode, reps, args.device)
-                gbps = case["bytes"](mode, dtype) / (ms * 1e-3) / 1e9
-                base = ms if p == "torch-eager" else base
+                dms, method, kcount = device_time(fns[p], sets, mode, reps, args.device, args.device_time)
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                if p == "torch-eager":
+                    base, dbase = ms, dms
                 row = dict(info, op=op, case=case["name"], dtype=args.dtype, mode=mode, provider=p,
-                           ms=f"{ms:.4f}", gbps=f"{gbps:.1f}", frac_bw=f"{gbps / bw:.3f}", hbm_gbps=f"{bw:.0f}",
-                           speedup_vs_eager="" if base is None else f"{base / ms:.2f}")
+                           ms=f"{ms:.4f}", gbps=f"{gbps:.1f}", frac_bw=f"{gbps / bw:.3f}",
+                           speedup_vs_eager="" if base is None else f"{base / ms:.2f}",
+                           device_ms="", device_gbps="", device_frac_bw="", device_speedup_vs_eager="",
+                           device_method=method, kernels_per_call="" if kcount is None else f"{kcount:.1f}",
+                           hbm_gbps=f"{bw:.0f}")
+                if dms:
+                    dg = nbytes / (dms * 1e-3) / 1e9
+                    row.update(device_ms=f"{dms:.4f}", device_gbps=f"{dg:.1f}", device_frac_bw=f"{dg / bw:.3f}",
+                               device_speedup_vs_eager="" if not dbase else f"{dbase / dms:.2f}")
                 rows.append(row)
-                print(f"{case['name']:28s} {mode:8s} {p:14s} {ms:8.4f} ms {gbps:8.1f} GB/s "
-                      f"{100 * gbps / bw:5.1f}% bw  x{row['speedup_vs_eager'] or '-'} vs eager")
+                dpct = f"{100 * float(row['device_frac_bw']):5.1f}" if row["device_frac_bw"] else "    -"
+                print(f"{case['name']:28s} {mode:8s} {p:14s} {ms:9.4f} {'x' + (row['speedup_vs_eager'] or '-'):>7s} | "
+                      f"{row['device_ms'] or '-':>9s} {row['device_gbps'] or '-':>8s} {dpct} "
+                      f"{'x' + (row['device_speedup_vs_eager'] or '-'):>7s} {row['kernels_per_call'] or '-':>9s}  "
+                      f"{method}", flush=True)
         del sets
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.exists() or not path.stat().st_size
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
         w.writerows(rows)
