@@ -45,3 +45,19 @@ def test_auto_uses_triton_only_for_ops_measured_faster(monkeypatch):
     assert dispatch.resolve_impl("auto", cuda, "masked_latent_loss") == "torch"
     assert dispatch.resolve_impl("triton", cuda, "masked_latent_loss") == "triton"
     assert dispatch.resolve_impl("auto", torch.device("cpu"), "layernorm_modulate") == "torch"
+
+
+def test_auto_leaves_fusion_to_inductor_under_compile(monkeypatch):
+    """While torch.compile traces, "auto" gives the torch reference (Inductor fuses it with its neighbours);
+    "triton" still forces the kernels."""
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
+    cuda = torch.device("cuda", 0)
+
+    def pick(x, mode):
+        return x + (1.0 if dispatch.resolve_impl(mode, cuda, "layernorm_modulate") == "triton" else 0.0)
+
+    x = torch.zeros(2)
+    torch._dynamo.reset()
+    assert pick(x, "auto").tolist() == [1.0, 1.0]                               # eager: the Triton kernel
+    assert torch.compile(pick, backend="eager", fullgraph=True)(x, "auto").tolist() == [0.0, 0.0]
+    assert torch.compile(pick, backend="eager", fullgraph=True)(x, "triton").tolist() == [1.0, 1.0]

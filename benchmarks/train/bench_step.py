@@ -178,6 +178,10 @@ def main(argv=None) -> int:
         for k in kernels:
             for f8 in fp8s:
                 for c in modes:
+                    if c and k == "auto" and "torch" in kernels:
+                        # under torch.compile "auto" is the torch reference (kernels/dispatch.py): same step
+                        print(f"{short} auto compiled = torch compiled (auto leaves fusion to Inductor): skipped")
+                        continue
                     row = {**meta, **bench_one(short, batch=batch_of[short] or a.batch, compile_=c, kernels=k,
                                                steps=a.steps, warmup=a.warmup, precision=a.precision, device=device,
                                                peak=a.peak_flops, ac=a.ac, fp8=f8)}
