@@ -58,6 +58,19 @@ def _ln_mod_fwd_kernel(
 
 
 @triton.jit
+def _ln_mod_bwd_tile_loads(x_ptr, dy_ptr, mean_ptr, rstd_ptr, n, t, T, t_end, d, dmask, D):
+    """Loads of one (BLOCK_T, BLOCK_D) backward tile at rows ``t`` of sample ``n`` (masked past T and t_end)."""
+    tmask = (t < T) & (t < t_end)
+    rows = n * T + t
+    m2 = tmask[:, None] & dmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0)
+    dy = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0)
+    mean = tl.load(mean_ptr + rows, mask=tmask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=tmask, other=0.0)
+    return x, dy, mean, rstd
+
+
+@triton.jit
 def _ln_mod_bwd_kernel(
     x_ptr,      # (N, T, D) input
     w_ptr,      # (D,) gamma (unused without HAS_W)
@@ -92,14 +105,8 @@ def _ln_mod_bwd_kernel(
     t_end = t_start + ROWS_PER_CHUNK
     # Hand-pipelined: the next tile's loads are issued before this tile's math, so two tiles are in
     # flight per program (Triton does not pipeline these loads itself; the loop was latency-bound).
-    t = t_start + tl.arange(0, BLOCK_T)
-    tmask = (t < T) & (t < t_end)
-    rows = n * T + t
-    m2 = tmask[:, None] & dmask[None, :]
-    x_nx = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0)
-    dy_nx = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0)
-    mean_nx = tl.load(mean_ptr + rows, mask=tmask, other=0.0)
-    rstd_nx = tl.load(rstd_ptr + rows, mask=tmask, other=0.0)
+    x_nx, dy_nx, mean_nx, rstd_nx = _ln_mod_bwd_tile_loads(x_ptr, dy_ptr, mean_ptr, rstd_ptr, n,
+                                                          t_start + tl.arange(0, BLOCK_T), T, t_end, d, dmask, D)
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = (t < T) & (t < t_end)
@@ -109,14 +116,8 @@ def _ln_mod_bwd_kernel(
         dy = dy_nx.to(tl.float32)
         mean = mean_nx
         rstd = rstd_nx
-        tn = t + BLOCK_T
-        tnmask = (tn < T) & (tn < t_end)
-        rn = n * T + tn
-        mn = tnmask[:, None] & dmask[None, :]
-        x_nx = tl.load(x_ptr + rn[:, None] * D + d[None, :], mask=mn, other=0.0)
-        dy_nx = tl.load(dy_ptr + rn[:, None] * D + d[None, :], mask=mn, other=0.0)
-        mean_nx = tl.load(mean_ptr + rn, mask=tnmask, other=0.0)
-        rstd_nx = tl.load(rstd_ptr + rn, mask=tnmask, other=0.0)
+        x_nx, dy_nx, mean_nx, rstd_nx = _ln_mod_bwd_tile_loads(x_ptr, dy_ptr, mean_ptr, rstd_ptr, n, t + BLOCK_T,
+                                                              T, t_end, d, dmask, D)
         xhat = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)       # (BLOCK_T, BLOCK_D)
         s1 += tl.sum(dy, axis=0)
         s2 += tl.sum(dy * xhat, axis=0)
