@@ -3,11 +3,13 @@
 # limit so that one slow part cannot eat the others. Logs and CSV/JSON rows go to OUT; copy them into
 # benchmarks/reports/ with the card's name afterwards.
 #
-#   bash benchmarks/gpu_session.sh OUT                      # kernels train micro (~10 min on an H200)
+#   bash benchmarks/gpu_session.sh OUT                      # kernels train micro profile (~12 min on an H200)
 #   bash benchmarks/gpu_session.sh OUT kernels train        # chosen parts
 #   bash benchmarks/gpu_session.sh OUT sample               # the sampling benchmark (~3 min), not in the default
-# Through the device tool, whose $OUT returns at most 8 files: write elsewhere and return one archive,
-#   bash benchmarks/gpu_session.sh /tmp/s; tar czf $OUT/session.tgz -C /tmp s
+# Through the device tool, whose $OUT returns at most 8 files: write elsewhere and return one archive.
+# A lease has 15 minutes and one call at most 10, so plan two calls on the warm machine:
+#   call 1 (~9 min):  bash benchmarks/gpu_session.sh /tmp/s kernels train; tar czf $OUT/s1.tgz -C /tmp s
+#   call 2 (~4 min):  bash benchmarks/gpu_session.sh /tmp/s micro profile; tar czf $OUT/s2.tgz -C /tmp s
 #
 # Parts:
 #   kernels  Triton kernels and attention dispatch vs their torch references on the GPU (correctness)
