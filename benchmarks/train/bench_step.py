@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     meta = {"date": datetime.date.today().isoformat(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__}
-    rows = []
+    rows, failed = [], []
     for short in models:
         base = None
         for k in kernels:
@@ -182,9 +182,21 @@ def main(argv=None) -> int:
                         # under torch.compile "auto" is the torch reference (kernels/dispatch.py): same step
                         print(f"{short} auto compiled = torch compiled (auto leaves fusion to Inductor): skipped")
                         continue
-                    row = {**meta, **bench_one(short, batch=batch_of[short] or a.batch, compile_=c, kernels=k,
-                                               steps=a.steps, warmup=a.warmup, precision=a.precision, device=device,
-                                               peak=a.peak_flops, ac=a.ac, fp8=f8)}
+                    try:
+                        row = {**meta, **bench_one(short, batch=batch_of[short] or a.batch, compile_=c, kernels=k,
+                                                   steps=a.steps, warmup=a.warmup, precision=a.precision,
+                                                   device=device, peak=a.peak_flops, ac=a.ac, fp8=f8)}
+                    except Exception as e:  # noqa: BLE001 -- one failing setting must not cost the other rows
+                        if a.smoke:
+                            raise
+                        import traceback
+
+                        traceback.print_exc()
+                        print(f"FAILED {short} kernels={k} fp8={f8} compile={c}: {type(e).__name__}: {e}", flush=True)
+                        failed.append(f"{short}/{k}/{f8}/{'compiled' if c else 'eager'}")
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
                     if k == "torch" and not c and f8 == "off":
                         base = row["samples_per_s"]
                     row["vs_torch_eager"] = round(row["samples_per_s"] / base, 3) if base else ""
@@ -204,6 +216,9 @@ def main(argv=None) -> int:
             if new:
                 w.writeheader()
             w.writerows(rows)
+    if failed:
+        print(f"{len(failed)} setting(s) failed: {', '.join(failed)}")
+        return 1
     return 0
 
 

@@ -145,17 +145,25 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     os.makedirs(a.out, exist_ok=True)
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[a.compile]
+    failed = 0
     for short, batch in specs:
         for k in kernels:
             for c in modes:
-                s = profile_one(short, batch=batch, compile_=c, kernels=k, precision=a.precision, device=device,
-                                warmup=a.warmup, steps=a.steps, out=a.out, trace=a.trace)
+                try:
+                    s = profile_one(short, batch=batch, compile_=c, kernels=k, precision=a.precision, device=device,
+                                    warmup=a.warmup, steps=a.steps, out=a.out, trace=a.trace)
+                except Exception as e:  # noqa: BLE001 -- keep profiling the other settings
+                    if a.smoke:
+                        raise
+                    print(f"FAILED {short} kernels={k} compile={c}: {type(e).__name__}: {e}", flush=True)
+                    failed += 1
+                    continue
                 cats = ", ".join(f"{n} {100 * v['share']:.0f}%" for n, v in s["categories"].items())
                 print(f"{short} kernels={k} {'compiled' if c else 'eager'}: {s['total_ms']:.2f} ms/step device; "
                       f"{cats}", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
