@@ -129,3 +129,56 @@ def test_k_nonfinite_detected_one_step_late_between_log_steps(tmp_path):
     assert str(ckpt) in msg and (ckpt / "meta.json").is_file()
     ts = torch.load(ckpt / "trainer.pt", weights_only=False)
     assert ts["step"] == 6 and ts["nonfinite_total"] == 4 and ts["nonfinite_streak"] == 4   # steps 3, 4, 5 and 6
+
+
+class _NoHostReads:
+    """Fail on any tensor -> host value read (the CPU stand-in for a device sync) inside the block."""
+
+    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def guard(name):
+            def f(self_, *a, **k):
+                raise AssertionError(f"host read Tensor.{name} inside the training step")
+            return f
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, guard(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_training_step_reads_nothing_back_to_the_host():
+    """forward, backward, engine.step (grad norm, clip, fused AdamW with found_inf), the gated EMA and queuing the
+    step results: no tensor value reaches the host (on a GPU each such read would be a device sync)."""
+    from usp_scale.config import OptimConfig
+    from usp_scale.engine import build_engine
+    from usp_scale.training.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    model = H.engine_model()
+    eng = build_engine(EngineConfig(name="local", precision="fp32"), model,
+                       lambda m: build_optimizer(OptimConfig(fused=True), param_groups(m, 0.05), torch.device("cpu")),
+                       clip_grad=1.0)
+    ema = EMA(eng.ema_sources(), 0.9)
+    stats = DeferredStepStats(torch.device("cpu"))
+    x, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
+    for bad in (False, True, False):
+        with _NoHostReads():
+            loss = torch.nn.functional.cross_entropy(eng(x), y) * (float("nan") if bad else 1.0)
+            eng.backward(loss)
+            res = eng.step()
+            ema.update(eng.ema_sources(), gate=res.ok)
+            stats.push(0, res.ok, res.norm)
+    assert [v[0] for _, v, _ in stats.flush()] == [1.0, 0.0, 1.0]
+    # the guard does catch a read: the host-decided path (foreach AdamW) reads the norm
+    eng2 = build_engine(EngineConfig(name="local", precision="fp32"), H.engine_model(),
+                        lambda m: build_optimizer(OptimConfig(fused=False), param_groups(m, 0.05), torch.device("cpu")))
+    eng2.backward(torch.nn.functional.cross_entropy(eng2(x), y))
+    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+        eng2.step()

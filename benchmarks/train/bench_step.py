@@ -9,7 +9,9 @@ engine the trainer uses, with bf16 autocast on GPU, on a batch from the ``data.f
 loader. Every model is timed with each ``--kernels`` choice (``torch`` = the reference path the
 official code computes, ``auto`` / ``triton`` = the Triton kernels) and each ``--compile`` mode, and the
 speed-up over torch-eager is printed. The step is what the trainer runs: forward, backward, global grad
-norm, fused AdamW (non-finite steps skipped on the device, no host sync per step). MFU = 3 x forward FLOPs (model.flops_per_sample) x samples/s / peak.
+norm, fused AdamW (non-finite steps skipped on the device, no host sync per step); on a GPU one step after the
+warm-up runs under torch.cuda.set_sync_debug_mode("warn") and the synchronisations it makes are counted
+(``host_syncs_per_step``, expected 0). MFU = 3 x forward FLOPs (model.flops_per_sample) x samples/s / peak.
 Rows are appended to a CSV with date, card, torch version and settings. Anchors (official code, H200,
 bf16): MAE-XL 1,777 img/s eager, 2,176 compiled; DiT-XL/2 358 eager, 577 compiled
 (shared/design/performance-anchors.md).
@@ -98,6 +100,19 @@ def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: in
         step()
     sync()
     warm_s = time.perf_counter() - t_c
+    syncs = ""
+    if device.type == "cuda":       # count the step's host<->device synchronisations (expected: 0)
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -111,7 +126,7 @@ def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: in
             "precision": eng.precision, "samples_per_s": round(sps, 2), "step_ms": round(1000 * dt / steps, 2),
             "mfu": round(flops * sps / peak, 4) if flops else "", "train_gflop_per_sample": round(flops / 1e9, 2)
             if flops else "", "max_mem_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-            if device.type == "cuda" else "", "warmup_s": round(warm_s, 1), "grad_norm": round(res.grad_norm, 4)}
+            if device.type == "cuda" else "", "host_syncs_per_step": syncs, "warmup_s": round(warm_s, 1), "grad_norm": round(res.grad_norm, 4)}
 
 
 def _comma_list(s: str, known, what: str) -> list:
@@ -204,10 +219,11 @@ def main(argv=None) -> int:
                     rows.append(row)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    print(f"\n{'model':>12} {'kernels':>7} {'fp8':>10} {'mode':>8} {'samples/s':>10} {'ms/step':>8} {'x torch-eager':>13}")
+    print(f"\n{'model':>12} {'kernels':>7} {'fp8':>10} {'mode':>8} {'samples/s':>10} {'ms/step':>8} {'x torch-eager':>13} {'syncs':>5}")
     for r in rows:
         print(f"{r['model']:>12} {r['kernels']:>7} {r['fp8']:>10} {'compiled' if r['compile'] else 'eager':>8} "
-              f"{r['samples_per_s']:>10.1f} {r['step_ms']:>8.2f} {r['vs_torch_eager']!s:>13}")
+              f"{r['samples_per_s']:>10.1f} {r['step_ms']:>8.2f} {r['vs_torch_eager']!s:>13} "
+              f"{r['host_syncs_per_step']!s:>5}")
     if a.csv and rows:
         os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
         new = not os.path.exists(a.csv)
