@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the training system on one device (a few minutes): exact resume with bf16 autocast and
 # CUDA RNG (local), DDP (nccl) and FSDP2 (bf16 MixedPrecisionPolicy) one-process runs through torchrun,
-# then the engine-path step benchmark (eager) for MAE-XL and DiT-XL/2, torch reference path vs Triton kernels
+# then the engine-path step benchmark (eager) for MAE-XL (batch 256) and DiT-XL/2 (128), torch reference path vs Triton kernels
 # (a smoke run of the tiny models first, so a broken script fails in seconds).
 #   bash benchmarks/train/gpu_check.sh [OUT_DIR]
 set -uo pipefail
@@ -26,5 +26,5 @@ for eng in ddp fsdp2; do
   tail -1 "$OUT/$eng/metrics.jsonl"
 done
 $PY benchmarks/train/bench_step.py --smoke --kernels torch,auto,triton --csv "$OUT/train_step_smoke.csv" | tail -8
-$PY benchmarks/train/bench_step.py --models MAE-XL,DiT-XL/2 --batch 128 --compile eager --kernels torch,auto \
+$PY benchmarks/train/bench_step.py --models MAE-XL@256,DiT-XL/2@128 --compile eager --kernels torch,auto \
     --steps 20 --warmup 5 --csv "$OUT/train_step.csv" | tail -6
