@@ -32,3 +32,38 @@ def test_truncate_eval_records_rewrites_the_txt_companion(tmp_path):
     assert [json.loads(line)["step"] for line in open(path)] == [2, 4]
     txt = (tmp_path / "eval_metrics.txt").read_text().splitlines()
     assert len(txt) == 2 and txt[0].startswith("fid=12 ") and txt[1].endswith("step=4")
+
+
+def test_tensorboard_writer_purges_events_past_the_resumed_step(tmp_path, monkeypatch):
+    """TensorBoard (when installed) opens at the first record; after a resume at step s it opens with
+    purge_step=s+1, so events an interrupted run wrote past its checkpoint are hidden."""
+    import sys
+    import types
+
+    opened = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            opened.append((log_dir, purge_step))
+            self.scalars = []
+
+        def add_scalar(self, k, v, step):
+            self.scalars.append((k, v, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    from usp_scale.training.logging import MetricsLogger
+
+    fresh = MetricsLogger(str(tmp_path / "a"), enabled=True)
+    assert opened == []                                     # nothing opened before the first record
+    fresh.log({"step": 1, "loss": 0.5})
+    assert opened == [(str(tmp_path / "a" / "tb"), None)] and fresh.tb.scalars == [("loss", 0.5, 1)]
+    resumed = MetricsLogger(str(tmp_path / "b"), enabled=True)
+    resumed.truncate_after(40)
+    resumed.log({"step": 41, "loss": 0.25})
+    assert opened[-1] == (str(tmp_path / "b" / "tb"), 41)
+    off = MetricsLogger(str(tmp_path / "c"), enabled=True, tensorboard=False)
+    off.log({"step": 1, "loss": 1.0})
+    assert off.tb is None and len(opened) == 2

@@ -40,16 +40,21 @@ class MetricsLogger:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
         self.history: List[dict] = []
+        # TensorBoard writer, opened at the first record so that a resume can set its purge step first.
+        self._tb_dir = os.path.join(output_dir, "tb") if (enabled and tensorboard) else None
+        self._purge_step: Optional[int] = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
-            except (ImportError, ModuleNotFoundError):
-                self.tb = None
+    def _open_tb(self) -> None:
+        tb_dir, self._tb_dir = self._tb_dir, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except (ImportError, ModuleNotFoundError):
+            return
+        # purge_step: TensorBoard hides the events at and after it that an interrupted run left behind
+        self.tb = SummaryWriter(tb_dir, purge_step=self._purge_step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -57,6 +62,8 @@ class MetricsLogger:
         self.history.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb_dir is not None:
+            self._open_tb()
         if self.tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():
@@ -64,9 +71,11 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
 
     def truncate_after(self, step: int) -> int:
-        """Drop records past ``step`` (written by a run that crashed after its last checkpoint); returns #dropped."""
+        """Drop records past ``step`` (written by a run that crashed after its last checkpoint); returns #dropped.
+        TensorBoard events past ``step`` are purged when its writer opens."""
         if not self.enabled:
             return 0
+        self._purge_step = step + 1
         return truncate_jsonl(self.path, step)
 
     def read_all(self) -> List[dict]:
