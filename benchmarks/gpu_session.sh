@@ -64,3 +64,8 @@ for part in $PARTS; do
     *) echo "unknown part $part (kernels, train, sample, micro, profile, fp8)"; exit 2 ;;
   esac
 done
+if [[ -f "$OUT/train_step.csv" ]]; then   # GPU-days of the USP pipeline at the measured rates (host only)
+  $PY benchmarks/cost_report.py --train-csv "$OUT/train_step.csv" \
+      $([[ -f "$OUT/sampling.json" ]] && echo --sampling-json "$OUT/sampling.json") --out "$OUT/cost.md" \
+      > "$OUT/cost.log" 2>&1 && echo "=== cost: $(grep -m1 'USP pipeline' "$OUT/cost.md")"
+fi

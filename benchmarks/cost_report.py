@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""GPU-day cost of the USP pipeline from measured throughput, against the paper's figures.
+
+    python benchmarks/cost_report.py --train-csv OUT/train_step.csv [--sampling-json OUT/sampling.json] \
+        [--cache-img-per-s 1200] [--out benchmarks/reports/cost_<card>_<date>.md]
+
+Reads the samples/s that ``train/bench_step.py`` measured (for each model the fastest row of the chosen card,
+or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out the schedules of the method
+(shared/design/usp-method.md):
+
+* USP pretraining, MAE-XL on cached latents: 1600 epochs (the released weights; ``--pretrain-epochs 800`` for
+  the paper's default) x 1,281,167 images;
+* USP finetuning, DiT-XL/2: 400K steps x batch 256;
+* from-scratch DiT-XL/2 (the paper's baseline): 7M steps x 256;
+* optionally the latent cache (``--cache-img-per-s``: SD-VAE encode + DALI decode rate, ``--cache-views`` views
+  per image) and FID-50K sampling (``--sampling-json`` from ``sample/bench_sampling.py``).
+
+GPU-days are single-device days at the measured rate (perfect scaling assumed; weak-scaling losses come on
+top). They are also given as peak-FLOP-normalised H20-days (x peak of the card / 148 TFLOP/s), the unit of
+the paper's 98 (USP) / 622 (scratch) / 1904 (REPA) H20-days, and checked against the target of <= 12
+H100-days for the whole USP DiT-XL/2 pipeline (performance-anchors.md §7).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+IMAGENET_TRAIN = 1_281_167
+# dense bf16 peak (TFLOP/s) by card-name fragment; H20 is the paper's card
+PEAK_TFLOPS = {"H20": 148.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "B200": 2250.0}
+PAPER_H20_DAYS = {"usp_pipeline": 98.0, "scratch_dit": 622.0, "repa": 1904.0}
+PAPER_H20_DAYS_PEAK = PEAK_TFLOPS["H20"]
+TARGET_H100_DAYS = 12.0
+
+
+def peak_of(card: str) -> Optional[float]:
+    up = card.upper()
+    for frag in sorted(PEAK_TFLOPS, key=len, reverse=True):   # "H200" before "H20"
+        if frag in up:
+            return PEAK_TFLOPS[frag]
+    return None
+
+
+def load_rows(path: str) -> List[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise SystemExit(f"{path}: no rows")
+    missing = {"model", "samples_per_s", "device", "kernels", "compile"} - set(rows[0])
+    if missing:
+        raise SystemExit(f"{path}: not a bench_step.py CSV (missing columns {sorted(missing)})")
+    return rows
+
+
+def _setting(r: dict) -> str:
+    comp = "compiled" if str(r.get("compile")) in ("True", "true", "1") else "eager"
+    return f"{r.get('kernels')}/{comp}/{r.get('fp8', 'off') or 'off'}"
+
+
+def pick_rate(rows: List[dict], model: str, card: Optional[str], pin: Optional[str]) -> dict:
+    """The row used for ``model``: the pinned setting (kernels/compile/fp8) or the fastest one."""
+    cand = [r for r in rows if r["model"] == model and (card is None or r["device"] == card)]
+    if pin:
+        cand = [r for r in cand if _setting(r) == pin]
+    if not cand:
+        where = f" on {card}" if card else ""
+        raise SystemExit(f"no {model} row{where}" + (f" with setting {pin}" if pin else "") +
+                         "; run benchmarks/train/bench_step.py for it first")
+    return max(cand, key=lambda r: float(r["samples_per_s"]))
+
+
+def workloads(pretrain_epochs: int, finetune_steps: int, scratch_steps: int, batch: int) -> Dict[str, dict]:
+    return {
+        "usp_pretrain": {"model": "MAE-XL", "samples": pretrain_epochs * IMAGENET_TRAIN,
+                         "what": f"USP pretraining, MAE-XL, {pretrain_epochs} epochs on cached latents"},
+        "usp_finetune": {"model": "DiT-XL/2", "samples": finetune_steps * batch,
+                         "what": f"DiT-XL/2 finetuning from USP, {finetune_steps // 1000}K steps x {batch}"},
+        "scratch_dit": {"model": "DiT-XL/2", "samples": scratch_steps * batch,
+                        "what": f"DiT-XL/2 from scratch, {scratch_steps / 1e6:g}M steps x {batch}"},
+    }
+
+
+def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[str, str]] = None,
+           pretrain_epochs: int = 1600, finetune_steps: int = 400_000, scratch_steps: int = 7_000_000,
+           batch: int = 256, cache_img_per_s: float = 0.0, cache_views: int = 1,
+           sampling: Optional[dict] = None) -> dict:
+    """All numbers of the report (hours per item, GPU-days, H20-normalised days, the pipeline total)."""
+    pins = pins or {}
+    if card is None:
+        cards = sorted({r["device"] for r in rows})
+        if len(cards) != 1:
+            raise SystemExit(f"the CSV holds several cards {cards}: choose one with --card")
+        card = cards[0]
+    peak = peak_of(card)
+    items = []
+    for key, w in workloads(pretrain_epochs, finetune_steps, scratch_steps, batch).items():
+        r = pick_rate(rows, w["model"], card, pins.get(w["model"]))
+        rate = float(r["samples_per_s"])
+        items.append({"key": key, "what": w["what"], "samples": w["samples"], "rate": rate,
+                      "setting": _setting(r), "batch": r.get("batch", ""), "hours": w["samples"] / rate / 3600})
+    if cache_img_per_s > 0:
+        n = IMAGENET_TRAIN * cache_views
+        items.append({"key": "latent_cache", "what": f"latent cache, {cache_views} view(s) per image", "samples": n,
+                      "rate": cache_img_per_s, "setting": "given", "batch": "",
+                      "hours": n / cache_img_per_s / 3600})
+    if sampling:
+        modes = sampling.get("modes", {})
+        if not modes:
+            raise SystemExit("the sampling JSON has no 'modes' (not a bench_sampling.py output?)")
+        best = min(modes.items(), key=lambda kv: kv[1]["fid50k_gpu_hours"])
+        items.append({"key": "fid50k", "what": "FID-50K sampling", "samples": 50_000, "rate": None,
+                      "setting": best[0], "batch": sampling.get("batch", ""), "hours": best[1]["fid50k_gpu_hours"]})
+    for it in items:
+        it["gpu_days"] = it["hours"] / 24
+        it["h20_days"] = it["gpu_days"] * peak / PAPER_H20_DAYS_PEAK if peak else None
+    pipeline = [it for it in items if it["key"] in ("usp_pretrain", "usp_finetune", "latent_cache", "fid50k")]
+    total = sum(it["gpu_days"] for it in pipeline)
+    out = {"card": card, "peak_tflops": peak, "items": items, "pipeline_gpu_days": total,
+           "pipeline_h20_days": total * peak / PAPER_H20_DAYS_PEAK if peak else None,
+           "pipeline_h100_equiv_days": total * peak / PEAK_TFLOPS["H100"] if peak else None,
+           "scratch_gpu_days": next(it["gpu_days"] for it in items if it["key"] == "scratch_dit")}
+    out["speedup_vs_scratch"] = out["scratch_gpu_days"] / max(
+        sum(it["gpu_days"] for it in items if it["key"] in ("usp_pretrain", "usp_finetune")), 1e-12)
+    return out
+
+
+
+def to_markdown(r: dict) -> str:
+    lines = [f"# GPU-day cost of the USP pipeline on {r['card']} ({datetime.date.today().isoformat()})", "",
+             "Single-device days at the measured rates (perfect scaling assumed). H20-days = GPU-days x peak of "
+             f"this card ({r['peak_tflops']} TFLOP/s) / 148, the paper's unit.", "",
+             "| item | samples | rate (samples/s) | setting | GPU-hours | GPU-days | H20-days (peak-normalised) |",
+             "|---|---|---|---|---|---|---|"]
+    for it in r["items"]:
+        rate = f"{it['rate']:.1f}" if it["rate"] else "-"
+        h20 = f"{it['h20_days']:.1f}" if it["h20_days"] is not None else "-"
+        lines.append(f"| {it['what']} | {it['samples']:,} | {rate} | {it['setting']} | {it['hours']:.1f} | "
+                     f"{it['gpu_days']:.2f} | {h20} |")
+    lines += ["", f"USP pipeline (pretrain + finetune{' + cache' if any(i['key'] == 'latent_cache' for i in r['items']) else ''}"
+              f"{' + FID-50K' if any(i['key'] == 'fid50k' for i in r['items']) else ''}): "
+              f"**{r['pipeline_gpu_days']:.2f} GPU-days** on {r['card']}"]
+    if r["pipeline_h20_days"] is not None:
+        lines += [f"= {r['pipeline_h20_days']:.1f} H20-days at equal peak-FLOP use (paper: "
+                  f"{PAPER_H20_DAYS['usp_pipeline']:.0f} H20-days; scratch {PAPER_H20_DAYS['scratch_dit']:.0f}, "
+                  f"REPA {PAPER_H20_DAYS['repa']:.0f})",
+                  f"= {r['pipeline_h100_equiv_days']:.2f} H100-equivalent days (target <= {TARGET_H100_DAYS:g}: "
+                  f"{'met' if r['pipeline_h100_equiv_days'] <= TARGET_H100_DAYS else 'NOT met'})"]
+    lines.append(f"From scratch DiT-XL/2 / USP (pretrain + finetune), both at these rates: "
+                 f"{r['speedup_vs_scratch']:.1f}x fewer GPU-days")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-csv", required=True, help="CSV written by benchmarks/train/bench_step.py")
+    ap.add_argument("--card", default=None, help="device name in the CSV (default: its only card)")
+    ap.add_argument("--pick", action="append", default=[],
+                    help="MODEL=kernels/compile/fp8 to use that row instead of the fastest, e.g. "
+                         "DiT-XL/2=torch/compiled/off (repeatable)")
+    ap.add_argument("--pretrain-epochs", type=int, default=1600, help="USP pretraining epochs (paper: 800/1600)")
+    ap.add_argument("--finetune-steps", type=int, default=400_000, help="DiT-XL/2 finetuning steps")
+    ap.add_argument("--scratch-steps", type=int, default=7_000_000, help="from-scratch DiT-XL/2 steps")
+    ap.add_argument("--batch", type=int, default=256, help="global batch of the DiT runs")
+    ap.add_argument("--cache-img-per-s", type=float, default=0.0,
+                    help="latent-cache build rate (decode + SD-VAE encode, img/s); 0 = leave the cache out")
+    ap.add_argument("--cache-views", type=int, default=1, help="augmented views cached per image")
+    ap.add_argument("--sampling-json", default=None, help="output of benchmarks/sample/bench_sampling.py --out")
+    ap.add_argument("--out", default=None, help="write the markdown report here as well")
+    a = ap.parse_args(argv)
+    pins = {}
+    for p in a.pick:
+        if "=" not in p:
+            raise SystemExit(f"--pick {p!r}: use MODEL=kernels/compile/fp8")
+        k, v = p.split("=", 1)
+        pins[k] = v
+    sampling = None
+    if a.sampling_json:
+        with open(a.sampling_json) as f:
+            sampling = json.load(f)
+    r = report(load_rows(a.train_csv), card=a.card, pins=pins, pretrain_epochs=a.pretrain_epochs,
+               finetune_steps=a.finetune_steps, scratch_steps=a.scratch_steps, batch=a.batch,
+               cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, sampling=sampling)
+    md = to_markdown(r)
+    print(md)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

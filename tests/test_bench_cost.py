@@ -1,0 +1,69 @@
+"""benchmarks/cost_report.py: GPU-days of the USP pipeline from bench_step.py rows, checked by hand."""
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import cost_report as C  # noqa: E402
+
+FIELDS = ["date", "device", "torch", "model", "registry", "batch", "compile", "kernels", "fp8", "samples_per_s"]
+
+
+def _csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+    return str(path)
+
+
+ROWS = [dict(device="NVIDIA H200", model="MAE-XL", batch=256, compile="True", kernels="torch", fp8="off",
+             samples_per_s=2176.0),
+        dict(device="NVIDIA H200", model="MAE-XL", batch=256, compile="False", kernels="torch", fp8="off",
+             samples_per_s=1777.0),
+        dict(device="NVIDIA H200", model="DiT-XL/2", batch=128, compile="True", kernels="torch", fp8="off",
+             samples_per_s=577.0)]
+
+
+def test_hand_computed_days(tmp_path):
+    r = C.report(C.load_rows(_csv(tmp_path / "t.csv", ROWS)))
+    items = {it["key"]: it for it in r["items"]}
+    assert items["usp_pretrain"]["rate"] == 2176.0 and items["usp_pretrain"]["setting"] == "torch/compiled/off"
+    assert items["usp_pretrain"]["gpu_days"] == pytest.approx(1600 * 1_281_167 / 2176 / 86400)      # 10.90
+    assert items["usp_finetune"]["gpu_days"] == pytest.approx(400_000 * 256 / 577 / 86400)          # 2.05
+    assert items["scratch_dit"]["gpu_days"] == pytest.approx(7e6 * 256 / 577 / 86400)               # 35.9
+    total = items["usp_pretrain"]["gpu_days"] + items["usp_finetune"]["gpu_days"]
+    assert r["pipeline_gpu_days"] == pytest.approx(total)
+    assert r["pipeline_h20_days"] == pytest.approx(total * 989.4 / 148)
+    assert r["pipeline_h100_equiv_days"] == pytest.approx(total)
+    assert r["speedup_vs_scratch"] == pytest.approx(items["scratch_dit"]["gpu_days"] / total)
+    md = C.to_markdown(r)
+    assert "NOT met" in md and "98 H20-days" in md                 # 12.95 H100-days > the 12-day target
+
+
+def test_pins_cache_sampling_and_errors(tmp_path):
+    path = _csv(tmp_path / "t.csv", ROWS)
+    sampling = tmp_path / "s.json"
+    sampling.write_text(json.dumps({"batch": 256, "modes": {"eager": {"fid50k_gpu_hours": 3.0},
+                                                            "compile": {"fid50k_gpu_hours": 1.7}}}))
+    out = tmp_path / "cost.md"
+    assert C.main(["--train-csv", path, "--pick", "MAE-XL=torch/eager/off", "--cache-img-per-s", "1200",
+                   "--cache-views", "8", "--sampling-json", str(sampling), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "1777.0" in text and "torch/eager/off" in text and "FID-50K sampling" in text
+    r = C.report(C.load_rows(path), pins={"MAE-XL": "torch/eager/off"}, cache_img_per_s=1200, cache_views=8,
+                 sampling=json.loads(sampling.read_text()))
+    items = {it["key"]: it for it in r["items"]}
+    assert items["latent_cache"]["hours"] == pytest.approx(8 * 1_281_167 / 1200 / 3600)
+    assert items["fid50k"]["hours"] == 1.7 and items["fid50k"]["setting"] == "compile"
+    assert r["pipeline_gpu_days"] == pytest.approx(sum(items[k]["gpu_days"] for k in
+                                                       ("usp_pretrain", "usp_finetune", "latent_cache", "fid50k")))
+    with pytest.raises(SystemExit, match="no SiT"):
+        C.pick_rate(C.load_rows(path), "SiT", None, None)
+    with pytest.raises(SystemExit, match="several cards"):
+        C.report(C.load_rows(_csv(tmp_path / "two.csv", ROWS + [dict(ROWS[0], device="NVIDIA H100")])))
+    assert C.peak_of("NVIDIA H200") == 989.4 and C.peak_of("NVIDIA H20") == 148.0 and C.peak_of("CPU") is None
