@@ -90,6 +90,13 @@ def test_gated_ema():
     kept = {n: v.clone() for n, v in e2.shadow.items()}
     e2.update([(n, t * 7) for n, t in src], gate=torch.tensor(False))
     assert all(torch.equal(kept[n], e2.shadow[n]) for n in kept)
+    # the one-call (foreach) gated update equals a per-tensor lerp with the same 0-dim weight, bit for bit
+    e3 = EMA(src, 0.9)
+    new2 = [(n, t * 3 - 1) for n, t in src]
+    e3.update(new2, gate=torch.tensor(True))
+    w = torch.tensor(True).float() * (1.0 - 0.9)
+    for n, t in src:
+        assert torch.equal(e3.shadow[n], t.float().clone().lerp_(dict(new2)[n], w))
 
 
 def test_deferred_stats_order_and_lag():

@@ -31,14 +31,19 @@ class EMA:
             torch._foreach_lerp_(shadow, [t.detach().float() for _, t in sources], 1.0 - self.decay)
             return
         w = gate.to(torch.float32) * (1.0 - self.decay)                # 0-dim, on the device
-        # A Python-scalar weight would need w on the host; lerp_ with a 0-dim tensor weight does not. FSDP2 shards
-        # are DTensors: the plain 0-dim weight joins them as a replicated value.
-        from torch.distributed.tensor.experimental import implicit_replication
+        # A Python-scalar weight would need w on the host; lerp with a 0-dim tensor weight does not.
+        shadow = [self.shadow[n] for n, _ in sources]
+        srcs = [t.detach().float() for _, t in sources]
+        if any(type(e) is not torch.Tensor for e in shadow):
+            # FSDP2 shards are DTensors: the plain 0-dim weight joins them as a replicated value, one at a time.
+            from torch.distributed.tensor.experimental import implicit_replication
 
-        with implicit_replication():
-            for n, t in sources:
-                e = self.shadow[n]
-                e.lerp_(t.detach().float(), w if w.device == e.device else w.to(e.device))
+            with implicit_replication():
+                for e, t in zip(shadow, srcs):
+                    e.lerp_(t, w if w.device == e.device else w.to(e.device))
+            return
+        # one call for all tensors (the same per-tensor lerp, without a Python loop per parameter)
+        torch._foreach_lerp_(shadow, srcs, [w if w.device == e.device else w.to(e.device) for e in shadow])
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.shadow
