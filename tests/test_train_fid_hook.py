@@ -95,7 +95,7 @@ def test_dit_fid_every_n_steps_and_at_the_end_matches_the_exported_ema(tmp_path,
 class _FakeWriter:
     scalars = []
 
-    def __init__(self, logdir):
+    def __init__(self, logdir, purge_step=None):   # SummaryWriter's signature (purge_step: set on resume)
         pass
 
     def add_scalar(self, tag, value, step):
