@@ -164,6 +164,9 @@ EQUIV_CASES = {
     # FP8 matmuls (torchao) in the block linears, compared with a local FP8 run
     "ddp_fp8": dict(name="ddp", fp8="tensorwise"),
     "fsdp2_fp8": dict(name="fsdp2", fp8="tensorwise"),
+    # HSDP: shards within pairs of ranks, replicas across pairs (run with 4 processes)
+    "hsdp": dict(name="fsdp2", fsdp_shard_size=2),
+    "hsdp_fused": dict(name="fsdp2", fsdp_shard_size=2, fused=True),
 }
 
 

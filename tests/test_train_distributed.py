@@ -167,3 +167,34 @@ def test_slurm_dry_run_for_a_fake_two_node_allocation(tmp_path):
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "run" / "hostfile").read_text() == "gpu07 slots=8\ngpu08 slots=8\n"
     assert "deepspeed --hostfile" in p.stdout and "--launcher slurm --master_addr gpu07" in p.stdout
+
+
+@pytest.mark.slow
+def test_hsdp_four_ranks_match_single_process_and_resume_exactly(tmp_path):
+    """FSDP2 with engine.fsdp_shard_size=2 on 4 ranks: a 2x2 mesh (shards within pairs, replicas across them)
+    trains like one process on the global batch (foreach and fused AdamW, NaN skip on every rank), and
+    resumes exactly through the trainer (DCP checkpoint of 2-D DTensors, EMA included)."""
+    cases = ["hsdp", "hsdp_fused"]
+    p = H.torchrun(["tests/_helpers_train.py", "equiv", "--out", str(tmp_path), "--cases", *cases], nproc=4,
+                   timeout=600)
+    _launch_ok(p, n=4)
+    _check_equiv(tmp_path / "equiv.json", cases, tol_loss={}, tol_w={})
+    out = tmp_path / "resume"
+    out.mkdir()
+    p = H.torchrun(["tests/_helpers_train.py", "resume", "--out", str(out), "--cases", "fsdp2",
+                    "--set", "engine.fsdp_shard_size=2"], nproc=4, timeout=600)
+    _launch_ok(p, n=4)
+    _check_resume(out / "resume.json", ["fsdp2"])
+    meta = json.load(open(next((out / "fsdp2" / "full" / "checkpoints").glob("step_*")) / "meta.json"))
+    assert meta["world_size"] == 4 and meta["config"]["engine"]["fsdp_shard_size"] == 2
+
+
+def test_hsdp_shard_size_must_divide_the_world(monkeypatch):
+    from usp_scale.config import ConfigError
+    from usp_scale.engine import dist as D
+    from usp_scale.engine.fsdp import hsdp_mesh
+
+    monkeypatch.setattr(D, "get_world_size", lambda: 6)
+    with pytest.raises(ConfigError, match="engine.fsdp_shard_size=4 must divide the world size 6"):
+        hsdp_mesh(4, torch.device("cpu"))
+    assert hsdp_mesh(0, torch.device("cpu")) is None and hsdp_mesh(6, torch.device("cpu")) is None

@@ -182,6 +182,9 @@ class EngineConfig:
     zero_stage: int = 2
     # FSDP2: reshard parameters after forward (False gives ZeRO-2-like behaviour).
     reshard_after_forward: bool = True
+    # FSDP2: shard parameters within groups of this many ranks (e.g. GPUs per node) and replicate across groups
+    # (HSDP); 0 = shard over all ranks.
+    fsdp_shard_size: int = 0
     # DDP: all-reduce gradients in bf16.
     ddp_bf16_grads: bool = True
     # User-supplied DeepSpeed JSON, merged over the generated one and checked.

@@ -101,7 +101,8 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
     if name == "fsdp2":
         from .fsdp import FSDP2Engine
 
-        return FSDP2Engine(model, optimizer_factory, reshard_after_forward=engine_cfg.reshard_after_forward, **kw)
+        return FSDP2Engine(model, optimizer_factory, reshard_after_forward=engine_cfg.reshard_after_forward,
+                           shard_size=getattr(engine_cfg, "fsdp_shard_size", 0), **kw)
     from .deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(model, optimizer_factory, zero_stage=engine_cfg.zero_stage, micro_batch=micro_batch,

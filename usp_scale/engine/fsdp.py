@@ -11,8 +11,26 @@ from . import dist as D
 from .base import Engine, block_lists
 
 
+def hsdp_mesh(shard_size: int, device: torch.device):
+    """None (shard over all ranks) or, for ``0 < shard_size < world``, a 2-D mesh ("replicate", "shard"): parameters
+    sharded within groups of ``shard_size`` consecutive ranks (a node) and replicated across groups (HSDP), so the
+    all-gathers stay on the fast intra-node links and only the gradient all-reduce crosses nodes."""
+    world = D.get_world_size()
+    if shard_size <= 0 or shard_size == world:
+        return None
+    if shard_size > world or world % shard_size:
+        from ..config import ConfigError
+
+        raise ConfigError(f"engine.fsdp_shard_size={shard_size} must divide the world size {world} (e.g. the GPUs per "
+                          "node); 0 shards over all ranks")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
 class FSDP2Engine(Engine):
-    """Parameters become DTensors sharded over all ranks.
+    """Parameters become DTensors sharded over all ranks, or with ``shard_size`` within groups of that many ranks
+    and replicated across them (HSDP, :func:`hsdp_mesh`).
 
     ``reshard_after_forward=False`` keeps gathered parameters between forward and backward
     (ZeRO-2-like: more memory, one all-gather fewer). Mixed precision: parameters are gathered in
@@ -25,15 +43,17 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     ema_layout = "dtensor"
 
-    def __init__(self, model: nn.Module, optimizer_factory, *, reshard_after_forward: bool = True, **kw):
+    def __init__(self, model: nn.Module, optimizer_factory, *, reshard_after_forward: bool = True,
+                 shard_size: int = 0, **kw):
         super().__init__(model, **kw)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        self.mesh = hsdp_mesh(shard_size, self.device)
         for block in block_lists(model):
-            fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            fully_shard(block, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         self.model = model
         self.optimizer = optimizer_factory(model)
 
