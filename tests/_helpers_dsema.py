@@ -130,17 +130,11 @@ def init_run(case: str, rank: int, world: int) -> dict:
 
 
 def worker_init(out: str, cases: list) -> None:
-    import torch.distributed as dist
-
     from usp_scale.engine.dist import init_distributed
 
     info = init_distributed("gloo")
     results = {c: init_run(c, info.rank, info.world_size) for c in cases}
-    if info.rank == 0:
-        with open(os.path.join(out, "init.json"), "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    print(H.OK, info.rank, flush=True)
+    H.finish(out, "init.json", results, info.rank)
 
 
 def worker_ema(out: str, cases: list) -> None:
@@ -152,27 +146,17 @@ def worker_ema(out: str, cases: list) -> None:
     results = {c: ema_run(c, out, info.rank, info.world_size) for c in cases}
     per_rank = [None] * info.world_size
     dist.all_gather_object(per_rank, {c: results[c]["local_numel"] for c in cases})
-    if info.rank == 0:
-        results["_local_numel_per_rank"] = per_rank
-        with open(os.path.join(out, "ema.json"), "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    print(H.OK, info.rank, flush=True)
+    results["_local_numel_per_rank"] = per_rank
+    H.finish(out, "ema.json", results, info.rank)
 
 
 def worker_resume(out: str) -> None:
     """ZeRO-2 bf16: 2N steps vs N + resume + N through the trainer (EMA included)."""
-    import torch.distributed as dist
-
     from usp_scale.engine.dist import init_distributed
 
     info = init_distributed("gloo")
     res = H.run_resume_pair("deepspeed", os.path.join(out, "ds2_bf16"), zero_stage=2, **{"engine.precision": "bf16"})
-    if info.rank == 0:
-        with open(os.path.join(out, "resume.json"), "w") as f:
-            json.dump(res, f)
-    dist.barrier()
-    print(H.OK, info.rank, flush=True)
+    H.finish(out, "resume.json", res, info.rank)
 
 
 if __name__ == "__main__":

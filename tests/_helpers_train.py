@@ -22,6 +22,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OK = "TRAIN_HELPER_OK"
 
 
+def finish(out: str, filename: str, results, rank: int) -> None:
+    """End of a multi-process worker: rank 0 writes ``results`` as JSON to out/filename, every rank waits for the
+    others, then prints the success marker the tests count."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        with open(os.path.join(out, filename), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    print(OK, rank, flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,12 +200,8 @@ def worker_equiv(out: str, cases: list) -> None:
                          "nan_losses": nl, "nan_applied": na, "nan_state": nsd}
     flags = [None] * info.world_size
     dist.all_gather_object(flags, {c: results[c]["nan_applied"] for c in cases})
-    if info.rank == 0:
-        results["_nan_applied_per_rank"] = flags
-        with open(os.path.join(out, "equiv.json"), "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    print(OK, info.rank, flush=True)
+    results["_nan_applied_per_rank"] = flags
+    finish(out, "equiv.json", results, info.rank)
 
 
 FP16_CASES = {"ddp_fp16": dict(name="ddp"), "fsdp2_fp16": dict(name="fsdp2"),
@@ -230,11 +238,7 @@ def worker_fp16(out: str, cases: list) -> None:
                                         "loaded_scale": irec["loaded_scale"]})
         results[case] = {"losses": losses, "applied": applied, "state": sd, "inf_losses": il, "inf_applied": ia,
                          "inf_state": isd, "per_rank": scales}
-    if info.rank == 0:
-        with open(os.path.join(out, "fp16.json"), "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    print(OK, info.rank, flush=True)
+    finish(out, "fp16.json", results, info.rank)
 
 
 OPTSTATE_CASES = {"ddp": dict(name="ddp"), "fsdp2": dict(name="fsdp2"), "ds1": dict(name="deepspeed", zero_stage=1),
@@ -302,8 +306,6 @@ def run_resume_pair(engine: str, base: str, **over) -> dict:
 
 
 def worker_resume(out: str, engines: list, model: str = "", sets: tuple = ()) -> None:
-    import torch.distributed as dist
-
     from usp_scale.engine.dist import init_distributed
 
     info = init_distributed("gloo")
@@ -315,11 +317,7 @@ def worker_resume(out: str, engines: list, model: str = "", sets: tuple = ()) ->
             over["model.name"] = model
         over.update(kv.split("=", 1) for kv in sets)
         results[spec] = run_resume_pair(name, os.path.join(out, spec.replace(":", "")), **over)
-    if info.rank == 0:
-        with open(os.path.join(out, "resume.json"), "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    print(OK, info.rank, flush=True)
+    finish(out, "resume.json", results, info.rank)
 
 
 if __name__ == "__main__":

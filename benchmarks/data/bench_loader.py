@@ -94,8 +94,7 @@ def bench_vae(path, size, batch, dtype, device, repeats, compile_=False, channel
 def bench_reader(tmp, n_images, views, batch, repeats, mode="sample"):
     """mode: "gather" (only the CPU part when training on a GPU: index, pick view/flip, copy fp16 moments),
     "mean" or "sample" (the whole loader on the CPU device, including the fp32 math and the noise)."""
-    from usp_scale.data.latents import LatentCache, LatentCacheLoader, _write_shard, write_manifest
-    from usp_scale.data.sampler import ShardSampler
+    from usp_scale.data.latents import _write_shard, write_manifest
     out = os.path.join(tmp, "cache")
     if os.path.isfile(os.path.join(out, "manifest.json")):
         return _time_reader(out, batch, repeats, mode)

@@ -137,6 +137,20 @@ def _comma_list(s: str, known, what: str) -> list:
     return items
 
 
+def model_specs(text: str, default_batch: int) -> list:
+    """``--models`` "NAME[@BATCH],..." -> [(name, batch)], NAME checked against MODELS, BATCH defaulting to
+    ``default_batch`` (NAME@BATCH gives one model its own batch size, e.g. the official anchors' MAE-XL@256)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    names = _comma_list(",".join(x.partition("@")[0] for x in items), MODELS, "models")
+    specs = []
+    for name, item in zip(names, items):
+        batch = item.partition("@")[2]
+        if batch and not (batch.isdigit() and int(batch) > 0):
+            raise SystemExit(f"--models {item!r}: the batch size after @ must be a positive integer")
+        specs.append((name, int(batch) if batch else default_batch))
+    return specs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="MAE-XL@256,DiT-XL/2@128",
@@ -169,9 +183,7 @@ def main(argv=None) -> int:
         if a.compile == "both":
             a.compile = "eager"
     # NAME@BATCH gives one model its own batch size (the official anchors: MAE-XL at 256, DiT-XL/2 at 128).
-    specs = [(m.split("@")[0], int(m.split("@")[1]) if "@" in m else None) for m in a.models.split(",") if m]
-    models = _comma_list(",".join(n for n, _ in specs), MODELS, "models")
-    batch_of = {n: b for n, b in specs}
+    specs = model_specs(a.models, a.batch)
     kernels = _comma_list(a.kernels, KERNELS, "kernels")
     from usp_scale.engine.fp8 import RECIPES
 
@@ -188,7 +200,7 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__}
     rows, failed = [], []
-    for short in models:
+    for short, batch in specs:
         base = None
         for k in kernels:
             for f8 in fp8s:
@@ -198,7 +210,7 @@ def main(argv=None) -> int:
                         print(f"{short} auto compiled = torch compiled (auto leaves fusion to Inductor): skipped")
                         continue
                     try:
-                        row = {**meta, **bench_one(short, batch=batch_of[short] or a.batch, compile_=c, kernels=k,
+                        row = {**meta, **bench_one(short, batch=batch, compile_=c, kernels=k,
                                                    steps=a.steps, warmup=a.warmup, precision=a.precision,
                                                    device=device, peak=a.peak_flops, ac=a.ac, fp8=f8)}
                     except Exception as e:  # noqa: BLE001 -- one failing setting must not cost the other rows

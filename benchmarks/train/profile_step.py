@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from bench_step import KERNELS, MODELS, SMOKE_MODELS, _comma_list, make_step  # noqa: E402
+from bench_step import KERNELS, MODELS, SMOKE_MODELS, _comma_list, make_step, model_specs  # noqa: E402
 
 # (category, regex on the kernel name), first match wins
 CATEGORIES = [
@@ -136,8 +136,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.smoke:
         a.models, a.batch, a.warmup, a.steps = SMOKE_MODELS, 2, 1, 1
-    specs = [(m.split("@")[0], int(m.split("@")[1]) if "@" in m else a.batch) for m in a.models.split(",") if m]
-    _comma_list(",".join(n for n, _ in specs), MODELS, "models")
+    specs = model_specs(a.models, a.batch)
     kernels = _comma_list(a.kernels, KERNELS, "kernels")
     device = torch.device(a.device)
     if device.type == "cuda":

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -160,9 +160,6 @@ class Engine:
         else:
             loss.backward()
 
-    def _grads(self) -> List[torch.Tensor]:
-        return [p.grad for p in self.unwrapped.parameters() if p.grad is not None]
-
     def _total_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
         if not grads:
             return torch.zeros((), device=self.device)
@@ -180,30 +177,27 @@ class Engine:
             return None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grads = self._grads()
-        norm_t = self._total_norm(grads)
+        params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+        norm_t = self._total_norm([p.grad for p in params])
         norm_full = (norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t).float()
         ok_t = torch.isfinite(norm_full)
-        params = [p for p in self.unwrapped.parameters() if p.grad is not None]
-        if self.skips_on_device():
-            # Non-finite: clipping turns the gradients into NaN, and found_inf = 1 makes the fused kernel
-            # leave parameters, moments and step counts as they were.
-            if self.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm_t)
+        on_device = self.skips_on_device()
+        ok = on_device or bool(ok_t)                          # else: a host decision (one sync)
+        if ok and self.clip_grad > 0:
+            # On the device a non-finite norm turns the gradients into NaN; that step is skipped just below.
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm_t)
+        if on_device:
+            # found_inf = 1 makes the fused kernel leave parameters, moments and step counts as they were.
             self.optimizer.found_inf = (~ok_t).float()
             try:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
-        else:
-            ok = bool(ok_t)                                   # host decision (sync)
-            if ok and self.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm_t)
-            if ok:
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                else:
-                    self.optimizer.step()
+        elif ok:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
         self.zero_grad()

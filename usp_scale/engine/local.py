@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
