@@ -1,8 +1,8 @@
 """usp_scale package.
 
-The Triton kernels live in the top-level folder ``kernels/`` but are installed as
-``usp_scale.kernels`` (an unrelated PyPI package named ``kernels`` exists, and diffusers
-probes for it), so the folder must never be importable as a top-level module.
+The Triton kernels live in ``usp_scale/kernels/`` (a leaf package: nothing in it imports the rest of
+the library). An unrelated PyPI package named ``kernels`` exists and diffusers probes for it, so the
+kernels are never importable as a top-level module ``kernels``.
 
 Version ranges admit a GPU user's own CUDA torch (e.g. 2.11 on the benchmark machines);
 CI and the README install the pinned CPU-capable stack (torch 2.14.1, torchvision 0.29.1).
@@ -10,7 +10,6 @@ CI and the README install the pinned CPU-capable stack (torch 2.14.1, torchvisio
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["usp_scale", "usp_scale.*"])
-packages.append("usp_scale.kernels")
 
 extras = {
     "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10"],
@@ -31,7 +30,6 @@ setup(
     description="Distributed USP: masked latent pretraining and transfer to DiT/SiT/ViT",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"usp_scale.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

@@ -5,6 +5,10 @@ Example: python launchers/make_synthetic.py --out data/synthetic --classes 10 --
 """
 import argparse
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
 
 from usp_scale.data.synthetic import make_synthetic
 

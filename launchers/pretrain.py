@@ -8,10 +8,7 @@
 import os
 import sys
 
-try:  # installed with `pip install -e .` (which also maps kernels/ to usp_scale.kernels)
-    import usp_scale  # noqa: F401
-except ImportError:  # a plain checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
 
 from usp_scale.training.cli import entry  # noqa: E402
 
