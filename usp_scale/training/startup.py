@@ -87,10 +87,12 @@ def apply_batch_plan(cfg, plan: BatchPlan) -> None:
     """Write the plan into ``data.batch_size`` / ``schedule.accum_iter``, warning about a value it replaces."""
     if not plan.derived:
         return
-    for key, old, new in (("data.batch_size", cfg.data.batch_size, plan.micro_batch),
-                          ("schedule.accum_iter", cfg.schedule.accum_iter, plan.accum_iter)):
-        default = 1 if key == "schedule.accum_iter" else None
-        if old != new and old != default:
+    from ..config.schema import DataConfig, ScheduleConfig
+
+    for key, old, new, default in (
+            ("data.batch_size", cfg.data.batch_size, plan.micro_batch, DataConfig.batch_size),
+            ("schedule.accum_iter", cfg.schedule.accum_iter, plan.accum_iter, ScheduleConfig.accum_iter)):
+        if old != new and old != default:  # a value left at the schema default was not chosen: no warning
             warnings.warn(f"{key}={old} replaced by {new}, derived from data.global_batch_size="
                           f"{plan.global_batch} on {plan.world_size} rank(s); bound the per-rank micro-batch with "
                           "data.micro_batch_size instead", UserWarning, stacklevel=3)
