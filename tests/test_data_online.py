@@ -157,3 +157,21 @@ def test_gpu_decode_loader_reports_corrupt_files():
     ld = build_image_loader(data_cfg(root, loader="gpu", augment="pretrain"), train=True)
     n = sum(len(b["labels"]) for b in ld)
     assert sorted(ld.corrupt) == sorted(info["corrupt"]) and n == 8 - 2
+
+
+@pytest.mark.slow
+def test_online_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/data/bench_online.py --smoke: every row measured (tiny VAE, MAE-tiny, eager), report written."""
+    import importlib.util
+    import json
+    import os
+
+    from _helpers_data import REPO
+    spec = importlib.util.spec_from_file_location("bench_online", os.path.join(REPO, "benchmarks/data/bench_online.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.load(open(tmp_path / "online.json"))["rows"]
+    names = [r["name"] for r in rows]
+    assert any("baseline" in n for n in names) and any(n.startswith("cached") for n in names)
+    assert any("overlap on" in n for n in names) and all(r["img_per_s"] > 0 for r in rows)
