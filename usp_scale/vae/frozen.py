@@ -223,7 +223,7 @@ class FrozenVAE:
         self.latent_channels = int(model.config.latent_channels)
         self._channels_last = channels_last
         self._autocast = autocast and self.dtype != torch.float32
-        self._graphs = encode_graphs(model, compile=compile, mode=compile_mode)
+        self._graphs = EncodeGraphs(model, compile=compile, mode=compile_mode)
         self._fingerprint: Optional[str] = None
 
     @classmethod
@@ -366,11 +366,6 @@ class EncodeGraphs:
             out = fn(x)
             return out.clone() if torch.is_tensor(out) else tuple(t.clone() for t in out)
         return fn(x)
-
-
-def encode_graphs(model, compile: bool = False, mode: str = "default") -> EncodeGraphs:
-    """The encode graphs of ``model`` (see :class:`EncodeGraphs`)."""
-    return EncodeGraphs(model, compile=compile, mode=mode)
 
 
 def describe(vae: FrozenVAE) -> str:
