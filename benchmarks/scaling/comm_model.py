@@ -430,38 +430,39 @@ def simulate(net: Net, spec: EngineSpec, ops: Sequence[Op], *, t_fwd: float, t_b
     """Step time under the overlap model of the module docstring. ``t_pre``: compute before the forward that hides
     no communication (online VAE encoding)."""
     sec = [op_seconds(op, card, link, world, spec) for op in ops]
-    busy = sum(sec)
+    step = timeline(net.weights(), spec, ops, sec, t_fwd=t_fwd, t_bwd=t_bwd, t_pre=t_pre)
+    return StepTime(t_pre + t_fwd + t_bwd, step, sum(sec), sent_bytes(ops))
+
+
+def timeline(w: Sequence[float], spec: EngineSpec, ops: Sequence[Op], sec: Sequence[float], *, t_fwd: float,
+             t_bwd: float, t_pre: float = 0.0) -> float:
+    """Step time from each collective's duration ``sec[i]`` and the units' compute shares ``w`` (unit 0 = root)."""
     compute = t_pre + t_fwd + t_bwd
-    fwd_end = t_pre + t_fwd
     if not ops:
-        return StepTime(compute, compute, 0.0, 0.0)
+        return compute
+    post = sum(s for op, s in zip(ops, sec) if op.phase == "step")
     if spec.kind == "ddp" or (spec.kind in ("zero1", "zero2") and spec.overlap_comm):
-        chan, post = 0.0, 0.0
+        chan = 0.0
         for op, s in zip(ops, sec):
-            if op.phase == "step":
-                post += s
-            else:
-                chan = _fifo(chan, fwd_end + t_bwd * op.ready, s)
-        return StepTime(compute, max(compute, chan) + post, busy, sent_bytes(ops))
+            if op.phase != "step":
+                chan = _fifo(chan, t_pre + t_fwd + t_bwd * op.ready, s)
+        return max(compute, chan) + post
     if spec.kind in ("zero1", "zero2"):
-        return StepTime(compute, compute + busy, busy, sent_bytes(ops))
+        return compute + sum(sec)
     # fsdp2 / hsdp / zero3: per-unit pipeline, gathers one unit ahead
-    w = net.weights()
-    n = net.n_units
-    fwd_ag, bwd_ag, red, post = [0.0] * n, [0.0] * n, [0.0] * n, 0.0
+    n = len(w)
+    fwd_ag, bwd_ag, red = [0.0] * n, [0.0] * n, [0.0] * n
     for op, s in zip(ops, sec):
         if op.phase == "step":
-            post += s
-        elif op.kind == "all_gather":
+            continue
+        if op.kind == "all_gather":
             (fwd_ag if op.phase == "fwd" else bwd_ag)[op.unit] += s
         else:
             red[op.unit] += s
     chan, t, gate = 0.0, t_pre, 0.0
     for u in range(n):                                   # forward: root, then the blocks
-        ag_end = _fifo(chan, gate, fwd_ag[u])
-        chan = ag_end
-        start = max(t, ag_end)
-        gate = start
+        ag_end = chan = _fifo(chan, gate, fwd_ag[u])
+        gate = start = max(t, ag_end)                    # the next unit's gather may start now
         t = start + t_fwd * w[u]
     order = list(range(n - 1, 0, -1)) + [0]              # backward: the blocks in reverse, the root last
     ag_end = chan = _fifo(chan, t, bwd_ag[order[0]])
@@ -471,7 +472,7 @@ def simulate(net: Net, spec: EngineSpec, ops: Sequence[Op], *, t_fwd: float, t_b
             ag_end = chan = _fifo(chan, start, bwd_ag[order[k + 1]])
         t = start + t_bwd * w[u]
         chan = _fifo(chan, t, red[u])
-    return StepTime(compute, max(t, chan) + post, busy, sent_bytes(ops))
+    return max(t, chan) + post
 
 
 # ------------------------------------------------------------------------------------------------ runs

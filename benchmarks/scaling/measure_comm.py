@@ -270,11 +270,12 @@ def _ring(o: dict) -> float:
     return M.ring_send_bytes(o["kind"], o["size"], o["numel"] * M.DTYPE_BYTES[o["dtype"]])
 
 
-def compare_case(case: str, short: str, world: int, measured: list, nets: dict) -> dict:
-    """Model vs measured for one case: matched collectives, per-rank sent bytes, verdict."""
+def compare_case(case: str, short: str, world: int, measured: list, nets: dict, spec_kw: dict = None) -> dict:
+    """Model vs measured for one case: matched collectives, per-rank sent bytes, verdict. ``spec_kw``: model the
+    case with these EngineSpec fields instead of its own (a check that a wrong model is caught)."""
     if short not in nets:
         nets[short] = M.build_net(short)
-    spec = M.EngineSpec(**CASES[case][1])
+    spec = M.EngineSpec(**(spec_kw or CASES[case][1]))
     model_ops = M.step_ops(nets[short], spec, world)
     control = [o for o in measured if o["kind"] == "all_reduce" and o["numel"] <= CONTROL_NUMEL]
     big = [o for o in measured if o not in control]
