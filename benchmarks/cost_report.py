@@ -173,8 +173,9 @@ def to_markdown(r: dict) -> str:
         h20 = f"{it['h20_days']:.1f}" if it["h20_days"] is not None else "-"
         lines.append(f"| {it['what']} | {it['samples']:,} | {rate} | {it['setting']} | {it['hours']:.1f} | "
                      f"{it['gpu_days']:.2f} | {h20} |")
-    lines += ["", f"USP pipeline (pretrain + finetune{' + cache' if any(i['key'] == 'latent_cache' for i in r['items']) else ''}"
-              f"{' + FID-50K' if any(i['key'] == 'fid50k' for i in r['items']) else ''}): "
+    has = {i["key"] for i in r["items"]}
+    lines += ["", f"USP pipeline (pretrain + finetune{' + cache' if 'latent_cache' in has else ''}"
+              f"{' + FID-50K' if 'fid50k' in has else ''}): "
               f"**{r['pipeline_gpu_days']:.2f} GPU-days** on {r['card']}"]
     if r["pipeline_h20_days"] is not None:
         lines += [f"= {r['pipeline_h20_days']:.1f} H20-days at equal peak-FLOP use (paper: "

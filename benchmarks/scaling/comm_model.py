@@ -20,11 +20,11 @@ against gloo runs by ``measure_comm.py``):
   buckets of ``reduce_bucket_size`` = 5e8 elements in DeepSpeed's communication dtype (bf16 in bf16 runs), then after
   the optimizer step an all-gather of each param group's flat partition (padded to a multiple of 2 x world) in the
   param dtype. ``overlap_comm`` is off by default for stages 1/2: both are on the compute stream (exposed).
-* ``zero3``: per parameter (each padded to a multiple of the world size): an all-gather in forward for parameters
-  above ``stage3_param_persistence_threshold`` (1e5 elements), again in backward for those released after forward
-  (not reused within ``stage3_max_reuse_distance`` = 1e9 elements of the trace: kept iff 2 x the elements of the
-  modules after it < the distance); persistent parameters are all-gathered once after the step; gradients are
-  reduce-scattered in buckets of 5e8 elements; ``overlap_comm`` on.
+* ``zero3``: each parameter padded to a multiple of the world size; per module an all-gather in forward of its
+  parameters above ``stage3_param_persistence_threshold`` (1e5 elements), again in backward for those released after
+  forward (:func:`zero3_regathered`: reuse distance 1e9 elements, prefetch window 5e7); the persistent parameters
+  all-gathered once after the step; gradients reduce-scattered in buckets of 5e8 elements, in the communication
+  dtype; ``overlap_comm`` on.
 
 Bytes each rank sends per collective of ``S`` payload bytes over a group of ``g`` ranks, ring algorithms (NCCL's
 for large messages): all-reduce ``2(g-1)/g S`` (reduce-scatter + all-gather), reduce-scatter ``(g-1)/g S`` (``S`` =
@@ -170,7 +170,8 @@ class EngineSpec:
             where = f", shards of {self.shard_size} ranks" if self.kind == "hsdp" else ""
             return (f"{self.kind.upper()}{where}, gathers {self.param_dtype}, reduce {self.reduce_dtype}, "
                     f"reshard_after_forward={self.reshard_after_forward}")
-        extra = f", persistence {self.ds_persistence:g}, reuse {self.ds_max_reuse:g}" if self.kind == "zero3" else ""
+        extra = (f", persistence {self.ds_persistence:g}, reuse {self.ds_max_reuse:g}, prefetch "
+                 f"{self.ds_prefetch_bucket:g}") if self.kind == "zero3" else ""
         return (f"DeepSpeed ZeRO-{self.kind[-1]}, gathers {self.param_dtype}, reduce {self.reduce_dtype}, "
                 f"overlap_comm={self.overlap_comm}{extra}")
 

@@ -24,7 +24,8 @@ built on the meta device) against the measured ones, per-rank sent bytes with th
 sides. Small control all-reduces the model leaves out (<= 256 elements: gradient-norm partials, overflow flags) are
 listed and counted in the measured total. Tolerance: the collectives match one to one (kind, group size, elements,
 dtype), except DDP, whose bucket boundaries follow autograd's order (the model takes reverse registration order):
-there the number of buckets and the total must match; and the totals agree within 0.5 %.
+there the number of buckets and the total per dtype must match, and ZeRO-3, which coalesces a fetch's gathers into
+one call: there the totals per kind must match; and the per-rank bytes agree within 0.5 %.
 """
 from __future__ import annotations
 
