@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""GPU-day cost of the USP pipeline from measured throughput, against the paper's figures.
+"""GPU-day cost of the USP pipeline from measured throughput, against the paper's figures; multi-node projection.
 
     python benchmarks/cost_report.py --train-csv OUT/train_step.csv [--sampling-json OUT/sampling.json] \
         [--cache-img-per-s 1200] [--out benchmarks/reports/cost_<card>_<date>.md]
+    python benchmarks/cost_report.py --rate MAE-XL=2061 --rate DiT-XL/2=552 --card "NVIDIA H200" \
+        --scaling --nodes 1,2,4,8,16 --pretrain-input both --plot OUT/scaling.png --out OUT/scaling.md
 
 Reads the samples/s that ``train/bench_step.py`` measured (for each model the fastest row of the chosen card,
 or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out the schedules of the method
@@ -19,6 +21,15 @@ GPU-days are single-device days at the measured rate (perfect scaling assumed; w
 top). They are also given as peak-FLOP-normalised H20-days (x peak of the card / 148 TFLOP/s), the unit of
 the paper's 98 (USP) / 622 (scratch) / 1904 (REPA) H20-days, and checked against the target of <= 12
 H100-days for the whole USP DiT-XL/2 pipeline (performance-anchors.md §7).
+
+``--scaling`` adds the multi-node projection (``benchmarks/scaling/``): for N nodes x 8 GPUs of H100, H200 and H20,
+per engine (DDP, FSDP2, HSDP, ZeRO-1/2/3), the bytes each rank sends per step, the step time with the overlap model,
+and GPU-days and wall-days of MAE-XL 800/1600 epochs, DiT-XL/2 and SiT-XL/2 400K, DiT-XL/2 from scratch, the latent
+cache and FID-50K, every assumption printed with the tables. The collectives the model counts are checked against
+gloo runs of the tiny models through the project's engines (``scaling/measure_comm.py``,
+tests/test_bench_scaling_dist.py). ``--pretrain-input online`` costs pretraining with the SD-VAE encoder run in
+every step instead of the cache made once (``--vae-img-per-s``: the measured encoder rate; derived from FLOPs
+without it); ``both`` adds the comparison table.
 """
 from __future__ import annotations
 
@@ -29,6 +40,8 @@ import json
 import os
 import sys
 from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # the scaling package beside this script
 
 IMAGENET_TRAIN = 1_281_167
 # dense bf16 peak (TFLOP/s) by card-name fragment; H20 is the paper's card
@@ -58,8 +71,27 @@ def load_rows(path: str) -> List[dict]:
 
 
 def _setting(r: dict) -> str:
+    if r.get("kernels") == "given":
+        return "given"
     comp = "compiled" if str(r.get("compile")) in ("True", "true", "1") else "eager"
     return f"{r.get('kernels')}/{comp}/{r.get('fp8', 'off') or 'off'}"
+
+
+def given_rows(rates: Dict[str, float], card: str) -> List[dict]:
+    """Rows like bench_step.py's for rates given on the command line (``--rate MODEL=SAMPLES_PER_S``)."""
+    return [{"model": m, "samples_per_s": v, "device": card, "kernels": "given", "compile": "", "fp8": "",
+             "batch": ""} for m, v in rates.items()]
+
+
+def card_key(card: str) -> str:
+    """The scaling model's card name (H100 / H200 / H20) in a device name such as "NVIDIA H200"."""
+    from scaling.comm_model import CARDS
+
+    up = card.upper()
+    for k in sorted(CARDS, key=len, reverse=True):
+        if k in up:
+            return k
+    raise SystemExit(f"card {card!r}: the scaling model knows {', '.join(CARDS)}; choose one with --card")
 
 
 def pick_rate(rows: List[dict], model: str, card: Optional[str], pin: Optional[str]) -> dict:
@@ -141,8 +173,9 @@ def to_markdown(r: dict) -> str:
         h20 = f"{it['h20_days']:.1f}" if it["h20_days"] is not None else "-"
         lines.append(f"| {it['what']} | {it['samples']:,} | {rate} | {it['setting']} | {it['hours']:.1f} | "
                      f"{it['gpu_days']:.2f} | {h20} |")
-    lines += ["", f"USP pipeline (pretrain + finetune{' + cache' if any(i['key'] == 'latent_cache' for i in r['items']) else ''}"
-              f"{' + FID-50K' if any(i['key'] == 'fid50k' for i in r['items']) else ''}): "
+    has = {i["key"] for i in r["items"]}
+    lines += ["", f"USP pipeline (pretrain + finetune{' + cache' if 'latent_cache' in has else ''}"
+              f"{' + FID-50K' if 'fid50k' in has else ''}): "
               f"**{r['pipeline_gpu_days']:.2f} GPU-days** on {r['card']}"]
     if r["pipeline_h20_days"] is not None:
         lines += [f"= {r['pipeline_h20_days']:.1f} H20-days at equal peak-FLOP use (paper: "
@@ -155,10 +188,90 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pairs(items: List[str], flag: str, conv=str) -> Dict[str, object]:
+    out = {}
+    for p in items:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"{flag} {p!r}: use KEY=VALUE")
+        try:
+            out[k] = conv(v)
+        except ValueError:
+            raise SystemExit(f"{flag} {p!r}: {v!r} is not a valid value") from None
+    return out
+
+
+def _ints(text: str, flag: str) -> List[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        raise SystemExit(f"{flag} {text!r}: give a comma list of positive integers")
+    return vals
+
+
+def scaling_setup(a, r: dict, rows: List[dict], pretrain_input: str):
+    """The :class:`scaling.projection.Setup` of the command line, rates from the report's chosen rows."""
+    from scaling import comm_model as M
+    from scaling import projection as P
+
+    rates = {}
+    for it in r["items"]:
+        if it["key"] == "usp_pretrain":
+            rates["MAE-XL"] = it["rate"]
+        elif it["key"] == "usp_finetune":
+            rates["DiT-XL/2"] = it["rate"]
+    sit = [x for x in rows if x["model"] == "SiT-XL/2" and x["device"] == r["card"]]
+    if sit:
+        rates["SiT-XL/2"] = float(pick_rate(rows, "SiT-XL/2", r["card"], None)["samples_per_s"])
+    reduce = dict(P.DEFAULT_REDUCE)
+    reduce.update(_pairs(a.reduce_dtype, "--reduce-dtype"))
+    engines = [e for e in a.engines.split(",") if e]
+    link = M.LinkModel(gpus_per_node=a.gpus_per_node, nvlink_eff=a.nvlink_eff, nic_eff=a.nic_eff,
+                       alpha_intra_us=a.alpha_intra_us, alpha_inter_us=a.alpha_inter_us, net_share=a.net_share)
+    fid = a.fid_gpu_hours
+    if a.sampling_json and not fid:
+        fid = next(it["hours"] for it in r["items"] if it["key"] == "fid50k")
+    try:
+        return P.Setup(rates=rates, rate_card=card_key(r["card"]),
+                       cards=[c for c in a.cards.split(",") if c], nodes=_ints(a.nodes, "--nodes"), engines=engines,
+                       reduce_dtype=reduce, param_dtype=a.param_dtype, link=link, nic_gbps=a.nic_gbps,
+                       pretrain_epochs=sorted({a.pretrain_epochs, 800}), pretrain_batch=a.pretrain_batch,
+                       finetune_steps=a.finetune_steps, scratch_steps=a.scratch_steps, batch=a.batch,
+                       pretrain_input=pretrain_input, vae_img_per_s=a.vae_img_per_s,
+                       cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, fid_gpu_hours=fid)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def scaling_markdown(a, r: dict, rows: List[dict]) -> str:
+    """The ``--scaling`` section (and, with ``--plot``, the PNG)."""
+    from scaling import projection as P
+
+    modes = ["cache", "online"] if a.pretrain_input == "both" else [a.pretrain_input]
+    nets: dict = {}
+    setups = {m: scaling_setup(a, r, rows, m) for m in modes}
+    pts = {m: P.project_all(setups[m], nets) for m in modes}
+    main_mode = modes[0]
+    md = P.to_markdown(setups[main_mode], pts[main_mode], nets)
+    if len(modes) == 2:
+        md += P.input_comparison_md(setups["cache"], setups["online"], pts["cache"], pts["online"])
+    if a.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(a.plot)), exist_ok=True)
+        P.plot(setups[main_mode], pts[main_mode], a.plot)
+        md += f"![wall-days against GPUs per engine]({os.path.basename(a.plot)})\n"
+    return md
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-csv", required=True, help="CSV written by benchmarks/train/bench_step.py")
-    ap.add_argument("--card", default=None, help="device name in the CSV (default: its only card)")
+    ap.add_argument("--train-csv", default=None, help="CSV written by benchmarks/train/bench_step.py")
+    ap.add_argument("--rate", action="append", default=[],
+                    help="MODEL=SAMPLES_PER_S measured on --card, instead of (or beside) --train-csv, e.g. "
+                         "MAE-XL=2061 (repeatable)")
+    ap.add_argument("--card", default=None, help="device name in the CSV (default: its only card); with --rate: the "
+                                                 "card the rates were measured on, e.g. 'NVIDIA H200'")
     ap.add_argument("--pick", action="append", default=[],
                     help="MODEL=kernels/compile/fp8 to use that row instead of the fastest, e.g. "
                          "DiT-XL/2=torch/compiled/off (repeatable)")
@@ -171,6 +284,33 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-views", type=int, default=1, help="augmented views cached per image")
     ap.add_argument("--sampling-json", default=None, help="output of benchmarks/sample/bench_sampling.py --out")
     ap.add_argument("--out", default=None, help="write the markdown report here as well")
+    g = ap.add_argument_group("multi-node projection (--scaling)")
+    g.add_argument("--scaling", action="store_true", help="add the multi-node projection per engine")
+    g.add_argument("--nodes", default="1,2,4,8,16", help="comma list of node counts")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    g.add_argument("--cards", default="H100,H200,H20", help="cards to project for (rates scaled by dense bf16 peak)")
+    g.add_argument("--engines", default="ddp,fsdp2,hsdp,zero1,zero2,zero3", help="engines to project")
+    g.add_argument("--reduce-dtype", action="append", default=[],
+                   help="ENGINE=DTYPE gradient-reduction dtype (fp32/bf16); defaults ddp=fp32 (engine.ddp_bf16_grads"
+                        "=false), fsdp2/hsdp=fp32 (their reduce_dtype), zero1/2/3=bf16 (DeepSpeed in bf16)")
+    g.add_argument("--param-dtype", default="bf16", help="dtype of parameter all-gathers (FSDP2, ZeRO)")
+    g.add_argument("--pretrain-batch", type=int, default=4096, help="global batch of MAE-XL pretraining")
+    g.add_argument("--pretrain-input", choices=["cache", "online", "both"], default="cache",
+                   help="MAE pretraining on latents cached once, SD-VAE encoding online in every step, or both "
+                        "(adds an online-vs-cache table)")
+    g.add_argument("--vae-img-per-s", type=float, default=0.0,
+                   help="measured SD-VAE encoder rate at 224^2 on --card for --pretrain-input online "
+                        "(0: derived, MAE-XL rate x 166/207 GFLOP)")
+    g.add_argument("--fid-gpu-hours", type=float, default=0.0,
+                   help="FID-50K GPU-hours on --card (default: from --sampling-json, else left out)")
+    g.add_argument("--nvlink-eff", type=float, default=0.8, help="achieved / nominal NVLink bandwidth")
+    g.add_argument("--nic-eff", type=float, default=0.8, help="achieved / nominal inter-node bandwidth")
+    g.add_argument("--nic-gbps", type=float, default=None, help="inter-node Gb/s per GPU for every card (default 400)")
+    g.add_argument("--alpha-intra-us", type=float, default=10.0, help="fixed cost per collective within a node")
+    g.add_argument("--alpha-inter-us", type=float, default=25.0, help="fixed cost per collective across nodes")
+    g.add_argument("--net-share", choices=["ring", "all"], default="ring",
+                   help="share of a rank's ring traffic on its NIC: ring = 1/(group members per node), all = 1")
+    g.add_argument("--plot", default=None, help="write the wall-days plot (PNG) here")
     a = ap.parse_args(argv)
     pins = {}
     for p in a.pick:
@@ -178,14 +318,24 @@ def main(argv=None) -> int:
             raise SystemExit(f"--pick {p!r}: use MODEL=kernels/compile/fp8")
         k, v = p.split("=", 1)
         pins[k] = v
+    rates = _pairs(a.rate, "--rate", float)
+    if not a.train_csv and not rates:
+        raise SystemExit("give --train-csv (bench_step.py's CSV) or --rate MODEL=SAMPLES_PER_S")
+    rows = load_rows(a.train_csv) if a.train_csv else []
+    if rates:
+        if not a.card:
+            raise SystemExit("--rate needs --card: the card the rates were measured on")
+        rows += given_rows(rates, a.card)
     sampling = None
     if a.sampling_json:
         with open(a.sampling_json) as f:
             sampling = json.load(f)
-    r = report(load_rows(a.train_csv), card=a.card, pins=pins, pretrain_epochs=a.pretrain_epochs,
+    r = report(rows, card=a.card, pins=pins, pretrain_epochs=a.pretrain_epochs,
                finetune_steps=a.finetune_steps, scratch_steps=a.scratch_steps, batch=a.batch,
                cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, sampling=sampling)
     md = to_markdown(r)
+    if a.scaling:
+        md += "\n" + scaling_markdown(a, r, rows)
     print(md)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -67,3 +67,28 @@ def test_pins_cache_sampling_and_errors(tmp_path):
     with pytest.raises(SystemExit, match="several cards"):
         C.report(C.load_rows(_csv(tmp_path / "two.csv", ROWS + [dict(ROWS[0], device="NVIDIA H100")])))
     assert C.peak_of("NVIDIA H200") == 989.4 and C.peak_of("NVIDIA H20") == 148.0 and C.peak_of("CPU") is None
+
+
+def test_given_rates_and_multi_node_projection(tmp_path):
+    """--rate without a CSV, and the --scaling section (real MAE-XL / DiT-XL/2 parameter counts) with its plot."""
+    out, png = tmp_path / "s.md", tmp_path / "s.png"
+    argv = ["--rate", "MAE-XL=2061", "--rate", "DiT-XL/2=552", "--card", "NVIDIA H200", "--cache-img-per-s", "1782",
+            "--cache-views", "8", "--fid-gpu-hours", "1.7", "--scaling", "--nodes", "1,2", "--cards", "H200,H20",
+            "--pretrain-input", "both", "--reduce-dtype", "ddp=bf16", "--plot", str(png), "--out", str(out)]
+    assert C.main(argv) == 0
+    text = out.read_text()
+    assert "| given |" in text and "2061.0" in text                       # the single-device table as before
+    r = C.report(C.given_rows({"MAE-XL": 2061.0, "DiT-XL/2": 552.0}, "NVIDIA H200"))
+    assert r["items"][0]["gpu_days"] == pytest.approx(1600 * 1_281_167 / 2061 / 86400)
+    for needle in ("Multi-node projection", "Assumptions of the projection", "DDP, gradient all-reduce in bf16",
+                   "Runs on H20", "cached once vs SD-VAE encoding online", "| H20 | online |", "98 H20-days", "s.png"):
+        assert needle in text, needle
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="--rate needs --card"):
+        C.main(["--rate", "MAE-XL=1"])
+    with pytest.raises(SystemExit, match="give --train-csv"):
+        C.main([])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        C.main(["--rate", "MAE-XL", "--card", "H200"])
+    with pytest.raises(SystemExit, match="knows H100"):
+        C.main(["--rate", "MAE-XL=1", "--rate", "DiT-XL/2=1", "--card", "A100", "--scaling"])
