@@ -166,7 +166,20 @@ def _sgd(m):
     return torch.optim.SGD(m.parameters(), 0.1)
 
 
-def test_gradient_reduction_dtype_per_engine():
+@pytest.fixture
+def one_rank_group():
+    """The engines make a 1-rank gloo group in this process (and set MASTER_PORT etc.): tear both down afterwards,
+    so later tests in the worker (launches of subprocesses that read MASTER_PORT) do not inherit them."""
+    import torch.distributed as dist
+    saved = dict(os.environ)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_gradient_reduction_dtype_per_engine(one_rank_group):
     """fp32 by default: DDP without a compression hook, FSDP2 reduce_dtype fp32, DeepSpeed communication fp32;
     bf16 on request."""
     from usp_scale.engine import build_engine
@@ -182,7 +195,7 @@ def test_gradient_reduction_dtype_per_engine():
 
 
 @pytest.mark.slow
-def test_deepspeed_reduces_in_the_configured_dtype():
+def test_deepspeed_reduces_in_the_configured_dtype(one_rank_group):
     from usp_scale.engine import build_engine
 
     for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
