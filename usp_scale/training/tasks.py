@@ -52,21 +52,14 @@ class Task:
         if family != expected:
             raise ConfigError(f"task={self.name} needs a {expected} model, model.name={self.cfg.model.name!r} is a "
                               f"{family} model")
-        kwargs = self.model_kwargs()
-        if family in ("mae", "dit", "sit"):
-            kwargs["kernels"] = self.cfg.model.kernels
-        model = create_model(self.cfg.model.name, **kwargs)
+        model = create_model(self.cfg.model.name, kernels=self.cfg.model.kernels, **self.model_kwargs())
         if self.cfg.checkpoint.init_from:
             load_init(model, self.cfg.checkpoint.init_from, self.cfg.use_pretrain_layer)
         return model
 
-    def no_weight_decay_list(self, module) -> tuple:
-        return ()
-
     def param_groups(self, module: nn.Module) -> list:
         o = self.cfg.optim
-        return O.param_groups(module, o.weight_decay, no_weight_decay_list=self.no_weight_decay_list(module),
-                              layer_decay=o.layer_decay)
+        return O.model_param_groups(module, o.weight_decay, layer_decay=o.layer_decay)
 
     def loss(self, engine, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -76,7 +69,7 @@ class Task:
         f = getattr(model, "flops_per_sample", None)
         if f is None:
             return None
-        return (4.0 if self.cfg.engine.activation_checkpointing else 3.0) * float(f())
+        return (4.0 if self.cfg.engine.activation_checkpointing else 3.0) * float(f(mask_ratio=self.cfg.mask.ratio))
 
     def evaluate(self, engine, loader) -> dict:
         return {}
@@ -172,10 +165,6 @@ class ClsTask(Task):
         m = self.cfg.model
         return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
                     drop_path_rate=m.drop_path_rate, global_pool=m.global_pool)
-
-    def no_weight_decay_list(self, module):
-        f = getattr(module, "no_weight_decay", None)
-        return tuple(f()) if f is not None else ()
 
     def loss(self, engine, batch):
         x, y = batch["latents"], batch["labels"]
