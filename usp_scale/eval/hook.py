@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..engine.dist import get_rank, get_world_size
 from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
     make_model_fn
 from .features import create_extractor, default_layer
@@ -27,12 +28,6 @@ def _get(cfg, name, default=None):
     if isinstance(cfg, dict):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
-
-
-def _dist():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class DistributedEvalError(RuntimeError):
@@ -51,7 +46,7 @@ def agree_on_success(error: Optional[BaseException], what: str) -> None:
     1) it re-raises ``error``. Otherwise one all_reduce tells every rank whether any rank failed; then every
     rank raises :class:`DistributedEvalError` naming the failing ranks and their errors (chained to its own
     error where it has one); rank 0's message also carries the failing ranks' tracebacks."""
-    rank, world = _dist()
+    rank, world = get_rank(), get_world_size()
     if world == 1:
         if error is not None:
             raise error
@@ -96,7 +91,7 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     if not reference:
         raise ValueError("in-training FID needs a reference: set eval.fid_reference to a folder, an image .npz "
                          "or a statistics .npz (mu, sigma)")
-    rank, world = _dist()
+    rank, world = get_rank(), get_world_size()
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)

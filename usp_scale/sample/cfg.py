@@ -50,7 +50,3 @@ class CFGModel:
         if self.interval is not None:
             res = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), res, cond)
         return res
-
-    def describe(self) -> dict:
-        return {"cfg_scale": self.scale, "cfg_interval": list(self.interval) if self.interval else None,
-                "cfg_channels": "all" if self.guided_channels is None else self.guided_channels}
