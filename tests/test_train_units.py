@@ -25,7 +25,7 @@ def _classifier():
 # ------------------------------------------------------------------------------------------ schedule
 
 def test_pretrain_schedule_matches_spec_numbers():
-    """Spec §1.6: 4096 batch, blr 1.5e-4 -> lr 2.4e-3; 312 it/epoch, 40 warmup epochs, 800 epochs."""
+    """docs/method.md §2.6: 4096 batch, blr 1.5e-4 -> lr 2.4e-3; 312 it/epoch, 40 warmup epochs, 800 epochs."""
     s = LRSchedule.from_config(ScheduleConfig(epochs=800, warmup_epochs=40), OptimConfig(blr=1.5e-4, min_lr=0.0),
                                global_batch=4096, steps_per_epoch=312)
     assert s.lr == pytest.approx(2.4e-3)

@@ -1,4 +1,4 @@
-"""DDPM with learned-range variance (DiT's diffusion), written from the spec (usp-method.md §3.2).
+"""DDPM with learned-range variance (DiT's diffusion), as docs/method.md §4.2 states it.
 
 Conventions
 -----------
@@ -333,7 +333,7 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", lear
     if respacing is not None:
         timestep_respacing = respacing
     if noise_schedule != "linear":
-        raise ValueError(f"noise_schedule={noise_schedule!r}: only 'linear' is implemented (the spec's schedule)")
+        raise ValueError(f"noise_schedule={noise_schedule!r}: only 'linear' is implemented (DiT's schedule, docs/method.md §4.2)")
     var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
     base = GaussianDiffusion(linear_beta_schedule(diffusion_steps), var_type)
     if timestep_respacing in ("", None) or str(timestep_respacing) == str(diffusion_steps):

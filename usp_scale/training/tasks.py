@@ -76,7 +76,7 @@ class Task:
 
 
 class PretrainTask(Task):
-    """Masked latent modelling (spec §1): the model returns (loss, pred, mask)."""
+    """Masked latent modelling (docs/method.md §2): the model returns (loss, pred, mask)."""
 
     name = "pretrain"
 
@@ -98,7 +98,7 @@ class PretrainTask(Task):
 
 
 class DiTTask(Task):
-    """DDPM finetuning (spec §3.2): uniform integer t, label dropout inside the model."""
+    """DDPM finetuning (docs/method.md §4.2): uniform integer t, label dropout inside the model."""
 
     name = "dit"
     official_name = "{step:07d}.pt"
@@ -124,7 +124,7 @@ class DiTTask(Task):
 
 
 class SiTTask(DiTTask):
-    """Flow finetuning (spec §3.3): linear path, velocity prediction, t ~ U[0, 1)."""
+    """Flow finetuning (docs/method.md §4.3): linear path, velocity prediction, t ~ U[0, 1)."""
 
     name = "sit"
 
@@ -148,7 +148,7 @@ def _topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list:
 
 
 class ClsTask(Task):
-    """Classification finetuning (spec §4): avg pooling, layer decay, label smoothing, mixup/cutmix on latents."""
+    """Classification finetuning (docs/method.md §6.2): avg pooling, layer decay, label smoothing, mixup/cutmix on latents."""
 
     name = "cls"
 
@@ -199,7 +199,7 @@ class ClsTask(Task):
 
 
 class LinprobeTask(ClsTask):
-    """Linear probe (spec §4): frozen encoder, BatchNorm1d(affine=False, eps 1e-6) + Linear head, LARS."""
+    """Linear probe (docs/method.md §6.3): frozen encoder, BatchNorm1d(affine=False, eps 1e-6) + Linear head, LARS."""
 
     name = "linprobe"
 
