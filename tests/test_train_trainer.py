@@ -108,7 +108,7 @@ def test_refuse_incompatible_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------ non-finite
 
 class _NaNTask(PretrainTask):
-    """Pretrain task whose loss is NaN on chosen calls (call 1 is the trainer's warm-up forward, then micro-batches)."""
+    """Pretrain task whose loss is NaN on chosen calls (call k is micro-batch k; the trainer runs no other forward)."""
 
     def __init__(self, cfg, bad):
         super().__init__(cfg)
@@ -122,8 +122,8 @@ class _NaNTask(PretrainTask):
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     cfg = cfg_for(tmp_path, "schedule.max_steps=4", "ema.decay=0.0", "optim.clip_grad=0.0")
-    # call 5 = micro-batch 4, the 2nd half of optimizer step 2 (accum 2): step 2 must be skipped
-    res = Trainer(cfg, task=_NaNTask(cfg, bad={5})).fit()
+    # call 4 = micro-batch 4, the 2nd half of optimizer step 2 (accum 2): step 2 must be skipped
+    res = Trainer(cfg, task=_NaNTask(cfg, bad={4})).fit()
     assert res["nonfinite_total"] == 1
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["nonfinite_total"] for r in recs] == [0, 1, 1, 1]
@@ -145,7 +145,7 @@ def test_nonfinite_skip_leaves_weights_unchanged():
 def test_k_nonfinite_in_a_row_checkpoints_and_stops(tmp_path):
     cfg = cfg_for(tmp_path, "max_nonfinite=3", "schedule.max_steps=10")
     with pytest.raises(NonFiniteError) as e:
-        Trainer(cfg, task=_NaNTask(cfg, bad=set(range(6, 40)))).fit()  # micro-batches 5.. -> steps 3..
+        Trainer(cfg, task=_NaNTask(cfg, bad=set(range(5, 40)))).fit()  # micro-batches 5.. -> steps 3..
     msg = str(e.value)
     assert "3 consecutive non-finite steps" in msg and "optimizer step 5" in msg and "epoch 0" in msg
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
