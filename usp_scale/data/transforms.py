@@ -1,4 +1,4 @@
-"""PIL/torchvision augmentations of USP (spec §1.1, §3.1, §4), all ending in [-1, 1] tensors.
+"""PIL/torchvision augmentations of USP (docs/method.md §2.1, §4.1, §6), all ending in [-1, 1] tensors.
 
 Randomness is made per sample and reproducible: a transform is applied inside
 :func:`seeded`, which seeds python ``random``, numpy and the torch CPU generator from
@@ -43,7 +43,7 @@ def seeded(seed: int):
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """ADM / guided-diffusion center crop (spec §3.1).
+    """ADM / guided-diffusion center crop (docs/method.md §4.1).
 
     1. while min(W, H) >= 2*size: resize to (W//2, H//2) with BOX (exact 2x2 averaging);
     2. bicubic resize by size/min(W, H), each side rounded (Python ``round``);
@@ -84,10 +84,10 @@ def to_unit_range() -> T.Compose:
 def build_transform(augment: str, size: int, crop_scale_min: float = 0.2, flip: bool = True) -> Callable:
     """PIL image -> (3, size, size) tensor in [-1, 1] for one augmentation name.
 
-    pretrain: RandomResizedCrop(size, scale (crop_scale_min, 1), ratio 3/4-4/3, bicubic) + hflip 0.5 (§1.1).
-    adm:      ADM center crop + hflip 0.5 (§3.1).           eval: Resize(size/0.875, bicubic) + CenterCrop (§4).
+    pretrain: RandomResizedCrop(size, scale (crop_scale_min, 1), ratio 3/4-4/3, bicubic) + hflip 0.5 (§2.1).
+    adm:      ADM center crop + hflip 0.5 (§4.1).           eval: Resize(size/0.875, bicubic) + CenterCrop (§6.1).
     finetune: timm RandomResizedCrop 0.08-1 bicubic + hflip + RandAugment rand-m9-mstd0.5-inc1 + RandomErasing
-              0.25 pixel mode (§4).                          none: bicubic resize to size x size.
+              0.25 pixel mode (§6.2).                        none: bicubic resize to size x size.
     ``*_noflip`` variants (and ``flip=False``) omit the flip; the latent cache stores flips explicitly.
     """
     if augment.endswith("_noflip"):
@@ -105,7 +105,7 @@ def build_transform(augment: str, size: int, crop_scale_min: float = 0.2, flip: 
         return T.Compose([T.Resize(eval_resize(size), interpolation=bicubic), T.CenterCrop(size), to_unit_range()])
     if augment == "none":
         return T.Compose([T.Resize((size, size), interpolation=bicubic), to_unit_range()])
-    # finetune: timm's training transform with the spec's arguments, normalised to [-1, 1].
+    # finetune: timm's training transform with the arguments of docs/method.md §6.2, normalised to [-1, 1].
     from timm.data import create_transform
     return create_transform(size, is_training=True, scale=(0.08, 1.0), hflip=0.5 if flip else 0.0,
                             auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
