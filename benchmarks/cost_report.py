@@ -8,7 +8,7 @@
 
 Reads the samples/s that ``train/bench_step.py`` measured (for each model the fastest row of the chosen card,
 or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out the schedules of the method
-(shared/design/usp-method.md):
+(docs/method.md §2.6, §4.1, §5.4):
 
 * USP pretraining, MAE-XL on cached latents: 1600 epochs (the released weights; ``--pretrain-epochs 800`` for
   the paper's default) x 1,281,167 images;

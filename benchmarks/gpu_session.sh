@@ -55,8 +55,7 @@ run() {  # run NAME SECONDS CMD...
 
 for part in $PARTS; do
   case $part in
-    kernels) run kernels 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_attention_dispatch.py \
-               tests/test_attention_rng.py ;;
+    kernels) run kernels 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_attention.py ;;
     train)   run train 420 $PY benchmarks/train/bench_step.py --models MAE-XL@256,DiT-XL/2@128 --compile both \
                --kernels torch,auto,triton --steps 15 --warmup 3 --csv "$OUT/train_step.csv" ;;
     sample)  run sample 180 $PY benchmarks/sample/bench_sampling.py --modes eager,compile --iters 10 --loop-steps 5 \

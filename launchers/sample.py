@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="model precision (bf16 = autocast)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--attn-backend", default="auto",
-                   choices=["auto", "sdpa", "flash2", "flash3", "math", "cudnn", "efficient"],
-                   help="attention backend (auto: FlashAttention-3/2 when installed, else the fastest SDPA "
-                        "backend per shape); a forced unavailable backend is an error")
+                   choices=["auto", "sdpa", "flash3", "flash2", "cudnn", "efficient", "math", "reference"],
+                   help="attention backend, chosen once at start-up (auto: FlashAttention-3/2 when installed, "
+                        "else SDPA with cuDNN first; math on a CPU); a forced unavailable backend is an error")
     g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions (the official evaluation did)")
     g.add_argument("--device", default=None, help="device (default: cuda:LOCAL_RANK if available, else cpu)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -144,7 +144,7 @@ def main(argv: Optional[list] = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     from usp_scale.layers.attention import configure_attention
-    configure_attention(args.attn_backend, device)
+    configure_attention(args.attn_backend, device)  # at start-up, on every rank (agreed over ranks)
 
     from usp_scale.models.registry import model_family
     family = model_family(args.model)
@@ -173,12 +173,6 @@ def main(argv: Optional[list] = None) -> dict:
                              cfg_channels=args.cfg_channels, interval=interval, precision=args.precision)
     sampler = build_sampler(kind, process, args.steps, eta=args.ddim_eta, atol=args.atol, rtol=args.rtol,
                             last_step=args.sde_last_step)
-    if world > 1:
-        # One forward on every rank now, so the attention backend is agreed over ranks here: a resumed run
-        # gives ranks different amounts of work (none, for some), and an agreement inside sampling would hang.
-        with torch.no_grad():
-            model_fn(torch.zeros(1, model.in_channels, latent, latent, device=device),
-                     torch.full((1,), 0.5, device=device), torch.zeros(1, dtype=torch.long, device=device))
     decode = make_decoder(vae)
     meta = {"model": args.model, "ckpt": os.path.abspath(args.ckpt), "weights": args.weights,
             "sampling_precision": args.precision, "cfg_scale": args.cfg_scale,

@@ -44,7 +44,7 @@ def test_mae_triton_equals_torch(device, norm):
     ref = create_model("vit_tiny_patch_vae", norm_pix_loss=norm[0], norm_image=norm[1], kernels="torch").to(device)
     _perturb_(ref, 1)
     fast = copy.deepcopy(ref)
-    fast.kernels = "triton"
+    fast.set_kernels("triton")
     g = torch.Generator().manual_seed(2)
     latents = torch.randn(3, 4, 28, 28, generator=g).to(device)        # L = 196, 49 kept
     noise = torch.rand(3, 196, generator=g).to(device)
@@ -87,7 +87,7 @@ def test_models_under_bf16_autocast(device):
     mae = create_model("vit_tiny_patch_vae", norm_pix_loss=True, kernels="torch").to(device)
     _perturb_(mae, 1)
     mae_fast = copy.deepcopy(mae)
-    mae_fast.kernels = "triton"
+    mae_fast.set_kernels("triton")
     latents = torch.randn(3, 4, 28, 28, generator=g).to(device)
     noise = torch.rand(3, 196, generator=g).to(device)
     dit = create_model("DiT-tiny/2-VAE-simple", kernels="torch").to(device).eval()

@@ -22,7 +22,7 @@ def resolved(recipe: str, world: int = 8, *overrides):
     return cfg, plan
 
 
-# The official code's values (usp-method §1, §3, §4; the comparison). Each row: recipe, dotted key, value.
+# The official code's values (docs/method.md §2, §4, §6; the comparison). Each row: recipe, dotted key, value.
 # "lr@G" is the absolute learning rate at the global batch, "backend" the image loader data.loader resolves to.
 PRETRAIN = {
     "task": "pretrain", "data.format": "folder", "data.augment": "pretrain", "data.crop_scale_min": 0.2,

@@ -7,7 +7,7 @@ import torch
 
 from usp_scale.models import create_model, list_models, model_family
 
-OFFICIAL_COUNTS = {  # parameters incl. the frozen position tables (spec / issue numbers)
+OFFICIAL_COUNTS = {  # parameters incl. the frozen position tables (docs/method.md §8)
     "DiT-XL/2": 675_129_632,
     "DiT-XL/2-VAE-simple": 675_258_656,
     "DiT-B/2": 130_512_416,

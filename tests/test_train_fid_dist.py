@@ -54,9 +54,8 @@ def test_fid_failure_on_rank0_only_stops_every_rank_with_its_error(tmp_path, syn
 
 
 def test_fid_with_fewer_samples_than_ranks(tmp_path, synthetic):
-    """3 ranks, eval.fid_samples=2: rank 2 samples nothing but joins every collective (also the attention
-    kernel agreement at the first bf16 sampling forward, simulated on CPU as on GPUs); the FID equals a
-    single-process FID of the exported EMA."""
+    """3 ranks, eval.fid_samples=2, bf16 sampling: rank 2 samples nothing but joins every collective; the FID
+    equals a single-process FID of the exported EMA."""
     from safetensors.torch import load_file
 
     from usp_scale.eval import evaluate_fid

@@ -72,7 +72,7 @@ def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision
     cfg.optim.lr = 1e-4
     cfg.data.batch_size = batch
     task = build_task(cfg)
-    # As the trainer does; it also forgets earlier rows' choices, whose probes would shift the RNG stream.
+    # As the trainer does: the attention kernel is chosen once, before the model is built.
     configure_attention(cfg.model.attn_backend, device)
     torch.manual_seed(0)
     model = task.build_model()

@@ -128,7 +128,8 @@ class ModelConfig:
     global_pool: str = "avg"
     # Fast paths: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     kernels: str = "auto"
-    # Attention backend: "auto", "sdpa", "flash2", "flash3", "math", "cudnn", "efficient".
+    # Attention backend, chosen once at start-up: "auto", "sdpa", "flash3", "flash2", "cudnn", "efficient", "math" or
+    # "reference" (the explicit softmax).
     attn_backend: str = "auto"
     # CFG: guide all latent channels (False) or only channels 0-2 as the official code does (True).
     cfg_official_channels: bool = False

@@ -1,4 +1,4 @@
-"""Distributed sharding over the **global** rank (spec §6.5 fixes the official per-node bug).
+"""Distributed sharding over the **global** rank (fixes the official per-node bug, docs/method.md §7, item 5).
 
 Training: a permutation seeded by (seed, epoch), truncated to a multiple of world_size so every
 rank gets the same number of samples (as DistributedSampler(drop_last=True)), then rank::world.

@@ -1,4 +1,4 @@
-"""PIL/torchvision augmentations of USP (spec §1.1, §3.1, §4), all ending in [-1, 1] tensors.
+"""PIL/torchvision augmentations of USP (docs/method.md §2.1, §4.1, §6), all ending in [-1, 1] tensors.
 
 Randomness is made per sample and reproducible: a transform is applied inside
 :func:`seeded`, which seeds python ``random``, numpy and the torch CPU generator from
@@ -47,7 +47,7 @@ def seeded(seed: int):
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """ADM / guided-diffusion center crop (spec §3.1).
+    """ADM / guided-diffusion center crop (docs/method.md §4.1).
 
     1. while min(W, H) >= 2*size: resize to (W//2, H//2) with BOX (exact 2x2 averaging);
     2. bicubic resize by size/min(W, H), each side rounded (Python ``round``);
@@ -111,11 +111,11 @@ def to_unit_range() -> T.Compose:
 def build_transform(augment: str, size: int, crop_scale_min: float = 0.2, flip: bool = True) -> Callable:
     """PIL image -> (3, size, size) tensor in [-1, 1] for one augmentation name.
 
-    pretrain: RandomResizedCrop(size, scale (crop_scale_min, 1), ratio 3/4-4/3, bicubic) + hflip 0.5 (§1.1).
-    adm:      ADM center crop + hflip 0.5 (§3.1).           eval: Resize(size/0.875, bicubic) + CenterCrop (§4).
+    pretrain: RandomResizedCrop(size, scale (crop_scale_min, 1), ratio 3/4-4/3, bicubic) + hflip 0.5 (§2.1).
+    adm:      ADM center crop + hflip 0.5 (§4.1).           eval: Resize(size/0.875, bicubic) + CenterCrop (§6.1).
     finetune: timm RandomResizedCrop 0.08-1 bicubic + hflip + RandAugment rand-m9-mstd0.5-inc1 (fill
-              RANDAUG_FILL) + RandomErasing 0.25 pixel mode (§4).
-    linprobe: :class:`OneDrawRandomResizedCrop` (scale 0.08-1, ratio 3/4-4/3, bicubic) + hflip 0.5 (§4).
+              RANDAUG_FILL) + RandomErasing 0.25 pixel mode (§6.2).
+    linprobe: :class:`OneDrawRandomResizedCrop` (scale 0.08-1, ratio 3/4-4/3, bicubic) + hflip 0.5 (§6.3).
     none:     bicubic resize to size x size.
     ``*_noflip`` variants (and ``flip=False``) omit the flip; the latent cache stores flips explicitly.
     """
@@ -137,7 +137,7 @@ def build_transform(augment: str, size: int, crop_scale_min: float = 0.2, flip: 
         return T.Compose([T.Resize(eval_resize(size), interpolation=bicubic), T.CenterCrop(size), to_unit_range()])
     if augment == "none":
         return T.Compose([T.Resize((size, size), interpolation=bicubic), to_unit_range()])
-    # finetune: timm's training transform with the spec's arguments, normalised to [-1, 1].
+    # finetune: timm's training transform with the arguments of docs/method.md §6.2, normalised to [-1, 1].
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
     tf = create_transform(size, is_training=True, scale=(0.08, 1.0), hflip=0.5 if flip else 0.0,

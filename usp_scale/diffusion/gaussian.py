@@ -1,4 +1,4 @@
-"""DDPM with learned-range variance (DiT's diffusion), written from the spec (usp-method.md §3.2).
+"""DDPM with learned-range variance (DiT's diffusion), as docs/method.md §4.2 states it.
 
 Conventions
 -----------
@@ -79,8 +79,6 @@ class GaussianDiffusion:
         pv1 = self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(pv1, self.posterior_variance[1:]))
         self.log_betas = np.log(betas)
-        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         # fixed_large variance: beta_t, with the posterior variance at t = 0
         self.fixed_large_variance = np.append(self.posterior_variance[1] if self.num_timesteps > 1 else betas[0],
                                               betas[1:])
@@ -99,13 +97,6 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         return (self._ex(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
                 + self._ex(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise)
-
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = self._ex(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-        var = self._ex(self.one_minus_alphas_cumprod, t, x_start.ndim)
-        logvar = self._ex(self.log_one_minus_alphas_cumprod, t, x_start.ndim)
-        return mean, var, logvar
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -342,7 +333,7 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", lear
     if respacing is not None:
         timestep_respacing = respacing
     if noise_schedule != "linear":
-        raise ValueError(f"noise_schedule={noise_schedule!r}: only 'linear' is implemented (the spec's schedule)")
+        raise ValueError(f"noise_schedule={noise_schedule!r}: only 'linear' is implemented (DiT's schedule, docs/method.md §4.2)")
     var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
     base = GaussianDiffusion(linear_beta_schedule(diffusion_steps), var_type)
     if timestep_respacing in ("", None) or str(timestep_respacing) == str(diffusion_steps):

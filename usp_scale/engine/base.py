@@ -21,7 +21,6 @@ Other optimizers (LARS, apex, foreach AdamW) and fp16 with a GradScaler decide o
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -86,21 +85,14 @@ def block_lists(model: nn.Module) -> List[nn.Module]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each block in backward (names of parameters are unchanged). Returns #blocks."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = block_lists(model)
-    if not blocks:
-        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no 'blocks' to checkpoint")
-    for b in blocks:
-        orig = b.forward
-
-        @functools.wraps(orig)
-        def fwd(*args, _orig=orig, **kwargs):
-            return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
-
-        b.forward = fwd
-    return len(blocks)
+    """Recompute each block in backward through the model's own switch (``set_grad_checkpointing``, the model
+    contract); parameter names are unchanged. Returns #blocks."""
+    switch = getattr(model, "set_grad_checkpointing", None)
+    n = switch(True) if switch is not None else 0
+    if not n:
+        raise ValueError(f"engine.activation_checkpointing: {type(model).__name__} has no set_grad_checkpointing() "
+                         "or no blocks to checkpoint")
+    return n
 
 
 def apply_compile(model: nn.Module, scope: str = "blocks") -> None:

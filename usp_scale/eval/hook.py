@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..engine.dist import get_rank, get_world_size
 from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
     make_model_fn
 from .features import create_extractor, default_layer
@@ -27,12 +28,6 @@ def _get(cfg, name, default=None):
     if isinstance(cfg, dict):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
-
-
-def _dist():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class DistributedEvalError(RuntimeError):
@@ -51,7 +46,7 @@ def agree_on_success(error: Optional[BaseException], what: str) -> None:
     1) it re-raises ``error``. Otherwise one all_reduce tells every rank whether any rank failed; then every
     rank raises :class:`DistributedEvalError` naming the failing ranks and their errors (chained to its own
     error where it has one); rank 0's message also carries the failing ranks' tracebacks."""
-    rank, world = _dist()
+    rank, world = get_rank(), get_world_size()
     if world == 1:
         if error is not None:
             raise error
@@ -96,7 +91,7 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     if not reference:
         raise ValueError("in-training FID needs a reference: set eval.fid_reference to a folder, an image .npz "
                          "or a statistics .npz (mu, sigma)")
-    rank, world = _dist()
+    rank, world = get_rank(), get_world_size()
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -125,49 +120,33 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
         err = e
     agree_on_success(err, what + ": set-up")
 
-    from ..layers.attention import attention_sync
-
     was_training = model.training
     model.eval()
     indices = list(range(rank, num_samples, world))
     s1, s2, n = None, None, 0
     try:
-        if world > 1:
-            # One forward of the same shape on every rank first: the attention dispatcher agrees its kernel
-            # choice for a new shape (e.g. the evaluation dtype) with a collective inside the first forward,
-            # which a rank without samples, or one that failed, would never join. After this, sampling
-            # below runs no collective (choices for unforeseen shapes are made per rank).
-            try:
-                x1 = torch.zeros((1, *latent_shape), device=device)
-                make_model_fn(model, num_classes=num_classes, precision=precision)(
-                    x1, torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device))
-            except Exception as e:  # noqa: BLE001
-                err = e
-            agree_on_success(err, what + ": first forward")
-        try:
-            bar = None
-            if progress and rank == 0:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=len(indices), unit="img", desc="fid samples", leave=False)
-            with attention_sync(False):
-                for _, images, _ in generate_batches(model_fn, sampler, decode, indices,
-                                                     seed=int(_get(cfg, "seed", 0)), latent_shape=latent_shape,
-                                                     num_classes=num_classes, batch_size=batch_size, device=device,
-                                                     progress_bar=bar):
-                    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-                    f = extractor.convert_features_tuple_to_dict(extractor(x))[layer].double()  # (n, D)
-                    s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
-                    s2 = f.T @ f if s2 is None else s2 + f.T @ f
-                    n += f.shape[0]
-                if s1 is None:  # this rank had no indices; contribute zeros of the right size
-                    d = extractor.convert_features_tuple_to_dict(
-                        extractor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)))[layer].shape[1]
-                    s1 = torch.zeros(d, dtype=torch.float64, device=device)
-                    s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
-            if bar is not None:
-                bar.close()
-        except Exception as e:  # noqa: BLE001
-            err = e
+        bar = None
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(indices), unit="img", desc="fid samples", leave=False)
+        for _, images, _ in generate_batches(model_fn, sampler, decode, indices,
+                                             seed=int(_get(cfg, "seed", 0)), latent_shape=latent_shape,
+                                             num_classes=num_classes, batch_size=batch_size, device=device,
+                                             progress_bar=bar):
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+            f = extractor.convert_features_tuple_to_dict(extractor(x))[layer].double()  # (n, D)
+            s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
+            s2 = f.T @ f if s2 is None else s2 + f.T @ f
+            n += f.shape[0]
+        if s1 is None:  # this rank had no indices; contribute zeros of the right size
+            d = extractor.convert_features_tuple_to_dict(
+                extractor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)))[layer].shape[1]
+            s1 = torch.zeros(d, dtype=torch.float64, device=device)
+            s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+        if bar is not None:
+            bar.close()
+    except Exception as e:  # noqa: BLE001
+        err = e
     finally:
         model.train(was_training)
     agree_on_success(err, what + ": sampling and features")

@@ -31,10 +31,9 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
-# Ops whose Triton kernel beat eager torch end to end (forward + backward) in the H200 micro-benchmark
-# of 2026-11-26 (benchmarks/reports/kernels_h200_2026-11-26.md): layernorm_modulate 1.34x, unshuffle
-# 1.15x, gated_residual 1.09x. embed_visible_patches (0.60x) and masked_latent_loss (0.62x) were slower,
-# so "auto" keeps the torch reference for them; "triton" forces every kernel.
+# Ops whose Triton kernel beat eager torch end to end (forward + backward) in the H200 kernel benchmark
+# (benchmarks/reports/kernels_h200_*.md); for the others (embed_visible_patches, masked_latent_loss) "auto"
+# keeps the torch reference; "triton" forces every kernel.
 AUTO_TRITON_OPS = frozenset({"layernorm_modulate", "gated_residual", "unshuffle"})
 
 
@@ -42,10 +41,8 @@ def resolve_impl(mode: str, device, op: Optional[str] = None) -> str:
     """``kernels`` setting -> "triton" or "torch". "auto" is Triton on CUDA only, only for the ops in
     :data:`AUTO_TRITON_OPS` when ``op`` is named, and only in eager mode: while torch.compile traces, "auto"
     gives the torch reference, which Inductor fuses with its neighbours (our kernels are opaque custom ops
-    there: they block that fusion, and the H200 micro-benchmark put the compiled reference level with or ahead
-    of them: LN-modulate 1.35x vs 1.34x, unshuffle 1.44x vs 1.15x over eager; an all-Triton compiled DiT-XL/2
-    step was 4 % short of the official compiled code). "triton" forces the kernels, compiled or not, and must
-    be usable."""
+    there: they block that fusion, and in the H200 benchmarks the compiled reference was level with or ahead of
+    them, benchmarks/reports/). "triton" forces the kernels, compiled or not, and must be usable."""
     if mode not in IMPLS:
         raise ValueError(f"model.kernels must be one of {IMPLS}, got {mode!r}")
     if not isinstance(device, torch.device):
@@ -63,13 +60,3 @@ def resolve_impl(mode: str, device, op: Optional[str] = None) -> str:
         raise RuntimeError(f"model.kernels=triton cannot run: {why}; use model.kernels=torch or auto")
     return "triton"
 
-
-def describe() -> str:
-    """One line for logs: triton version, interpreter mode, CUDA device."""
-    tv = "absent"
-    if triton_available():
-        import triton
-
-        tv = triton.__version__
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
-    return f"triton {tv}, interpreter={'on' if interpreting() else 'off'}, {dev}"

@@ -44,8 +44,3 @@ class PatchEmbed(nn.Module):
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected {self.img_size}x{self.img_size} input, got {tuple(x.shape[-2:])}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, L, D)
-
-    def linear_weight(self) -> torch.Tensor:
-        """The conv weight as a (D, p*p*C) matrix acting on patches in (p, q, c) order."""
-        w = self.proj.weight  # (D, C, p, q)
-        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)

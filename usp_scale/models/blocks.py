@@ -6,9 +6,10 @@ import torch.nn as nn
 
 from ..layers.attention import Attention
 from ..layers.mlp import DropPath, Mlp
+from .contract import CheckpointBlock
 
 
-class Block(nn.Module):
+class Block(CheckpointBlock):
     """Pre-LN ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)); LayerNorm eps 1e-6, exact GELU."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -20,7 +21,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate=approximate_gelu)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

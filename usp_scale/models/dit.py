@@ -17,6 +17,7 @@ from ..layers.mlp import Mlp
 from ..layers.patch import PatchEmbed, unpatchify
 from ..layers.pos_embed import fill_sincos_
 from .blocks import vit_block_macs
+from .contract import CheckpointBlock, LatentTransformer
 
 
 class TimestepEmbedder(nn.Module):
@@ -65,7 +66,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(CheckpointBlock):
     """adaLN-Zero block: shift/scale/gate for attention and MLP from SiLU -> Linear(c)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, affine_norm: bool = False,
@@ -78,7 +79,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.kernels = kernels
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         impl = fused.resolve_impl(self.kernels, x.device, "layernorm_modulate")
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = fused.layernorm_modulate(x, self.norm1.weight, self.norm1.bias, shift_msa, scale_msa,
@@ -103,8 +104,10 @@ class FinalLayer(nn.Module):
         return self.linear(fused.layernorm_modulate(x, None, None, shift, scale, self.norm_final.eps, impl=impl))
 
 
-class DiT(nn.Module):
+class DiT(LatentTransformer):
     """Diffusion transformer: latents (N, C, H, W), t (N,), y (N,) -> (N, out_channels, H, W)."""
+
+    stem = ("pos_embed", "x_embedder", "t_embedder", "y_embedder")
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
@@ -130,12 +133,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, affine_norm=vae_simple,
                                               kernels=kernels) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels=kernels)
+        self.set_kernels(kernels)
         self.initialize_weights()
-
-    def set_kernels(self, kernels: str) -> None:
-        for m in self.modules():
-            if isinstance(m, (DiTBlock, FinalLayer)):
-                m.kernels = kernels
 
     def initialize_weights(self) -> None:
         def _basic_init(module):
@@ -165,6 +164,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def no_weight_decay(self) -> set:
+        """Official recipe: weight decay 0 for every parameter; nothing beyond ndim <= 1 / bias here."""
         return set()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,8 @@ class DiT(nn.Module):
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
+        """Forward FLOPs of one sample (``mask_ratio`` is ignored: a DiT sees every token)."""
         T, D = self.num_patches, self.hidden_size
         pc_in = self.patch_size ** 2 * self.in_channels
         macs = T * pc_in * D

@@ -17,9 +17,12 @@ from ..layers.masking import masking_indices, num_kept, random_masking
 from ..layers.patch import PatchEmbed, patchify, unpatchify
 from ..layers.pos_embed import fill_sincos_
 from .blocks import Block, init_linear_xavier, vit_block_macs
+from .contract import LatentTransformer
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(LatentTransformer):
+    stem = ("cls_token", "pos_embed", "mask_token", "patch_embed")
+
     def __init__(self, img_size: int = 28, patch_size: int = 2, in_chans: int = 4, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_pix_loss: bool = False,
@@ -34,7 +37,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.norm_pix_loss = norm_pix_loss
         self.norm_image = norm_image
-        self.kernels = kernels
+        self.set_kernels(kernels)
 
         # ---------------------------------------------------------------- encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)

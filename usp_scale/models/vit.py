@@ -13,12 +13,18 @@ import torch.nn as nn
 from ..layers.patch import PatchEmbed
 from ..layers.pos_embed import fill_sincos_
 from .blocks import Block, init_linear_xavier, vit_block_macs
+from .contract import LatentTransformer
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(LatentTransformer):
+    """``kernels`` is accepted for the shared contract; the classifier has no fused ops."""
+
+    stem = ("cls_token", "pos_embed", "patch_embed")
+
     def __init__(self, img_size: int = 28, patch_size: int = 2, in_chans: int = 4, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 global_pool: str = "avg", drop_path_rate: float = 0.0, linprobe: bool = False):
+                 global_pool: str = "avg", drop_path_rate: float = 0.0, linprobe: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
         if global_pool not in ("avg", "token"):
             raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
@@ -40,6 +46,7 @@ class VisionTransformer(nn.Module):
             self.head = nn.Sequential(nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6), head)
         else:
             self.head = head
+        self.set_kernels(kernels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -54,21 +61,8 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(head.bias)
 
     def no_weight_decay(self) -> set:
+        """MAE finetuning: the position table and the cls token are not decayed either."""
         return {"pos_embed", "cls_token"}
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def layer_id(self, name: str) -> int:
-        """Layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
-        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.depth + 1
-
-    param_groups_layer_id = layer_id
 
     def forward_features(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(latents)
@@ -85,7 +79,8 @@ class VisionTransformer(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(latents))
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
+        """Forward FLOPs of one sample (``mask_ratio`` is ignored: the classifier sees every token)."""
         T = self.patch_embed.num_patches + 1
         pc = self.patch_embed.patch_size ** 2 * self.patch_embed.proj.in_channels
         macs = (T - 1) * pc * self.embed_dim

@@ -13,7 +13,7 @@ class CFGModel:
 
     * ``guided_channels``: number of leading output channels guided. ``None`` = all latent channels
       (the input's C: for DiT that is eps, the variance channels C..2C stay conditional; for SiT all
-      velocity channels). ``3`` reproduces the official ``forward_with_cfg`` (spec §6 item 10).
+      velocity channels). ``3`` reproduces the official ``forward_with_cfg`` (docs/method.md §7, item 10).
     * ``interval``: (low, high) in the model's time units (DiT: original step index 0..999; SiT:
       t in [0, 1]); rows whose t lies outside get the conditional output and, when no row of the
       batch is inside, the unconditional pass is skipped.
@@ -50,7 +50,3 @@ class CFGModel:
         if self.interval is not None:
             res = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), res, cond)
         return res
-
-    def describe(self) -> dict:
-        return {"cfg_scale": self.scale, "cfg_interval": list(self.interval) if self.interval else None,
-                "cfg_channels": "all" if self.guided_channels is None else self.guided_channels}

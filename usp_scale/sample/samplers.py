@@ -46,11 +46,6 @@ class Sampler:
         return self.process.sample_ode(model, z, kwargs, method=method, steps=self.steps,
                                        atol=o.get("atol", 1e-6), rtol=o.get("rtol", 1e-3))
 
-    def model_calls(self) -> Optional[int]:
-        """Network evaluations per sample (before CFG doubling); None for the adaptive ODE."""
-        return {"ddpm": self.steps, "ddim": self.steps, "sde": self.steps, "heun": 2 * self.steps,
-                "euler": self.steps}.get(self.kind)
-
     def describe(self) -> dict:
         d = {"sampler": self.kind, "steps": self.steps if self.kind != "ode" else "adaptive"}
         d.update(self.options)

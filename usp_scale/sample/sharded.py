@@ -17,6 +17,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..engine.dist import get_rank, get_world_size
 from .io import make_grid, png_path, read_png, write_npz, write_png
 
 META_FILE = "sampling.json"
@@ -57,12 +58,6 @@ class IndexedNoise:
         if like.shape[0] != len(self.gens):
             raise ValueError(f"noise for {like.shape[0]} rows requested from {len(self.gens)} streams")
         return self.randn(like.shape[1:]).to(device=like.device, dtype=like.dtype)
-
-
-def dist_info() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def generate_batches(model: Callable, sampler: Callable, decode: Callable[[torch.Tensor], torch.Tensor],
@@ -108,7 +103,7 @@ def run_sampling(model: Callable, sampler: Callable, decode: Callable[[torch.Ten
     ``max_batches`` stops this rank after that many batches (a time-limited job; rerun to continue).
     Returns counts, paths and throughput."""
     if rank is None or world_size is None:
-        rank, world_size = dist_info()
+        rank, world_size = get_rank(), get_world_size()
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(meta or {})
     meta.update(num_samples=num_samples, seed=seed, labels=labels, latent_shape=list(latent_shape))

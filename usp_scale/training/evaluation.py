@@ -176,10 +176,8 @@ class FIDHook:
                 err = None
                 try:  # rank-0 work: the sample grid and the metrics record
                     if rank == 0:  # the same indices (noise and labels) every time: comparable grids
-                        from ..layers.attention import attention_sync
-                        with attention_sync(False):  # rank 0 only: no cross-rank agreement of attention kernels
-                            save_sample_grid(self.model, self.process, self.vae, e, grid, num=self.grid_num,
-                                             device=self.device)
+                        save_sample_grid(self.model, self.process, self.vae, e, grid, num=self.grid_num,
+                                         device=self.device)
                     rec = {"kind": "eval", "step": step, "epoch": epoch, "metric": "fid", "fid": res["fid"],
                            "num_samples": res["num_samples"], "sampler": res["sampler"],
                            "sampling_steps": res["steps"], "cfg_scale": res["cfg_scale"],

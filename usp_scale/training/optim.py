@@ -4,8 +4,7 @@ Groups carry ``lr_scale`` (layer decay factor); the schedule sets ``lr = lr_t * 
 """
 from __future__ import annotations
 
-import re
-from typing import Callable, Iterable, List, Optional
+from typing import Iterable, List
 
 import torch
 import torch.nn as nn
@@ -13,36 +12,20 @@ import torch.nn as nn
 from ..config import ConfigError
 
 
-def _layer_id_fallback(name: str, num_layers: int) -> int:
-    """MAE-style layer id of a ViT parameter: embeddings 0, block i -> i+1, the rest num_layers."""
-    if name in ("cls_token", "pos_embed", "mask_token", "dist_token") or name.startswith("patch_embed"):
-        return 0
-    m = re.match(r"blocks\.(\d+)\.", name)
-    if m:
-        return int(m.group(1)) + 1
-    return num_layers
-
-
 def param_groups(model: nn.Module, weight_decay: float, *, no_weight_decay_list: Iterable[str] = (),
-                 layer_decay: float = 1.0, layer_id_fn: Optional[Callable[[str], int]] = None,
-                 num_layers: Optional[int] = None) -> List[dict]:
+                 layer_decay: float = 1.0) -> List[dict]:
     """Split trainable parameters into decay / no-decay groups, optionally per layer.
 
     No weight decay for tensors with ndim <= 1, names ending in ``.bias``, and names in
-    ``no_weight_decay_list``. With ``layer_decay < 1`` each group gets
-    ``lr_scale = layer_decay ** (num_layers - layer_id)`` where ``num_layers = depth + 1``
-    (embeddings are layer 0, block i is layer i+1, the head/norm is layer depth+1).
+    ``no_weight_decay_list`` (timm's ``param_groups_weight_decay`` rule). With ``layer_decay < 1`` each group
+    gets ``lr_scale = layer_decay ** (num_layers - layer_id)``, with the model's ``layer_id`` and ``num_layers``
+    (= depth + 1; :mod:`usp_scale.models.contract`: embeddings 0, block i -> i + 1, head/norm depth + 1).
     """
     skip = set(no_weight_decay_list)
     use_layers = layer_decay != 1.0
-    if use_layers:
-        if num_layers is None:
-            blocks = getattr(model, "blocks", None)
-            if blocks is None:
-                raise ConfigError(f"optim.layer_decay={layer_decay}: {type(model).__name__} has no 'blocks'")
-            num_layers = len(blocks) + 1
-        if layer_id_fn is None:
-            layer_id_fn = getattr(model, "param_groups_layer_id", None) or (lambda n: _layer_id_fallback(n, num_layers))
+    if use_layers and not (hasattr(model, "layer_id") and hasattr(model, "num_layers")):
+        raise ConfigError(f"optim.layer_decay={layer_decay}: {type(model).__name__} has no layer_id()/num_layers "
+                          "(the model contract, usp_scale/models/contract.py)")
     groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -50,9 +33,9 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_weight_decay_list:
         no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
         wd = 0.0 if no_decay else weight_decay
         if use_layers:
-            lid = int(layer_id_fn(name))
+            lid = int(model.layer_id(name))
             key = (lid, no_decay)
-            scale = layer_decay ** (num_layers - lid)
+            scale = layer_decay ** (model.num_layers - lid)
         else:
             key = (0, no_decay)
             scale = 1.0
@@ -60,6 +43,15 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_weight_decay_list:
         g["params"].append(p)
         g["param_names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
+
+def model_param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> List[dict]:
+    """:func:`param_groups` with the model's own ``no_weight_decay()`` (as timm's optimizer factory reads it).
+    For the recipes this is exactly the official grouping: MAE and DiT exclude nothing more (cls and mask tokens
+    are decayed), the ViT classifier also excludes ``pos_embed`` and ``cls_token``."""
+    own = getattr(model, "no_weight_decay", None)
+    return param_groups(model, weight_decay, no_weight_decay_list=own() if own is not None else (),
+                        layer_decay=layer_decay)
 
 
 class LARS(torch.optim.Optimizer):

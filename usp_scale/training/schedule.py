@@ -1,4 +1,4 @@
-"""Per-iteration learning-rate schedules (spec §1.6).
+"""Per-iteration learning-rate schedules (docs/method.md §2.6).
 
 ``cosine``: with W warmup steps and T total optimizer steps,
 lr(s) = lr * s / W for s < W, else min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (s - W) / (T - W))).

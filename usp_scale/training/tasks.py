@@ -52,21 +52,14 @@ class Task:
         if family != expected:
             raise ConfigError(f"task={self.name} needs a {expected} model, model.name={self.cfg.model.name!r} is a "
                               f"{family} model")
-        kwargs = self.model_kwargs()
-        if family in ("mae", "dit", "sit"):
-            kwargs["kernels"] = self.cfg.model.kernels
-        model = create_model(self.cfg.model.name, **kwargs)
+        model = create_model(self.cfg.model.name, kernels=self.cfg.model.kernels, **self.model_kwargs())
         if self.cfg.checkpoint.init_from:
             load_init(model, self.cfg.checkpoint.init_from, self.cfg.use_pretrain_layer)
         return model
 
-    def no_weight_decay_list(self, module) -> tuple:
-        return ()
-
     def param_groups(self, module: nn.Module) -> list:
         o = self.cfg.optim
-        return O.param_groups(module, o.weight_decay, no_weight_decay_list=self.no_weight_decay_list(module),
-                              layer_decay=o.layer_decay)
+        return O.model_param_groups(module, o.weight_decay, layer_decay=o.layer_decay)
 
     def loss(self, engine, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -76,14 +69,14 @@ class Task:
         f = getattr(model, "flops_per_sample", None)
         if f is None:
             return None
-        return (4.0 if self.cfg.engine.activation_checkpointing else 3.0) * float(f())
+        return (4.0 if self.cfg.engine.activation_checkpointing else 3.0) * float(f(mask_ratio=self.cfg.mask.ratio))
 
     def evaluate(self, engine, loader) -> dict:
         return {}
 
 
 class PretrainTask(Task):
-    """Masked latent modelling (spec §1): the model returns (loss, pred, mask)."""
+    """Masked latent modelling (docs/method.md §2): the model returns (loss, pred, mask)."""
 
     name = "pretrain"
 
@@ -105,7 +98,7 @@ class PretrainTask(Task):
 
 
 class DiTTask(Task):
-    """DDPM finetuning (spec §3.2): uniform integer t, label dropout inside the model."""
+    """DDPM finetuning (docs/method.md §4.2): uniform integer t, label dropout inside the model."""
 
     name = "dit"
     official_name = "{step:07d}.pt"
@@ -131,7 +124,7 @@ class DiTTask(Task):
 
 
 class SiTTask(DiTTask):
-    """Flow finetuning (spec §3.3): linear path, velocity prediction, t ~ U[0, 1)."""
+    """Flow finetuning (docs/method.md §4.3): linear path, velocity prediction, t ~ U[0, 1)."""
 
     name = "sit"
 
@@ -155,7 +148,7 @@ def _topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list:
 
 
 class ClsTask(Task):
-    """Classification finetuning (spec §4): avg pooling, layer decay, label smoothing, mixup/cutmix on latents."""
+    """Classification finetuning (docs/method.md §6.2): avg pooling, layer decay, label smoothing, mixup/cutmix on latents."""
 
     name = "cls"
 
@@ -172,10 +165,6 @@ class ClsTask(Task):
         m = self.cfg.model
         return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
                     drop_path_rate=m.drop_path_rate, global_pool=m.global_pool)
-
-    def no_weight_decay_list(self, module):
-        f = getattr(module, "no_weight_decay", None)
-        return tuple(f()) if f is not None else ()
 
     def loss(self, engine, batch):
         x, y = batch["latents"], batch["labels"]
@@ -210,7 +199,7 @@ class ClsTask(Task):
 
 
 class LinprobeTask(ClsTask):
-    """Linear probe (spec §4): frozen encoder, BatchNorm1d(affine=False, eps 1e-6) + Linear head, LARS."""
+    """Linear probe (docs/method.md §6.3): frozen encoder, BatchNorm1d(affine=False, eps 1e-6) + Linear head, LARS."""
 
     name = "linprobe"
 

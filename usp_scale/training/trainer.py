@@ -223,10 +223,6 @@ class Trainer:
 
         bar = tqdm(total=total, initial=step, disable=not (self.is_main and cfg.progress), desc=cfg.task,
                    dynamic_ncols=True)
-        # Lazy one-time work inside the model (e.g. the attention dispatcher probing backends with random
-        # tensors at the first forward) must not shift the random stream between a fresh and a resumed run:
-        # run one forward on a dummy batch first, then fix the RNG state.
-        self._warmup_forward()
         if rank_state is not None:
             set_rng_state(rank_state["rng"])  # last: nothing after this may draw random numbers before the loop
         else:
@@ -363,24 +359,6 @@ class Trainer:
         logger.close()
         D.barrier()
         return result
-
-    def _warmup_forward(self):
-        """One forward (grad enabled, eval mode, no backward) on a zero batch; its random draws are discarded.
-
-        Runs on the bare module for local/DDP (no DDP reducer state), on the sharded module otherwise.
-        """
-        cfg, engine = self.cfg, self.engine
-        n, c, h = cfg.data.batch_size, cfg.model.in_chans, cfg.model.img_size
-        batch = {"latents": torch.zeros(n, c, h, h, device=self.device),
-                 "labels": torch.zeros(n, dtype=torch.long, device=self.device)}
-        target = engine.unwrapped if engine.name in ("local", "ddp") else engine.model
-        target.eval()
-        try:
-            with engine.autocast():
-                out = self.task.loss(target, batch)
-            del out
-        finally:
-            target.train()
 
     def _evaluate(self, loader, step, epoch):
         res = self.task.evaluate(self.engine, loader)

@@ -1,4 +1,4 @@
-"""Pretrained latent MAE -> DiT / SiT / ViT classifier (spec §2.2 and §4).
+"""Pretrained latent MAE -> DiT / SiT / ViT classifier (docs/method.md §3).
 
 The official code loads with ``strict=False``, which hides name errors. Here every target key
 is accounted for: each one is either copied, resampled, or in the exact set of keys that are

@@ -1,4 +1,4 @@
-"""SiT transport: linear path, velocity loss, dopri5/Heun ODE and Euler-Maruyama SDE samplers; spec §3.3."""
+"""SiT transport: linear path, velocity loss, dopri5/Heun ODE and Euler-Maruyama SDE samplers; docs/method.md §4.3."""
 from .integrators import dopri5, euler, heun
 from .transport import Transport, create_transport
 

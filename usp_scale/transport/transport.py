@@ -1,4 +1,4 @@
-"""SiT transport (spec §3.3): linear path, velocity prediction, ODE and SDE samplers.
+"""SiT transport (docs/method.md §4.3): linear path, velocity prediction, ODE and SDE samplers.
 
 Time runs from t = 0 (noise x0 ~ N(0, I)) to t = 1 (data x1): x_t = t x1 + (1 - t) x0, target
 velocity u = x1 - x0. The model is ``model(x, t, **model_kwargs)`` with float t (N,) in [0, 1]
@@ -27,7 +27,7 @@ class Transport:
     def __init__(self, path: str = "linear", prediction: str = "velocity"):
         if path.lower() != "linear" or prediction.lower() != "velocity":
             raise ValueError(f"path={path!r}, prediction={prediction!r}: only the linear path with velocity "
-                             "prediction (SiT's training recipe, spec §3.3) is implemented")
+                             "prediction (SiT's training recipe, docs/method.md §4.3) is implemented")
 
     # ------------------------------------------------------------------ path
     @staticmethod

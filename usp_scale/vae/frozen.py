@@ -1,4 +1,4 @@
-"""The frozen diffusers ``AutoencoderKL`` (spec §1.1, §3.1): load, encode to scaled latents, decode.
+"""The frozen diffusers ``AutoencoderKL`` (docs/method.md §2.1, §4.1): load, encode to scaled latents, decode.
 
 :class:`FrozenVAE` is deliberately *not* an ``nn.Module``: it cannot end up in a model's parameters,
 an optimizer or a training engine. Its network is always in ``eval()`` and every call runs under
