@@ -5,8 +5,9 @@ What :meth:`Cluster.up` builds, all of it private to one test session:
 * munged with its own key and socket; slurmctld and three slurmd from Debian's packages, own slurm.conf, ports,
   spool, state and logs (``SLURM_CONF`` points the client commands at it);
 * node ``<this host>`` (partition ``one``): a slurmd in this machine's network namespace;
-* nodes ``usp-node1`` and ``usp-node2`` (partition ``two``): one network namespace each, joined by a bridge with
-  addresses the test picks (10.213.X.0/24, none in use here; no route anywhere else), each with its own hostname
+* nodes ``usp-node1`` and ``usp-node2`` (partition ``two``): one network namespace each, joined with this host by a
+  bridge in a namespace of its own (a switch), on addresses the test picks (10.213.X.0/24, none in use here; no
+  route anywhere else), each with its own hostname
   (UTS namespace) and a private mount namespace in which /etc/hosts names the nodes and /etc/ssh/ssh_config uses a
   key made for the test; :meth:`Cluster.start_sshd` adds an sshd per node for pdsh/ssh launches.
 
@@ -48,7 +49,7 @@ T0 = time.time()
 
 def say(msg: str) -> None:
     """Progress line (pytest shows it with a failing test's output, so a CI log says where it stopped)."""
-    print(f"[cluster +{time.time() - T0:6.1f}s] {msg}", flush=True)
+    print(f"[cluster {time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
 def _run(cmd, check=True, **kw) -> subprocess.CompletedProcess:
@@ -123,18 +124,19 @@ def _kill_all(pids, why: str) -> None:
 def _stale_tags() -> List[str]:
     """Tags of earlier sessions whose pytest process is gone but whose namespaces are still there."""
     out = _run(["ip", "netns", "list"], check=False).stdout
-    tags = sorted({m.group(1) for m in re.finditer(r"^(usc\d+)[12]\b", out, re.M)})
+    tags = sorted({m.group(1) for m in re.finditer(r"^(usc\d+)[012]\b", out, re.M)})
     return [t for t in tags if not os.path.exists(f"/proc/{t[3:]}")]
 
 
 def _remove_network(tag: str) -> None:
-    for i in (1, 2):
+    for i in (1, 2, 0):
         ns = f"{tag}{i}"
         if os.path.exists(f"/run/netns/{ns}"):
             pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
             _kill_all([int(p) for p in pids], f"processes left in namespace {ns}")
             _run(["ip", "netns", "del", ns], check=False)
-    _run(["ip", "link", "del", f"{tag}br"], check=False)
+    if os.path.exists(f"/sys/class/net/{tag}h"):
+        _run(["ip", "link", "del", f"{tag}h"], check=False)
 
 
 class Cluster:
@@ -175,10 +177,6 @@ class Cluster:
     def ip(self, node: str) -> str:
         return f"{self.net}.{2 + NODES.index(node)}" if node in NODES else f"{self.net}.1"
 
-    def veth(self, node: str) -> str:
-        """Host-side end of the node's link (on the bridge)."""
-        return f"{self.tag}h{1 + NODES.index(node)}"
-
     def env(self, **extra) -> dict:
         """Environment for daemons, client commands and jobs (sbatch exports it to the job)."""
         env = {k: v for k, v in os.environ.items()
@@ -209,21 +207,28 @@ class Cluster:
         return self
 
     def _network(self) -> None:
-        say(f"network: bridge {self.tag}br {self.net}.1/24, namespaces {self.tag}1/{self.tag}2")
-        br = f"{self.tag}br"
-        _run(["ip", "link", "add", br, "type", "bridge"])
-        _run(["ip", "addr", "add", f"{self.net}.1/24", "dev", br])
-        _run(["ip", "link", "set", br, "up"])
-        hosts = [f"127.0.0.1 localhost", f"{self.net}.1 {self.host}"] + [f"{self.ip(n)} {n}" for n in NODES]
+        # The switch: a bridge in a namespace of its own, so frames between the nodes never meet this machine's
+        # firewall (br_netfilter + a FORWARD policy of DROP, as Docker sets up, would drop them on a host bridge).
+        sw = f"{self.tag}0"
+        say(f"network: switch namespace {sw} (bridge), this host {self.net}.1/24 on {self.tag}h, "
+            f"nodes in namespaces {self.tag}1, {self.tag}2")
+        _run(["ip", "netns", "add", sw])
+        _run(["ip", "-n", sw, "link", "add", "br0", "type", "bridge"])
+        _run(["ip", "-n", sw, "link", "set", "br0", "up"])
+        _run(["ip", "link", "add", f"{self.tag}h", "type", "veth", "peer", "name", f"{self.tag}s"])
+        self._plug(f"{self.tag}s", "port0")
+        _run(["ip", "addr", "add", f"{self.net}.1/24", "dev", f"{self.tag}h"])
+        _run(["ip", "link", "set", f"{self.tag}h", "up"])
+        hosts = ["127.0.0.1 localhost", f"{self.net}.1 {self.host}"] + [f"{self.ip(n)} {n}" for n in NODES]
         (self.root / "hosts").write_text("\n".join(hosts) + "\n")
         self._ssh_files()
         for i, node in enumerate(NODES, 1):
-            ns, inner = f"{self.tag}{i}", f"{self.tag}n{i}"
+            ns, a, b = f"{self.tag}{i}", f"{self.tag}a{i}", f"{self.tag}b{i}"
             _run(["ip", "netns", "add", ns])
-            _run(["ip", "link", "add", self.veth(node), "type", "veth", "peer", "name", inner])
-            _run(["ip", "link", "set", self.veth(node), "master", br, "up"])
-            _run(["ip", "link", "set", inner, "netns", ns])
-            _run(["ip", "-n", ns, "link", "set", inner, "name", "usp0"])
+            _run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
+            self._plug(b, self.port(node))
+            _run(["ip", "link", "set", a, "netns", ns])
+            _run(["ip", "-n", ns, "link", "set", a, "name", "usp0"])
             _run(["ip", "-n", ns, "addr", "add", f"{self.ip(node)}/24", "dev", "usp0"])
             _run(["ip", "-n", ns, "link", "set", "usp0", "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
@@ -238,6 +243,18 @@ class Cluster:
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"node {node}: could not set up its namespaces")
             self.anchors[node] = p
+
+    def _plug(self, dev: str, port: str) -> None:
+        """Move veth end ``dev`` into the switch namespace as ``port`` on its bridge."""
+        sw = f"{self.tag}0"
+        _run(["ip", "link", "set", dev, "netns", sw])
+        _run(["ip", "-n", sw, "link", "set", dev, "name", port])
+        _run(["ip", "-n", sw, "link", "set", port, "master", "br0", "up"])
+
+    @staticmethod
+    def port(node: str) -> str:
+        """The node's port on the switch."""
+        return f"port{1 + NODES.index(node)}"
 
     def _ssh_files(self) -> None:
         os.chmod(self.ssh, 0o700)
@@ -403,12 +420,12 @@ PartitionName=two Nodes={','.join(NODES)} MaxTime=INFINITE State=UP
                    f"nodes {', '.join(nodes)} idle")
 
     def cut_link(self, node: str) -> None:
-        say(f"cutting {node}'s link ({self.veth(node)} down)")
-        _run(["ip", "link", "set", self.veth(node), "down"])
+        say(f"cutting {node}'s link (its switch port {self.port(node)} down)")
+        _run(["ip", "-n", f"{self.tag}0", "link", "set", self.port(node), "down"])
 
     def restore_link(self, node: str) -> None:
         say(f"restoring {node}'s link")
-        _run(["ip", "link", "set", self.veth(node), "up"])
+        _run(["ip", "-n", f"{self.tag}0", "link", "set", self.port(node), "up"])
 
     def log_tail(self, n: int = 25) -> str:
         parts = []

@@ -11,6 +11,7 @@ All tests share one cluster and run on one xdist worker (``--dist loadgroup``).
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,9 +26,11 @@ from _cluster import NODES, REPO, say  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
-SHORT, LONG = 48, 300     # optimizer steps: plain paths / interrupted paths
+SHORT, LONG = 48, 200     # optimizer steps: plain paths / interrupted paths
 EVERY = 25                # checkpoint.every_steps
-TRAIN_TIMEOUT_S = 10      # engine.train_timeout_s for the lost-node run (engine.timeout_min stays 30)
+TRAIN_TIMEOUT_S = 10      # engine.train_timeout_s for the lost-node/hung-rank runs (engine.timeout_min stays 30)
+# what gloo raises when a collective passes the process group's timeout (directly, or through DDP's reducer)
+GLOO_TIMEOUT = rf"Timed out waiting {TRAIN_TIMEOUT_S * 1000}ms|Application timeout caused pair closure"
 TIMINGS = {}
 
 
@@ -334,10 +337,11 @@ def test_preemption_usr1_and_scontrol_requeue_resume_exactly(cluster, work, ref)
 
 
 def test_node_lost_mid_run_ends_in_minutes_and_resumes_from_last_complete_checkpoint(cluster, work, ref):
-    """A 2-node job loses usp-node2's link mid-run. The surviving rank's collective fails after
-    engine.train_timeout_s (10 s here; engine.timeout_min is 30 min) and the job ends within a bound of minutes;
-    with the link back the requeued (node failure) or resubmitted job resumes from the last complete checkpoint
-    and finishes with the uninterrupted run's losses."""
+    """A 2-node job loses usp-node2's link (training and SLURM traffic) mid-run. The surviving rank's collective
+    fails after engine.train_timeout_s (10 s here; engine.timeout_min is 30 min), slurmctld declares the node
+    failed after SlurmdTimeout (20 s here, 300 s by default), and the job ends within a bound of minutes; with the
+    link back the requeued (node failure) or resubmitted job resumes from the last complete checkpoint and
+    finishes with the uninterrupted run's losses."""
     out = work / "lost"
     args = train_args(out, "ddp", LONG, f"engine.train_timeout_s={TRAIN_TIMEOUT_S}")
     submit = dict(partition="two", nodes=2, ntasks_per_node=1, cpus_per_task=2, out=out, name="lost",
@@ -354,8 +358,7 @@ def test_node_lost_mid_run_ends_in_minutes_and_resumes_from_last_complete_checkp
         say(f"link cut at step {at} (complete checkpoints {ckpts[-2:]}): job {jid} left RUNNING after "
             f"{ended:.0f} s as {j['JobState']} ({j.get('Reason')})")
         assert ended < 180, f"the job took {ended:.0f} s to end after losing a node"
-        log = job_log(out)
-        assert f"Timed out waiting {TRAIN_TIMEOUT_S * 1000}ms" in log, log[-5000:]   # engine.train_timeout_s
+        assert re.search(GLOO_TIMEOUT, job_log(out)), job_log(out)[-5000:]    # the surviving rank's train timeout
     finally:
         cluster.restore_link(NODES[1])
     last_complete = complete_checkpoints(out)[-1]
@@ -379,6 +382,30 @@ def test_node_lost_mid_run_ends_in_minutes_and_resumes_from_last_complete_checkp
     assert f"resumed from {out}/checkpoints/step_{last_complete:08d} at step {last_complete}" in log, log[-5000:]
     assert_losses(out, ref, LONG, what="lost node, resumed")
     assert_outputs(out, LONG, 2, "ddp", "lost node")
+
+
+def test_hung_rank_ends_the_job_within_the_train_timeout(cluster, work):
+    """A rank that stops responding while its node stays healthy (SIGSTOP; slurmd keeps answering, so SLURM
+    never steps in): the other rank's collective fails after engine.train_timeout_s, srun's --kill-on-bad-exit
+    ends the step, and the job fails within seconds of the timeout instead of engine.timeout_min (30 min)."""
+    out = work / "hung"
+    jid = cluster.sbatch("launchers/slurm/torchrun.sbatch",
+                         train_args(out, "ddp", LONG, f"engine.train_timeout_s={TRAIN_TIMEOUT_S}"), partition="two",
+                         nodes=2, ntasks_per_node=1, cpus_per_task=2, out=out, name="hung", GPUS_PER_NODE="1",
+                         MASTER_PORT=str(C.free_port()))
+    at = _interrupt_when(cluster, jid, out, EVERY + 5)
+    rank = [p for p in cluster.node_pids(NODES[1]) if "launchers/pretrain.py" in C.cmdline(p)[:3]]
+    assert len(rank) == 1, [C.cmdline(p) for p in cluster.node_pids(NODES[1])]
+    say(f"SIGSTOP the rank on {NODES[1]} (pid {rank[0]}) at step {at}")
+    t = time.time()
+    os.kill(rank[0], signal.SIGSTOP)
+    j = cluster.wait_job(jid, 300)
+    took = time.time() - t
+    say(f"job {jid} ended {j['JobState']} {took:.0f} s after the rank hung (engine.train_timeout_s="
+        f"{TRAIN_TIMEOUT_S})")
+    assert j["JobState"] == "FAILED" and took < TRAIN_TIMEOUT_S + 60, (j, took)
+    assert re.search(GLOO_TIMEOUT, job_log(out)), job_log(out)[-5000:]
+    assert "stopped on request" not in job_log(out) and not (out / "STOPPED").exists()
 
 
 def test_elastic_restart_after_a_killed_rank_resumes_by_itself(cluster, work, ref):
