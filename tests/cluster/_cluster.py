@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -57,6 +58,13 @@ def _run(cmd, check=True, **kw) -> subprocess.CompletedProcess:
     if check and r.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
     return r
+
+
+def no_core_dumps() -> None:
+    """preexec_fn of every process the tier starts: a crashing launcher (torchrun aborting when its peer vanishes)
+    must not drop a core file into the checkout. slurmd passes its limit on to the jobs
+    (PropagateResourceLimits=NONE)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def free_port() -> int:
@@ -239,7 +247,8 @@ class Cluster:
                 binds += f" && mount --bind {self.ssh}/ssh_config /etc/ssh/ssh_config"
             p = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts", "--propagation",
                                   "private", "bash", "-c", f"{binds} && hostname {node} && echo ready && "
-                                  "exec sleep infinity"], stdout=subprocess.PIPE, text=True, env=self.env())
+                                  "exec sleep infinity"], stdout=subprocess.PIPE, text=True, env=self.env(),
+                                 preexec_fn=no_core_dumps)
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"node {node}: could not set up its namespaces")
             self.anchors[node] = p
@@ -276,7 +285,7 @@ class Cluster:
     def _daemon(self, name: str, argv: list, node: Optional[str] = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.out", "w")
         p = subprocess.Popen(self.node_argv(node, argv) if node else argv, stdout=log, stderr=subprocess.STDOUT,
-                             env=self.env(), cwd=self.root)
+                             env=self.env(), cwd=self.root, preexec_fn=no_core_dumps)
         self.procs[name] = p
         return p
 
@@ -365,12 +374,12 @@ PartitionName=two Nodes={','.join(NODES)} MaxTime=INFINITE State=UP
 
     def on_node(self, node: str, argv: list, timeout: float = 60, **env) -> subprocess.CompletedProcess:
         return subprocess.run(self.node_argv(node, argv), capture_output=True, text=True, timeout=timeout,
-                              env=self.env(**env))
+                              env=self.env(**env), preexec_fn=no_core_dumps)
 
     def popen_on_node(self, node: str, argv: list, log: Path, **env) -> subprocess.Popen:
         f = open(log, "w")
         return subprocess.Popen(self.node_argv(node, argv), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=self.env(**env), start_new_session=True)
+                                env=self.env(**env), start_new_session=True, preexec_fn=no_core_dumps)
 
     def node_pids(self, node: str) -> List[int]:
         ns = f"{self.tag}{1 + NODES.index(node)}"
@@ -385,7 +394,8 @@ PartitionName=two Nodes={','.join(NODES)} MaxTime=INFINITE State=UP
                f"--ntasks-per-node={ntasks_per_node}", f"--cpus-per-task={cpus_per_task}", "--gpus-per-node=0",
                f"--job-name={name}", f"--output={out}/slurm-%j.out", *extra, script, *args]
         out.mkdir(parents=True, exist_ok=True)
-        jid = _run(cmd, env=self.env(**env), cwd=REPO, timeout=60).stdout.strip().split(";")[0]
+        jid = _run(cmd, env=self.env(**env), cwd=REPO, timeout=60, preexec_fn=no_core_dumps).stdout.strip()
+        jid = jid.split(";")[0]
         say(f"job {jid} ({name}): sbatch -p {partition} -N {nodes} {script} ...")
         return jid
 

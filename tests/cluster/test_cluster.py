@@ -141,7 +141,7 @@ def ref(cluster, work):
     say(f"reference run: torchrun --standalone --nproc_per_node 2, ddp, {LONG} steps")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "launchers/pretrain.py", *train_args(out, "ddp", LONG)], cwd=REPO, env=cluster.env(),
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, preexec_fn=C.no_core_dumps)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     TIMINGS["reference run"] = time.time() - t
     got = losses(out)
