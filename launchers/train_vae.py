@@ -185,7 +185,13 @@ def main(argv=None):
 
 
 def readme(m: dict) -> str:
-    d = m["data"]
+    d, g = m["data"], m["args"]
+    rows = [("reconstruction PSNR, val split ({} images, posterior mean)".format(m["val_images"]),
+             f"{m['val_psnr_db']:.2f} dB (min {m['val_psnr_db_min']:.2f})"),
+            ("latent scale factor (1 / std of posterior samples, train split)", f"{m['scaling_factor']:.5f}"),
+            ("training", f"{g['steps']} steps x {g['batch_size']} images ({g['crop']} px crops, whole images in the "
+                         f"last {g['full_steps']}), {m['train_seconds']:.0f} s on {m['machine']}")]
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""# {m['name']}: a small AutoencoderKL for the synthetic dataset
 
 A diffusers `AutoencoderKL` (x{m['downsample']} downsampling, {m['latent_channels']} latent channels,
@@ -194,11 +200,7 @@ synthetic dataset ({d['classes']} classes x {d['per_class']} images, {d['size']}
 Use it with `vae.path={m['name']}` (or `--vae {m['name']}` / `--vae-path {m['name']}` in the launchers).
 It is for the CPU demo and the small benchmarks only: real data uses the SD-VAE.
 
-| | |
-|---|---|
-| reconstruction PSNR, val split ({m['val_images']} images, posterior mean) | {m['val_psnr_db']:.2f} dB (min {m['val_psnr_db_min']:.2f}) |
-| latent scale factor (1 / std of posterior samples, train split) | {m['scaling_factor']:.5f} |
-| training | {m['args']['steps']} steps x {m['args']['batch_size']} images ({m['args']['crop']} px crops, whole images in the last {m['args']['full_steps']}), {m['train_seconds']:.0f} s on {m['machine']} |
+{table}
 | seed | {m['seed']} |
 | sha256 of diffusion_pytorch_model.safetensors | `{m['sha256']['diffusion_pytorch_model.safetensors']}` |
 

@@ -174,8 +174,8 @@ def report(name_a: str, name_b: str, res_a: dict, res_b: dict, rtol: float, atol
     for eng in res_a:
         rows = compare(res_a[eng], res_b.get(eng, {}), rtol, atol)
         if not rows:
-            print(f"{eng:10s} identical ({', '.join(sorted(res_a[eng]))}; {len(next(iter(res_a[eng].values()))['loss'])}"
-                  " steps each)")
+            n = len(next(iter(res_a[eng].values()))["loss"])
+            print(f"{eng:10s} identical ({', '.join(sorted(res_a[eng]))}; {n} steps each)")
         for r in rows:
             ok &= r["ok"]
             if r.get("note"):

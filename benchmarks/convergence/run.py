@@ -247,7 +247,8 @@ def markdown(summary: dict, meta: dict, png: str) -> str:
              f"![FID against steps]({os.path.basename(png)})", ""]
     for fam, sm in summary.items():
         cs, cu = sm["curves"]["scratch"], sm["curves"]["usp"]
-        lines += [f"## {fam.upper()}", "", "| step | scratch FID (mean ± std) | USP FID (mean ± std) |", "|---|---|---|"]
+        lines += [f"## {fam.upper()}", "", "| step | scratch FID (mean ± std) | USP FID (mean ± std) |",
+                  "|---|---|---|"]
         for i, st in enumerate(cs["steps"]):
             lines.append(f"| {st} | {cs['mean'][i]:.2f} ± {cs['std'][i]:.2f} | {cu['mean'][i]:.2f} ± "
                          f"{cu['std'][i]:.2f} |")
