@@ -48,3 +48,30 @@ def test_run_tiny_pipeline_learns(tmp_path):
     assert probe and probe[-1]["val_samples"] == 80
     assert probe[-1]["top1"] > 35.0 == 3.5 * s["linprobe_chance"], probe[-1]   # chance is 10 %, measured ~60 %
     assert "FID / IS / KID" in r.stdout and "linear probe top-1" in r.stdout
+
+
+def test_transfer_launcher_is_seeded(tmp_path):
+    """The main job repeats exactly only if launchers/transfer.py initialises the layers the MAE does not provide
+    (embedders, adaLN, final layer) from its --seed, not from whatever the global RNG holds."""
+    import runpy
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from usp_scale.models import create_model
+
+    torch.manual_seed(0)
+    mae = create_model("vit_tiny_patch_vae", img_size=8, in_chans=4)
+    save_file({k: v.contiguous() for k, v in mae.state_dict().items()}, str(tmp_path / "mae.safetensors"))
+    main = runpy.run_path(os.path.join(ROOT, "launchers", "transfer.py"), run_name="probe")["main"]
+    outs = []
+    for i, seed in enumerate(("0", "0", "1")):
+        torch.manual_seed(100 + i)   # a different global state before every call
+        out = str(tmp_path / f"dit{i}.safetensors")
+        assert main(["--src", str(tmp_path / "mae.safetensors"), "--model", "DiT-tiny/2-VAE-simple", "--input-size",
+                     "8", "--num-classes", "10", "--out", out, "--seed", seed]) == 0
+        outs.append(load_file(out))
+    key = "y_embedder.embedding_table.weight"
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert not torch.equal(outs[0][key], outs[2][key])
+    assert torch.equal(outs[0]["blocks.0.attn.qkv.weight"], outs[2]["blocks.0.attn.qkv.weight"])
