@@ -30,6 +30,8 @@ setup(
     description="Distributed USP: masked latent pretraining and transfer to DiT/SiT/ViT",
     python_requires=">=3.10",
     packages=packages,
+    # the small trained VAE and feature extractor of the synthetic dataset (weights + asset.json + README.md)
+    package_data={"usp_scale.assets": ["*/*/*.json", "*/*/*.safetensors", "*/*/*.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

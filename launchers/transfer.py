@@ -38,6 +38,8 @@ def parse_args(argv=None):
                         "(otherwise such a mismatch is an error)")
     p.add_argument("--which", default="model", choices=["model", "ema", "auto"],
                    help="which weights of a multi-weight checkpoint to read")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation of the layers the MAE does not "
+                   "provide (embedders, adaLN, heads), so the same arguments write the same file (default 0)")
     return p.parse_args(argv)
 
 
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
             kwargs["img_size"] = args.input_size
     else:
         raise SystemExit(f"--model {args.model} is a masked autoencoder; transfer targets are DiT/SiT or classifiers")
+    import torch
+
+    torch.manual_seed(args.seed)
     model = create_model(args.model, **kwargs)
     report = transfer(model, args.src, use_pretrain_layer=args.use_pretrain_layer,
                       skip_patch_embed=args.skip_patch_embed, which=args.which)

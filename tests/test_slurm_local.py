@@ -3,8 +3,9 @@
 A stand-in ``srun`` starts the script's torchrun command once per "node" (all on localhost), so the two
 torchrun agents meet through the real c10d rendezvous (--nnodes=2, one gloo rank each) and train together.
 A stand-in ``scontrol`` records the requeue. The test sends SIGUSR1 to the script as SLURM does before the time
-limit: the trap asks the trainer to checkpoint, the job exits and requeues itself, and the requeued run (the
-same command again) resumes from that checkpoint and finishes.
+limit: the trap asks the trainer to checkpoint, the job exits with the stop code 75 and requeues itself, and the
+requeued run (the same command again) resumes from that checkpoint and finishes. The same paths on a real SLURM
+cluster: tests/cluster/test_cluster.py.
 """
 import json
 import os
@@ -79,8 +80,8 @@ def test_two_node_torchrun_job_checkpoints_on_sigusr1_requeues_and_resumes(tmp_p
     job.send_signal(signal.SIGUSR1)                            # what --signal=B:USR1@300 sends
     text, _ = job.communicate(timeout=240)
     node0 = (logs / "node0.log").read_text()
-    assert job.returncode == 0, text + node0[-3000:]
-    assert "SIGUSR1" in text
+    assert job.returncode == 75, text + node0[-3000:]                   # stopped on request, not done
+    assert "SIGUSR1" in text and "requeueing job 777" in text
     assert (logs / "scontrol.calls").read_text().split() == ["requeue", "777"]
     stopped_at = _steps(out)[-1]
     assert stopped_at < 400
@@ -88,6 +89,7 @@ def test_two_node_torchrun_job_checkpoints_on_sigusr1_requeues_and_resumes(tmp_p
     meta = json.load(open(ckpt / "meta.json"))
     assert meta["world_size"] == 2 and meta["engine"] == "ddp"       # two torchrun agents, one rank each
     assert not (out / "STOP_AND_CHECKPOINT").exists()
+    assert json.load(open(out / "STOPPED"))["step"] == stopped_at
 
     # the requeued job: the same command again; checkpoint.resume=auto continues from the step folder
     again = subprocess.run(["bash", "launchers/slurm/torchrun.sbatch", *args], cwd=H.REPO, env=env,
@@ -97,3 +99,4 @@ def test_two_node_torchrun_job_checkpoints_on_sigusr1_requeues_and_resumes(tmp_p
     assert steps[-1] == 400
     assert steps[steps.index(stopped_at) + 1] == stopped_at + 1       # resumed right after the checkpoint
     assert (logs / "scontrol.calls").read_text().split() == ["requeue", "777"]    # no second requeue
+    assert not (out / "STOPPED").exists()

@@ -36,6 +36,22 @@ def test_outputs_jsonl_png_config_exports(tmp_path):
     assert [r["step"] for r in recs] == [2, 4, 6]
     for key in ("loss", "lr", "grad_norm", "samples_per_s", "mfu", "data_time", "compute_time", "max_mem_gb"):
         assert key in recs[0] and recs[0][key] == recs[0][key]  # present, not NaN
+    # MFU = training FLOPs per sample x samples/s / peak: the FLOPs the trainer assumes must be what a forward +
+    # backward of this model really costs (torch's FLOP counter, matmuls and attention), within 5 %.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from usp_scale.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans)
+    with FlopCounterMode(display=False) as fc:
+        loss, _, _ = model(torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size),
+                           mask_ratio=cfg.mask.ratio)
+        loss.backward()
+    counted = fc.get_total_flops() / 4
+    for r in recs:
+        assumed = r["mfu"] * cfg.peak_flops / r["samples_per_s"]
+        assert assumed == pytest.approx(counted, rel=0.05), (assumed, counted)
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "config.yaml").is_file()
     from usp_scale.config import load_config
@@ -190,12 +206,24 @@ def test_tiny_pretrain_transfer_dit_pipeline_loss_goes_down(tmp_path):
     assert sum(dit[-3:]) / 3 < 0.8 * sum(dit[:2]) / 2, dit
     off = torch.load(out["exports"]["official"], weights_only=False)
     assert set(off) == {"model", "ema", "opt", "args"}
-    # the transferred encoder blocks came from the MAE export
+    # The DiT the trainer started from (built as the trainer builds it) holds the MAE export's values: every
+    # encoder block tensor and the patch embedding, copied; adaLN-Zero modulation zero. Training then moved them.
     from safetensors.torch import load_file
 
+    from usp_scale.training.tasks import build_task
+
     mae_sd = load_file(res["exports"]["model"])
-    dit0 = load_file(str(tmp_path / "dit" / "export" / "model.safetensors"))
-    assert mae_sd["blocks.0.attn.qkv.weight"].shape == dit0["blocks.0.attn.qkv.weight"].shape
+    torch.manual_seed(123)  # the copied values must not depend on the initialisation they overwrite
+    init = build_task(dit_cfg).build_model().state_dict()
+    final = load_file(str(tmp_path / "dit" / "export" / "model.safetensors"))
+    block_keys = [k for k in mae_sd if k.startswith("blocks.")]
+    assert len(block_keys) == 2 * 12
+    for k in block_keys:
+        assert torch.equal(init[k], mae_sd[k]), k
+        assert not torch.equal(final[k], init[k]), k
+    assert torch.equal(init["x_embedder.proj.weight"], mae_sd["patch_embed.proj.weight"])
+    for k in ("blocks.0.adaLN_modulation.1.weight", "blocks.1.adaLN_modulation.1.bias"):
+        assert not init[k].any(), k
 
 
 def test_real_cls_and_linprobe_tasks(tmp_path):
@@ -209,8 +237,24 @@ def test_real_cls_and_linprobe_tasks(tmp_path):
             "ema.decay": 0.0, "data.synthetic_samples": 64, **extra})
         t = Trainer(cfg)
         res = t.fit()
-        assert 0 <= res["eval"]["top1"] <= res["eval"]["top5"] <= 100 and res["eval"]["val_samples"] > 0
         model = t.engine.unwrapped
+        # The reported top-1 / top-5 / loss are those of the final model over the whole val split, recomputed here
+        # independently (a wrong top-k, average, sample count or a model left in train mode would differ).
+        from usp_scale.training.trainer import default_loader
+
+        model.eval()
+        logits, labels = [], []
+        with torch.no_grad():
+            for batch in default_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), train=False):
+                logits.append(model(batch["latents"]).float())
+                labels.append(batch["labels"])
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        rank = (logits > logits.gather(1, labels[:, None])).sum(1)   # classes scored above the true one
+        ev = res["eval"]
+        assert ev["val_samples"] == len(labels) == 64
+        assert ev["top1"] == pytest.approx(100.0 * (rank == 0).float().mean().item(), abs=1e-9)
+        assert ev["top5"] == pytest.approx(100.0 * (rank < 5).float().mean().item(), abs=1e-9)
+        assert ev["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
         if task == "linprobe":
             assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.1.weight", "head.1.bias"}
             assert isinstance(model.head[0], torch.nn.BatchNorm1d) and model.head[0].affine is False

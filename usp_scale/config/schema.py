@@ -223,8 +223,13 @@ class EngineConfig:
     deepspeed_config: str = ""
     # Distributed backend: "auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo".
     backend: str = "auto"
-    # Process-group timeout in minutes.
+    # Process-group timeout in minutes for start-up, the first optimizer step (compilation), checkpoints and
+    # evaluation.
     timeout_min: int = 30
+    # Process-group timeout in seconds once training runs (set after the first optimizer step): a hung or
+    # unreachable peer stops every rank within this time; it must exceed the slowest training step.
+    # 0 keeps engine.timeout_min throughout.
+    train_timeout_s: int = 300
     # What engine.compile compiles: "auto" (the whole model on local/ddp, each block on fsdp2/deepspeed),
     # "model" or "blocks". On an H200, whole-model compile gave MAE-XL 2061 img/s vs 1916 per block.
     compile_scope: str = "auto"

@@ -100,6 +100,7 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
         return build_synthetic_loader(data_cfg, shape, num_classes or data_cfg.num_classes, rank=rank,
                                       world_size=world_size, seed=seed, train=train, device=device)
     from ..vae import SCALE, FrozenVAE
+    from ..vae.named import shipped_scale
     cache_path = data_cfg.latent_cache if train else data_cfg.latent_cache_val
     if data_cfg.format == "latents" and cache_path:
         from .latents import LatentCache, LatentCacheLoader
@@ -109,7 +110,7 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
                     latent_shape=_expected_latent_shape(vae_cfg, data_cfg.image_size))
         sampler = ShardSampler(len(cache), rank, world_size, seed, shuffle=train, even=train,
                                batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
-        scale = vae_cfg.scale or SCALE[vae_cfg.version]
+        scale = vae_cfg.scale or shipped_scale(vae_cfg.path) or SCALE[vae_cfg.version]
         return LatentCacheLoader(cache, sampler, scale=scale, sample=data_cfg.latent_sample, device=device)
     if data_cfg.format == "latents" and train:
         raise ValueError("data.format=latents needs data.latent_cache (a folder written by launchers/cache_latents.py)")

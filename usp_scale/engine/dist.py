@@ -4,11 +4,22 @@ Reads the environment of ``python`` (one process), ``torchrun`` (RANK, LOCAL_RAN
 MASTER_ADDR/PORT), the ``deepspeed`` launcher (the same variables, plus ``--local_rank`` on the
 command line) and SLURM's ``srun`` (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, the first host of
 SLURM_JOB_NODELIST as master). Backend: nccl on GPU, gloo on CPU, unless forced.
+
+Under srun (DeepSpeed's ``--launcher slurm`` starts the ranks that way) nothing sets RANK / LOCAL_RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT: :func:`init_distributed` exports them from the SLURM variables, so
+``deepspeed.initialize`` and anything else that reads them sees the same ranks.
+
+Two timeouts: ``engine.timeout_min`` (long) covers start-up, the first steps (compilation), checkpoints and
+evaluation; once training runs, :func:`use_train_timeout` lowers every process group's timeout to
+``engine.train_timeout_s``, so a hung or unreachable peer stops the job in seconds, not half an hour, and
+:func:`long_timeout` restores the long one around work that may legitimately keep peers waiting.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,7 +64,8 @@ def detect(env: Optional[dict] = None, local_rank_arg: Optional[int] = None) -> 
         info.rank = int(env["SLURM_PROCID"])
         info.world_size = int(env["SLURM_NTASKS"])
         info.local_rank = int(env.get("SLURM_LOCALID", 0))
-        info.local_world_size = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE", "1")
+        info.local_world_size = tasks_on_node(per_node, int(env.get("SLURM_NODEID", 0)))
         info.launcher = "slurm"
         if "MASTER_ADDR" not in env:
             nodes = expand_slurm_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
@@ -65,6 +77,32 @@ def detect(env: Optional[dict] = None, local_rank_arg: Optional[int] = None) -> 
     info.master_addr = env.get("MASTER_ADDR", "127.0.0.1")
     info.master_port = int(env.get("MASTER_PORT", "29500"))
     return info
+
+
+def shared_rendezvous_store_with_restarts(env=None) -> bool:
+    """Under torchrun with restarts allowed and the c10d rendezvous store shared with the workers (torchrun's
+    default unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): the store outlives a restart with the old round's keys."""
+    env = os.environ if env is None else env
+    return int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def tasks_on_node(spec: str, node: int) -> int:
+    """Tasks on node ``node`` from a SLURM tasks-per-node list such as ``2(x3),1`` (SLURM_STEP_TASKS_PER_NODE)."""
+    counts = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return counts[min(node, len(counts) - 1)]
+
+
+def export_env(info: DistInfo) -> None:
+    """Publish ``info`` as the torchrun-style variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) for code that reads them, e.g. ``deepspeed.initialize`` under srun. Values a
+    launcher already set are kept."""
+    for key, val in (("RANK", info.rank), ("LOCAL_RANK", info.local_rank), ("WORLD_SIZE", info.world_size),
+                     ("LOCAL_WORLD_SIZE", info.local_world_size), ("MASTER_ADDR", info.master_addr),
+                     ("MASTER_PORT", info.master_port)):
+        os.environ.setdefault(key, str(val))
 
 
 _INFO: Optional[DistInfo] = None
@@ -85,16 +123,69 @@ def init_distributed(backend: str = "auto", timeout_min: int = 30,
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
     if info.distributed and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", info.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(info.master_port))
-        kwargs = dict(backend=backend, rank=info.rank, world_size=info.world_size,
-                      timeout=datetime.timedelta(minutes=timeout_min))
+        export_env(info)
+        if info.rank == 0 and shared_rendezvous_store_with_restarts():
+            print("[usp_scale] WARNING: torchrun --max-restarts with its rendezvous store shared with the workers: "
+                  "restarted workers can read the previous round's addresses from it and fail to connect (or hang) "
+                  "(pytorch/pytorch#135712); start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                  file=sys.stderr, flush=True)
+        _TIMEOUT["init"] = datetime.timedelta(minutes=timeout_min)
+        kwargs = dict(backend=backend, rank=info.rank, world_size=info.world_size, timeout=_TIMEOUT["init"])
         if backend == "nccl":
             kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-        dist.init_process_group(init_method=f"tcp://{info.master_addr}:{info.master_port}"
-                                if info.launcher == "slurm" else "env://", **kwargs)
+        dist.init_process_group(init_method="env://", **kwargs)
     _INFO = info
     return info
+
+
+# The long (start-up) timeout, and the training timeout once use_train_timeout() switched to it.
+_TIMEOUT = {"init": None, "train": None}
+
+
+def _set_timeout_all(timeout: datetime.timedelta) -> None:
+    """Set the timeout of every process group this rank belongs to (the default group, DeviceMesh dimensions,
+    DeepSpeed's groups); works for gloo and nccl."""
+    from torch.distributed import distributed_c10d as c10d
+
+    set_timeout = getattr(dist, "set_timeout", None) or c10d._set_pg_timeout
+    for pg in list(c10d._world.pg_map):
+        try:
+            set_timeout(timeout, pg)
+        except ValueError:  # a group this rank is not part of
+            pass
+
+
+def use_train_timeout(seconds: float) -> bool:
+    """Collective: after a barrier under the long timeout (so no rank still in its first step meets the short
+    one), lower every process group's timeout to ``seconds``. No-op (False) for one process or ``seconds <= 0``."""
+    if get_world_size() == 1 or seconds <= 0 or _TIMEOUT["init"] is None:
+        return False
+    dist.barrier()
+    _TIMEOUT["train"] = datetime.timedelta(seconds=seconds)
+    _set_timeout_all(_TIMEOUT["train"])
+    return True
+
+
+def end_train_timeout() -> None:
+    """Back to the long timeout for good (after the training loop: exports, final evaluation)."""
+    if _TIMEOUT["train"] is not None:
+        _TIMEOUT["train"] = None
+        _set_timeout_all(_TIMEOUT["init"])
+
+
+@contextlib.contextmanager
+def long_timeout():
+    """The long timeout inside the block (checkpoints, evaluation, anything that may keep peers waiting for
+    minutes), the training timeout again after it. Every rank must enter and leave it at the same point."""
+    short = _TIMEOUT["train"]
+    if short is None:
+        yield
+        return
+    _set_timeout_all(_TIMEOUT["init"])
+    try:
+        yield
+    finally:
+        _set_timeout_all(short)
 
 
 def device_for(info: DistInfo) -> torch.device:
@@ -145,3 +236,4 @@ def all_gather_object(obj) -> list:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _TIMEOUT.update(init=None, train=None)

@@ -6,8 +6,12 @@
   This module registers it with one more feature for sFID (``INCEPTION_SPATIAL``): the first 7 channels of
   the 1x1-conv branch of the Mixed_6d block (ADM's ``mixed_6/conv``, 17x17), flattened in TF's (h, w, c)
   order to 2,023 values, as the ADM evaluator computes its spatial features.
-* ``usp-tiny``: a small fixed random conv net registered by this module for tests and the CPU
-  demo; its numbers are only comparable with other ``usp-tiny`` numbers.
+* ``usp-synthetic``: a small CNN classifier trained by the project on the train split of the bundled synthetic
+  dataset (``launchers/train_extractor.py``; weights, hash and val accuracy in
+  ``usp_scale/assets/extractor/synthetic-cnn/``). FID / IS / KID / precision-recall of the small runs use it;
+  its numbers mean something for that dataset only (IS tops out at its 10 classes). Real data uses Inception.
+* ``usp-tiny``: a small fixed random conv net registered by this module for fast tests; its numbers are only
+  comparable with other ``usp-tiny`` numbers and say nothing about image quality.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE)
 TINY_NAME = "usp-tiny"
+SYNTHETIC_NAME = "usp-synthetic"
+SYNTHETIC_ASSET = "synthetic-cnn"       # usp_scale/assets/extractor/<this>/
 # sFID features: ADM's mixed_6/conv, channels 0..6, (h, w, c) order
 INCEPTION_SPATIAL = "mixed_6_conv_7ch"
 TINY_SPATIAL = "spatial"
@@ -98,6 +104,107 @@ class TinyFeatureExtractor(FeatureExtractorBase):
         return tuple(out[k] for k in self.features_list)
 
 
+class SyntheticCNN(nn.Module):
+    """The classifier behind ``usp-synthetic``: images (N, 3, 64, 64) in [-1, 1] -> {"pool": (N, 64) after ReLU
+    and global average pooling, "logits": (N, classes), "spatial": (N, 8*8*7) = the first 7 channels of the last
+    8x8 map in (h, w, c) order, like the sFID features}. Conv-BN-ReLU, strides 1, 2, 2, 2."""
+
+    SIZE = 64
+
+    def __init__(self, num_classes: int = 10, width: int = 32, dim: int = 64):
+        super().__init__()
+        chans = [(3, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2), (4 * width, 4 * width, 2)]
+        layers = []
+        for cin, cout, s in chans:
+            layers += [nn.Conv2d(cin, cout, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.features = nn.Sequential(*layers)                     # (N, 4w, 8, 8)
+        self.proj = nn.Sequential(nn.Conv2d(4 * width, dim, 1), nn.ReLU())
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if x.shape[-2:] != (self.SIZE, self.SIZE):
+            x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False, antialias=True)
+        h = self.features(x)
+        pool = self.proj(h).mean(dim=(2, 3))
+        return {"pool": pool, "logits": self.fc(pool),
+                TINY_SPATIAL: h[:, :7].permute(0, 2, 3, 1).reshape(len(h), -1)}
+
+
+def load_synthetic_cnn(path: Optional[str] = None) -> SyntheticCNN:
+    """The shipped ``usp-synthetic`` network (hash-checked), or the weights folder/file ``path`` written by
+    launchers/train_extractor.py; in eval mode."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .. import assets
+
+    folder = path if path and os.path.isdir(path) else None
+    if not path:
+        folder = assets.verified_dir("extractor", SYNTHETIC_ASSET)
+    wfile = os.path.join(folder, "model.safetensors") if folder else path
+    cfg = {}
+    if folder and os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+    if not os.path.isfile(wfile):
+        raise FileNotFoundError(f"feature extractor weights not found: {wfile} (train them with "
+                                "`python launchers/train_extractor.py --out DIR`)")
+    net = SyntheticCNN(**cfg)
+    net.load_state_dict(load_file(wfile))
+    return net.eval()
+
+
+def _weights_tag(net: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class SyntheticFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity wrapper of :class:`SyntheticCNN`: uint8 (N, 3, H, W) -> 'pool' (N, 64),
+    'logits_unbiased' (N, classes) and :data:`TINY_SPATIAL` (N, 448). ``feature_extractor_weights_path``: other
+    weights than the shipped ones (a folder or a .safetensors file from launchers/train_extractor.py)."""
+
+    FEATURES = ("pool", "logits_unbiased", TINY_SPATIAL)
+
+    def __init__(self, name: str, features_list: Sequence[str], feature_extractor_weights_path: Optional[str] = None,
+                 **kwargs):
+        super().__init__(name, list(features_list))
+        self.net = load_synthetic_cnn(feature_extractor_weights_path)
+        # cached reference features are keyed by this too, so retrained weights never reuse stale features
+        self.cache_tag = _weights_tag(self.net)
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return SyntheticFeatureExtractor.FEATURES
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits_unbiased" if metric == "isc" else "pool"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor):
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        out = self.net(x.float() / 127.5 - 1.0)
+        out["logits_unbiased"] = out.pop("logits")
+        return tuple(out[k] for k in self.features_list)
+
+
 class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
     """torch-fidelity's TF-compatible Inception with one more feature, :data:`INCEPTION_SPATIAL` (N, 2023) for
     sFID; every other feature is computed by the unchanged parent forward."""
@@ -151,10 +258,12 @@ def register_extractor(name: str, cls) -> None:
 
 
 register_extractor(TINY_NAME, TinyFeatureExtractor)
+register_extractor(SYNTHETIC_NAME, SyntheticFeatureExtractor)
 # Registered under its own name: torch-fidelity keeps its plain extractor as INCEPTION_NAME.
 INCEPTION_SFID_NAME = INCEPTION_NAME + "+spatial"
 register_extractor(INCEPTION_SFID_NAME, InceptionV3WithSpatial)
-_SPATIAL_LAYER = {INCEPTION_NAME: INCEPTION_SPATIAL, INCEPTION_SFID_NAME: INCEPTION_SPATIAL, TINY_NAME: TINY_SPATIAL}
+_SPATIAL_LAYER = {INCEPTION_NAME: INCEPTION_SPATIAL, INCEPTION_SFID_NAME: INCEPTION_SPATIAL, TINY_NAME: TINY_SPATIAL,
+                  SYNTHETIC_NAME: TINY_SPATIAL}
 
 
 def default_layer(name: str, metric: str) -> str:

@@ -214,7 +214,8 @@ def reference_features(path: str, extractor, extractor_name: str, batch_size: in
     """Features of a reference folder / image .npz, cached on disk."""
     layers = list(extractor.get_requested_features_list())
     cache_dir = cache_dir or default_cache_dir()
-    cpath = os.path.join(cache_dir, _cache_key(path, extractor_name, layers) + ".npz")
+    tag = getattr(extractor, "cache_tag", "")  # e.g. a hash of trained weights that may change
+    cpath = os.path.join(cache_dir, _cache_key(path, extractor_name + (f"@{tag}" if tag else ""), layers) + ".npz")
     if os.path.isfile(cpath):
         with np.load(cpath) as d:
             return {k: torch.from_numpy(d[k]) for k in layers}

@@ -6,9 +6,25 @@ ranks come from the environment (see :mod:`usp_scale.engine.dist`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from typing import Optional, Sequence
+
+from ..engine.slurm import EXIT_STOPPED, STOPPED_FILE
+
+_IMPORTED_AT = time.time()
+
+# Exit codes (docs/training.md, "Exit codes"); any other non-zero code is a crash (Python exits 1 on an
+# uncaught error, e.g. a lost peer or a collective timeout).
+EXIT_DONE = 0          # training finished; exports written (also after stop_after_steps, which is not finished)
+EXIT_CONFIG = 2        # bad command line or config; nothing ran
+EXIT_ERROR = 3         # stopped with an explained error: max_nonfinite non-finite steps in a row (a checkpoint
+#                        was written first), or a config problem found at start-up
+# EXIT_STOPPED (75): stopped on request (SIGUSR1/SIGTERM or STOP_AND_CHECKPOINT) after a checkpoint; not finished,
+# resume continues; the SLURM scripts requeue on it. STOPPED_FILE: the marker rank 0 leaves then, the one sign of
+# a requested stop that survives torchrun (which reports any failed worker as exit code 1).
 
 EXAMPLES = """
 examples:
@@ -59,41 +75,119 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if not finetune and cfg.task != "pretrain":
         print(f"config error: launchers/pretrain.py runs task=pretrain, the config says task={cfg.task!r}; "
               "use launchers/finetune.py --task ...", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if finetune and cfg.task == "pretrain":
         print("config error: launchers/finetune.py needs --task dit|sit|cls|linprobe", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if cfg.engine.deepspeed_config and cfg.engine.name != "deepspeed":
         print("config error: --deepspeed_config needs engine.name=deepspeed", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    if cfg.engine.train_timeout_s < 0:
+        print(f"config error: engine.train_timeout_s={cfg.engine.train_timeout_s}: use seconds > 0, or 0 to keep "
+              "engine.timeout_min while training", file=sys.stderr)
+        return EXIT_CONFIG
+    from ..engine import dist as D
     from .trainer import NonFiniteError, Trainer
 
     trainer = Trainer(cfg, local_rank_arg=args.local_rank if args.local_rank >= 0 else None)
+    if trainer.is_main:
+        clear_stale_stop_files(cfg.output_dir)
     try:
         result = trainer.fit()
     except (ConfigError, NonFiniteError) as e:
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
-        return 3
-    if trainer.is_main:
-        print(f"[usp_scale] done: step {result['step']}, outputs in {cfg.output_dir}", flush=True)
-    from ..engine import dist as D
-
+        return EXIT_ERROR
+    code = EXIT_DONE
+    if result.get("stopped_by_request"):
+        code = stop_exit_code()
+        if trainer.is_main:
+            write_stopped(cfg.output_dir, result, code)
+            print(f"[usp_scale] stopped on request at step {result['step']} (not finished; checkpoint "
+                  f"{result['checkpoint']}); exit code {code}: a resumed or requeued run continues", flush=True)
+        D.barrier()  # the marker exists before any rank exits (launchers kill the others on a non-zero exit)
+    elif trainer.is_main:
+        finished = "exports" in result
+        print(f"[usp_scale] {'done' if finished else 'stopped (stop_after_steps, not finished)'}: step "
+              f"{result['step']}, outputs in {cfg.output_dir}", flush=True)
     D.cleanup()
-    return 0
+    return code
+
+
+def run_started_at() -> float:
+    """When this run started, in epoch seconds: ``$USP_SCALE_STARTED_AT`` (the SLURM scripts export the job's
+    start) or this process's start (from /proc; the module's import time elsewhere)."""
+    if os.environ.get("USP_SCALE_STARTED_AT"):
+        return float(os.environ["USP_SCALE_STARTED_AT"])
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: start time in clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+def clear_stale_stop_files(output_dir: str) -> None:
+    """Rank 0 at start-up: remove the previous run's STOPPED marker, and a STOP_AND_CHECKPOINT older than this
+    run (left by a job killed before it could act on it), which would otherwise stop this run at its first
+    log step. A stop file written after the run started (e.g. by the SLURM script's signal trap) is kept."""
+    from .trainer import STOP_FILE
+
+    started = run_started_at()
+    for name in (STOPPED_FILE, STOP_FILE):
+        path = os.path.join(output_dir, name)
+        try:
+            mtime = os.path.getmtime(path)
+        except OSError:
+            continue
+        if name == STOPPED_FILE or mtime < started:
+            os.remove(path)
+            print(f"[usp_scale] removed {path} (written {time.ctime(mtime)}, before this run started "
+                  f"{time.ctime(started)})", flush=True)
+
+
+def stop_exit_code() -> int:
+    """EXIT_STOPPED, except under a torchrun agent with restarts left: it would restart the workers on a non-zero
+    exit (they would resume and train on, ignoring the stop), so there the stop exits 0 and STOPPED tells."""
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT",
+                                                                                       "0"))
+    return EXIT_DONE if left > 0 else EXIT_STOPPED
+
+
+def write_stopped(output_dir: str, result: dict, code: int) -> str:
+    path = os.path.join(output_dir, STOPPED_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"step": result["step"], "checkpoint": result["checkpoint"], "exit_code": code,
+                   "time": time.time()}, f)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def entry(finetune: bool, prog: str) -> None:
-    rc = main(sys.argv[1:], finetune=finetune, prog=prog)
+    try:
+        rc = main(sys.argv[1:], finetune=finetune, prog=prog)
+    except BaseException as e:  # noqa: BLE001 -- a crash: report it and exit now
+        if isinstance(e, SystemExit):
+            rc = e.code if isinstance(e.code, int) else 1
+        else:
+            import traceback
+
+            traceback.print_exc()
+            rc = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    # DeepSpeed on CPU occasionally aborts inside its exit handlers after a successful run.
+    # No interpreter shutdown: DeepSpeed on CPU occasionally aborts inside its exit handlers after a successful
+    # run, and after a crash (e.g. a lost peer) process-group threads can keep the process alive, so the launcher
+    # (torchrun, srun) would wait for it instead of restarting or ending the job.
     os._exit(rc)

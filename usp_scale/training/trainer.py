@@ -109,8 +109,9 @@ class Trainer:
                          "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                          "schedule": self.schedule.state_dict()}
         rank_state = {"loader": self.loader.state_dict()}
-        path = self.ckpt.save(step, self.engine, ema=self.ema, trainer_state=trainer_state, rank_state=rank_state,
-                              meta=self._meta(step, epoch))
+        with D.long_timeout():  # a slow filesystem must not trip engine.train_timeout_s
+            path = self.ckpt.save(step, self.engine, ema=self.ema, trainer_state=trainer_state,
+                                  rank_state=rank_state, meta=self._meta(step, epoch))
         self._print(f"[usp_scale] checkpoint: {path}")
         return path
 
@@ -273,6 +274,8 @@ class Trainer:
                 bar.update(1)
                 # Applied?/grad norm reach the host one step late (no device sync per step).
                 stats.push(step, res.ok, res.norm, meta=lr)
+                if step == start_step + 1:  # past compilation and warm-up: a hung peer now fails fast
+                    D.use_train_timeout(cfg.engine.train_timeout_s)
 
                 log_now = step % max(cfg.log_every, 1) == 0 or step == total
                 every = cfg.checkpoint.every_steps
@@ -326,7 +329,8 @@ class Trainer:
                     last_ckpt = self._save(step, epoch, micro_in_epoch)
                     win["t0"] += time.perf_counter() - t_save  # checkpoint time is not training throughput
                 if self.fid_hook is not None and not self._signal and self.fid_hook.due(step, total):
-                    ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
+                    with D.long_timeout():
+                        ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
                     win["t0"] += ev["eval_seconds"]  # keep evaluation time out of the throughput numbers
                 if self._signal:
                     self._print(f"[usp_scale] stop requested (signal or {STOP_FILE}): checkpointed at step {step}, "
@@ -346,6 +350,7 @@ class Trainer:
             epoch += 1
             micro_in_epoch = 0
         bar.close()
+        D.end_train_timeout()
 
         result = {"step": step, "epoch": epoch, "nonfinite_total": self.nonfinite_total, "checkpoint": last_ckpt,
                   "grad_norm": last_norm, "stopped_by_request": result_stopped}
@@ -361,7 +366,8 @@ class Trainer:
         return result
 
     def _evaluate(self, loader, step, epoch):
-        res = self.task.evaluate(self.engine, loader)
+        with D.long_timeout():
+            res = self.task.evaluate(self.engine, loader)
         self._last_eval, self._last_eval_step = res, step
         if res:
             self.logger.log({"kind": "eval", "step": step, "epoch": epoch, **res})

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .named import resolve_vae_path, shipped_scale
+
 SCALE = {"d8": 0.18215, "d16": 0.2325}
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -157,6 +159,7 @@ def load_autoencoder(path: str, version: str = "d8", seed: int = 0):
         raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
     if path in RANDOM_PATHS:
         return _random_vae(version, seed, full=path == "sd-random")
+    path = resolve_vae_path(path)  # a shipped VAE's short name (usp_scale/assets/vae/) -> its folder
     if not path:
         raise VAELoadError(f"vae.path is empty. {WHERE}")
     if os.path.isdir(path):
@@ -206,7 +209,7 @@ class FrozenVAE:
         if posterior not in ("mean", "sample"):
             raise VAELoadError(f"vae.posterior={posterior!r} is unknown; use 'mean' or 'sample'")
         self.path, self.version, self.dtype_name = path, version, dtype
-        self.scale = float(scale) if scale else SCALE[version]
+        self.scale = float(scale) if scale else (shipped_scale(path) or SCALE[version])
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.posterior = posterior
         model = load_autoencoder(path, version, seed)

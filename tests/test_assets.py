@@ -1,0 +1,135 @@
+"""The shipped small components (usp_scale/assets/): the trained VAE `synthetic-f8` and extractor `usp-synthetic`.
+
+They are checked against images they never saw (a fresh val split), so a wrong, random or stale weight file fails.
+"""
+import json
+import os
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def val_images(tmp_path_factory):
+    """The synthetic val split of the assets' dataset (seed 0), 3 images per class: never trained on."""
+    from usp_scale.data.synthetic import load_split, make_synthetic
+
+    root = str(tmp_path_factory.mktemp("syn"))
+    make_synthetic(root, classes=10, per_class=1, size=64, val_per_class=3, seed=0)
+    return load_split(root, "val"), root
+
+
+def test_synthetic_classes_differ_in_shape_texture_and_colour():
+    from usp_scale.data.synthetic import class_style
+
+    styles = [class_style(c) for c in range(18)]
+    assert len({(s["shape"], s["texture"]) for s in styles}) == 18
+    assert {s["texture"] for s in styles[:3]} == {"plain", "stripes", "checker"}
+    assert len({s["rgb"] for s in styles[:10]}) == 10
+
+
+def test_shipped_vae_reconstructs_unseen_images_with_its_own_scale(val_images):
+    from usp_scale import assets
+    from usp_scale.vae import FrozenVAE
+    from usp_scale.vae.named import shipped, shipped_scale
+
+    (x, _), _ = val_images
+    assert "synthetic-f8" in shipped()
+    meta = assets.read_meta("vae", "synthetic-f8")
+    vae = FrozenVAE(path="synthetic-f8")
+    assert vae.scale == shipped_scale("synthetic-f8") == meta["scaling_factor"] != 0.18215
+    assert vae.downsample == 8 and vae.latent_channels == 4 and vae.model.config.scaling_factor == vae.scale
+    xi = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = vae.encode(xi)
+    assert z.shape == (30, 4, 8, 8)
+    assert 0.7 < float(z.std()) < 1.4          # 1 / std of the train latents: unit scale on unseen images too
+    rec = ((vae.decode(z) + 1) * 127.5).round()
+    mse = (rec - torch.from_numpy(x).permute(0, 3, 1, 2).float()).pow(2).flatten(1).mean(1)
+    psnr = (10 * torch.log10(255.0 ** 2 / mse)).mean().item()
+    assert psnr > 24.0, psnr                   # recorded on 400 val images: see asset.json; a random VAE gives ~10
+    assert abs(psnr - meta["val_psnr_db"]) < 2.5
+
+
+def test_shipped_vae_scale_reaches_the_latent_cache_loader(tmp_path, val_images):
+    from usp_scale.config import DataConfig, VAEConfig
+    from usp_scale.data import build_dataset, build_loader, write_cache, write_manifest
+    from usp_scale.vae import FrozenVAE
+    from usp_scale.vae.named import shipped_scale
+
+    _, root = val_images
+    vae = FrozenVAE(path="synthetic-f8")
+    cache = str(tmp_path / "cache")
+    write_cache(build_dataset(root, "val", "folder"), vae, cache, image_size=64, augment="adm", views=1,
+                shard_size=100, batch_size=30, num_workers=0, progress=False)
+    write_manifest(cache)
+    loader = build_loader(DataConfig(root=root, format="latents", latent_cache=cache, image_size=64, batch_size=30,
+                                     latent_sample=False), VAEConfig(path="synthetic-f8"), seed=0)
+    assert loader.scale == shipped_scale("synthetic-f8")
+    batch = next(iter(loader))
+    assert 0.7 < float(batch["latents"].std()) < 1.4
+
+
+def test_changed_weights_are_refused(tmp_path, monkeypatch):
+    from usp_scale import assets
+
+    shutil.copytree(os.path.join(assets.ROOT, "vae"), tmp_path / "vae")
+    monkeypatch.setattr(assets, "ROOT", str(tmp_path))
+    assert assets.verified_dir("vae", "synthetic-f8") == str(tmp_path / "vae" / "synthetic-f8")
+    w = tmp_path / "vae" / "synthetic-f8" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(assets.AssetError, match="sha256 .* differs .* launchers/train_vae|Retrain"):
+        assets.verified_dir("vae", "synthetic-f8")
+    with pytest.raises(assets.AssetError, match="no shipped vae named 'nope'"):
+        assets.asset_dir("vae", "nope")
+    assert not assets.is_asset("vae", "some/dir/synthetic-f8")
+
+
+def test_shipped_extractor_classifies_unseen_images_and_separates_noise(val_images):
+    from usp_scale import assets
+    from usp_scale.eval import compute_metrics, create_extractor
+
+    (x, y), root = val_images
+    meta = assets.read_meta("extractor", "synthetic-cnn")
+    assert meta["val_top1"] >= 95.0
+    ext = create_extractor("usp-synthetic", ["logits_unbiased", "pool"])
+    logits, pool = ext(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+    assert pool.shape == (30, 64)
+    assert (logits.argmax(1).numpy() == y).mean() >= 0.9
+    assert ext.cache_tag and len(ext.cache_tag) == 12
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (30, 64, 64, 3), dtype=np.uint8)
+    real = compute_metrics(x[::-1].copy(), os.path.join(root, "val"), ["fid"], "usp-synthetic", progress=False)
+    bad = compute_metrics(noise, os.path.join(root, "val"), ["fid", "is"], "usp-synthetic", progress=False)
+    assert real["fid"] < 1e-6 and bad["fid"] > 100 and bad["is_mean"] < 1.5
+
+
+def test_train_scripts_write_loadable_assets(tmp_path, monkeypatch):
+    """launchers/train_vae.py and train_extractor.py end to end at toy sizes: the folders they write load through
+    the same code as the shipped ones and record their hashes."""
+    from usp_scale import assets
+
+    data = str(tmp_path / "data")
+    for script, kind, name, extra in (
+            ("train_vae.py", "vae", "v", ["--steps", "3", "--full-steps", "1", "--batch-size", "4"]),
+            ("train_extractor.py", "extractor", "e", ["--epochs", "1", "--batch-size", "8"])):
+        monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path / kind / name), "--data", data,
+                                          "--per-class", "2", "--val-per-class", "1", "--no-progress", *extra])
+        runpy.run_path(os.path.join(ROOT, "launchers", script), run_name="__main__")
+        meta = json.load(open(tmp_path / kind / name / "asset.json"))
+        assert meta["command"].startswith(f"python launchers/{script} --out") and meta["seed"] == 0
+        assert (tmp_path / kind / name / "README.md").is_file()
+    monkeypatch.setattr(assets, "ROOT", str(tmp_path))
+    from usp_scale.eval.features import load_synthetic_cnn
+    from usp_scale.vae import FrozenVAE
+
+    vae = FrozenVAE(path="v")                      # a short name resolved under the (patched) asset root
+    assert vae.scale == json.load(open(tmp_path / "vae" / "v" / "asset.json"))["scaling_factor"]
+    assert load_synthetic_cnn(str(tmp_path / "extractor" / "e")).fc.out_features == 10
