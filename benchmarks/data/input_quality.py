@@ -13,10 +13,13 @@ the fp32 baseline is ``online``). DiT precision: ``dit_bf16`` finetunes the ``on
 against the official fp32 of every other row.
 Each pretrained encoder is measured by: its masked-latent loss on held-out inputs (val images, eval crop, and fresh
 crops of the train images never drawn in training; posterior mean, fixed masks), a linear probe (top-1 on val),
-and DiT-tiny/2-VAE-simple finetuned from it (held-out DDPM loss of the EMA weights on val latents, fixed t and noise).
-FID after transfer needs a trained VAE and feature extractor (issue 13); with ``--vae PATH --extractor NAME``
-the script adds it. Results accumulate in OUT/results.jsonl (a rerun skips finished rows); OUT/summary.md has the
-table (mean and spread over seeds).
+and DiT-tiny/2-VAE-simple finetuned from it (the same inputs for every row: a cached ADM crop, a posterior sample
+per epoch): the held-out DDPM loss of its EMA weights on val latents (fixed t and noise) and, with ``--extractor``,
+FID of ``--fid-samples`` EMA samples (DDPM 50 steps, no guidance) against the train images. Defaults: the shipped
+trained VAE ``synthetic-f8`` and extractor ``usp-synthetic`` on the dataset they were trained on (the main job's:
+10 classes x 100 train + 8 val images at 64 px); ``--vae tiny-random --extractor ''`` gives the random-VAE run.
+Results accumulate in OUT/results.jsonl (a rerun skips finished rows); OUT/summary.md has the table (mean and
+spread over seeds).
 """
 from __future__ import annotations
 
@@ -46,14 +49,14 @@ def _quiet() -> list:
             "checkpoint.export_official=false", "data.num_workers=0"]
 
 
-def make_cache(a, data: str, k: int) -> str:
+def make_cache(a, data: str, k: int, augment: str = "pretrain") -> str:
     from usp_scale.data.datasets import build_dataset
     from usp_scale.data.latents import write_cache, write_manifest
     from usp_scale.vae import FrozenVAE
-    out = os.path.join(a.out, "caches", f"k{k}")
+    out = os.path.join(a.out, "caches", f"{augment}_k{k}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
         write_cache(build_dataset(data, "train", "folder"), FrozenVAE(path=a.vae), out, image_size=64, views=k,
-                    shard_size=1000, batch_size=64, progress=False)
+                    augment=augment, shard_size=1000, batch_size=64, progress=False)
         write_manifest(out)
     return out
 
@@ -122,10 +125,12 @@ def dit(a, data: str, name: str, seed: int, init: str, precision: str) -> dict:
     out = os.path.join(a.out, "runs", f"{name}_s{seed}", "dit")
     from usp_scale.training import run
     ov = [f"output_dir={out}", f"data.root={data}", f"seed={seed}", f"checkpoint.init_from={init}",
-          f"vae.path={a.vae}", f"schedule.max_steps={a.dit_steps}", f"engine.precision={precision}", *_quiet()]
+          f"vae.path={a.vae}", f"schedule.max_steps={a.dit_steps}", f"engine.precision={precision}",
+          "data.format=latents", f"data.latent_cache={make_cache(a, data, 1, 'adm')}", "data.latent_sample=true",
+          *_quiet()]
     if a.extractor:
-        ov += [f"eval.fid_every={a.dit_steps}", "eval.fid_samples=200", f"eval.fid_reference={data}/val",
-               f"eval.feature_extractor={a.extractor}", "eval.steps=50"]
+        ov += [f"eval.fid_every={a.dit_steps}", f"eval.fid_samples={a.fid_samples}", f"eval.fid_reference={data}/train",
+               f"eval.feature_extractor={a.extractor}", "eval.steps=50", "eval.cfg_scale=1.0"]
     run(_cfg("tiny_dit.yaml", ov))
     res = {"dit_ema": os.path.join(out, "export", "ema.safetensors")}
     if a.extractor:
@@ -175,11 +180,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder (dataset, caches, runs, results.jsonl, summary.md)")
     ap.add_argument("--seeds", default="0,1", help="comma list of seeds (default 0,1)")
     ap.add_argument("--only", default="", help=f"comma list of variants (default all: {', '.join(INPUTS + PRECISION)})")
-    ap.add_argument("--epochs", type=int, default=16, help="pretraining epochs (25 steps each; default 16)")
+    ap.add_argument("--epochs", type=int, default=12, help="pretraining epochs (31 steps of 32 each; default 12)")
     ap.add_argument("--blr", type=float, default=1.5e-3, help="pretraining base lr (default 1.5e-3)")
-    ap.add_argument("--dit-steps", type=int, default=60, help="DiT finetuning steps (default 60)")
-    ap.add_argument("--vae", default="tiny-random", help="VAE path or name (default tiny-random)")
-    ap.add_argument("--extractor", default="", help="feature extractor for FID after transfer ('' = no FID)")
+    ap.add_argument("--dit-steps", type=int, default=600, help="DiT finetuning steps (default 600)")
+    ap.add_argument("--vae", default="synthetic-f8", help="VAE path or name (default synthetic-f8, the shipped one)")
+    ap.add_argument("--extractor", default="usp-synthetic", help="feature extractor for FID ('' = no FID)")
+    ap.add_argument("--fid-samples", type=int, default=500, help="samples per FID (default 500)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
     data = os.path.join(a.out, "data")
     if not os.path.isfile(os.path.join(data, "synthetic.json")):
         from usp_scale.data.synthetic import make_synthetic
-        make_synthetic(data, classes=10, per_class=40, size=64, seed=0)
+        make_synthetic(data, classes=10, per_class=100, val_per_class=8, size=64)   # the main job's set
     variants = [v for v in (a.only.split(",") if a.only else INPUTS + PRECISION) if v]
     bad = [v for v in variants if v not in INPUTS + PRECISION]
     if bad:
