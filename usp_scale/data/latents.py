@@ -131,6 +131,10 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
     if views < 1:
         raise LatentCacheError(f"--views must be >= 1, got {views}")
     os.makedirs(out_dir, exist_ok=True)
+    if strict:  # a corrupt image names this writer's switch, not the training key data.strict
+        import copy
+        dataset = copy.copy(dataset)
+        dataset.strict_hint = "cache_latents.py --strict makes this an error; run without --strict to skip and report"
     n = len(dataset)
     num_shards = -(-n // shard_size)
     transform = build_transform(augment, image_size, crop_scale_min, flip=False)

@@ -17,8 +17,6 @@ import torch
 
 from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
     make_model_fn
-from .features import create_extractor, default_layer
-from .metrics import frechet_distance, is_stats_file, make_records, reference_features, statistics, write_records
 
 
 def _get(cfg, name, default=None):
@@ -91,6 +89,10 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     Distributed: collective; a rank may have no samples (``num_samples`` < world size). A failure on any
     rank (setup, sampling, reference or record writing on rank 0) raises :class:`DistributedEvalError` on
     every rank instead of leaving the others waiting in a collective (:func:`agree_on_success`)."""
+    # torch-fidelity (the optional eval extra) is imported here, not with the module: agree_on_success needs none
+    from .features import create_extractor, default_layer
+    from .metrics import frechet_distance, is_stats_file, make_records, reference_features, statistics, write_records
+
     t0 = time.perf_counter()
     reference = reference or _get(cfg, "fid_reference", "")
     if not reference:

@@ -84,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
     if trainer.is_main:
-        print(f"[usp_scale] done: step {result['step']}, outputs in {cfg.output_dir}", flush=True)
+        print(f"[usp_scale] done: step {result['step']}, {result['nonfinite_total']} non-finite step(s) skipped in "
+              f"the run, outputs in {cfg.output_dir}", flush=True)
     from ..engine import dist as D
 
     D.cleanup()

@@ -97,11 +97,18 @@ class PretrainTask(Task):
     def loss(self, engine, batch):
         x = batch["latents"]
         if self.cfg.mask.add_noise:
-            # input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1); the target stays the clean z (model side).
+            # input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1); the loss target is the clean z, as in the official code
             t = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * 0.5 + 0.5
-            x = t.sqrt() * x + (1 - t).sqrt() * torch.randn_like(x)
+            noisy = t.sqrt() * x + (1 - t).sqrt() * torch.randn_like(x)
+            loss, _, _ = engine(noisy, mask_ratio=self.cfg.mask.ratio, target=x)
+            return loss
         loss, _, _ = engine(x, mask_ratio=self.cfg.mask.ratio)
         return loss
+
+    def train_flops_per_sample(self, model: nn.Module) -> Optional[float]:
+        """As :meth:`Task.train_flops_per_sample`, with the encoder on the tokens ``mask.ratio`` leaves visible."""
+        mult = 4.0 if self.cfg.engine.activation_checkpointing else 3.0
+        return mult * float(model.flops_per_sample(mask_ratio=self.cfg.mask.ratio))
 
 
 class DiTTask(Task):
@@ -121,8 +128,7 @@ class DiTTask(Task):
     def model_kwargs(self):
         m = self.cfg.model
         return dict(input_size=m.img_size, in_channels=m.in_chans, num_classes=m.num_classes,
-                    learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
-                    cfg_official_channels=m.cfg_official_channels)
+                    learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
 
     def loss(self, engine, batch):
         x, y = batch["latents"], batch["labels"]
