@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -125,6 +126,11 @@ class CheckpointManager:
         if not resume:
             return None
         if resume == "auto":
+            incomplete = [n for n in sorted(os.listdir(self.root)) if STEP_RE.match(n) and
+                          not os.path.isfile(os.path.join(self.root, n, "meta.json"))] if os.path.isdir(self.root) else []
+            if incomplete and D.get_rank() == 0:
+                print(f"[usp_scale] WARNING: ignoring checkpoint folder(s) without meta.json (incomplete or damaged): "
+                      f"{', '.join(os.path.join(self.root, n) for n in incomplete)}", file=sys.stderr, flush=True)
             return self.latest()
         if not os.path.isfile(os.path.join(resume, "meta.json")):
             raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint folder (no meta.json)")
@@ -246,12 +252,18 @@ class CheckpointManager:
                 "\nRestore the files, or resume from an earlier step folder with checkpoint.resume=<folder>.")
 
     def check(self, path: str, *, signature: dict, config: dict, world_size: int, engine_name: str,
-              strict_prefixes=("task", "model", "engine.name", "optim.name")) -> list:
+              strict_prefixes=("task", "model", "engine.name", "optim.name"), deepspeed_config: Optional[dict] = None,
+              deepspeed_source: str = "") -> list:
         """Raise :class:`IncompatibleCheckpoint` listing what differs (or :class:`CheckpointFileError` for a
-        damaged folder); return the non-strict differences. Collective (the file check)."""
+        damaged folder); return the non-strict differences (config keys, and keys of the merged DeepSpeed config,
+        named with ``deepspeed_source``, the user's JSON). Collective (the file check)."""
         meta = self.read_meta(path)
         self.verify_files(path, meta)
         problems = []
+        ds_lines = []
+        if deepspeed_config is not None and meta.get("deepspeed_config") is not None:
+            for line in diff_config(meta["deepspeed_config"], deepspeed_config, ())[1]:
+                ds_lines.append(f"  DeepSpeed config{f' ({deepspeed_source})' if deepspeed_source else ''}:{line[1:]}")
         sig_diff = diff_signature(meta["signature"], signature)
         if sig_diff:
             problems.append("model parameters/buffers differ:\n" + "\n".join(sig_diff))
@@ -269,7 +281,7 @@ class CheckpointManager:
                 f"refusing to resume from {path}:\n" + "\n".join(problems) +
                 "\nUse the matching config, or start a new output_dir and pass checkpoint.init_from=<export> "
                 "to load weights only.")
-        return other
+        return other + ds_lines
 
     def load(self, path: str, engine, *, ema=None) -> tuple:
         """Collective. Loads engine state and EMA in place; returns (trainer_state, rank_state)."""

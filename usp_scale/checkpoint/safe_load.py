@@ -79,18 +79,42 @@ def torch_load(path: str, *, what: str = "checkpoint", extra_globals: Iterable =
                                   f"torch.save file)") from e
 
 
-def read_safetensors(path: str, *, what: str = "weights file") -> dict:
-    """Every tensor of a .safetensors file (CPU); reader failures become :class:`CheckpointFileError`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+CONTENT_KEY = "usp_scale_sha256"  # safetensors metadata: sha256 of the tensors (names, dtypes, shapes, bytes)
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (independent of the file layout)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def read_safetensors(path: str, *, what: str = "weights file", with_metadata: bool = False):
+    """Every tensor of a .safetensors file (CPU); reader failures become :class:`CheckpointFileError`.
+
+    A file this project wrote carries :data:`CONTENT_KEY` in its metadata: the tensors are checked against it,
+    so a changed byte (same size) is refused by name. ``with_metadata``: return (tensors, metadata)."""
+    from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointFileError(f"cannot read {what} {path}: {type(e).__name__}: {e} ({os.path.getsize(path)} "
                                   "bytes; the file is truncated, damaged or not a safetensors file)") from e
+    if CONTENT_KEY in meta and tensors_sha256(tensors) != meta[CONTENT_KEY]:
+        raise CheckpointFileError(f"{what} {path} has changed since it was written: its tensors do not match the "
+                                  "sha256 in its metadata (the file is damaged); restore or re-export it")
+    return (tensors, meta) if with_metadata else tensors
 
 
 def read_json(path: str, *, what: str = "file"):
@@ -191,11 +215,13 @@ def torch_save(obj, path: str) -> str:
 
 
 def save_safetensors_file(tensors: dict, path: str, metadata: Optional[dict] = None) -> str:
-    """``safetensors.torch.save_file`` through :func:`atomic_write`."""
+    """``safetensors.torch.save_file`` through :func:`atomic_write`, with the tensors' sha256 in the metadata
+    (:data:`CONTENT_KEY`; :func:`read_safetensors` checks it)."""
     from safetensors.torch import save_file
 
+    meta = {**(metadata or {}), CONTENT_KEY: tensors_sha256(tensors)}
     with atomic_write(path, needed=tensor_bytes(tensors)) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=meta)
     return path
 
 
@@ -297,20 +323,24 @@ def dcp_load(state: dict, folder: str) -> None:
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.metadata import StorageMeta
 
+    errors: list = []  # DCP folds exceptions into strings: keep ours to raise them as they are
+
     class SafeReader(dcp.FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            path = os.path.join(str(self.path), ".metadata" if kwargs.get("rank") is None
-                                else f"__{kwargs['rank']}.metadata")
+            rank_local = kwargs.get("rank") is not None
+            path = os.path.join(str(self.path), f"__{kwargs['rank']}.metadata" if rank_local else ".metadata")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"checkpoint metadata not found: {path}")
             with open(path, "rb") as f:
                 try:
                     metadata = _DCPMetadataUnpickler(f, path).load()
-                except UnsafeCheckpointError:
+                except UnsafeCheckpointError as e:
+                    errors.append(e)
                     raise
                 except Exception as e:  # noqa: BLE001 - a damaged pickle stream
-                    raise CheckpointFileError(f"cannot read checkpoint metadata {path}: {type(e).__name__}: {e}") \
-                        from e
+                    errors.append(CheckpointFileError(f"cannot read checkpoint metadata {path}: "
+                                                      f"{type(e).__name__}: {e}"))
+                    raise errors[-1] from e
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -322,11 +352,17 @@ def dcp_load(state: dict, folder: str) -> None:
                 try:
                     obj = torch.load(value, map_location="cpu", weights_only=True)
                 except pickle.UnpicklingError as e:
-                    raise UnsafeCheckpointError(f"refusing to load item {read_item.dest_index.fqn!r} of checkpoint "
-                                                f"{folder}: {str(e).strip().splitlines()[-1]}") from None
+                    errors.append(UnsafeCheckpointError(f"refusing to load item {read_item.dest_index.fqn!r} of "
+                                                        f"checkpoint {folder}: {str(e).strip().splitlines()[-1]}"))
+                    raise errors[-1] from None
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj
 
-    dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner())
+    try:
+        dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner())
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if errors and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise errors[0] from None
+        raise

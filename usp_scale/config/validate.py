@@ -371,7 +371,7 @@ def _local(cfg, world):
     return f"the launcher started {world} processes" if cfg.engine.name == "local" and world > 1 else None
 
 
-@rule("engine.fsdp_shard_size", text="with engine.name=fsdp2: engine.fsdp_shard_size divides the world size",
+@rule("engine.fsdp_shard_size", "engine.name", text="with engine.name=fsdp2: engine.fsdp_shard_size divides the world size",
       runtime=True)
 def _hsdp(cfg, world):
     k = cfg.engine.fsdp_shard_size

@@ -28,6 +28,15 @@ def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None
     from ..transfer import load_pretrained
 
     report = load_pretrained(model, path, use_pretrain_layer=use_pretrain_layer)
+    if path.endswith(".safetensors"):  # what was loaded: the export's source and content hash, before training
+        from safetensors import safe_open
+
+        from ..checkpoint.safe_load import CONTENT_KEY
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        info = ", ".join(f"{k} {meta[k]}" for k in ("task", "model", "step", "source") if k in meta)
+        print(f"[usp_scale] init_from {path}: {info or 'no provenance metadata'}; content sha256 "
+              f"{meta.get(CONTENT_KEY, 'not recorded')[:16]}", flush=True)
     if report is not None:
         parts = [f"{k} {len(getattr(report, k))}" for k in ("copied", "resampled", "dropped", "new")
                  if hasattr(report, k)]

@@ -98,7 +98,8 @@ class Trainer:
 
     def _meta(self, step, epoch):
         return {"step": step, "epoch": epoch, "engine": self.cfg.engine.name, "world_size": self.world,
-                "task": self.cfg.task, "signature": self.signature, "config": to_dict(self.cfg)}
+                "task": self.cfg.task, "signature": self.signature, "config": to_dict(self.cfg),
+                "deepspeed_config": getattr(self.engine, "ds_config", None)}
 
     def _save(self, step, epoch, micro_in_epoch):
         trainer_state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
@@ -216,7 +217,9 @@ class Trainer:
         if resume:
             strict = [s.strip() for s in cfg.checkpoint.strict_keys.split(",") if s.strip()]
             other = self.ckpt.check(resume, signature=self.signature, config=to_dict(cfg), world_size=self.world,
-                                    engine_name=cfg.engine.name, strict_prefixes=strict)
+                                    engine_name=cfg.engine.name, strict_prefixes=strict,
+                                    deepspeed_config=getattr(engine, "ds_config", None),
+                                    deepspeed_source=cfg.engine.deepspeed_config)
             if other:
                 self._print(f"[usp_scale] resuming from {resume} with changed settings:\n" + "\n".join(other))
             ts, rank_state = self.ckpt.load(resume, engine, ema=self.ema)
