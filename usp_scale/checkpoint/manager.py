@@ -170,8 +170,9 @@ class CheckpointManager:
             D.barrier()
         except BaseException as e:
             written = folder_bytes(tmp)
+            full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_disk_full(e, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(e):
+            if full:
                 raise disk_full_error(final, self._estimate_bytes(engine, ema, written), e,
                                       note=f" (the incomplete {tmp} was removed)") from e
             raise

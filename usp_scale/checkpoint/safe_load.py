@@ -131,17 +131,31 @@ def read_json(path: str, *, what: str = "file"):
 
 # --------------------------------------------------------------------------- writing
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True when ``exc`` (or an exception it was raised from) says the file system is full."""
+def _free_bytes(path: str) -> int:
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def is_disk_full(exc: BaseException, path: Optional[str] = None, needed: Optional[int] = None) -> bool:
+    """True when ``exc`` (or an exception it was raised from) says the file system is full, or, with ``path``
+    (call it before removing a partial file), when a failed write left less free space there than ``needed``
+    (or under 1 MiB): torch.save reports a short write only as "unexpected pos ...", without an errno."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    e = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(exc)
+        text = str(e)
         if "No space left" in text or "StorageFull" in text or "Disk quota exceeded" in text:
             return True
-        exc = exc.__cause__ or exc.__context__
+        e = e.__cause__ or e.__context__
+    if path is None:
+        return False
+    with contextlib.suppress(OSError):
+        return _free_bytes(path) < max(needed or 0, 1 << 20)
     return False
 
 
@@ -172,9 +186,9 @@ def disk_full_error(path: str, needed: Optional[int], exc: BaseException, note: 
         folder = os.path.dirname(folder)
     free = shutil.disk_usage(folder).free
     need = f"about {_human(needed)}" if needed else "more than is free"
-    err = DiskFullError(errno.ENOSPC, f"disk full: writing {path} needs {need}, {_human(free)} free on the file "
-                                      f"system of {folder}{note}. Free space or choose another output folder; "
-                                      "nothing partial was left behind", path)
+    err = DiskFullError(errno.ENOSPC, f"disk full: writing {path} needs {need}; the file system of {folder} had "
+                                      f"{_human(free)} free when the write failed{note}. Free space or choose another "
+                                      "output folder; nothing partial was left behind", path)
     err.__cause__ = exc
     return err
 
@@ -189,9 +203,10 @@ def atomic_write(path: str, needed: Optional[int] = None):
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
+        full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_disk_full(e, tmp, needed)
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if is_disk_full(e):
+        if full:
             raise disk_full_error(path, needed, e) from e
         raise
 

@@ -80,7 +80,12 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
     trainer = Trainer(cfg, local_rank_arg=args.local_rank if args.local_rank >= 0 else None)
     try:
         result = trainer.fit()
-    except (ConfigError, NonFiniteError) as e:
+    except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
+        from ..checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from ..data.latents import LatentCacheError
+        if not isinstance(e, (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
+                              FileNotFoundError)):
+            raise
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
     if trainer.is_main:
