@@ -249,7 +249,8 @@ class CheckpointManager:
         bad = [b for part in D.all_gather_object(bad) for b in part]
         if bad:
             raise CheckpointFileError(
-                f"checkpoint {path} is damaged; refusing to resume from it:\n  " + "\n  ".join(bad) +
+                f"checkpoint {path} is damaged (its files do not match {os.path.join(path, 'meta.json')}); "
+                "refusing to resume from it:\n  " + "\n  ".join(bad) +
                 "\nRestore the files, or resume from an earlier step folder with checkpoint.resume=<folder>.")
 
     def check(self, path: str, *, signature: dict, config: dict, world_size: int, engine_name: str,

@@ -456,8 +456,10 @@ class LatentCache:
                 continue
             self.shards.append(d)
         if bad:
-            raise LatentCacheError("latent cache shards fail their checks: " + "; ".join(bad) +
-                                   " - delete them and their .json sidecars and rerun cache_latents.py to rewrite them")
+            raise LatentCacheError(f"latent cache shards do not match {mpath}: " + "; ".join(bad) +
+                                   " - delete them and their .json sidecars and rerun cache_latents.py to rewrite them"
+                                   + (" (every shard differs: is the manifest another cache's?)"
+                                      if len(bad) == len(m["shards"]) > 1 else ""))
         self.storage = torch.bfloat16 if m["dtype"] == "bf16" else torch.float16
         # (record, view, flip) slots whose CRC this process has checked
         self._verified = [np.zeros(d["crc"].shape, bool) for d in self.shards]

@@ -105,11 +105,15 @@ def merge_user_config(generated: dict, user: dict, source: str = "--deepspeed_co
 def load_user_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"engine.deepspeed_config: file not found: {path}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 class DeepSpeedEngine(Engine):
