@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from _helpers_data import data_cfg, synth, synth_clean  # noqa: F401
 from usp_scale.config import VAEConfig
@@ -126,7 +125,8 @@ def test_nonfinite_moments_are_refused_with_shard_and_record(cache_a, tmp_path):
     with open(p, "r+b") as f:  # +inf (fp16 0x7C00) in record 3, view 0, flip 0
         f.seek(off)
         f.write(np.array([np.inf], np.float16).tobytes())
-    with pytest.raises(LatentCacheError, match=r"shard_000002\.safetensors: record 3 .*view 0, flip 0\) holds non-finite"):
+    with pytest.raises(LatentCacheError,
+                       match=r"shard_000002\.safetensors: record 3 .*view 0, flip 0\) holds non-finite"):
         read_all(bad, verify="size")  # no CRC: the finiteness check still runs
     with pytest.raises(LatentCacheError, match=r"shard_000002\.safetensors: record 3 .*fails its CRC-32"):
         read_all(bad)

@@ -60,7 +60,8 @@ def test_init_from(tmp_path, marker):
 def test_single_file_vae(tmp_path, marker):
     from usp_scale.vae import FrozenVAE
 
-    evil = S.evil_save(str(tmp_path / "vae.ckpt"), marker, base={"state_dict": {"encoder.conv_in.weight": torch.ones(1)}})
+    evil = S.evil_save(str(tmp_path / "vae.ckpt"), marker,
+                       base={"state_dict": {"encoder.conv_in.weight": torch.ones(1)}})
     with pytest.raises(UnsafeCheckpointError, match=r"vae\.ckpt.*posix\.system"):
         FrozenVAE(path=evil)
 

@@ -126,8 +126,9 @@ class CheckpointManager:
         if not resume:
             return None
         if resume == "auto":
-            incomplete = [n for n in sorted(os.listdir(self.root)) if STEP_RE.match(n) and
-                          not os.path.isfile(os.path.join(self.root, n, "meta.json"))] if os.path.isdir(self.root) else []
+            names = sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+            incomplete = [n for n in names if STEP_RE.match(n) and
+                          not os.path.isfile(os.path.join(self.root, n, "meta.json"))]
             if incomplete and D.get_rank() == 0:
                 print(f"[usp_scale] WARNING: ignoring checkpoint folder(s) without meta.json (incomplete or damaged): "
                       f"{', '.join(os.path.join(self.root, n) for n in incomplete)}", file=sys.stderr, flush=True)

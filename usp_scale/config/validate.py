@@ -141,7 +141,9 @@ def _range_rule(key, lo, hi, lo_open, hi_open, what) -> Rule:
         v = get(cfg, key)
         if isinstance(v, float) and not math.isfinite(v):
             return f"must be a finite number ({text})"
-        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        above = hi is not None and (v >= hi if hi_open else v > hi)
+        bad = below or above
         return f"out of range: {text}" if bad else None
     return Rule((key,), text, check)
 
@@ -371,7 +373,8 @@ def _local(cfg, world):
     return f"the launcher started {world} processes" if cfg.engine.name == "local" and world > 1 else None
 
 
-@rule("engine.fsdp_shard_size", "engine.name", text="with engine.name=fsdp2: engine.fsdp_shard_size divides the world size",
+@rule("engine.fsdp_shard_size", "engine.name",
+      text="with engine.name=fsdp2: engine.fsdp_shard_size divides the world size",
       runtime=True)
 def _hsdp(cfg, world):
     k = cfg.engine.fsdp_shard_size

@@ -373,7 +373,8 @@ def _open_safetensors(path: str, header: Optional[bytes] = None) -> Dict[str, np
     for (b, e), name, v in entries:
         np_dtype, _ = _ST_DTYPES[v["dtype"]]
         shape = tuple(v["shape"])
-        out[name] = np.zeros(shape, np_dtype) if e == b else mm[8 + hlen + b: 8 + hlen + e].view(np_dtype).reshape(shape)
+        out[name] = np.zeros(shape, np_dtype) if e == b else \
+            mm[8 + hlen + b: 8 + hlen + e].view(np_dtype).reshape(shape)
     return out
 
 
