@@ -20,7 +20,8 @@ from usp_scale.training.tasks import PretrainTask
 
 
 class NaNTask(PretrainTask):
-    """Loss NaN on chosen calls (call 1 is the trainer's warm-up forward, then one call per micro-batch)."""
+    """Loss NaN on chosen training calls: call k is micro-batch k of this process (a forward in eval mode, such as
+    a warm-up forward, is not counted)."""
 
     def __init__(self, cfg, bad):
         super().__init__(cfg)
@@ -28,6 +29,8 @@ class NaNTask(PretrainTask):
 
     def loss(self, engine, batch):
         loss = super().loss(engine, batch)
+        if not getattr(engine, "model", engine).training:
+            return loss
         self.calls += 1
         return loss * float("nan") if self.calls in self.bad else loss
 
@@ -65,7 +68,7 @@ def test_resume_does_not_need_the_eval_extra(tmp_path):
 def test_nonfinite_message_names_the_lr_key_that_was_set(tmp_path, key, value):
     c = cfg(tmp_path, max_nonfinite=2, **{"schedule.max_steps": 10, key: value})
     with pytest.raises(NonFiniteError) as e:
-        Trainer(c, task=NaNTask(c, bad=set(range(3, 40)))).fit()
+        Trainer(c, task=NaNTask(c, bad=set(range(2, 40)))).fit()
     assert f"Lower {key} (now {value:g})" in str(e.value)
     other = "optim.blr" if key == "optim.lr" else "optim.lr"
     assert f"Lower {other}" not in str(e.value)
@@ -73,7 +76,7 @@ def test_nonfinite_message_names_the_lr_key_that_was_set(tmp_path, key, value):
 
 def test_nan_steps_are_not_logged_with_grad_norm_zero(tmp_path):
     c = cfg(tmp_path, log_every=2, **{"schedule.max_steps": 4})
-    Trainer(c, task=NaNTask(c, bad={3})).fit()  # call 3 = optimizer step 2 (in the first log window)
+    Trainer(c, task=NaNTask(c, bad={2})).fit()  # micro-batch 2 = optimizer step 2 (in the first log window)
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["nonfinite"] for r in recs] == [1, 0]
     ref = cfg(tmp_path / "ref", log_every=1, **{"schedule.max_steps": 4})
@@ -81,7 +84,7 @@ def test_nan_steps_are_not_logged_with_grad_norm_zero(tmp_path):
     step1 = json.loads(open(tmp_path / "ref" / "run" / "metrics.jsonl").readline())["grad_norm"]
     assert recs[0]["grad_norm"] == pytest.approx(step1)  # the finite step's norm, not its mean with a 0.0
     c1 = cfg(tmp_path / "one", log_every=1, **{"schedule.max_steps": 2, "schedule.warmup_steps": 1})
-    Trainer(c1, task=NaNTask(c1, bad={3})).fit()
+    Trainer(c1, task=NaNTask(c1, bad={2})).fit()
     recs = [json.loads(line) for line in open(tmp_path / "one" / "run" / "metrics.jsonl")]
     assert recs[1]["grad_norm"] is None and recs[1]["nonfinite"] == 1  # a window of only NaN steps has no norm
 
@@ -91,7 +94,7 @@ def test_scattered_nonfinite_steps_stop_on_the_rate(tmp_path, capsys):
     c = cfg(tmp_path, max_nonfinite=2, max_nonfinite_rate=0.2, nonfinite_window=10, log_every=1,
             **{"schedule.max_steps": 30})
     with pytest.raises(NonFiniteError) as e:
-        Trainer(c, task=NaNTask(c, bad={4, 7, 10, 13, 16, 19})).fit()  # optimizer steps 3, 6, 9, ...
+        Trainer(c, task=NaNTask(c, bad={3, 6, 9, 12, 15, 18})).fit()  # optimizer steps 3, 6, 9, ...
     msg = str(e.value)
     assert "3 non-finite steps among the last 10" in msg and "optimizer step 9" in msg
     assert (tmp_path / "run" / "checkpoints" / "step_00000009" / "meta.json").is_file()
@@ -100,20 +103,20 @@ def test_scattered_nonfinite_steps_stop_on_the_rate(tmp_path, capsys):
     assert "WARNING: 1 of the last 1 optimizer steps were non-finite" in capsys.readouterr().err
     # with the rate limit off only the streak counts: the run finishes and reports its count
     c2 = cfg(tmp_path / "off", max_nonfinite=2, max_nonfinite_rate=0.0, **{"schedule.max_steps": 12})
-    res = Trainer(c2, task=NaNTask(c2, bad={4, 7, 10})).fit()
+    res = Trainer(c2, task=NaNTask(c2, bad={3, 6, 9})).fit()
     assert res["nonfinite_total"] == 3 and res["step"] == 12
 
 
 def test_rate_window_survives_resume(tmp_path):
     c = cfg(tmp_path, max_nonfinite=0, max_nonfinite_rate=0.2, nonfinite_window=10, stop_after_steps=4,
             **{"schedule.max_steps": 20, "checkpoint.every_steps": 4})
-    Trainer(c, task=NaNTask(c, bad={2, 4})).fit()  # steps 1 and 3 non-finite
+    Trainer(c, task=NaNTask(c, bad={1, 3})).fit()  # steps 1 and 3 non-finite
     ts = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)
     assert ts["nonfinite_recent"] == [1, 3]
     c = cfg(tmp_path, max_nonfinite=0, max_nonfinite_rate=0.2, nonfinite_window=10,
             **{"schedule.max_steps": 20, "checkpoint.every_steps": 4})
     with pytest.raises(NonFiniteError, match="3 non-finite steps among the last 10"):
-        Trainer(c, task=NaNTask(c, bad={3})).fit()  # step 6 is the third within 10 steps
+        Trainer(c, task=NaNTask(c, bad={2})).fit()  # micro-batch 2 after the resume = step 6, the third in 10 steps
 
 
 def test_mfu_uses_mask_ratio(tmp_path):

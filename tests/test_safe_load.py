@@ -130,19 +130,34 @@ def test_dcp_metadata_and_items(tmp_path, marker):
 
 @pytest.mark.slow
 def test_deepspeed_files(tmp_path, marker):
-    """DeepSpeed's own checkpoint files go through the safe loader (its plain records allowed)."""
-    out = str(tmp_path / "ds")
-    cfg = S.H.trainer_cfg("deepspeed", out, **{"schedule.max_steps": 4, "stop_after_steps": 2, "zero_stage": 1,
-                                                "engine.precision": "bf16"})
-    from usp_scale.training import run
+    """DeepSpeed's own checkpoint files go through the safe loader (its plain records allowed). Runs in a child
+    process: DeepSpeed leaves a process group and rendezvous variables behind."""
+    import subprocess
+    import sys
+    import textwrap
 
-    run(cfg)
-    run(S.H.trainer_cfg("deepspeed", out, **{"schedule.max_steps": 4, "zero_stage": 1, "engine.precision": "bf16"}))
-    # the real files resumed (above); now a payload in the optimizer-state file, checksums forged
-    step = os.path.join(out, "checkpoints", "step_00000002")
-    shutil.rmtree(os.path.join(out, "checkpoints", "step_00000004"))
-    (target,) = glob.glob(os.path.join(step, "engine", "ds", "*optim_states.pt"))
-    torch.save({"optimizer_state_dict": S.Payload(marker)}, target)
-    S.forge_meta(step)
-    with pytest.raises(UnsafeCheckpointError, match=r"optim_states\.pt: it needs the Python type\(s\) posix\.system"):
-        run(S.H.trainer_cfg("deepspeed", out, **{"schedule.max_steps": 4, "zero_stage": 1, "engine.precision": "bf16"}))
+    script = textwrap.dedent(f"""
+        import glob, os, shutil, sys
+        sys.path.insert(0, {os.path.join(S.REPO, "tests")!r})
+        import torch
+        import _helpers_safety as S
+        from usp_scale.checkpoint.safe_load import UnsafeCheckpointError
+        from usp_scale.training import run
+        out, marker = {str(tmp_path / "ds")!r}, {marker!r}
+        kw = {{"schedule.max_steps": 4, "zero_stage": 1, "engine.precision": "bf16"}}
+        run(S.H.trainer_cfg("deepspeed", out, stop_after_steps=2, **kw))
+        run(S.H.trainer_cfg("deepspeed", out, **kw))  # the real files resume
+        step = os.path.join(out, "checkpoints", "step_00000002")
+        shutil.rmtree(os.path.join(out, "checkpoints", "step_00000004"))
+        (target,) = glob.glob(os.path.join(step, "engine", "ds", "*optim_states.pt"))
+        torch.save({{"optimizer_state_dict": S.Payload(marker)}}, target)
+        S.forge_meta(step)  # the checksums pass: only the safe loader stands in the way
+        try:
+            run(S.H.trainer_cfg("deepspeed", out, **kw))
+        except UnsafeCheckpointError as e:
+            print("REFUSED:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], cwd=S.REPO, env=S.H.child_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert "REFUSED:" in r.stdout, r.stderr[-3000:]
+    assert "optim_states.pt: it needs the Python type(s) posix.system" in r.stdout

@@ -336,7 +336,8 @@ def _strict_keys(cfg):
 
 @rule("eval.fid_every", "task", text="eval.fid_every > 0 only for task dit or sit")
 def _fid_task(cfg):
-    return f"task={cfg.task} generates no images" if cfg.eval.fid_every > 0 and cfg.task not in SAMPLERS else None
+    return f"in-training FID is for task=dit or sit, task={cfg.task} generates no images" \
+        if cfg.eval.fid_every > 0 and cfg.task not in SAMPLERS else None
 
 
 @rule("eval.fid_samples", "eval.fid_every", text="with eval.fid_every > 0: eval.fid_samples >= 2 (a covariance)")

@@ -8,7 +8,8 @@ import importlib
 _WHERE = {
     **dict.fromkeys(("INCEPTION_FILE", "INCEPTION_NAME", "TINY_NAME", "TinyFeatureExtractor", "create_extractor",
                      "default_layer", "register_extractor", "resolve_inception_weights"), "features"),
-    **dict.fromkeys(("DistributedEvalError", "agree_on_success", "evaluate_fid", "save_sample_grid"), "hook"),
+    **dict.fromkeys(("DistributedEvalError", "agree_on_success"), "agree"),
+    **dict.fromkeys(("evaluate_fid", "save_sample_grid"), "hook"),
     **dict.fromkeys(("METRICS", "compute_metrics", "extract_features", "format_record", "frechet_distance",
                      "inception_score", "kid", "make_records", "precision_recall", "reference_features",
                      "save_statistics", "statistics", "write_records"), "metrics"),

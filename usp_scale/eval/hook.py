@@ -17,6 +17,9 @@ import torch
 
 from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
     make_model_fn
+from .agree import DistributedEvalError, agree_on_success  # noqa: F401 (re-exported)
+from .features import create_extractor, default_layer
+from .metrics import frechet_distance, is_stats_file, make_records, reference_features, statistics, write_records
 
 
 def _get(cfg, name, default=None):
@@ -31,45 +34,6 @@ def _dist():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-class DistributedEvalError(RuntimeError):
-    """Evaluation work failed on some rank(s); raised on every rank by :func:`agree_on_success`."""
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def agree_on_success(error: Optional[BaseException], what: str) -> None:
-    """Collective status check after work that may fail on some ranks only (call it on every rank, with the
-    exception this rank caught or None, before the next collective). Without a process group (or world size
-    1) it re-raises ``error``. Otherwise one all_reduce tells every rank whether any rank failed; then every
-    rank raises :class:`DistributedEvalError` naming the failing ranks and their errors (chained to its own
-    error where it has one); rank 0's message also carries the failing ranks' tracebacks."""
-    rank, world = _dist()
-    if world == 1:
-        if error is not None:
-            raise error
-        return
-    import traceback
-
-    flag = torch.tensor([0.0 if error is None else 1.0], device=_collective_device())
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if flag.item() == 0.0:
-        return
-    mine = None if error is None else (f"{type(error).__name__}: {error}",
-                                       "".join(traceback.format_exception(type(error), error, error.__traceback__)))
-    every = [None] * world
-    torch.distributed.all_gather_object(every, mine)
-    failed = [(r, e) for r, e in enumerate(every) if e is not None]
-    msg = (f"{what} failed on rank{'s' if len(failed) > 1 else ''} {', '.join(str(r) for r, _ in failed)} "
-           f"(of {world}); every rank stops here: " + "; ".join(f"rank {r}: {e[0]}" for r, e in failed))
-    if rank == 0:
-        msg += "".join(f"\n--- traceback on rank {r} ---\n{e[1]}" for r, e in failed)
-    raise DistributedEvalError(msg) from error
 
 
 @torch.no_grad()
@@ -89,10 +53,6 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     Distributed: collective; a rank may have no samples (``num_samples`` < world size). A failure on any
     rank (setup, sampling, reference or record writing on rank 0) raises :class:`DistributedEvalError` on
     every rank instead of leaving the others waiting in a collective (:func:`agree_on_success`)."""
-    # torch-fidelity (the optional eval extra) is imported here, not with the module: agree_on_success needs none
-    from .features import create_extractor, default_layer
-    from .metrics import frechet_distance, is_stats_file, make_records, reference_features, statistics, write_records
-
     t0 = time.perf_counter()
     reference = reference or _get(cfg, "fid_reference", "")
     if not reference:
