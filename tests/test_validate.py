@@ -30,7 +30,7 @@ CROSS = {
     "optim.min_lr+optim.lr": (TINY, ["optim.lr=1e-4", "optim.min_lr=1e-3"], None),
     "schedule.epochs+schedule.max_steps": (TINY, ["schedule.epochs=0", "schedule.max_steps=0"], None),
     "schedule.warmup_steps+schedule.max_steps+schedule.warmup_epochs+schedule.epochs":
-        (TINY, ["schedule.warmup_epochs=5"], None),
+        (TINY, ["schedule.warmup_epochs=1000"], None),
     "engine.deepspeed_config+engine.name": (TINY, ["engine.deepspeed_config=ds.json"], None),
     "checkpoint.strict_keys": (TINY, ["checkpoint.strict_keys=task,modle.name"], None),
     "eval.fid_every+task": (TINY, ["eval.fid_every=10"], None),
@@ -41,7 +41,7 @@ CROSS = {
         (TINY_DIT, ["eval.fid_every=10", "eval.cfg_scale=4.0", "model.class_dropout_prob=0"], None),
     "engine.name@start": (TINY, [], 2),
     "engine.fsdp_shard_size+engine.name@start": (TINY, ["engine.name=fsdp2", "engine.fsdp_shard_size=3"], 4),
-    "optim.min_lr+optim.blr+optim.lr+data.batch_size+schedule.accum_iter@start": (TINY, ["optim.min_lr=1e-4"], 1),
+    "optim.min_lr+optim.blr+optim.lr+data.batch_size+schedule.accum_iter@start": (TINY, ["optim.min_lr=0.5"], 1),
 }
 
 
