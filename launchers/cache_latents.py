@@ -91,4 +91,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:  # a bad input file or argument: its message (naming the file), not a traceback
+        from usp_scale.checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from usp_scale.data.datasets import CorruptImageError, DatasetError
+        from usp_scale.data.latents import LatentCacheError
+        from usp_scale.vae import VAELoadError
+        errors = (CheckpointFileError, DiskFullError, FileNotFoundError, CorruptImageError, DatasetError,
+                  LatentCacheError, VAELoadError)
+        if not isinstance(e, errors):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -195,4 +195,13 @@ def main(argv: Optional[list] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except Exception as e:  # a bad input file or argument: its message (naming the file), not a traceback
+        from usp_scale.checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from usp_scale.vae import VAELoadError
+        errors = (CheckpointFileError, DiskFullError, FileNotFoundError, VAELoadError, KeyError, ValueError)
+        if not isinstance(e, errors):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

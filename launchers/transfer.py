@@ -76,4 +76,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as e:  # a bad input file or argument: its message (naming the file), not a traceback
+        from usp_scale.checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from usp_scale.transfer import TransferError
+        errors = (CheckpointFileError, DiskFullError, FileNotFoundError, TransferError, KeyError, ValueError)
+        if not isinstance(e, errors):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

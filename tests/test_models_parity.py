@@ -301,19 +301,32 @@ def test_label_dropout_and_null_class():
     assert torch.equal(emb(y, train=True), emb.embedding_table.weight[[10, 10, 10]])
 
 
-@pytest.mark.parametrize("official", [True, False])
-def test_forward_with_cfg_channels(official):
-    m = create_model("DiT-tiny/2", cfg_official_channels=official).eval()
+def _official_forward_with_cfg(model, x, t, y, cfg_scale):
+    """The official DiT ``forward_with_cfg``: batch = [cond half; uncond half], guides output channels 0-2."""
+    half = x[: len(x) // 2]
+    model_out = model(torch.cat([half, half], dim=0), t, y)
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def test_cfg_channels_3_is_the_official_forward_with_cfg():
+    """One CFG implementation (usp_scale.sample.CFGModel, switched by eval.cfg_channels / --cfg-channels):
+    cfg_channels=3 reproduces the official forward_with_cfg on a real DiT."""
+    from usp_scale.sample import make_model_fn
+
+    m = create_model("DiT-tiny/2").eval()
     _randomize_(m)
-    x = torch.randn(2, 4, 8, 8).repeat(2, 1, 1, 1)
-    t = torch.tensor([10, 10, 10, 10])
-    y = torch.tensor([1, 2, 10, 10])
-    out = m.forward_with_cfg(x, t, y, cfg_scale=4.0)
-    raw = m(x, t, y)
-    g = 3 if official else 4
-    guided = raw[2:, :g] + 4.0 * (raw[:2, :g] - raw[2:, :g])
-    torch.testing.assert_close(out[:2, :g], guided, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[:, g:], raw[:, g:])  # the rest stays as the model gave it
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.tensor([1, 2])
+    with torch.no_grad():
+        off = _official_forward_with_cfg(m, x.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([y, torch.tensor([10, 10])]),
+                                         4.0)[:2]
+        ours = make_model_fn(m, num_classes=10, cfg_scale=4.0, cfg_channels=3)(x, t, y)
+        allc = make_model_fn(m, num_classes=10, cfg_scale=4.0, cfg_channels=0)(x, t, y)
+    torch.testing.assert_close(ours, off, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(allc[:, 3], off[:, 3])  # 0 = every latent channel guided: channel 3 differs
+    assert not hasattr(m, "forward_with_cfg")        # no second implementation inside the model
 
 
 @pytest.mark.parametrize("heads,width", [(16, 1152), (12, 768), (4, 128)])  # head dims 72, 64, 32

@@ -91,7 +91,8 @@ def test_crash_mid_save_leaves_no_complete_folder(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _save(mgr, 20, _FakeEngine(fail=True))
     assert not (tmp_path / "step_00000020").exists()
-    assert (tmp_path / ".tmp-step_00000020").exists()  # the partial write is under the temporary name
+    assert not (tmp_path / ".tmp-step_00000020").exists()  # a failed save removes its partial folder ...
+    (tmp_path / ".tmp-step_00000015").mkdir()  # ... and one a kill -9 left behind goes at the next save
     assert mgr.latest() == good
     # a step folder without meta.json (e.g. copied by hand, half-way) is not considered complete
     (tmp_path / "step_00000030").mkdir()
@@ -186,7 +187,7 @@ def test_launcher_cli(tmp_path, capsys):
     assert main(["--config", cfgp, "--local_rank=0", f"output_dir={tmp_path}/cli", "schedule.max_steps=2",
                  "engine.precision=fp32"]) == 0
     assert (tmp_path / "cli" / "export" / "model.safetensors").is_file()
-    assert main(["--task", "dit", "--config", cfgp, "--print-config"], finetune=True) == 0
+    assert main(["--task", "dit", "--config", cfgp, "model.name=DiT-tiny/2", "--print-config"], finetune=True) == 0
     assert "task: dit" in capsys.readouterr().out
 
 

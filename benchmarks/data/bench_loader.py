@@ -61,6 +61,12 @@ def timed(fn, repeats: int):
     return med
 
 
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def bench_images(root, backend, augment, size, batch, workers, device, repeats, dali_device="auto"):
     from usp_scale.config import DataConfig
     from usp_scale.data import build_image_loader
@@ -91,13 +97,15 @@ def bench_vae(path, size, batch, dtype, device, repeats, compile_=False, channel
     return timed(run, repeats)
 
 
-def bench_reader(tmp, n_images, views, batch, repeats, mode="sample"):
-    """mode: "gather" (only the CPU part when training on a GPU: index, pick view/flip, copy fp16 moments),
-    "mean" or "sample" (the whole loader on the CPU device, including the fp32 math and the noise)."""
+def bench_reader(tmp, n_images, views, batch, repeats, mode="sample", verify="records", first_read=True):
+    """mode: "gather" (only the CPU part when training on a GPU: index, pick view/flip, copy fp16 moments, and the
+    per-record CRC and finiteness checks of ``verify``), "mean" or "sample" (the whole loader on the CPU device,
+    including the fp32 math and the noise), "st-slice" (the same gather through the safetensors library's
+    memory-mapped ``safe_open(...).get_slice`` reader, one slice per record, no checks: for comparison)."""
     from usp_scale.data.latents import _write_shard, write_manifest
     out = os.path.join(tmp, "cache")
     if os.path.isfile(os.path.join(out, "manifest.json")):
-        return _time_reader(out, batch, repeats, mode)
+        return _time_reader(out, batch, repeats, mode, verify, first_read)
     os.makedirs(out, exist_ok=True)
     shard = 2500
     lat = [4, 28, 28]
@@ -112,24 +120,45 @@ def bench_reader(tmp, n_images, views, batch, repeats, mode="sample"):
         _write_shard(out, s, [mean], [logvar], [torch.randint(0, 1000, (m,), generator=g)],
                      [torch.arange(s * shard, s * shard + m)], [], settings)
     write_manifest(out)
-    return _time_reader(out, batch, repeats, mode)
+    return _time_reader(out, batch, repeats, mode, verify, first_read)
 
 
-def _time_reader(out, batch, repeats, mode):
+def _st_slice_gather(cache):
+    """gather() through safetensors' own memory-mapped reader: one get_slice call per record and array."""
+    from safetensors import safe_open
+    handles = [safe_open(f, framework="np") for f in cache.files]
+    slices = [{k: h.get_slice(k) for k in ("mean", "logvar", "index")} for h in handles]
+
+    def gather(idx, view, flip):
+        sh = np.searchsorted(cache.offsets, idx, side="right") - 1
+        mean = np.empty((len(idx),) + cache.latent_shape, np.float16)
+        logvar = np.empty_like(mean)
+        for j, (s, i, v, f) in enumerate(zip(sh, idx - cache.offsets[sh], view, flip)):
+            sl = slices[s]
+            mean[j] = sl["mean"][i:i + 1, v:v + 1, f:f + 1].reshape(cache.latent_shape)
+            logvar[j] = sl["logvar"][i:i + 1, v:v + 1, f:f + 1].reshape(cache.latent_shape)
+        return mean, logvar, cache.labels[torch.from_numpy(idx)]
+    return gather
+
+
+def _time_reader(out, batch, repeats, mode, verify="records", first_read=True):
     from usp_scale.data.latents import LatentCache, LatentCacheLoader
     from usp_scale.data.sampler import ShardSampler
-    cache = LatentCache(out)
+    cache = LatentCache(out, verify=verify)
     sampler = ShardSampler(len(cache), 0, 1, 0, batch_size=batch)
     ld = LatentCacheLoader(cache, sampler, scale=0.18215, sample=mode == "sample")
+    gather = _st_slice_gather(cache) if mode == "st-slice" else cache.gather
 
     def run():
         n = 0
-        if mode == "gather":
+        if first_read:  # forget which records were verified: every record read is CRC-checked (the first epoch)
+            cache._verified = [np.zeros_like(v) for v in cache._verified]
+        if mode in ("gather", "st-slice"):
             choice = ld._choices()
             for bt in sampler.batches():
                 idx = np.asarray(bt, np.int64)
                 c = choice[idx]
-                n += len(cache.gather(idx, c // 2, c % 2)[2])
+                n += len(gather(idx, c // 2, c % 2)[2])
             return n
         for b in ld:
             n += len(b["labels"])
@@ -198,12 +227,29 @@ def main(argv=None):
         if "reader" not in skip:
             what = {"gather": "CPU part only (index + view/flip pick + fp16 copy; the math runs on the GPU)",
                     "mean": "whole loader on the CPU, posterior mean x scale (fp32)",
-                    "sample": "whole loader on the CPU, posterior sample x scale (fp32 noise on the CPU)"}
-            for mode in ("gather", "mean", "sample"):
-                ips = bench_reader(tmp, a.reader_images, 4, a.reader_batch, a.repeats, mode)
+                    "sample": "whole loader on the CPU, posterior sample x scale (fp32 noise on the CPU)",
+                    "st-slice": "CPU part through safetensors' safe_open get_slice (one slice per record)"}
+            checks = {("records", True): "data.latent_verify=records (default), first read: CRC-32 + finiteness of "
+                                         "every record",
+                      ("records", False): "data.latent_verify=records, records already verified (a later epoch "
+                                          "drawing the same views): finiteness only",
+                      ("size", True): "data.latent_verify=size (no CRC): finiteness only"}
+            for mode, verify, first in (("gather", "records", True), ("gather", "records", False),
+                                        ("gather", "size", True), ("st-slice", "size", True),
+                                        ("mean", "records", True), ("sample", "records", True)):
+                ips = bench_reader(tmp, a.reader_images, 4, a.reader_batch, a.repeats, mode, verify, first)
+                what_mode = what[mode] + ("" if mode == "st-slice" else f", {checks[(verify, first)]}")
                 rows.append((f"latent cache reader, 1 thread, 4x28x28 fp16, 4 views x 2 flips, batch "
-                             f"{a.reader_batch}, {a.reader_images} cached images, page cache warm: {what[mode]}",
+                             f"{a.reader_batch}, {a.reader_images} cached images, page cache warm: {what_mode}",
                              f"{ips:,.0f} samples/s"))
+                print(rows[-1], flush=True)
+            from usp_scale.data.latents import LatentCache
+            size = sum(os.path.getsize(os.path.join(tmp, "cache", f)) for f in os.listdir(os.path.join(tmp, "cache")))
+            for verify in ("records", "sha256"):
+                t = statistics.median(_seconds(lambda v=verify: LatentCache(os.path.join(tmp, "cache"), verify=v))
+                                      for _ in range(a.repeats))
+                rows.append((f"latent cache open ({size / 2**20:,.0f} MiB, page cache warm), "
+                             f"data.latent_verify={verify}", f"{t * 1e3:,.1f} ms"))
                 print(rows[-1], flush=True)
     lines += ["| measurement | median throughput |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     report = "\n".join(lines) + "\n"

@@ -1,14 +1,14 @@
 """Model-only exports: safetensors for transfer/sampling, and the official .pth formats.
 
 Official formats: MAE pretraining ``{"model": state_dict}`` (``checkpoint-{epoch}.pth``);
-DiT/SiT ``{"model", "ema", "opt", "args"}`` (``{step:07d}.pt``).
+DiT/SiT ``{"model", "ema", "opt", "args"}`` (``{step:07d}.pt``). ``args`` is the resolved config as a plain
+dict, so the files load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-import torch
+from .safe_load import read_safetensors, save_safetensors_file, torch_save
 
 
 def _contig(sd: dict) -> dict:
@@ -16,19 +16,13 @@ def _contig(sd: dict) -> dict:
 
 
 def save_safetensors(state_dict: dict, path: str, metadata: Optional[dict] = None) -> str:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(_contig(state_dict), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-    return path
+    """Atomic write (temporary name, then rename); a full disk raises DiskFullError and leaves no partial file."""
+    return save_safetensors_file(_contig(state_dict), path, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_safetensors(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(path)
+    """Every tensor of ``path``; a damaged or truncated file is a CheckpointFileError naming it."""
+    return read_safetensors(path, what="export")
 
 
 def save_official(path: str, task: str, model_sd: dict, *, ema_sd: Optional[dict] = None,
@@ -42,7 +36,4 @@ def save_official(path: str, task: str, model_sd: dict, *, ema_sd: Optional[dict
         obj = {"model": _contig(model_sd), "ema": _contig(ema_sd), "opt": opt_sd, "args": args}
     else:  # cls / linprobe: MAE finetune format
         obj = {"model": _contig(model_sd), "args": args}
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    return torch_save(obj, path)

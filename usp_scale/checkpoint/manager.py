@@ -2,27 +2,35 @@
 
 Layout of ``<root>/step_00001000/``::
 
-    meta.json            step, epoch, engine, world size, model signature, resolved config (written last)
+    meta.json            step, epoch, engine, world size, model signature, resolved config, the size and
+                         CRC-32 of every other file, and a sha256 of meta.json's own content (written last)
     trainer.pt           rank 0: step/epoch counters, LR schedule, non-finite counters
-    ranks/rank_00000.pt  every rank: RNG states (python, numpy, torch, cuda) and data-loader position
+    ranks/rank_00000.pt  every rank: RNG states (python, numpy, torch, cuda; tensors and plain containers) and
+                         data-loader position
     engine/              engine-specific: engine.pt (local/ddp), dcp/ (fsdp2), ds/ (deepspeed)
 
 A save writes into ``<root>/.tmp-step_XXXXXXXX`` and renames it at the end, so a crash mid-save
-never leaves a ``step_*`` folder; ``latest()`` only considers folders with a ``meta.json``.
+never leaves a ``step_*`` folder; ``latest()`` only considers folders with a ``meta.json``. A failed save
+(a full disk: :class:`~usp_scale.checkpoint.safe_load.DiskFullError` with the path and the space needed)
+removes its temporary folder. Resuming first checks meta.json's hash and every file's size and CRC-32 (the
+ranks share the work), so a truncated, overwritten, bit-flipped, deleted or swapped file is refused by name
+before anything is loaded; the ``.pt`` files load with ``weights_only=True`` (no code from a file runs).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
+import sys
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
 from ..engine import dist as D
+from .safe_load import (CheckpointFileError, disk_full_error, file_crc32, folder_bytes, is_disk_full,
+                        read_checked_json, tensor_bytes, torch_load, torch_save, write_checked_json)
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -39,7 +47,11 @@ def model_signature(model: torch.nn.Module) -> Dict[str, list]:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain containers (they load with ``torch.load(weights_only=True)``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
+          "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -47,7 +59,9 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(st["torch"])
     if torch.cuda.is_available() and "cuda" in st:
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -112,6 +126,12 @@ class CheckpointManager:
         if not resume:
             return None
         if resume == "auto":
+            names = sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+            incomplete = [n for n in names if STEP_RE.match(n) and
+                          not os.path.isfile(os.path.join(self.root, n, "meta.json"))]
+            if incomplete and D.get_rank() == 0:
+                print(f"[usp_scale] WARNING: ignoring checkpoint folder(s) without meta.json (incomplete or damaged): "
+                      f"{', '.join(os.path.join(self.root, n) for n in incomplete)}", file=sys.stderr, flush=True)
             return self.latest()
         if not os.path.isfile(os.path.join(resume, "meta.json")):
             raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint folder (no meta.json)")
@@ -119,37 +139,80 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------- save
     def save(self, step: int, engine, *, ema=None, trainer_state: dict, rank_state: dict, meta: dict) -> str:
-        """Collective: every rank calls it. Returns the final folder."""
+        """Collective: every rank calls it. Returns the final folder. On a failure the temporary folder is
+        removed; a full disk raises :class:`DiskFullError` naming the folder and the space it needs."""
         name = f"step_{step:08d}"
         final = os.path.join(self.root, name)
         tmp = os.path.join(self.root, f".tmp-{name}")
         rank = D.get_rank()
-        if rank == 0:
-            os.makedirs(self.root, exist_ok=True)
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-            os.makedirs(os.path.join(tmp, "ranks"))
-        D.barrier()
-        engine.save(os.path.join(tmp, "engine"), None if ema is None else ema.state_dict())
-        torch.save({"rng": rng_state(), **rank_state}, os.path.join(tmp, "ranks", f"rank_{rank:05d}.pt"))
-        D.barrier()
-        if rank == 0:
-            torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-            if os.path.exists(final):  # re-saving a step: swap atomically, then delete the old one
-                old = os.path.join(self.root, f".old-{name}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            self._prune()
-        D.barrier()
+        try:
+            if rank == 0:
+                os.makedirs(self.root, exist_ok=True)
+                self._remove_leftovers()
+                os.makedirs(os.path.join(tmp, "ranks"))
+            D.barrier()
+            engine.save(os.path.join(tmp, "engine"), None if ema is None else ema.state_dict())
+            torch_save({"rng": rng_state(), **rank_state}, os.path.join(tmp, "ranks", f"rank_{rank:05d}.pt"))
+            if rank == 0:
+                torch_save(trainer_state, os.path.join(tmp, "trainer.pt"))
+            D.barrier()
+            files = self._checksums(tmp)  # collective
+            if rank == 0:
+                write_checked_json(os.path.join(tmp, "meta.json"), {**meta, "files": files}, key="meta_sha256")
+                if os.path.exists(final):  # re-saving a step: swap atomically, then delete the old one
+                    old = os.path.join(self.root, f".old-{name}")
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+                self._prune()
+            D.barrier()
+        except BaseException as e:
+            written = folder_bytes(tmp)
+            full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_disk_full(e, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise disk_full_error(final, self._estimate_bytes(engine, ema, written), e,
+                                      note=f" (the incomplete {tmp} was removed)") from e
+            raise
         return final
+
+    def _remove_leftovers(self) -> None:
+        """Temporary folders of saves that crashed or ran out of space (rank 0, before a save)."""
+        for n in os.listdir(self.root):
+            if n.startswith((".tmp-step_", ".old-step_")):
+                shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
+
+    def _estimate_bytes(self, engine, ema, written: int) -> int:
+        """Space a checkpoint needs: the previous one's size, else the tensors of the engine state and EMA."""
+        prev = self.latest()
+        if prev is not None:
+            return max(folder_bytes(prev), written)
+        try:
+            est = tensor_bytes(engine.state_dict())
+        except Exception:  # noqa: BLE001 - engines that only save through their own writer (DeepSpeed)
+            est = 4 * sum(p.numel() * 4 for p in engine.unwrapped.parameters())
+        if ema is not None:
+            est += tensor_bytes(ema.state_dict())
+        return max(est, written)
+
+    @staticmethod
+    def _checksums(folder: str) -> dict:
+        """relative path -> {"bytes", "crc32"} of every file under ``folder``; rank 0 lists the files, every rank
+        hashes its share (collective)."""
+        names = None
+        if D.get_rank() == 0:
+            names = sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+        names = D.broadcast_object(names)
+        rank, world = D.get_rank(), D.get_world_size()
+        mine = {n: {"bytes": os.path.getsize(os.path.join(folder, n)), "crc32": file_crc32(os.path.join(folder, n))}
+                for i, n in enumerate(names) if i % world == rank}
+        out = {}
+        for part in D.all_gather_object(mine):
+            out.update(part)
+        return out
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -160,14 +223,50 @@ class CheckpointManager:
     # ---------------------------------------------------------------- load
     @staticmethod
     def read_meta(path: str) -> dict:
-        with open(os.path.join(path, "meta.json")) as f:
-            return json.load(f)
+        """meta.json of a step folder, its content hash checked (:class:`CheckpointFileError` when changed)."""
+        meta = read_checked_json(os.path.join(path, "meta.json"), what="checkpoint metadata", key="meta_sha256")
+        for k in ("step", "signature", "files"):
+            if k not in meta:
+                raise CheckpointFileError(f"checkpoint metadata {os.path.join(path, 'meta.json')} has no '{k}'")
+        return meta
+
+    @staticmethod
+    def verify_files(path: str, meta: dict) -> None:
+        """Check the size and CRC-32 of every file meta.json lists (collective: each rank checks a share, then
+        all agree). Raises :class:`CheckpointFileError` naming every bad file, on every rank."""
+        names = sorted(meta["files"])
+        rank, world = D.get_rank(), D.get_world_size()
+        bad = []
+        for i, n in enumerate(names):
+            if i % world != rank:
+                continue
+            f, want = os.path.join(path, n), meta["files"][n]
+            if not os.path.isfile(f):
+                bad.append(f"{f}: missing")
+            elif os.path.getsize(f) != want["bytes"]:
+                bad.append(f"{f}: {os.path.getsize(f)} bytes, {want['bytes']} written")
+            elif file_crc32(f) != want["crc32"]:
+                bad.append(f"{f}: content changed (CRC-32 {file_crc32(f)}, {want['crc32']} written)")
+        bad = [b for part in D.all_gather_object(bad) for b in part]
+        if bad:
+            raise CheckpointFileError(
+                f"checkpoint {path} is damaged (its files do not match {os.path.join(path, 'meta.json')}); "
+                "refusing to resume from it:\n  " + "\n  ".join(bad) +
+                "\nRestore the files, or resume from an earlier step folder with checkpoint.resume=<folder>.")
 
     def check(self, path: str, *, signature: dict, config: dict, world_size: int, engine_name: str,
-              strict_prefixes=("task", "model", "engine.name", "optim.name")) -> list:
-        """Raise :class:`IncompatibleCheckpoint` listing what differs; return the non-strict differences."""
+              strict_prefixes=("task", "model", "engine.name", "optim.name"), deepspeed_config: Optional[dict] = None,
+              deepspeed_source: str = "") -> list:
+        """Raise :class:`IncompatibleCheckpoint` listing what differs (or :class:`CheckpointFileError` for a
+        damaged folder); return the non-strict differences (config keys, and keys of the merged DeepSpeed config,
+        named with ``deepspeed_source``, the user's JSON). Collective (the file check)."""
         meta = self.read_meta(path)
+        self.verify_files(path, meta)
         problems = []
+        ds_lines = []
+        if deepspeed_config is not None and meta.get("deepspeed_config") is not None:
+            for line in diff_config(meta["deepspeed_config"], deepspeed_config, ())[1]:
+                ds_lines.append(f"  DeepSpeed config{f' ({deepspeed_source})' if deepspeed_source else ''}:{line[1:]}")
         sig_diff = diff_signature(meta["signature"], signature)
         if sig_diff:
             problems.append("model parameters/buffers differ:\n" + "\n".join(sig_diff))
@@ -185,12 +284,12 @@ class CheckpointManager:
                 f"refusing to resume from {path}:\n" + "\n".join(problems) +
                 "\nUse the matching config, or start a new output_dir and pass checkpoint.init_from=<export> "
                 "to load weights only.")
-        return other
+        return other + ds_lines
 
     def load(self, path: str, engine, *, ema=None) -> tuple:
         """Collective. Loads engine state and EMA in place; returns (trainer_state, rank_state)."""
         engine.load(os.path.join(path, "engine"), None if ema is None else ema.state_dict())
-        trainer_state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+        trainer_state = torch_load(os.path.join(path, "trainer.pt"), what="trainer state")
         rank_file = os.path.join(path, "ranks", f"rank_{D.get_rank():05d}.pt")
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rank_state = torch_load(rank_file, what="per-rank state")
         return trainer_state, rank_state

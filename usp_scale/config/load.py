@@ -4,12 +4,17 @@ A recipe is a YAML mapping whose top-level keys are the job fields and the secti
 of :class:`~usp_scale.config.schema.JobConfig`. A recipe may start from another one with
 ``_base_: relative/or/absolute.yaml`` (bases are applied first, recursively).
 
-Errors name the file and the dotted key: an unknown key, a value of the wrong type, and a
-required value (``???``) still missing after all overrides.
+Errors name the file and the dotted key: an unknown key, a value of the wrong type, a
+required value (``???``) still missing after all overrides, and every value that breaks a rule of
+:mod:`usp_scale.config.validate` (ranges, choices, cross-section consistency), each with the file that set it.
+
+:func:`save_config` writes the resolved config with a first-line comment carrying the sha256 of the rest; loading
+such a file checks it, so a damaged or truncated resolved config is refused (delete that line to use an edited copy).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import os
 import re
@@ -23,6 +28,15 @@ from .schema import MISSING, JobConfig
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
+
+
+# Keys that existed once: setting one is an error that says what replaced it.
+REMOVED_KEYS = {
+    "model.cfg_official_channels": "classifier-free guidance has one implementation (usp_scale.sample.CFGModel) and "
+                                   "one switch: eval.cfg_channels=3 (in-training FID) or launchers/sample.py "
+                                   "--cfg-channels 3 guides the official three channels",
+}
+RESOLVED_HEADER = "# usp_scale resolved config; sha256 of the lines below: "
 
 
 # --------------------------------------------------------------------------- type checking
@@ -80,22 +94,26 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _apply_mapping(obj: Any, mapping: dict, source: str, prefix: str = "") -> None:
+def _apply_mapping(obj: Any, mapping: dict, source: str, prefix: str = "", origins: Optional[dict] = None) -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {mapping!r}")
     hints = _hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in mapping.items():
         key = f"{prefix}{k}"
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{source}: key '{key}' was removed: {REMOVED_KEYS[key]}")
         if k not in names:
             close = [n for n in names if n.startswith(str(k)[:3])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{key}'{hint}")
         current = getattr(obj, k)
         if dataclasses.is_dataclass(current):
-            _apply_mapping(current, v, source, key + ".")
+            _apply_mapping(current, v, source, key + ".", origins)
         else:
             setattr(obj, k, _coerce(v, hints[k], key, source))
+            if origins is not None:
+                origins[key] = source
 
 
 # --------------------------------------------------------------------------- YAML files
@@ -107,11 +125,16 @@ def _read_yaml(path: str, seen: tuple = ()) -> list:
         raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(seen)}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    try:
+        with open(path, "rb") as f:
+            raw = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({type(e).__name__}: {e})") from e
+    _check_resolved(path, raw)
+    try:
+        data = yaml.safe_load(raw) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
     out = []
@@ -157,24 +180,37 @@ def _check_missing(obj: Any, sources: str, prefix: str = "") -> None:
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
                 check_missing: bool = True) -> JobConfig:
-    """Build a :class:`JobConfig` from a YAML recipe and ``key=value`` overrides."""
+    """Build a :class:`JobConfig` from a YAML recipe and ``key=value`` overrides.
+
+    With ``check_missing`` (the default) the result is also validated (:func:`usp_scale.config.validate.validate`);
+    ``cfg._origins`` maps each key that was set to the file (or "command line") that set it last."""
+    from .validate import validate
+
     cfg = JobConfig()
-    sources = []
+    origins: dict = {}
     if path:
         for source, mapping in _read_yaml(path):
-            _apply_mapping(cfg, mapping, source)
-            sources.append(source)
+            _apply_mapping(cfg, mapping, source, origins=origins)
     for text in overrides:
         key, value = _parse_override(text)
-        _apply_mapping(cfg, _nest(key, value), "command line")
+        _apply_mapping(cfg, _nest(key, value), "command line", origins=origins)
+    object.__setattr__(cfg, "_origins", origins)
     if check_missing:
         _check_missing(cfg, path or "the config")
+        validate(cfg, origins)
     return cfg
 
 
-def config_from_dict(mapping: dict, source: str = "<dict>") -> JobConfig:
+def config_from_dict(mapping: dict, source: str = "<dict>", validate: bool = False) -> JobConfig:
+    """A :class:`JobConfig` from a nested dict (``validate``: also check every rule)."""
+    from .validate import validate as run_rules
+
     cfg = JobConfig()
-    _apply_mapping(cfg, mapping, source)
+    origins: dict = {}
+    _apply_mapping(cfg, mapping, source, origins=origins)
+    object.__setattr__(cfg, "_origins", origins)
+    if validate:
+        run_rules(cfg, origins)
     return cfg
 
 
@@ -182,13 +218,26 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _check_resolved(path: str, raw: str) -> None:
+    """A file written by :func:`save_config` must still match the sha256 on its first line."""
+    if not raw.startswith(RESOLVED_HEADER):
+        return
+    first, _, body = raw.partition("\n")
+    want = first[len(RESOLVED_HEADER):].strip()
+    if hashlib.sha256(body.encode()).hexdigest() != want:
+        raise ConfigError(f"{path}: this resolved config has changed since usp_scale wrote it (its sha256 does not "
+                          "match the first line): it is damaged or truncated. If you edited it on purpose, delete "
+                          "the first line.")
+
+
 def save_config(cfg: JobConfig, path: str) -> str:
-    """Write the fully resolved config (atomically) and return its path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the fully resolved config (atomically, with its sha256 on the first line) and return its path."""
+    from ..checkpoint.safe_load import atomic_write
+
+    body = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    with atomic_write(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(RESOLVED_HEADER + hashlib.sha256(body.encode()).hexdigest() + "\n" + body)
     return path
 
 

@@ -71,8 +71,10 @@ class DataConfig:
     num_classes: int = 1000
     # Latent cache of the validation split for format == "latents" ("" = encode val images online).
     latent_cache_val: str = ""
-    # Check of the latent cache shards when opened: "none", "size" (cheap) or "sha256" (reads every shard).
-    latent_verify: str = "size"
+    # Latent cache integrity: "records" (manifest, header and array checksums when opened, the CRC-32 of every record
+    # when first read), "sha256" (also hashes every whole shard when opened), "size" (sizes only: damage of the same
+    # size goes unseen) or "none". Every mode stops on non-finite moments, naming the shard and record.
+    latent_verify: str = "records"
     # DALI: check each file for a complete JPEG/PNG ending before decoding, skipping and reporting truncated ones.
     dali_precheck: bool = True
     # data.format=synthetic: number of random latent samples per epoch (the validation stream has as many).
@@ -131,8 +133,6 @@ class ModelConfig:
     # Attention backend, chosen once at start-up: "auto", "sdpa", "flash3", "flash2", "cudnn", "efficient", "math" or
     # "reference" (the explicit softmax).
     attn_backend: str = "auto"
-    # CFG: guide all latent channels (False) or only channels 0-2 as the official code does (True).
-    cfg_official_channels: bool = False
 
 
 @dataclass
@@ -312,8 +312,13 @@ class JobConfig:
     log_every: int = 10
     # Peak dense bf16 FLOP/s of one device, for MFU (989.4e12 on H100/H200 SXM).
     peak_flops: float = 989.4e12
-    # Stop after K consecutive non-finite steps (after writing a checkpoint).
+    # Stop after K consecutive non-finite steps (after writing a checkpoint; 0 = no limit).
     max_nonfinite: int = 10
+    # Stop (after writing a checkpoint) when more than this fraction of the last nonfinite_window optimizer steps were
+    # non-finite (0 = no limit). Every non-finite step is counted in metrics.jsonl and warned about at log steps.
+    max_nonfinite_rate: float = 0.05
+    # Window (optimizer steps) of max_nonfinite_rate.
+    nonfinite_window: int = 1000
     # Show progress bars on rank 0.
     progress: bool = True
     # Label smoothing for classification finetuning.

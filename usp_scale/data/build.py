@@ -1,7 +1,6 @@
 """``build_loader`` / ``build_image_loader``: config sections -> a resumable loader on one rank."""
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -105,9 +104,9 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
     if data_cfg.format == "latents" and cache_path:
         from .latents import LatentCache, LatentCacheLoader
         cache = LatentCache(cache_path, verify=data_cfg.latent_verify)
-        name = os.path.basename(os.path.normpath(vae_cfg.path))
-        cache.check(image_size=data_cfg.image_size, vae_version=vae_cfg.version, vae_name=name,
-                    latent_shape=_expected_latent_shape(vae_cfg, data_cfg.image_size))
+        # The VAE is compared by its content fingerprint (vae.path is loaded once for it), never by name.
+        cache.check(image_size=data_cfg.image_size, vae_version=vae_cfg.version, vae_path=vae_cfg.path,
+                    latent_shape=_expected_latent_shape(vae_cfg, data_cfg.image_size), num_classes=num_classes)
         sampler = ShardSampler(len(cache), rank, world_size, seed, shuffle=train, even=train,
                                batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
         scale = vae_cfg.scale or shipped_scale(vae_cfg.path) or SCALE[vae_cfg.version]

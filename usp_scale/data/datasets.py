@@ -54,6 +54,9 @@ class ImageDataset:
     samples: List[Record]
     classes: List[str]
     root: str
+    # How a corrupt image under strict=True is explained: the switch of whoever reads the dataset (the cache
+    # writer replaces it with its --strict flag).
+    strict_hint = "data.strict=true makes this an error; set data.strict=false to skip and report such files"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -83,8 +86,7 @@ class ImageDataset:
         except DECODE_ERRORS as e:
             msg = f"{type(e).__name__}: {e}"
             if strict:
-                raise CorruptImageError(f"corrupt image {r.path}: {msg} (data.strict=true makes this an error; "
-                                        f"set data.strict=false to skip and report such files)") from e
+                raise CorruptImageError(f"corrupt image {r.path}: {msg} ({self.strict_hint})") from e
             return None, r.label, msg
 
     @property

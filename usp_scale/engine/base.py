@@ -238,14 +238,18 @@ class Engine:
             sd = self.state_dict()
             if ema_state is not None:
                 sd["ema"] = {k: v.detach().cpu() for k, v in ema_state.items()}
-            torch.save(sd, os.path.join(path, "engine.pt"))
+            from ..checkpoint.safe_load import torch_save
+
+            torch_save(sd, os.path.join(path, "engine.pt"))
         D.barrier()
 
     def load(self, path: str, ema_state: Optional[dict] = None) -> None:
         """Load what :meth:`save` wrote; copies EMA tensors into ``ema_state`` in place."""
         import os
 
-        sd = torch.load(os.path.join(path, "engine.pt"), map_location="cpu", weights_only=False)
+        from ..checkpoint.safe_load import torch_load
+
+        sd = torch_load(os.path.join(path, "engine.pt"), what="engine state")
         self.load_state_dict(sd)
         if ema_state is not None:
             if "ema" not in sd:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint.safe_load import torch_load, torch_save
 from ..config import ConfigError
 from . import dist as D
 from .base import Engine, poison_nonfinite
@@ -31,6 +32,15 @@ OWNED_KEYS = {
     "communication_data_type": "engine.reduce_dtype",
 }
 FORBIDDEN_KEYS = {"optimizer": "optim.*", "scheduler": "schedule.*"}
+
+
+def _ds_safe_globals() -> list:
+    """The DeepSpeed records its optimizer-state files pickle (plain data: no code runs to rebuild them)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def generate_config(*, micro_batch: int, accum_iter: int, world_size: int, zero_stage: int,
@@ -98,11 +108,15 @@ def merge_user_config(generated: dict, user: dict, source: str = "--deepspeed_co
 def load_user_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"engine.deepspeed_config: file not found: {path}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 class DeepSpeedEngine(Engine):
@@ -262,12 +276,29 @@ class DeepSpeedEngine(Engine):
         if ema_state is not None:
             ema = {k: v.detach().cpu() for k, v in ema_state.items()}
             if self.ema_layout == "per_rank":
-                torch.save(ema, os.path.join(path, f"ema_rank{D.get_rank():05d}.pt"))
+                torch_save(ema, os.path.join(path, f"ema_rank{D.get_rank():05d}.pt"))
             elif D.get_rank() == 0:
-                torch.save(ema, os.path.join(path, "ema.pt"))
+                torch_save(ema, os.path.join(path, "ema.pt"))
         D.barrier()
 
+    def _safe_checkpoint_reads(self) -> None:
+        """DeepSpeed reads its files with ``torch.load(weights_only=False)``: route its checkpoint engine's reads
+        through :func:`~usp_scale.checkpoint.safe_load.torch_load`, allowing only the plain DeepSpeed records its
+        optimizer files hold (loss scaler, ZeRO stage enum, fragment addresses)."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        from ..checkpoint.safe_load import torch_load
+
+        ce = getattr(self.model, "checkpoint_engine", None)
+        if not isinstance(ce, TorchCheckpointEngine):
+            raise ConfigError(f"DeepSpeed checkpoint engine {type(ce).__name__}: usp_scale resumes only through "
+                              "DeepSpeed's torch checkpoint engine, whose reads it can make safe (weights_only); "
+                              "remove the checkpoint-engine settings from the DeepSpeed JSON")
+        ce.load = lambda p, map_location=None: torch_load(p, what="DeepSpeed checkpoint file",
+                                                            extra_globals=_ds_safe_globals(), map_location=map_location)
+
     def load(self, path: str, ema_state: Optional[dict] = None) -> None:
+        self._safe_checkpoint_reads()
         load_path, _ = self.model.load_checkpoint(path, tag="ds", load_module_strict=True,
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
@@ -281,7 +312,7 @@ class DeepSpeedEngine(Engine):
                     f"{f}: no EMA for this rank; this run keeps a {self.ema_layout} EMA (ZeRO-{self.zero_stage}, "
                     f"{self.precision}). A checkpoint with {other} was written with another ZeRO stage or precision: "
                     "resume with the engine.zero_stage / engine.precision it was saved with")
-            saved = torch.load(f, map_location="cpu")
+            saved = torch_load(f, what="EMA state")
             for k, v in ema_state.items():
                 if k not in saved or saved[k].shape != v.shape:
                     got = tuple(saved[k].shape) if k in saved else "missing"

@@ -101,14 +101,14 @@ class FSDP2Engine(Engine):
         D.barrier()
 
     def load(self, path: str, ema_state: Optional[dict] = None) -> None:
-        import torch.distributed.checkpoint as dcp
+        from ..checkpoint.safe_load import dcp_load
 
         state = self.state_dict()
         if ema_state is not None:
             state["ema"] = dict(ema_state)  # loaded in place into the DTensor shards
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+        dcp_load(state, os.path.join(path, "dcp"))  # dcp.load without unpickling code from the files
         self.load_state_dict(state)
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])

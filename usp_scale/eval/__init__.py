@@ -1,14 +1,23 @@
-"""Generation metrics (FID, IS, KID, precision/recall) through torch-fidelity, and the in-training FID hook."""
-from .features import (INCEPTION_FILE, INCEPTION_NAME, TINY_NAME, TinyFeatureExtractor, create_extractor,
-                       default_layer, register_extractor, resolve_inception_weights)
-from .hook import DistributedEvalError, agree_on_success, evaluate_fid, save_sample_grid
-from .metrics import (METRICS, compute_metrics, extract_features, format_record, frechet_distance,
-                      inception_score, kid, make_records, precision_recall, reference_features, save_statistics,
-                      statistics, write_records)
+"""Generation metrics (FID, IS, KID, precision/recall) through torch-fidelity, and the in-training FID hook.
 
-__all__ = ["INCEPTION_FILE", "INCEPTION_NAME", "TINY_NAME", "TinyFeatureExtractor", "create_extractor",
-           "default_layer", "register_extractor", "resolve_inception_weights", "DistributedEvalError",
-           "agree_on_success", "evaluate_fid", "save_sample_grid", "METRICS",
-           "compute_metrics", "extract_features", "format_record", "frechet_distance", "inception_score", "kid",
-           "make_records", "precision_recall", "reference_features", "save_statistics", "statistics",
-           "write_records"]
+The names load lazily: ``from usp_scale.eval import agree_on_success`` needs no torch-fidelity (the optional
+``eval`` extra); the metrics and feature extractors import it when first used.
+"""
+import importlib
+
+_WHERE = {
+    **dict.fromkeys(("INCEPTION_FILE", "INCEPTION_NAME", "TINY_NAME", "TinyFeatureExtractor", "create_extractor",
+                     "default_layer", "register_extractor", "resolve_inception_weights"), "features"),
+    **dict.fromkeys(("DistributedEvalError", "agree_on_success"), "agree"),
+    **dict.fromkeys(("evaluate_fid", "save_sample_grid"), "hook"),
+    **dict.fromkeys(("METRICS", "compute_metrics", "extract_features", "format_record", "frechet_distance",
+                     "inception_score", "kid", "make_records", "precision_recall", "reference_features",
+                     "save_statistics", "statistics", "write_records"), "metrics"),
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'usp_scale.eval' has no attribute {name!r}")

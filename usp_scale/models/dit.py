@@ -111,8 +111,7 @@ class DiT(LatentTransformer):
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, vae_simple: bool = False,
-                 cfg_official_channels: bool = False, kernels: str = "auto"):
+                 num_classes: int = 1000, learn_sigma: bool = True, vae_simple: bool = False, kernels: str = "auto"):
         super().__init__()
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -122,7 +121,6 @@ class DiT(LatentTransformer):
         self.hidden_size = hidden_size
         self.mlp_ratio = mlp_ratio
         self.vae_simple = vae_simple
-        self.cfg_official_channels = cfg_official_channels
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -180,22 +178,6 @@ class DiT(LatentTransformer):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward_backbone(x, t, y)
-
-    def guided_channels(self) -> int:
-        return 3 if self.cfg_official_channels else self.in_channels
-
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Batch = [conditional half; unconditional half]. Guides all latent channels by default;
-        ``cfg_official_channels=True`` guides channels 0-2 only, as the official code does."""
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
-        g = self.guided_channels()
-        eps, rest = model_out[:, :g], model_out[:, g:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
 
     def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
         """Forward FLOPs of one sample (``mask_ratio`` is ignored: a DiT sees every token)."""

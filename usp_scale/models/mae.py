@@ -129,11 +129,13 @@ class MaskedAutoencoderViT(LatentTransformer):
         return fused.masked_latent_loss(pred, latents, mask, self.patch_size, norm_pix=self.norm_pix_loss,
                                         per_image=self.norm_image, impl=self._impl(pred, "masked_latent_loss"))
 
-    def forward(self, latents: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None):
-        """Returns (loss, pred (N, L, p*p*C), mask (N, L) with 1 = removed)."""
+    def forward(self, latents: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None,
+                target: Optional[torch.Tensor] = None):
+        """Returns (loss, pred (N, L, p*p*C), mask (N, L) with 1 = removed). ``target`` (N, C, H, W): what the loss
+        reconstructs, default ``latents`` (pretraining with noised inputs passes the clean latents)."""
         latent, mask, ids_restore = self.forward_encoder(latents, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(latents, pred, mask)
+        loss = self.forward_loss(latents if target is None else target, pred, mask)
         return loss, pred, mask
 
     # ------------------------------------------------------------------------ accounting

@@ -103,7 +103,12 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         clear_stale_stop_files(cfg.output_dir)
     try:
         result = trainer.fit()
-    except (ConfigError, NonFiniteError) as e:
+    except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
+        from ..checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from ..data.latents import LatentCacheError
+        if not isinstance(e, (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
+                              FileNotFoundError)):
+            raise
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     code = EXIT_DONE
@@ -117,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
     elif trainer.is_main:
         finished = "exports" in result
         print(f"[usp_scale] {'done' if finished else 'stopped (stop_after_steps, not finished)'}: step "
-              f"{result['step']}, outputs in {cfg.output_dir}", flush=True)
+              f"{result['step']}, {result['nonfinite_total']} non-finite step(s) skipped in the run, outputs in "
+              f"{cfg.output_dir}", flush=True)
     D.cleanup()
     return code
 

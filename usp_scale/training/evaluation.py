@@ -34,12 +34,12 @@ def truncate_eval_records(path: str, step: int) -> int:
     returns #dropped."""
     import json
 
-    from ..eval.metrics import format_record
     from .logging import truncate_jsonl
 
     dropped = truncate_jsonl(path, step)
     txt = os.path.splitext(path)[0] + ".txt"
     if dropped and os.path.isfile(txt):
+        from ..eval.metrics import format_record  # torch-fidelity: only when FID records exist
         with open(path) as f:
             recs = [json.loads(line) for line in f if line.strip()]
         with open(txt + ".tmp", "w") as f:

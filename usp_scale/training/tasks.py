@@ -28,6 +28,15 @@ def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None
     from ..transfer import load_pretrained
 
     report = load_pretrained(model, path, use_pretrain_layer=use_pretrain_layer)
+    if path.endswith(".safetensors"):  # what was loaded: the export's source and content hash, before training
+        from safetensors import safe_open
+
+        from ..checkpoint.safe_load import CONTENT_KEY
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        info = ", ".join(f"{k} {meta[k]}" for k in ("task", "model", "step", "source") if k in meta)
+        print(f"[usp_scale] init_from {path}: {info or 'no provenance metadata'}; content sha256 "
+              f"{meta.get(CONTENT_KEY, 'not recorded')[:16]}", flush=True)
     if report is not None:
         parts = [f"{k} {len(getattr(report, k))}" for k in ("copied", "resampled", "dropped", "new")
                  if hasattr(report, k)]
@@ -90,11 +99,18 @@ class PretrainTask(Task):
     def loss(self, engine, batch):
         x = batch["latents"]
         if self.cfg.mask.add_noise:
-            # input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1); the target stays the clean z (model side).
+            # input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1); the loss target is the clean z, as in the official code
             t = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * 0.5 + 0.5
-            x = t.sqrt() * x + (1 - t).sqrt() * torch.randn_like(x)
+            noisy = t.sqrt() * x + (1 - t).sqrt() * torch.randn_like(x)
+            loss, _, _ = engine(noisy, mask_ratio=self.cfg.mask.ratio, target=x)
+            return loss
         loss, _, _ = engine(x, mask_ratio=self.cfg.mask.ratio)
         return loss
+
+    def train_flops_per_sample(self, model: nn.Module) -> Optional[float]:
+        """As :meth:`Task.train_flops_per_sample`, with the encoder on the tokens ``mask.ratio`` leaves visible."""
+        mult = 4.0 if self.cfg.engine.activation_checkpointing else 3.0
+        return mult * float(model.flops_per_sample(mask_ratio=self.cfg.mask.ratio))
 
 
 class DiTTask(Task):
@@ -114,8 +130,7 @@ class DiTTask(Task):
     def model_kwargs(self):
         m = self.cfg.model
         return dict(input_size=m.img_size, in_channels=m.in_chans, num_classes=m.num_classes,
-                    learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
-                    cfg_official_channels=m.cfg_official_channels)
+                    learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
 
     def loss(self, engine, batch):
         x, y = batch["latents"], batch["labels"]

@@ -8,6 +8,7 @@ boundaries, so resuming after N steps reproduces the per-step losses of an unint
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -25,7 +26,6 @@ from ..config import ConfigError, save_config, to_dict
 from ..engine import build_engine
 from ..engine import dist as D
 from .ema import EMA
-from .evaluation import build_fid_hook
 from .logging import MetricsLogger
 from .optim import build_optimizer
 from .schedule import LRSchedule
@@ -40,7 +40,7 @@ STOP_FILE = "STOP_AND_CHECKPOINT"
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps; a checkpoint was written first."""
+    """Too many non-finite steps (in a row, or as a rate over a window); a checkpoint was written first."""
 
 
 def default_loader(cfg, *, rank: int, world_size: int, device, train: bool = True):
@@ -68,11 +68,9 @@ class Trainer:
     def __init__(self, cfg, *, task: Optional[Task] = None, loader_factory: Optional[Callable] = None,
                  local_rank_arg: Optional[int] = None):
         self.cfg = cfg
-        if cfg.engine.name == "local":
-            info = D.detect(local_rank_arg=local_rank_arg)
-            if info.world_size > 1:
-                raise ConfigError(f"engine.name=local but the launcher started {info.world_size} processes; "
-                                  "use engine.name=ddp, fsdp2 or deepspeed")
+        from ..config.validate import validate_runtime
+
+        validate_runtime(cfg, D.detect(local_rank_arg=local_rank_arg).world_size)  # the rules needing the world size
         self.info = D.init_distributed(cfg.engine.backend, cfg.engine.timeout_min, local_rank_arg) \
             if cfg.engine.name != "local" else D.detect(local_rank_arg=local_rank_arg)
         self.rank, self.world = D.get_rank(), D.get_world_size()
@@ -102,11 +100,13 @@ class Trainer:
 
     def _meta(self, step, epoch):
         return {"step": step, "epoch": epoch, "engine": self.cfg.engine.name, "world_size": self.world,
-                "task": self.cfg.task, "signature": self.signature, "config": to_dict(self.cfg)}
+                "task": self.cfg.task, "signature": self.signature, "config": to_dict(self.cfg),
+                "deepspeed_config": getattr(self.engine, "ds_config", None)}
 
     def _save(self, step, epoch, micro_in_epoch):
         trainer_state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
                          "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
+                         "nonfinite_recent": list(self.nonfinite_recent),
                          "schedule": self.schedule.state_dict()}
         rank_state = {"loader": self.loader.state_dict()}
         with D.long_timeout():  # a slow filesystem must not trip engine.train_timeout_s
@@ -115,21 +115,39 @@ class Trainer:
         self._print(f"[usp_scale] checkpoint: {path}")
         return path
 
-    def _account(self, entries, win, max_nonfinite):
+    def _account(self, entries, win, check: bool = True):
         """Fold step results read back from the device into the counters and the log window. Returns
-        (step, streak, lr, grad norm) of the step whose streak reached ``max_nonfinite`` (> 0), else None."""
+        (step, reason, lr, grad norm) of the first step at which the non-finite streak reached ``max_nonfinite``
+        or the non-finite steps among the last ``nonfinite_window`` exceeded ``max_nonfinite_rate`` (when
+        ``check``), else None."""
+        cfg = self.cfg
         hit = None
         for s_done, (ok_f, norm_f), lr_f in entries:
             self._last_norm = norm_f
-            win["gnorm"] += norm_f if math.isfinite(norm_f) else 0.0
+            while self.nonfinite_recent and self.nonfinite_recent[0] <= s_done - cfg.nonfinite_window:
+                self.nonfinite_recent.popleft()
+            if ok_f and math.isfinite(norm_f):
+                win["gnorm"] += norm_f
+                win["gnorm_n"] += 1
             if ok_f:
                 self.nonfinite_streak = 0
                 continue
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
-            if hit is None and self.nonfinite_streak >= max_nonfinite > 0:
-                hit = (s_done, self.nonfinite_streak, lr_f, norm_f)
-                break
+            self.nonfinite_recent.append(s_done)
+            win["nonfinite"] += 1
+            win["nonfinite_steps"].append(s_done)
+            if hit is not None or not check:
+                continue
+            rate_hit = cfg.max_nonfinite_rate > 0 and \
+                len(self.nonfinite_recent) > cfg.max_nonfinite_rate * cfg.nonfinite_window
+            if self.nonfinite_streak >= cfg.max_nonfinite > 0:
+                hit = (s_done, f"{self.nonfinite_streak} consecutive non-finite steps (max_nonfinite="
+                               f"{cfg.max_nonfinite})", lr_f, norm_f)
+            elif rate_hit:
+                hit = (s_done, f"{len(self.nonfinite_recent)} non-finite steps among the last {cfg.nonfinite_window} "
+                               f"(more than max_nonfinite_rate={cfg.max_nonfinite_rate:g} of nonfinite_window="
+                               f"{cfg.nonfinite_window})", lr_f, norm_f)
         return hit
 
     def _truncate_records(self, step: int) -> None:
@@ -137,7 +155,7 @@ class Trainer:
         (metrics.jsonl, the FID hook's eval.metrics_file and its .txt), written after the checkpoint by the run
         that stopped (or by a later run, when resuming an earlier checkpoint). Rank 0 edits the files; collective
         (a failure there, e.g. a corrupt line, stops every rank with its message)."""
-        from ..eval import agree_on_success
+        from ..eval import agree_on_success  # lazy: needs no torch-fidelity (the optional eval extra)
         from .evaluation import truncate_eval_records
 
         err = None
@@ -182,6 +200,8 @@ class Trainer:
                               f"schedule.accum_iter={accum}")
         global_batch = cfg.data.batch_size * accum * self.world
         # In-training FID (dit/sit, eval.fid_every > 0): checks its settings now; keeps an unwrapped model copy.
+        from .evaluation import build_fid_hook  # imports usp_scale.eval only when eval.fid_every > 0
+
         self.fid_hook = build_fid_hook(cfg, self.task, model, self.loader, self.device)
 
         task = self.task
@@ -196,17 +216,21 @@ class Trainer:
         self.ckpt = CheckpointManager(os.path.join(out, "checkpoints"), cfg.checkpoint.keep_last)
         step, epoch, micro_in_epoch = 0, 0, 0
         self.nonfinite_total = self.nonfinite_streak = 0
+        self.nonfinite_recent = collections.deque()  # optimizer steps of the non-finite steps in the rate window
         resume = self.ckpt.resolve(cfg.checkpoint.resume)
         rank_state = None
         if resume:
             strict = [s.strip() for s in cfg.checkpoint.strict_keys.split(",") if s.strip()]
             other = self.ckpt.check(resume, signature=self.signature, config=to_dict(cfg), world_size=self.world,
-                                    engine_name=cfg.engine.name, strict_prefixes=strict)
+                                    engine_name=cfg.engine.name, strict_prefixes=strict,
+                                    deepspeed_config=getattr(engine, "ds_config", None),
+                                    deepspeed_source=cfg.engine.deepspeed_config)
             if other:
                 self._print(f"[usp_scale] resuming from {resume} with changed settings:\n" + "\n".join(other))
             ts, rank_state = self.ckpt.load(resume, engine, ema=self.ema)
             step, epoch, micro_in_epoch = ts["step"], ts["epoch"], ts["micro_in_epoch"]
             self.nonfinite_total, self.nonfinite_streak = ts["nonfinite_total"], ts["nonfinite_streak"]
+            self.nonfinite_recent = collections.deque(ts.get("nonfinite_recent", []))
             self.loader.load_state_dict(rank_state["loader"])
             self._print(f"[usp_scale] resumed from {resume} at step {step} (epoch {epoch})")
 
@@ -234,7 +258,7 @@ class Trainer:
         last_ckpt = None
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         win = dict(steps=0, loss=torch.zeros((), dtype=torch.float64, device=self.device), data=0.0,
-                   samples=0, t0=time.perf_counter(), gnorm=0.0)
+                   samples=0, t0=time.perf_counter(), gnorm=0.0, gnorm_n=0, nonfinite=0, nonfinite_steps=[])
         stop = False
         result_stopped = False
         last_norm = self._last_norm = float("nan")
@@ -282,17 +306,18 @@ class Trainer:
                 reached_stop = cfg.stop_after_steps > 0 and step - start_step >= cfg.stop_after_steps
                 ckpt_now = (every > 0 and step % every == 0) or reached_stop or step == total
                 entries = stats.flush() if log_now or ckpt_now or self._signal_raw else stats.ready()
-                bad = self._account(entries, win, cfg.max_nonfinite)
+                bad = self._account(entries, win)
                 if bad is not None:
-                    s_bad, streak, lr_bad, norm_bad = bad
-                    self._account(stats.flush(), win, 0)    # the newer steps too, so the checkpoint counts them
+                    s_bad, reason, lr_bad, norm_bad = bad
+                    self._account(stats.flush(), win, check=False)  # the newer steps too, so the checkpoint counts
                     path = self._save(step, epoch, micro_in_epoch)
+                    lr_key = "optim.lr" if cfg.optim.lr > 0 else "optim.blr"  # the key that sets the lr here
                     raise NonFiniteError(
-                        f"{streak} consecutive non-finite steps (loss or gradients) ending at optimizer step "
-                        f"{s_bad}, epoch {epoch}, near micro-batch {micro_in_epoch}/{len(self.loader)} of the epoch, "
-                        f"lr {lr_bad:.3e}, grad norm {norm_bad}; rank {self.rank}. Checkpoint written to {path} "
-                        f"(step {step}). Lower optim.blr, set optim.clip_grad, or use a wider precision "
-                        f"(engine.precision=bf16/fp32).")
+                        f"{reason}, non-finite loss or gradients at optimizer step {s_bad}, epoch {epoch}, near "
+                        f"micro-batch {micro_in_epoch}/{len(self.loader)} of the epoch, lr {lr_bad:.3e}, grad norm "
+                        f"{norm_bad}; rank {self.rank}. Checkpoint written to {path} (step {step}). Lower {lr_key} "
+                        f"(now {getattr(cfg.optim, lr_key.split('.')[1]):g}), set optim.clip_grad, or use a wider "
+                        f"precision (engine.precision=bf16/fp32).")
                 last_norm = self._last_norm
 
                 if log_now:
@@ -307,7 +332,9 @@ class Trainer:
                     dt = time.perf_counter() - win["t0"]
                     sps = win["samples"] / max(dt, 1e-9)
                     rec = {"kind": "train", "step": step, "epoch": epoch, "loss": float(lsum) / n, "lr": lr,
-                           "grad_norm": win["gnorm"] / n, "samples_per_s": sps,
+                           # mean over the applied steps (None when every step of the window was non-finite)
+                           "grad_norm": win["gnorm"] / win["gnorm_n"] if win["gnorm_n"] else None,
+                           "samples_per_s": sps, "nonfinite": win["nonfinite"],
                            # The device runs ahead of the host (no sync per step): compute_time is the wall time
                            # not spent waiting for the loader, which is exact over a window that ends in a sync.
                            "data_time": win["data"] / n, "compute_time": max(dt - win["data"], 0.0) / n,
@@ -315,8 +342,16 @@ class Trainer:
                     if train_flops:
                         rec["mfu"] = train_flops * sps / self.world / cfg.peak_flops
                     logger.log(rec)
+                    if win["nonfinite"] and self.is_main:
+                        print(f"[usp_scale] WARNING: {win['nonfinite']} of the last {n} optimizer steps were "
+                              f"non-finite and skipped (steps {win['nonfinite_steps'][:8]}"
+                              f"{' ...' if win['nonfinite'] > 8 else ''}); {self.nonfinite_total} in the run so far, "
+                              f"{len(self.nonfinite_recent)} in the last {cfg.nonfinite_window} (the run stops above "
+                              f"{cfg.max_nonfinite_rate:g} x {cfg.nonfinite_window} or at {cfg.max_nonfinite} in a "
+                              "row)", file=sys.stderr, flush=True)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
-                    win.update(steps=0, data=0.0, samples=0, t0=time.perf_counter(), gnorm=0.0)
+                    win.update(steps=0, data=0.0, samples=0, t0=time.perf_counter(), gnorm=0.0, gnorm_n=0, nonfinite=0,
+                               nonfinite_steps=[])
                     win["loss"].zero_()
                     req = self._signal_raw or (self.is_main and os.path.exists(os.path.join(out, STOP_FILE)))
                     # A signal may reach only some ranks: agree at log steps (the checkpoint is collective).
@@ -352,7 +387,8 @@ class Trainer:
         bar.close()
         D.end_train_timeout()
 
-        result = {"step": step, "epoch": epoch, "nonfinite_total": self.nonfinite_total, "checkpoint": last_ckpt,
+        result = {"step": step, "epoch": epoch, "nonfinite_total": self.nonfinite_total,
+                  "steps_run": step - start_step, "checkpoint": last_ckpt,
                   "grad_norm": last_norm, "stopped_by_request": result_stopped}
         if step >= total:
             if val_loader is not None:

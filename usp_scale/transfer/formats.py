@@ -3,7 +3,9 @@
 - official MAE / USP pretraining: ``{"model": state_dict, "optimizer": ..., "epoch": ..., "args": ...}``
 - official DiT / SiT training: ``{"model", "ema", "opt", "args"}`` (EMA weights by default)
 - a bare state dict (``.pt``/``.pth``/``.bin``) or a ``.safetensors`` file (this project's export)
-A ``module.`` prefix left by DDP is stripped. Nothing is ever downloaded.
+A ``module.`` prefix left by DDP is stripped. Nothing is ever downloaded, and nothing in a file runs:
+``.pt``/``.pth`` files load with ``weights_only=True`` and an explicit allowlist
+(:func:`usp_scale.checkpoint.safe_load.torch_load`); every read error names the file.
 """
 from __future__ import annotations
 
@@ -29,12 +31,12 @@ def read_state_dict(path: str, which: str = "auto") -> StateDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (give a local .pt/.pth/.safetensors file; "
                                 f"nothing is downloaded)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from ..checkpoint.safe_load import read_safetensors, torch_load
 
-        sd = load_file(path)
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path, what="checkpoint")
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch_load(path, what="checkpoint")
         if which not in ("auto", "ema", "model"):
             raise ValueError(f"which must be auto, ema or model, got {which!r}")
         if _is_state_dict(obj):
@@ -81,13 +83,10 @@ def load_weights(model: nn.Module, path: str, which: str = "auto", state_dict: O
 
 
 def save_safetensors(model_or_sd, path: str, metadata: Optional[dict] = None) -> str:
-    """Write a model-only safetensors file atomically (temporary name, then rename)."""
-    from safetensors.torch import save_file
+    """Write a model-only safetensors file atomically (temporary name, then rename; a full disk is reported as
+    :class:`~usp_scale.checkpoint.safe_load.DiskFullError` and leaves no partial file)."""
+    from ..checkpoint.safe_load import save_safetensors_file
 
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-    return path
+    return save_safetensors_file(sd, path, metadata={k: str(v) for k, v in (metadata or {}).items()})

@@ -125,14 +125,18 @@ def _config_from_diffusers_sd(sd: Dict[str, torch.Tensor]) -> dict:
 
 def _from_single_file(path: str, version: str):
     from diffusers import AutoencoderKL
+    from ..checkpoint.safe_load import CheckpointFileError, UnsafeCheckpointError, read_safetensors, torch_load
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            raw = load_file(path)
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report any reader failure with the path
-        raise VAELoadError(f"cannot read VAE weights file {path}: {type(e).__name__}: {e}. {WHERE}") from e
+            raw = read_safetensors(path, what="VAE weights file")
+        else:  # weights_only=True with the allowlist: nothing in the file runs
+            raw = torch_load(path, what="VAE weights file")
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointFileError as e:
+        raise VAELoadError(f"{e}. {WHERE}") from e
+    if not isinstance(raw, dict):
+        raise VAELoadError(f"VAE weights file {path} holds a {type(raw).__name__}, not a state dict. {WHERE}")
     sd = _unwrap_state_dict(raw, path)
     if any(k.startswith("encoder.down.") for k in sd):
         sd, cfg = _ldm_to_diffusers(sd)
@@ -179,14 +183,54 @@ def load_autoencoder(path: str, version: str = "d8", seed: int = 0):
     raise VAELoadError(f"VAE path not found: {path}. {WHERE}")
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 (16 hex) over the state dict's names, shapes and fp32 values."""
-    h = hashlib.sha256()
+def _hash_weights(h, model: torch.nn.Module) -> None:
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(str(tuple(v.shape)).encode())
         h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (16 hex) over the state dict's names, shapes and fp32 values."""
+    h = hashlib.sha256()
+    _hash_weights(h, model)
     return h.hexdigest()[:16]
+
+
+# AutoencoderKL config keys that shape what the network computes (not sample_size, scaling_factor, force_upcast:
+# the latent scale is vae.scale, recorded beside the fingerprint).
+ARCH_KEYS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+             "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "use_quant_conv",
+             "use_post_quant_conv", "mid_block_add_attention")
+
+
+def content_fingerprint(model: torch.nn.Module) -> str:
+    """The VAE's identity by content: sha256 (16 hex) over its architecture (:data:`ARCH_KEYS` of the diffusers
+    config) and every weight (names, shapes, fp32 values). The same weights give the same fingerprint from a
+    diffusers folder, a .safetensors or a .ckpt file, under any folder or file name; call it on the weights as
+    loaded (before a cast to bf16/fp16)."""
+    config = getattr(model, "config", {})
+    arch = {k: list(v) if isinstance(v, tuple) else v for k in ARCH_KEYS for v in [config.get(k)]}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    _hash_weights(h, model)
+    return h.hexdigest()[:16]
+
+
+_CONTENT_CACHE: Dict[tuple, str] = {}
+
+
+def path_content_fingerprint(path: str, version: str = "d8", seed: int = 0) -> str:
+    """:func:`content_fingerprint` of the VAE at ``path`` (loaded on the CPU in fp32); memoised per process for
+    unchanged files."""
+    if path in RANDOM_PATHS:
+        key: tuple = (path, version, seed)
+    else:
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+        key = (os.path.abspath(path), version, tuple((f, os.path.getsize(f), os.path.getmtime(f))
+                                                      for f in files if os.path.isfile(f)))
+    if key not in _CONTENT_CACHE:
+        _CONTENT_CACHE[key] = content_fingerprint(load_autoencoder(path, version, seed))
+    return _CONTENT_CACHE[key]
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -213,6 +257,8 @@ class FrozenVAE:
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.posterior = posterior
         model = load_autoencoder(path, version, seed)
+        # The content fingerprint is of the weights as loaded: take it before a cast to bf16/fp16.
+        self._content: Optional[str] = None if self.dtype == torch.float32 else content_fingerprint(model)
         model.requires_grad_(False)
         model.eval()
         # nn.Module.to directly: the whole network in one dtype (diffusers' .to override only adds a warning).
@@ -249,12 +295,20 @@ class FrozenVAE:
             self._fingerprint = fingerprint(self.model)
         return self._fingerprint
 
+    @property
+    def content_fingerprint(self) -> str:
+        """:func:`content_fingerprint` of the weights as loaded (architecture + fp32 weights)."""
+        if self._content is None:
+            self._content = content_fingerprint(self.model)
+        return self._content
+
     def identity(self) -> dict:
-        """What a latent cache records about the VAE that produced it."""
+        """What a latent cache records about the VAE that produced it (``content`` decides; path and name are
+        for people)."""
         return {"version": self.version, "path": self.path, "name": os.path.basename(os.path.normpath(self.path)),
                 "scale": self.scale, "dtype": self.dtype_name + ("-autocast" if self._autocast else ""),
                 "latent_channels": self.latent_channels,
-                "downsample": self.downsample, "fingerprint": self.fingerprint}
+                "downsample": self.downsample, "fingerprint": self.fingerprint, "content": self.content_fingerprint}
 
     def train(self, mode: bool = True):
         raise RuntimeError("the VAE is frozen: it always stays in eval() mode and is never trained")

@@ -1,0 +1,157 @@
+"""Config validation: one test per rule of usp_scale.config.validate.RULES (each breaks its rule on an otherwise valid
+recipe and checks the error names every key of the rule and the source that set it), the rule table in
+docs/config.md, and the examples of issue 11 (negative rates, mask.ratio=1, zero/negative batch sizes)."""
+import math
+import os
+
+import pytest
+
+from usp_scale.config import ConfigError, load_config
+from usp_scale.config.validate import CHOICES, INT_CHOICES, RANGES, REQUIRED_STRINGS, RULES, model_patch_size, \
+    rules_table, validate, validate_runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "debug", "tiny.yaml")          # pretrain, folder data, 64 px -> 8x8 latents
+TINY_DIT = os.path.join(ROOT, "configs", "debug", "tiny_dit.yaml")  # dit, EMA, 60 steps
+
+# rule id -> (recipe, overrides that break the rule, world size for the rules checked at trainer start)
+CROSS = {
+    "model.name": (TINY, ["model.name=vit_nope_patch_vae"], None),
+    "task+model.name": (TINY, ["task=dit"], None),
+    "model.img_size+model.name": (TINY, ["model.img_size=9", "data.image_size=72"], None),
+    "data.image_size+vae.version+model.img_size+data.format": (TINY, ["data.image_size=128"], None),
+    "model.in_chans+vae.version+data.format": (TINY, ["model.in_chans=16"], None),
+    "data.num_classes+model.num_classes+task": (TINY_DIT, ["data.num_classes=5"], None),
+    "mask.ratio+model.img_size+model.name+task": (TINY, ["mask.ratio=0.99"], None),
+    "model.norm_image+model.norm_pix_loss": (TINY, ["model.norm_image=true", "model.norm_pix_loss=false"], None),
+    "data.root+data.format": (TINY, ["data.root="], None),
+    "data.latent_cache+data.format": (TINY, ["data.format=latents"], None),
+    "optim.lr+optim.blr": (TINY, ["optim.lr=0", "optim.blr=0"], None),
+    "optim.min_lr+optim.lr": (TINY, ["optim.lr=1e-4", "optim.min_lr=1e-3"], None),
+    "schedule.epochs+schedule.max_steps": (TINY, ["schedule.epochs=0", "schedule.max_steps=0"], None),
+    "schedule.warmup_steps+schedule.max_steps+schedule.warmup_epochs+schedule.epochs":
+        (TINY, ["schedule.warmup_epochs=1000"], None),
+    "engine.deepspeed_config+engine.name": (TINY, ["engine.deepspeed_config=ds.json"], None),
+    "checkpoint.strict_keys": (TINY, ["checkpoint.strict_keys=task,modle.name"], None),
+    "eval.fid_every+task": (TINY, ["eval.fid_every=10"], None),
+    "eval.fid_samples+eval.fid_every": (TINY_DIT, ["eval.fid_every=10", "eval.fid_samples=1"], None),
+    "eval.sampler+task+eval.fid_every": (TINY_DIT, ["eval.fid_every=10", "eval.sampler=sde"], None),
+    "eval.cfg_channels+model.in_chans": (TINY, ["eval.cfg_channels=5"], None),
+    "eval.cfg_scale+model.class_dropout_prob+eval.fid_every":
+        (TINY_DIT, ["eval.fid_every=10", "eval.cfg_scale=4.0", "model.class_dropout_prob=0"], None),
+    "engine.name@start": (TINY, [], 2),
+    "engine.fsdp_shard_size+engine.name@start": (TINY, ["engine.name=fsdp2", "engine.fsdp_shard_size=3"], 4),
+    "optim.min_lr+optim.blr+optim.lr+data.batch_size+schedule.accum_iter@start": (TINY, ["optim.min_lr=0.5"], 1),
+}
+
+
+def _violation(key: str, lo, hi, lo_open, hi_open):
+    """A value just outside the range of ``key`` (an int below an int bound, a float otherwise)."""
+    if lo is not None:
+        v = lo if lo_open else lo - (1 if isinstance(lo, int) else 1e-3)
+    else:
+        v = hi if hi_open else hi + 1
+    return v
+
+
+def _cases():
+    out = dict(CROSS)
+    for key, options in CHOICES.items():
+        out[key] = (TINY_DIT if key.startswith("eval.") else TINY, [f"{key}=bogus"], None)
+    for key, options in INT_CHOICES.items():
+        out[key] = (TINY, [f"{key}={max(options) + 1}"], None)
+    for key, lo, hi, lo_open, hi_open, _ in RANGES:
+        out[key] = (TINY, [f"{key}={_violation(key, lo, hi, lo_open, hi_open)}"], None)
+    for key in REQUIRED_STRINGS:
+        out[key] = (TINY, [f"{key}="], None)
+    return out
+
+
+CASES = _cases()
+BY_ID = {r.id: r for r in RULES}
+
+
+def test_every_rule_has_a_case_and_ids_are_unique():
+    ids = [r.id for r in RULES]
+    assert len(ids) == len(set(ids))
+    assert sorted(CASES) == sorted(ids)
+
+
+@pytest.mark.parametrize("path", [TINY, TINY_DIT])
+def test_bases_are_valid(path):
+    cfg = load_config(path)
+    validate_runtime(cfg, 1)
+
+
+@pytest.mark.parametrize("rule_id", sorted(CASES))
+def test_rule(rule_id):
+    rule = BY_ID[rule_id]
+    path, overrides, world = CASES[rule_id]
+    cfg = load_config(path, overrides, check_missing=False)
+    args = (world,) if rule.runtime else ()
+    assert rule.check(cfg, *args), f"{rule_id}: {overrides} does not break the rule"
+    with pytest.raises(ConfigError) as e:
+        if rule.runtime:
+            load_config(path, overrides)  # valid when it loads ...
+            validate_runtime(cfg, world)  # ... refused at trainer start
+        else:
+            load_config(path, overrides)
+    msg = str(e.value)
+    for key in rule.keys:
+        assert f"{key}=" in msg, (key, msg)
+    for o in overrides:  # a key of the rule set on the command line is named with that source
+        if o.split("=")[0] in rule.keys:
+            assert f"{o.split('=')[0]}=" in msg and "(command line)" in msg, msg
+
+
+def test_error_names_the_file_that_set_the_key(tmp_path):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(f"_base_: {TINY}\noptim:\n  blr: -1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"optim\.blr=-0\.001 \(.*recipe\.yaml\): out of range"):
+        load_config(str(p))
+
+
+def test_issue_examples():
+    """optim.blr=-1e-3 trained silently, mask.ratio=1.0 was accepted, data.batch_size=0/-4 crashed later, a negative
+    optim.lr gave torch's error without the key: each is now refused at load, naming the key."""
+    for ov, key in (("optim.blr=-1e-3", "optim.blr"), ("mask.ratio=1.0", "mask.ratio"),
+                    ("data.batch_size=0", "data.batch_size"), ("data.batch_size=-4", "data.batch_size"),
+                    ("optim.lr=-0.1", "optim.lr"), ("optim.blr=.nan", "optim.blr"),
+                    ("data.image_size=60", "data.image_size")):
+        with pytest.raises(ConfigError, match=rf"{key}=.*\(command line\)"):
+            load_config(TINY, [ov])
+    assert not math.isnan(load_config(TINY).optim.blr)
+
+
+def test_several_broken_rules_are_reported_together():
+    with pytest.raises(ConfigError, match="3 invalid config values") as e:
+        load_config(TINY, ["optim.beta1=1.5", "data.num_workers=-1", "ema.decay=1.0"])
+    assert all(k in str(e.value) for k in ("optim.beta1", "data.num_workers", "ema.decay"))
+
+
+def test_patch_size_of_every_registered_model():
+    from usp_scale.models import create_model, list_models
+
+    for name in list_models():
+        m = create_model(name, device="meta")
+        emb = getattr(m, "patch_embed", None) or getattr(m, "x_embedder")
+        p = emb.proj.kernel_size[0]
+        assert model_patch_size(name) == p, name
+
+
+def test_docs_table_is_the_rule_list():
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        assert rules_table() in f.read()
+
+
+def test_removed_key_says_what_replaced_it():
+    with pytest.raises(ConfigError, match=r"model\.cfg_official_channels' was removed: .*eval\.cfg_channels=3"):
+        load_config(TINY_DIT, ["model.cfg_official_channels=true"])
+
+
+def test_validate_uses_origins_attached_by_load():
+    cfg = load_config(TINY, ["seed=3"])
+    assert cfg._origins["seed"] == "command line" and cfg._origins["model.name"].endswith("tiny.yaml")
+    cfg.seed = -1
+    with pytest.raises(ConfigError, match=r"seed=-1 \(command line\)"):
+        validate(cfg)

@@ -1,0 +1,435 @@
+"""Every rule a config value must follow, checked when the config loads (and, for the few that need the world
+size, when the trainer starts).
+
+:data:`RULES` is the single list: each :class:`Rule` names the keys it reads, states itself in words (the table in
+``docs/config.md`` is this list) and returns what is wrong, or None. :func:`validate` runs every load-time rule and
+raises one :class:`~usp_scale.config.load.ConfigError` listing each broken rule with every key it involves, its
+value and the file (or "command line", or "default") that set it. :func:`validate_runtime` runs the rules that
+need the world size.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# Choices of the string fields (the code that reads each field accepts exactly these).
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "task": ("pretrain", "dit", "sit", "cls", "linprobe"),
+    "data.format": ("folder", "wds", "latents", "synthetic"),
+    "data.loader": ("auto", "dali", "torchvision"),
+    "data.dali_device": ("auto", "mixed", "cpu"),
+    "data.augment": ("pretrain", "adm", "eval", "finetune", "none"),
+    "data.latent_verify": ("records", "sha256", "size", "none"),
+    "vae.version": ("d8", "d16"),
+    "vae.posterior": ("mean", "sample"),
+    "vae.dtype": ("fp32", "bf16", "fp16"),
+    "model.global_pool": ("avg", "token"),
+    "model.kernels": ("auto", "triton", "torch"),
+    "model.attn_backend": ("auto", "sdpa", "flash2", "flash3", "math", "cudnn", "efficient"),
+    "optim.name": ("adamw", "lars"),
+    "schedule.name": ("cosine", "constant"),
+    "engine.name": ("local", "ddp", "fsdp2", "deepspeed"),
+    "engine.precision": ("auto", "fp32", "bf16", "fp16"),
+    "engine.backend": ("auto", "nccl", "gloo"),
+    "engine.compile_scope": ("auto", "model", "blocks"),
+    "engine.fp8": ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp"),
+    "eval.sampler": ("ddpm", "ddim", "sde", "ode", "heun", "euler"),
+    "eval.precision": ("fp32", "bf16"),
+}
+INT_CHOICES: Dict[str, Tuple[int, ...]] = {"engine.zero_stage": (1, 2, 3)}
+
+# (key, low, high, low open?, high open?, what the key is); None = unbounded on that side.
+RANGES: Tuple[tuple, ...] = (
+    ("seed", 0, None, False, False, "a seed"),
+    ("log_every", 1, None, False, False, "a step count"),
+    ("peak_flops", 0, None, True, False, "FLOP/s"),
+    ("max_nonfinite", 0, None, False, False, "a step count (0 = no limit)"),
+    ("max_nonfinite_rate", 0, 1, False, True, "a fraction (0 = no limit)"),
+    ("nonfinite_window", 1, None, False, False, "a step count"),
+    ("smoothing", 0, 1, False, True, "a probability mass"),
+    ("mixup", 0, None, False, False, "a Beta alpha (0 = off)"),
+    ("cutmix", 0, None, False, False, "a Beta alpha (0 = off)"),
+    ("use_pretrain_layer", -1, None, False, False, "a block count (-1 = all)"),
+    ("eval_every_epochs", 0, None, False, False, "an epoch count"),
+    ("stop_after_steps", 0, None, False, False, "a step count"),
+    ("data.image_size", 1, None, False, False, "pixels"),
+    ("data.crop_scale_min", 0, 1, True, False, "an area fraction"),
+    ("data.batch_size", 1, None, False, False, "samples per rank"),
+    ("data.num_workers", 0, None, False, False, "a process count"),
+    ("data.num_classes", 1, None, False, False, "a class count"),
+    ("data.synthetic_samples", 1, None, False, False, "a sample count"),
+    ("vae.scale", 0, None, False, False, "a scale factor (0 = the version's default)"),
+    ("model.img_size", 1, None, False, False, "a latent side"),
+    ("model.in_chans", 1, None, False, False, "a channel count"),
+    ("model.num_classes", 1, None, False, False, "a class count"),
+    ("model.class_dropout_prob", 0, 1, False, True, "a probability"),
+    ("model.drop_path_rate", 0, 1, False, True, "a probability"),
+    ("mask.ratio", 0, 1, True, True, "a fraction of tokens"),
+    ("optim.lr", 0, None, False, False, "a learning rate (0 = from optim.blr)"),
+    ("optim.blr", 0, None, False, False, "a learning rate per 256 samples"),
+    ("optim.min_lr", 0, None, False, False, "a learning rate"),
+    ("optim.weight_decay", 0, None, False, False, "a decay coefficient"),
+    ("optim.beta1", 0, 1, False, True, "a moment coefficient"),
+    ("optim.beta2", 0, 1, False, True, "a moment coefficient"),
+    ("optim.eps", 0, None, True, False, "an epsilon"),
+    ("optim.layer_decay", 0, 1, True, False, "a per-layer factor (1 = off)"),
+    ("optim.clip_grad", 0, None, False, False, "a gradient norm (0 = off)"),
+    ("optim.momentum", 0, 1, False, True, "a momentum coefficient"),
+    ("optim.trust_coefficient", 0, None, True, False, "a trust coefficient"),
+    ("schedule.epochs", 0, None, False, False, "an epoch count"),
+    ("schedule.max_steps", 0, None, False, False, "a step count (0 = use epochs)"),
+    ("schedule.warmup_epochs", 0, None, False, False, "an epoch count"),
+    ("schedule.warmup_steps", 0, None, False, False, "a step count (0 = use warmup_epochs)"),
+    ("schedule.accum_iter", 1, None, False, False, "micro-batches per optimizer step"),
+    ("engine.fsdp_shard_size", 0, None, False, False, "a rank count (0 = all ranks)"),
+    ("engine.timeout_min", 1, None, False, False, "minutes"),
+    ("checkpoint.every_steps", 0, None, False, False, "a step count (0 = only at the end)"),
+    ("checkpoint.keep_last", 0, None, False, False, "a folder count (0 = keep all)"),
+    ("ema.decay", 0, 1, False, True, "a decay (0 = no EMA)"),
+    ("eval.fid_every", 0, None, False, False, "a step count (0 = off)"),
+    ("eval.fid_samples", 1, None, False, False, "a sample count"),
+    ("eval.steps", 1, None, False, False, "a step count"),
+    ("eval.cfg_scale", 0, None, False, False, "a guidance scale (1 = off)"),
+    ("eval.cfg_channels", 0, None, False, False, "a channel count (0 = all)"),
+    ("eval.ddim_eta", 0, None, False, False, "a DDIM eta"),
+    ("eval.batch_size", 1, None, False, False, "samples per rank"),
+    ("eval.seed", 0, None, False, False, "a seed"),
+)
+REQUIRED_STRINGS = ("output_dir", "vae.path", "eval.metrics_file")
+
+# Latent geometry of the VAE versions: (channels, downsampling).
+VAE_GEOMETRY = {"d8": (4, 8), "d16": (16, 16)}
+LABELLED_TASKS = ("dit", "sit", "cls", "linprobe")
+FAMILY_OF_TASK = {"pretrain": "mae", "dit": "dit", "sit": "sit", "cls": "vit", "linprobe": "vit"}
+SAMPLERS = {"dit": ("ddpm", "ddim"), "sit": ("sde", "ode", "heun", "euler")}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: ``check(cfg)`` returns what is wrong (a sentence) or None."""
+
+    keys: Tuple[str, ...]
+    text: str
+    check: Callable
+    runtime: bool = False  # needs the world size: checked when the trainer starts
+
+    @property
+    def id(self) -> str:
+        return "+".join(self.keys) + ("@start" if self.runtime else "")
+
+
+def get(cfg, key: str):
+    """Dotted key -> value."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fmt(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_rule(key, lo, hi, lo_open, hi_open, what) -> Rule:
+    lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {_fmt(lo)}"
+    hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {_fmt(hi)}"
+    text = f"{key} is {what}: " + " and ".join(s for s in (lo_s, hi_s) if s)
+
+    def check(cfg):
+        v = get(cfg, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number ({text})"
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        above = hi is not None and (v >= hi if hi_open else v > hi)
+        bad = below or above
+        return f"out of range: {text}" if bad else None
+    return Rule((key,), text, check)
+
+
+def _choice_rule(key, options) -> Rule:
+    text = f"{key} is one of {', '.join(map(str, options))}"
+    return Rule((key,), text, lambda cfg: None if get(cfg, key) in options else f"unknown value: {text}")
+
+
+def _required_rule(key) -> Rule:
+    text = f"{key} is not empty"
+    return Rule((key,), text, lambda cfg: None if str(get(cfg, key)).strip() else "must be set (it is empty)")
+
+
+RULES: List[Rule] = ([_choice_rule(k, v) for k, v in {**CHOICES, **INT_CHOICES}.items()] +
+                     [_range_rule(*r) for r in RANGES] + [_required_rule(k) for k in REQUIRED_STRINGS])
+
+
+def rule(*keys: str, text: str, runtime: bool = False):
+    """Register a cross-key rule (the decorated function takes the config, or config and world size)."""
+    def deco(fn):
+        RULES.append(Rule(tuple(keys), text, fn, runtime))
+        return fn
+    return deco
+
+
+# --------------------------------------------------------------------------- model names and geometry
+
+def model_patch_size(name: str) -> Optional[int]:
+    """Patch size of a registered model name (None when the name is not registered)."""
+    from ..models import list_models
+
+    if name not in list_models():
+        return None
+    m = re.search(r"/(\d+)", name)
+    if m:
+        return int(m.group(1))  # DiT-XL/2, SiT-B/4-...
+    return 4 if name.endswith("_patch_vae_2") else 2  # vit_*_patch_vae (2), vit_*_patch_vae_2 (4), *_patch16_vae (2)
+
+
+@rule("model.name", text="model.name is a registered model (usp_scale.models.list_models())")
+def _model_registered(cfg):
+    from ..models import list_models
+
+    if cfg.model.name in list_models():
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(cfg.model.name, list_models(), n=3)
+    return "unknown model" + (f"; did you mean {', '.join(close)}?" if close else "")
+
+
+@rule("task", "model.name", text="the model family fits the task: pretrain -> an MAE (vit_*_patch_vae), dit -> DiT-*, "
+      "sit -> SiT-*, cls/linprobe -> a classifier (vit_*_patch16_vae)")
+def _model_family(cfg):
+    from ..models import list_models, model_family
+
+    if cfg.model.name not in list_models() or cfg.task not in FAMILY_OF_TASK:
+        return None
+    fam, want = model_family(cfg.model.name), FAMILY_OF_TASK[cfg.task]
+    return None if fam == want else f"task={cfg.task} needs a {want} model, {cfg.model.name} is a {fam} model"
+
+
+@rule("model.img_size", "model.name", text="model.img_size is a multiple of the model's patch size")
+def _patch(cfg):
+    p = model_patch_size(cfg.model.name)
+    if p is None or cfg.model.img_size % p == 0:
+        return None
+    return f"a latent side of {cfg.model.img_size} is not a multiple of the patch size {p} of {cfg.model.name}"
+
+
+@rule("data.image_size", "vae.version", "model.img_size", "data.format",
+      text="unless data.format=synthetic: data.image_size is a multiple of the VAE downsampling (8 for d8, 16 for d16) "
+           "and model.img_size = data.image_size / downsampling")
+def _latent_side(cfg):
+    if cfg.data.format == "synthetic" or cfg.vae.version not in VAE_GEOMETRY:
+        return None
+    ds = VAE_GEOMETRY[cfg.vae.version][1]
+    if cfg.data.image_size % ds:
+        return f"{cfg.data.image_size} px is not a multiple of the {cfg.vae.version} VAE's downsampling {ds}"
+    if cfg.data.image_size // ds != cfg.model.img_size:
+        return (f"{cfg.data.image_size} px images give {cfg.data.image_size // ds}x{cfg.data.image_size // ds} "
+                f"{cfg.vae.version} latents, the model expects {cfg.model.img_size}x{cfg.model.img_size}: set "
+                f"model.img_size={cfg.data.image_size // ds} or data.image_size={cfg.model.img_size * ds}")
+    return None
+
+
+@rule("model.in_chans", "vae.version", "data.format",
+      text="unless data.format=synthetic: model.in_chans is the VAE's latent channels (4 for d8, 16 for d16)")
+def _latent_channels(cfg):
+    if cfg.data.format == "synthetic" or cfg.vae.version not in VAE_GEOMETRY:
+        return None
+    ch = VAE_GEOMETRY[cfg.vae.version][0]
+    return None if cfg.model.in_chans == ch else f"the {cfg.vae.version} VAE gives {ch}-channel latents"
+
+
+@rule("data.num_classes", "model.num_classes", "task",
+      text="for dit, sit, cls and linprobe: data.num_classes = model.num_classes (labels index the model's classes)")
+def _classes(cfg):
+    if cfg.task not in LABELLED_TASKS or cfg.data.num_classes == cfg.model.num_classes:
+        return None
+    return f"the data has {cfg.data.num_classes} classes, the model {cfg.model.num_classes}"
+
+
+@rule("mask.ratio", "model.img_size", "model.name", "task",
+      text="for pretrain: the mask keeps at least one token and removes at least one "
+           "(int(L * (1 - mask.ratio)) in [1, L - 1], L = (model.img_size / patch)^2)")
+def _mask_tokens(cfg):
+    p = model_patch_size(cfg.model.name)
+    if cfg.task != "pretrain" or p is None or cfg.model.img_size % p or not 0 < cfg.mask.ratio < 1:
+        return None
+    tokens = (cfg.model.img_size // p) ** 2
+    kept = int(tokens * (1 - cfg.mask.ratio))
+    if 1 <= kept <= tokens - 1:
+        return None
+    return f"of {tokens} tokens the mask keeps {kept}; the encoder needs one and the loss one removed"
+
+
+@rule("model.norm_image", "model.norm_pix_loss", text="model.norm_image needs model.norm_pix_loss")
+def _norm_image(cfg):
+    return "the per-image target is a variant of the norm-pix target" \
+        if cfg.model.norm_image and not cfg.model.norm_pix_loss else None
+
+
+# --------------------------------------------------------------------------- data
+
+@rule("data.root", "data.format", text="data.root is set for data.format folder and wds")
+def _root(cfg):
+    return "a folder or tar dataset needs its root folder" \
+        if cfg.data.format in ("folder", "wds") and not cfg.data.root.strip() else None
+
+
+@rule("data.latent_cache", "data.format", text="data.latent_cache is set for data.format=latents")
+def _cache(cfg):
+    return "the latent cache folder (written by launchers/cache_latents.py) is needed" \
+        if cfg.data.format == "latents" and not cfg.data.latent_cache.strip() else None
+
+
+# --------------------------------------------------------------------------- optimizer and schedule
+
+@rule("optim.lr", "optim.blr", text="optim.lr > 0 or optim.blr > 0 (the learning rate is not 0)")
+def _lr_set(cfg):
+    return "both are 0: no learning rate" if cfg.optim.lr == 0 and cfg.optim.blr == 0 else None
+
+
+@rule("optim.min_lr", "optim.lr", text="with optim.lr > 0: optim.min_lr <= optim.lr")
+def _min_lr(cfg):
+    return "the cosine floor is above the peak" if 0 < cfg.optim.lr < cfg.optim.min_lr else None
+
+
+@rule("schedule.epochs", "schedule.max_steps", text="schedule.epochs > 0 or schedule.max_steps > 0")
+def _length(cfg):
+    return "the training has no length" if cfg.schedule.epochs == 0 and cfg.schedule.max_steps == 0 else None
+
+
+@rule("schedule.warmup_steps", "schedule.max_steps", "schedule.warmup_epochs", "schedule.epochs",
+      text="warmup is not longer than training: warmup_steps <= max_steps (both set), warmup_epochs <= epochs "
+           "(both in epochs)")
+def _warmup(cfg):
+    s = cfg.schedule
+    if s.max_steps > 0 and s.warmup_steps > s.max_steps:
+        return f"{s.warmup_steps} warmup steps in a {s.max_steps}-step run"
+    if s.max_steps == 0 and s.warmup_steps == 0 and s.warmup_epochs > s.epochs:
+        return f"{_fmt(s.warmup_epochs)} warmup epochs in a {s.epochs}-epoch run"
+    return None
+
+
+# --------------------------------------------------------------------------- engine, checkpoint, evaluation
+
+@rule("engine.deepspeed_config", "engine.name", text="engine.deepspeed_config is set only with engine.name=deepspeed")
+def _ds_json(cfg):
+    return "a DeepSpeed JSON needs engine.name=deepspeed" \
+        if cfg.engine.deepspeed_config and cfg.engine.name != "deepspeed" else None
+
+
+@rule("checkpoint.strict_keys", text="checkpoint.strict_keys lists config sections or dotted keys that exist")
+def _strict_keys(cfg):
+    import dataclasses
+
+    def exists(key):
+        obj = cfg
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                return False
+            obj = getattr(obj, part)
+        return True
+    bad = [k.strip() for k in cfg.checkpoint.strict_keys.split(",") if k.strip() and not exists(k.strip())]
+    return f"no such key(s): {', '.join(bad)}" if bad else None
+
+
+@rule("eval.fid_every", "task", text="eval.fid_every > 0 only for task dit or sit")
+def _fid_task(cfg):
+    return f"in-training FID is for task=dit or sit, task={cfg.task} generates no images" \
+        if cfg.eval.fid_every > 0 and cfg.task not in SAMPLERS else None
+
+
+@rule("eval.fid_samples", "eval.fid_every", text="with eval.fid_every > 0: eval.fid_samples >= 2 (a covariance)")
+def _fid_samples(cfg):
+    return "FID needs at least 2 samples" if cfg.eval.fid_every > 0 and cfg.eval.fid_samples < 2 else None
+
+
+@rule("eval.sampler", "task", "eval.fid_every",
+      text="with eval.fid_every > 0: eval.sampler fits the task (dit: ddpm, ddim; sit: sde, ode, heun, euler)")
+def _sampler(cfg):
+    if cfg.eval.fid_every == 0 or cfg.task not in SAMPLERS or cfg.eval.sampler in SAMPLERS[cfg.task]:
+        return None
+    return f"task={cfg.task} samples with {', '.join(SAMPLERS[cfg.task])}"
+
+
+@rule("eval.cfg_channels", "model.in_chans", text="eval.cfg_channels <= model.in_chans (0 = all latent channels)")
+def _cfg_channels(cfg):
+    return f"only {cfg.model.in_chans} latent channels exist" if cfg.eval.cfg_channels > cfg.model.in_chans else None
+
+
+@rule("eval.cfg_scale", "model.class_dropout_prob", "eval.fid_every",
+      text="with eval.fid_every > 0 and eval.cfg_scale != 1: model.class_dropout_prob > 0 (CFG needs the null "
+           "class trained by label dropout)")
+def _cfg_null(cfg):
+    if cfg.eval.fid_every > 0 and cfg.eval.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
+        return "the model has no null class to guide against"
+    return None
+
+
+# --------------------------------------------------------------------------- rules that need the world size
+
+@rule("engine.name", text="engine.name=local runs one process (use ddp, fsdp2 or deepspeed for more)", runtime=True)
+def _local(cfg, world):
+    return f"the launcher started {world} processes" if cfg.engine.name == "local" and world > 1 else None
+
+
+@rule("engine.fsdp_shard_size", "engine.name",
+      text="with engine.name=fsdp2: engine.fsdp_shard_size divides the world size",
+      runtime=True)
+def _hsdp(cfg, world):
+    k = cfg.engine.fsdp_shard_size
+    if cfg.engine.name == "fsdp2" and k > 0 and (k > world or world % k):
+        return f"{k} does not divide the world size {world} (e.g. use the GPUs per node; 0 = all ranks)"
+    return None
+
+
+@rule("optim.min_lr", "optim.blr", "optim.lr", "data.batch_size", "schedule.accum_iter",
+      text="with optim.lr = 0: optim.min_lr <= optim.blr x data.batch_size x schedule.accum_iter x world size / 256",
+      runtime=True)
+def _min_lr_blr(cfg, world):
+    if cfg.optim.lr > 0:
+        return None
+    peak = cfg.optim.blr * cfg.data.batch_size * cfg.schedule.accum_iter * world / 256
+    return f"the cosine floor is above the peak lr {peak:g} at world size {world}" if cfg.optim.min_lr > peak else None
+
+
+# --------------------------------------------------------------------------- running the rules
+
+def _problems(cfg, origins: Dict[str, str], rules: Sequence[Rule], *args) -> List[str]:
+    out = []
+    for r in rules:
+        msg = r.check(cfg, *args)
+        if msg:
+            where = ", ".join(f"{k}={get(cfg, k)!r} ({origins.get(k, 'default')})" for k in r.keys)
+            out.append(f"{where}: {msg}")
+    return out
+
+
+def _raise(problems: List[str]) -> None:
+    from .load import ConfigError
+
+    if problems:
+        raise ConfigError(("invalid config value" if len(problems) == 1 else f"{len(problems)} invalid config values")
+                          + ":\n  " + "\n  ".join(problems) + "\n(each key is followed by where it was set; see the "
+                          "rule table in docs/config.md)")
+
+
+def validate(cfg, origins: Optional[Dict[str, str]] = None) -> None:
+    """Every load-time rule; raises ConfigError naming each broken rule's keys, values and files."""
+    origins = origins if origins is not None else getattr(cfg, "_origins", {})
+    _raise(_problems(cfg, origins, [r for r in RULES if not r.runtime]))
+
+
+def validate_runtime(cfg, world_size: int) -> None:
+    """The rules that need the world size (called when the trainer starts)."""
+    _raise(_problems(cfg, getattr(cfg, "_origins", {}), [r for r in RULES if r.runtime], world_size))
+
+
+def rules_table() -> str:
+    """The markdown table of every rule (docs/config.md holds it; a test keeps the two equal)."""
+    lines = ["| keys | rule | checked |", "|---|---|---|"]
+    for r in RULES:
+        lines.append(f"| {', '.join(f'`{k}`' for k in r.keys)} | {r.text} | "
+                     f"{'trainer start (world size)' if r.runtime else 'config load'} |")
+    return "\n".join(lines)
