@@ -46,7 +46,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from usp_scale.models import create_model, model_family
-    from usp_scale.transfer import save_safetensors, transfer
+    from usp_scale.fileio import save_safetensors
+    from usp_scale.transfer import transfer
 
     family = model_family(args.model)
     kwargs = {"num_classes": args.num_classes}

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from usp_scale.models import create_model
-from usp_scale.transfer import (TransferError, load_pretrained, load_weights, read_state_dict, save_safetensors,
-                                transfer)
+from usp_scale.fileio import save_safetensors
+from usp_scale.transfer import TransferError, load_pretrained, load_weights, read_state_dict, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

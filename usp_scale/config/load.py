@@ -232,13 +232,10 @@ def _check_resolved(path: str, raw: str) -> None:
 
 def save_config(cfg: JobConfig, path: str) -> str:
     """Write the fully resolved config (atomically, with its sha256 on the first line) and return its path."""
-    from ..checkpoint.safe_load import atomic_write
+    from ..fileio import write_text
 
     body = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    with atomic_write(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(RESOLVED_HEADER + hashlib.sha256(body.encode()).hexdigest() + "\n" + body)
-    return path
+    return write_text(path, RESOLVED_HEADER + hashlib.sha256(body.encode()).hexdigest() + "\n" + body)
 
 
 # --------------------------------------------------------------------------- help text

@@ -33,7 +33,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint.safe_load import CheckpointFileError, atomic_write, read_checked_json, read_json, write_checked_json
+from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, read_json, write_checked_json
+from ..fileio import atomic_write
 from .datasets import ImageDataset
 from .loaders import CorruptTracker, ResumableLoader, _BatchTask
 from .sampler import ShardSampler

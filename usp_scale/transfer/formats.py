@@ -80,13 +80,3 @@ def load_weights(model: nn.Module, path: str, which: str = "auto", state_dict: O
     if problems:
         raise ValueError(f"{path} does not fit {type(model).__name__}:\n{problems}")
     model.load_state_dict(sd, strict=True)
-
-
-def save_safetensors(model_or_sd, path: str, metadata: Optional[dict] = None) -> str:
-    """Write a model-only safetensors file atomically (temporary name, then rename; a full disk is reported as
-    :class:`~usp_scale.checkpoint.safe_load.DiskFullError` and leaves no partial file)."""
-    from ..checkpoint.safe_load import save_safetensors_file
-
-    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
-    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    return save_safetensors_file(sd, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
