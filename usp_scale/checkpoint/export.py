@@ -10,16 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 from ..fileio import save_safetensors, torch_save  # noqa: F401 - save_safetensors: re-exported by the package
-from .safe_load import read_safetensors
 
 
 def _contig(sd: dict) -> dict:
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
-
-
-def load_safetensors(path: str) -> dict:
-    """Every tensor of ``path``; a damaged or truncated file is a CheckpointFileError naming it."""
-    return read_safetensors(path, what="export")
 
 
 def save_official(path: str, task: str, model_sd: dict, *, ema_sd: Optional[dict] = None,

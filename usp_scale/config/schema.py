@@ -349,5 +349,3 @@ class JobConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-
-SECTIONS = ("data", "vae", "model", "mask", "optim", "schedule", "engine", "checkpoint", "ema", "eval")
