@@ -80,7 +80,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except Exception as e:  # a bad input file or argument: its message (naming the file), not a traceback
-        from usp_scale.checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from usp_scale.checkpoint.safe_load import CheckpointFileError
+        from usp_scale.fileio import DiskFullError
         from usp_scale.transfer import TransferError
         errors = (CheckpointFileError, DiskFullError, FileNotFoundError, TransferError, KeyError, ValueError)
         if not isinstance(e, errors):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import _helpers_safety as S
-from usp_scale.checkpoint.safe_load import DiskFullError
+from usp_scale.fileio import DiskFullError
 
 
 @pytest.fixture

@@ -46,14 +46,14 @@ CLS = {
     "task": "cls", "data.augment": "finetune", "backend": "torchvision", "vae.posterior": "mean", "vae.dtype": "fp16",
     "vae.autocast": True, "model.global_pool": "avg", "model.drop_path_rate": 0.1, "optim.name": "adamw",
     "optim.blr": 1e-3, "optim.min_lr": 1e-6, "optim.weight_decay": 0.05, "optim.beta2": 0.999,
-    "optim.layer_decay": 0.75, "schedule.epochs": 50, "schedule.warmup_epochs": 5.0, "smoothing": 0.1,
+    "optim.layer_decay": 0.75, "schedule.epochs": 50, "schedule.warmup_epochs": 5.0, "cls.smoothing": 0.1,
     "global_batch": 1024, "engine.precision": "fp16", "engine.reduce_dtype": "fp32",
 }
 LINPROBE = {
     "task": "linprobe", "data.augment": "linprobe", "backend": "torchvision", "vae.posterior": "mean",
     "model.global_pool": "token", "optim.name": "lars", "optim.blr": 0.1, "optim.weight_decay": 0.0,
     "optim.min_lr": 0.0, "optim.momentum": 0.9, "optim.trust_coefficient": 0.001, "schedule.epochs": 90,
-    "schedule.warmup_epochs": 10.0, "smoothing": 0.0, "global_batch": 16384, "lr@G": 6.4,
+    "schedule.warmup_epochs": 10.0, "cls.smoothing": 0.0, "global_batch": 16384, "lr@G": 6.4,
     "engine.precision": "fp16", "engine.reduce_dtype": "fp32",
 }
 TABLE = [(f"pretrain/usp_{s}_224.yaml", PRETRAIN) for s in ("base", "large", "xlarge")] + \
@@ -121,7 +121,8 @@ def test_global_batch_and_lr_do_not_depend_on_the_world_size(world):
 
 
 def test_batch_plan_splits_and_errors_name_the_keys():
-    cfg = load_config(None, ["model.name=x", "data.global_batch_size=256", "data.micro_batch_size=48"])
+    cfg = load_config(None, ["model.name=x", "data.global_batch_size=256", "data.micro_batch_size=48"],
+                      check_missing=False)
     p = plan_batch(cfg.data, cfg.schedule, 2)       # 128 per rank, largest divisor <= 48 is 32
     assert (p.micro_batch, p.accum_iter, p.per_rank) == (32, 4, 128)
     assert plan_batch(cfg.data, cfg.schedule, 8).accum_iter == 1            # 32 per rank fits
@@ -130,13 +131,13 @@ def test_batch_plan_splits_and_errors_name_the_keys():
     cfg.data.global_batch_size, cfg.data.micro_batch_size = 254, 100         # 254 = 2 x 127
     with pytest.raises(ConfigError, match=r"per-rank batch 254 .*data.micro_batch_size=100.*127"):
         plan_batch(cfg.data, cfg.schedule, 1)
-    off = load_config(None, ["model.name=x", "data.batch_size=8", "schedule.accum_iter=2"])
+    off = load_config(None, ["model.name=x", "data.batch_size=8", "schedule.accum_iter=2"], check_missing=False)
     p = plan_batch(off.data, off.schedule, 4)
     assert (p.global_batch, p.derived) == (64, False)
 
 
 def test_startup_writes_the_plan_and_warns_about_replaced_values():
-    cfg = load_config(None, ["model.name=x", "data.global_batch_size=64", "data.batch_size=8"])
+    cfg = load_config(None, ["model.name=x", "data.global_batch_size=64", "data.batch_size=8"], check_missing=False)
     with pytest.warns(UserWarning, match=r"data.batch_size=8 replaced by 16.*data.micro_batch_size"):
         resolve_startup(cfg, 4)
     assert (cfg.data.batch_size, cfg.schedule.accum_iter) == (16, 1)
@@ -144,7 +145,7 @@ def test_startup_writes_the_plan_and_warns_about_replaced_values():
 
 @pytest.mark.parametrize("task", sorted(OFFICIAL_PRECISION))
 def test_official_precision_is_one_key(task):
-    cfg = load_config(None, ["model.name=x", f"task={task}", "engine.precision=official"])
+    cfg = load_config(None, ["model.name=x", f"task={task}", "engine.precision=official"], check_missing=False)
     resolve_startup(cfg, 1)
     want = {"pretrain": ("fp16", False), "cls": ("fp16", False), "linprobe": ("fp16", False),
             "dit": ("fp32", True), "sit": ("fp32", True)}[task]
@@ -155,11 +156,12 @@ def test_official_precision_is_one_key(task):
 
 def test_precision_conflicts_are_errors():
     with pytest.raises(ConfigError, match="engine.precision=official reduces gradients in fp32"):
-        resolve_startup(load_config(None, ["model.name=x", "engine.precision=official", "engine.reduce_dtype=bf16"]), 1)
+        resolve_startup(load_config(None, ["model.name=x", "engine.precision=official", "engine.reduce_dtype=bf16"],
+                                    check_missing=False), 1)
     with pytest.raises(ConfigError, match="set engine.reduce_dtype=bf16"):
-        resolve_startup(load_config(None, ["model.name=x", "engine.ddp_bf16_grads=true"]), 1)
+        resolve_startup(load_config(None, ["model.name=x", "engine.ddp_bf16_grads=true"], check_missing=False), 1)
     with pytest.raises(ConfigError, match="engine.reduce_dtype='fp16'"):
-        resolve_startup(load_config(None, ["model.name=x", "engine.reduce_dtype=fp16"]), 1)
+        resolve_startup(load_config(None, ["model.name=x", "engine.reduce_dtype=fp16"], check_missing=False), 1)
 
 
 def _sgd(m):
