@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import _helpers_safety as S
-from usp_scale.checkpoint.safe_load import DiskFullError
+from usp_scale.fileio import DiskFullError
 
 
 @pytest.fixture
@@ -48,12 +48,12 @@ def test_export_on_a_full_disk(small_fs):
 
 
 def test_latent_cache_on_a_full_disk(small_fs):
-    from usp_scale.data.latents import _write_shard
+    from usp_scale.vae.latent_cache import write_shard
 
     settings = {"latent_shape": [4, 28, 28], "views": 4, "dtype": "fp16"}
     mean = torch.zeros(100, 4, 2, 4, 28, 28, dtype=torch.float16)
     with pytest.raises(DiskFullError, match=r"shard_000000\.safetensors needs about"):
-        _write_shard(str(small_fs), 0, [mean], [mean], [torch.zeros(100, dtype=torch.long)],
+        write_shard(str(small_fs), 0, [mean], [mean], [torch.zeros(100, dtype=torch.long)],
                      [torch.arange(100)], [], settings)
     assert os.listdir(small_fs) == []
 

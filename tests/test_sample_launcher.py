@@ -38,7 +38,7 @@ def _randomise(model, seed):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from usp_scale.models import create_model
-    from usp_scale.transfer.formats import save_safetensors
+    from usp_scale.fileio import save_safetensors
     d = tmp_path_factory.mktemp("assets")
     vae = _tiny_vae(d / "vae")
     dit, ema = _randomise(create_model("DiT-tiny/2"), 1), _randomise(create_model("DiT-tiny/2"), 2)

@@ -229,8 +229,8 @@ def test_tiny_pretrain_transfer_dit_pipeline_loss_goes_down(tmp_path):
 
 def test_real_cls_and_linprobe_tasks(tmp_path):
     """cls: layer decay, mixup/cutmix, top-1/top-5 eval records; linprobe: only the BN + Linear head trains, LARS."""
-    for task, extra in (("cls", {"optim.layer_decay": 0.75, "model.drop_path_rate": 0.1, "mixup": 0.8,
-                                 "cutmix": 1.0, "optim.beta2": 0.999}),
+    for task, extra in (("cls", {"optim.layer_decay": 0.75, "model.drop_path_rate": 0.1, "cls.mixup": 0.8,
+                                 "cls.cutmix": 1.0, "optim.beta2": 0.999}),
                         ("linprobe", {"optim.name": "lars", "optim.blr": 0.1, "optim.weight_decay": 0.0,
                                       "model.global_pool": "token"})):
         cfg = H.trainer_cfg("local", str(tmp_path / task), **{

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..engine import dist as D
+from .diff import diff_shapes
 from .safe_load import (CheckpointFileError, disk_full_error, file_crc32, folder_bytes, is_disk_full,
                         read_checked_json, tensor_bytes, torch_load, torch_save, write_checked_json)
 
@@ -77,15 +78,7 @@ def _flat(d: Any, prefix: str = "") -> dict:
 
 
 def diff_signature(saved: dict, current: dict) -> list:
-    lines = []
-    for k in sorted(set(saved) | set(current)):
-        if k not in current:
-            lines.append(f"  {k}: in checkpoint {saved[k]}, not in the model")
-        elif k not in saved:
-            lines.append(f"  {k}: in the model {current[k]}, not in checkpoint")
-        elif list(saved[k]) != list(current[k]):
-            lines.append(f"  {k}: checkpoint shape {saved[k]} vs model {current[k]}")
-    return lines
+    return ["  " + line for line in diff_shapes(saved, current)]
 
 
 def diff_config(saved: dict, current: dict, strict_prefixes) -> tuple:

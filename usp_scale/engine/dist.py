@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .hosts import expand_slurm_nodelist  # noqa: F401  (re-exported)
+from ..cluster.hosts import expand_slurm_nodelist  # noqa: F401  (re-exported)
 
 
 @dataclass

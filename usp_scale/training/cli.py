@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ..engine.slurm import EXIT_STOPPED, STOPPED_FILE
+from ..cluster.slurm import EXIT_STOPPED, STOPPED_FILE
 
 _IMPORTED_AT = time.time()
 

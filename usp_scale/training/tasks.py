@@ -63,7 +63,7 @@ class Task:
                               f"{family} model")
         model = create_model(self.cfg.model.name, kernels=self.cfg.model.kernels, **self.model_kwargs())
         if self.cfg.checkpoint.init_from:
-            load_init(model, self.cfg.checkpoint.init_from, self.cfg.use_pretrain_layer)
+            load_init(model, self.cfg.checkpoint.init_from, self.cfg.dit.use_pretrain_layer)
         return model
 
     def param_groups(self, module: nn.Module) -> list:
@@ -170,10 +170,11 @@ class ClsTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.mixup_fn = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
+        if cfg.cls.mixup > 0 or cfg.cls.cutmix > 0:
             from timm.data import Mixup
 
-            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+            self.mixup_fn = Mixup(mixup_alpha=cfg.cls.mixup, cutmix_alpha=cfg.cls.cutmix,
+                                  label_smoothing=cfg.cls.smoothing,
                                   num_classes=cfg.model.num_classes)
 
     def model_kwargs(self):
@@ -188,7 +189,7 @@ class ClsTask(Task):
             logits = engine(x)
             return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         logits = engine(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.smoothing)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.cls.smoothing)
 
     @torch.no_grad()
     def evaluate(self, engine, loader) -> dict:

@@ -156,7 +156,7 @@ class Trainer:
         that stopped (or by a later run, when resuming an earlier checkpoint). Rank 0 edits the files; collective
         (a failure there, e.g. a corrupt line, stops every rank with its message)."""
         from ..eval import agree_on_success  # lazy: needs no torch-fidelity (the optional eval extra)
-        from .evaluation import truncate_eval_records
+        from ..eval.hook import truncate_eval_records
 
         err = None
         if self.is_main:
@@ -200,7 +200,7 @@ class Trainer:
                               f"schedule.accum_iter={accum}")
         global_batch = cfg.data.batch_size * accum * self.world
         # In-training FID (dit/sit, eval.fid_every > 0): checks its settings now; keeps an unwrapped model copy.
-        from .evaluation import build_fid_hook  # imports usp_scale.eval only when eval.fid_every > 0
+        from ..eval.hook import build_fid_hook  # torch-fidelity is imported only when eval.fid_every > 0
 
         self.fid_hook = build_fid_hook(cfg, self.task, model, self.loader, self.device)
 
