@@ -291,8 +291,8 @@ def main(argv=None) -> int:
     g.add_argument("--cards", default="H100,H200,H20", help="cards to project for (rates scaled by dense bf16 peak)")
     g.add_argument("--engines", default="ddp,fsdp2,hsdp,zero1,zero2,zero3", help="engines to project")
     g.add_argument("--reduce-dtype", action="append", default=[],
-                   help="ENGINE=DTYPE gradient-reduction dtype (fp32/bf16); defaults ddp=fp32 (engine.ddp_bf16_grads"
-                        "=false), fsdp2/hsdp=fp32 (their reduce_dtype), zero1/2/3=bf16 (DeepSpeed in bf16)")
+                   help="ENGINE=DTYPE gradient-reduction dtype (fp32/bf16); defaults fp32 for every engine "
+                        "(engine.reduce_dtype's default)")
     g.add_argument("--param-dtype", default="bf16", help="dtype of parameter all-gathers (FSDP2, ZeRO)")
     g.add_argument("--pretrain-batch", type=int, default=4096, help="global batch of MAE-XL pretraining")
     g.add_argument("--pretrain-input", choices=["cache", "online", "both"], default="cache",

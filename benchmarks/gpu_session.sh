@@ -24,8 +24,13 @@
 #            and install it first as the device tool's README says); compare with the train part's rows
 #   profile  device time of one eager step by kernel category (matmul, attention, ours, norm, ...), MAE-XL and
 #            DiT-XL/2, torch vs auto (~1 min); PROFILE_COMPILE=both adds the compiled step (+3 min)
-# The data benchmark (DALI decode, SD-VAE encode) needs diffusers and DALI wheels carried to the device:
-# see benchmarks/data/bench_loader.py.
+#   data     online pretraining inputs (benchmarks/data/bench_online.py, ~6 min): the SD-VAE encoder alone at 224^2
+#            batch 128 (official eager fp16 autocast, the compiled diffusers bf16 channels_last baseline, ours per
+#            vae.compile_mode; goal >= 1.3x the baseline), and end-to-end images/s of online MAE-XL pretraining
+#            (nvJPEG decode + the PIL crops on the GPU, the encoder overlapped on a side stream; PIL workers) next
+#            to the cached step. Needs diffusers on the device (pure Python: carry its wheel, `pip download
+#            --no-deps diffusers -d .whl`, and install it first); not in the default parts.
+# bench_loader.py (DALI decode) also needs the DALI wheel, which is too large for the device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_session.sh OUT [parts...]}
@@ -58,9 +63,10 @@ for part in $PARTS; do
     micro)   run micro 120 $PY benchmarks/kernels/run_all.py --quick --dtype bf16 --csv "$OUT/kernels.csv" ;;
     profile) run profile 240 $PY benchmarks/train/profile_step.py --models MAE-XL@256,DiT-XL/2@128 --kernels torch,auto \
                --compile "${PROFILE_COMPILE:-eager}" --out "$OUT/profile" ;;
+    data)    run data 420 $PY benchmarks/data/bench_online.py --out "$OUT/data" ;;
     fp8)     run fp8 300 $PY benchmarks/train/bench_step.py --models MAE-XL@256,DiT-XL/2@128 --compile compiled \
                --kernels torch --fp8 tensorwise --steps 20 --warmup 5 --csv "$OUT/train_step_fp8.csv" ;;
-    *) echo "unknown part $part (kernels, train, sample, micro, profile, fp8)"; exit 2 ;;
+    *) echo "unknown part $part (kernels, train, sample, micro, profile, fp8, data)"; exit 2 ;;
   esac
 done
 if [[ -f "$OUT/train_step.csv" ]]; then   # GPU-days of the USP pipeline at the measured rates (host only)

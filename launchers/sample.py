@@ -3,7 +3,7 @@
 
 Examples
   python launchers/sample.py --model DiT-XL/2 --ckpt 0400000.pt --vae /weights/sd-vae-ft-ema \
-      --num-samples 50000 --out-dir samples/dit-xl --precision bf16 --compile
+      --num-samples 50000 --out-dir samples/dit-xl --tf32 --compile
   torchrun --nproc_per_node 8 launchers/sample.py --model SiT-XL/2 --ckpt sit.safetensors --sampler sde ...
 
 Images depend only on (--seed, sample index): any number of processes gives the same files, and a

@@ -23,7 +23,7 @@ def cfg(engine: str, out: str, data: str, *extra):
     from usp_scale.config import load_config
 
     name, _, stage = engine.partition(":")
-    ov = [f"output_dir={out}", f"engine.name={name}", "engine.precision=fp32", "engine.ddp_bf16_grads=false",
+    ov = [f"output_dir={out}", f"engine.name={name}", "engine.precision=fp32",
           "task=dit", "model.name=DiT-tiny/2-VAE-simple", "model.num_classes=4", f"data.root={data}",
           "data.num_classes=4", "data.batch_size=4", "checkpoint.init_from=", "checkpoint.every_steps=0",
           "schedule.max_steps=4", "log_every=1", "progress=false", "tensorboard=false", "plot=false",

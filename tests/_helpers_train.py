@@ -154,7 +154,7 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
 def engine_cfg(name: str, **kw):
     from usp_scale.config import EngineConfig
 
-    c = EngineConfig(name=name, precision="fp32", ddp_bf16_grads=False)
+    c = EngineConfig(name=name, precision="fp32")
     for k, v in kw.items():
         setattr(c, k, v)
     return c
@@ -162,7 +162,7 @@ def engine_cfg(name: str, **kw):
 
 EQUIV_CASES = {
     "ddp": dict(name="ddp"),
-    "ddp_bf16": dict(name="ddp", ddp_bf16_grads=True),
+    "ddp_bf16": dict(name="ddp", reduce_dtype="bf16"),
     "fsdp2": dict(name="fsdp2"),
     "fsdp2_noreshard": dict(name="fsdp2", reshard_after_forward=False),
     "ds1": dict(name="deepspeed", zero_stage=1),
@@ -273,7 +273,7 @@ def worker_optstate(out: str, cases: list) -> None:
 def trainer_cfg(engine: str, out: str, **over):
     from usp_scale.config import load_config
 
-    ov = [f"output_dir={out}", f"engine.name={engine}", "engine.precision=fp32", "engine.ddp_bf16_grads=false",
+    ov = [f"output_dir={out}", f"engine.name={engine}", "engine.precision=fp32",
           "data.synthetic_samples=48", "data.batch_size=4", "schedule.accum_iter=2", "schedule.max_steps=10",
           "schedule.warmup_steps=3", "ema.decay=0.9", "checkpoint.every_steps=0", "optim.fused=false",
           "optim.clip_grad=1.0"]

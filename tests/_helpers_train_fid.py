@@ -29,7 +29,7 @@ def cfg(out: str, data: str, *extra):
     from usp_scale.config import load_config
 
     return load_config(os.path.join(REPO, "configs", "debug", "tiny_dit.yaml"), [
-        f"output_dir={out}", "engine.name=ddp", "engine.precision=fp32", "engine.ddp_bf16_grads=false",
+        f"output_dir={out}", "engine.name=ddp", "engine.precision=fp32",
         "task=dit", "model.name=DiT-tiny/2-VAE-simple", "model.num_classes=4", f"data.root={data}",
         "data.num_classes=4", "data.batch_size=4", "checkpoint.init_from=", "checkpoint.every_steps=0",
         "schedule.max_steps=2", "log_every=1", "progress=false", "tensorboard=false", "plot=false",

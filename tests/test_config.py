@@ -31,8 +31,8 @@ def test_paper_numbers_in_recipes():
         ("dit", "DiT-XL/2-VAE-simple", 1e-4, 0.0, 0.9999)
     assert dit.schedule.max_steps == 400000 and dit.model.img_size == 32
     lp = load_config(os.path.join(ROOT, "configs/finetune/vit_large_linprobe.yaml"))
-    assert (lp.task, lp.optim.name, lp.optim.blr, lp.model.global_pool, lp.data.batch_size) == \
-        ("linprobe", "lars", 0.1, "token", 512)
+    assert (lp.task, lp.optim.name, lp.optim.blr, lp.model.global_pool, lp.data.global_batch_size) == \
+        ("linprobe", "lars", 0.1, "token", 16384)
 
 
 def test_dotted_overrides_and_types(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from _helpers_data import data_cfg, synth, synth_clean  # noqa: F401
 from usp_scale.data import build_image_loader, resolve_loader_backend
 from usp_scale.data import dali as dali_mod
+from usp_scale.data.build import DALI_TOLERANCE
 
 pytestmark = pytest.mark.skipif(not dali_mod.dali_available(), reason="nvidia.dali is not installed")
 
@@ -26,7 +27,8 @@ def _both(root, augment, size, train):
 
 
 @pytest.mark.parametrize("augment,size,train,limit_mean,limit_max", [
-    ("eval", 32, False, 1.0, 12.0),     # resize 37 bicubic + center crop 32 (val split)
+    # resize 37 bicubic + center crop 32 (val split): within the stated tolerance that lets data.loader=auto use DALI
+    ("eval", 32, False, DALI_TOLERANCE["eval"]["mean"], DALI_TOLERANCE["eval"]["max"]),
     ("adm", 32, True, 1.0, 16.0),       # ADM without halving (min side 40 < 64)
     ("adm", 16, True, 4.0, 128.0),      # ADM with one BOX halving (40 >= 32)
 ])
@@ -82,12 +84,17 @@ def test_dali_skips_and_reports_truncated_files(synth):
 
 
 def test_backend_selection_and_forced_unavailable_dali(monkeypatch):
-    assert resolve_loader_backend("auto") == "dali"
-    assert resolve_loader_backend("auto", "finetune") == "torchvision"
+    # auto keeps the official PIL pixels: DALI only for the augmentations measured within DALI_TOLERANCE (eval)
+    for aug in ("pretrain", "pretrain_noflip", "adm", "adm_noflip", "finetune", "linprobe", "none"):
+        assert resolve_loader_backend("auto", aug) == "torchvision", aug
+    assert set(DALI_TOLERANCE) == {"eval"} and resolve_loader_backend("auto", "eval") == "dali"
+    assert resolve_loader_backend("dali", "pretrain") == "dali"     # an explicit opt-in
     with pytest.raises(ValueError, match="RandAugment"):
         resolve_loader_backend("dali", "finetune")
+    with pytest.raises(ValueError, match="no DALI pipeline"):
+        resolve_loader_backend("dali", "linprobe")
     monkeypatch.setattr(dali_mod, "dali_available", lambda: False)
-    assert resolve_loader_backend("auto") == "torchvision"
+    assert resolve_loader_backend("auto", "eval") == "torchvision"
     with pytest.raises(RuntimeError, match="data.loader=dali but nvidia.dali is not importable"):
         resolve_loader_backend("dali")
     with pytest.raises(ValueError, match="data.loader='pil' is unknown"):

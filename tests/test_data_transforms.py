@@ -105,3 +105,28 @@ def test_eval_and_finetune_transforms():
     assert ft.shape == (3, 64, 64)
     with pytest.raises(ValueError, match="data.augment='bogus' is unknown"):
         build_transform("bogus", 32)
+
+
+def test_linprobe_crop_is_one_draw_with_clipped_sides():
+    """The official probe crop: one draw of area and log-aspect, sides rounded and clipped to the image, uniform
+    offsets; no retries (torchvision's RandomResizedCrop retries and falls back to a center crop)."""
+    import math
+
+    from PIL import Image
+
+    from usp_scale.data.transforms import OneDrawRandomResizedCrop
+    img = Image.new("RGB", (100, 40))
+    clipped = 0
+    for k in range(300):
+        torch.manual_seed(k)
+        top, left, h, w = OneDrawRandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        torch.manual_seed(k)   # the same draws, by hand
+        area = 4000 * torch.empty(1).uniform_(0.08, 1.0).item()
+        lr = torch.log(torch.tensor((3 / 4, 4 / 3)))
+        r = torch.exp(torch.empty(1).uniform_(lr[0], lr[1])).item()
+        ww, hh = min(int(round(math.sqrt(area * r))), 100), min(int(round(math.sqrt(area / r))), 40)
+        t = torch.randint(0, 40 - hh + 1, size=(1,)).item()
+        le = torch.randint(0, 100 - ww + 1, size=(1,)).item()
+        assert (top, left, h, w) == (t, le, hh, ww)
+        clipped += int(round(math.sqrt(area / r))) > 40
+    assert clipped > 50     # many draws do not fit the 40 px side and are clipped, not redrawn

@@ -139,11 +139,17 @@ def test_ema_update_formula():
 def test_deepspeed_config_generated_and_merged():
     gen = generate_config(micro_batch=64, accum_iter=2, world_size=8, zero_stage=2, precision="bf16", clip_grad=1.0)
     assert gen["train_batch_size"] == 1024 and gen["zero_optimization"]["stage"] == 2 and gen["bf16"]["enabled"]
+    assert gen["communication_data_type"] == "fp32"  # gradients reduced in fp32 unless engine.reduce_dtype=bf16
     user = {"zero_optimization": {"stage": 2, "overlap_comm": True}, "train_micro_batch_size_per_gpu": "auto",
-            "communication_data_type": "bf16"}
+            "prescale_gradients": False}
     merged = merge_user_config(gen, user)
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
-    assert merged["train_micro_batch_size_per_gpu"] == 64 and merged["communication_data_type"] == "bf16"
+    assert merged["train_micro_batch_size_per_gpu"] == 64 and merged["prescale_gradients"] is False
+    with pytest.raises(ConfigError, match="communication_data_type.*engine.reduce_dtype"):
+        merge_user_config(gen, {"communication_data_type": "bf16"})
+    gen16 = generate_config(micro_batch=64, accum_iter=2, world_size=8, zero_stage=2, precision="bf16", clip_grad=1.0,
+                            reduce_dtype="bf16")
+    assert merge_user_config(gen16, {"communication_data_type": "bf16"})["communication_data_type"] == "bf16"
 
 
 def test_deepspeed_config_conflicts_are_listed():

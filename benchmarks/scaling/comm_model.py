@@ -10,7 +10,7 @@ against gloo runs by ``measure_comm.py``):
 
 * ``ddp``: one all-reduce per gradient bucket (trainable parameters in reverse registration order, the first bucket
   closed at >= 1 MiB, the others at >= 25 MiB, counted in the parameters' own 4 bytes), in the reduction dtype
-  (``engine.ddp_bf16_grads``: bf16, else fp32), issued during backward as the buckets fill.
+  (``engine.reduce_dtype``: fp32 by default, or bf16), issued during backward as the buckets fill.
 * ``fsdp2``: per unit an all-gather of its parameters (each padded on dim 0 to a multiple of the world size) in the
   param dtype before forward and, with ``reshard_after_forward``, again before backward (the root too); after its
   backward a reduce-scatter of its trainable gradients in fp32 (the engine's ``reduce_dtype``).
@@ -138,7 +138,7 @@ class EngineSpec:
     """One engine configuration. Dtypes: "fp32" / "bf16" / "fp16"."""
 
     kind: str
-    reduce_dtype: str = "fp32"          # gradient reduction (ddp: bf16 with engine.ddp_bf16_grads)
+    reduce_dtype: str = "fp32"          # gradient reduction (engine.reduce_dtype)
     param_dtype: str = "bf16"           # parameter all-gathers (fsdp2/hsdp/zero*): the autocast dtype
     reshard_after_forward: bool = True  # fsdp2/hsdp
     shard_size: int = 8                 # hsdp: ranks per shard group

@@ -52,8 +52,8 @@ TORCH_DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float1
 
 # case -> (engine config fields, comm_model.EngineSpec fields), as the engine is configured on the CPU
 CASES = {
-    "ddp_fp32": (dict(name="ddp", ddp_bf16_grads=False), dict(kind="ddp", reduce_dtype="fp32")),
-    "ddp_bf16": (dict(name="ddp", ddp_bf16_grads=True), dict(kind="ddp", reduce_dtype="bf16")),
+    "ddp_fp32": (dict(name="ddp", reduce_dtype="fp32"), dict(kind="ddp", reduce_dtype="fp32")),
+    "ddp_bf16": (dict(name="ddp", reduce_dtype="bf16"), dict(kind="ddp", reduce_dtype="bf16")),
     "fsdp2": (dict(name="fsdp2"), dict(kind="fsdp2", param_dtype="fp32")),
     "fsdp2_noreshard": (dict(name="fsdp2", reshard_after_forward=False),
                         dict(kind="fsdp2", param_dtype="fp32", reshard_after_forward=False)),
@@ -62,7 +62,7 @@ CASES = {
     "zero1": (dict(name="deepspeed", zero_stage=1), dict(kind="zero1", param_dtype="fp32", reduce_dtype="fp32")),
     "zero2": (dict(name="deepspeed", zero_stage=2), dict(kind="zero2", param_dtype="fp32", reduce_dtype="fp32")),
     "zero2_bf16": (dict(name="deepspeed", zero_stage=2, precision="bf16"),
-                   dict(kind="zero2", param_dtype="bf16", reduce_dtype="bf16")),
+                   dict(kind="zero2", param_dtype="bf16", reduce_dtype="fp32")),  # engine.reduce_dtype=fp32
     "zero3": (dict(name="deepspeed", zero_stage=3), dict(kind="zero3", param_dtype="fp32", reduce_dtype="fp32")),
     # every parameter gathered in forward; kept for backward (within the reuse distance)
     "zero3_p0": (dict(name="deepspeed", zero_stage=3, ds_user={"zero_optimization": {

@@ -26,9 +26,9 @@ VAE_ENCODER_GFLOP_224 = 207.0   # SD-VAE encoder forward, one 224^2 image
 PAPER_H20_DAYS = {"usp_pipeline": 98.0, "scratch_dit": 622.0}
 ENGINE_LABELS = {"ddp": "DDP", "fsdp2": "FSDP2", "hsdp": "HSDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
                  "zero3": "ZeRO-3"}
-# Default reduction dtypes in a bf16 run: DDP as configured (engine.ddp_bf16_grads), FSDP2's MixedPrecisionPolicy
-# reduces in fp32, DeepSpeed's communication_data_type follows bf16.enabled.
-DEFAULT_REDUCE = {"ddp": "fp32", "fsdp2": "fp32", "hsdp": "fp32", "zero1": "bf16", "zero2": "bf16", "zero3": "bf16"}
+# Default reduction dtypes in a bf16 run: engine.reduce_dtype, fp32 by default for every engine (DDP without a
+# compression hook, FSDP2's MixedPrecisionPolicy(reduce_dtype), DeepSpeed's communication_data_type).
+DEFAULT_REDUCE = {"ddp": "fp32", "fsdp2": "fp32", "hsdp": "fp32", "zero1": "fp32", "zero2": "fp32", "zero3": "fp32"}
 
 
 @dataclass

@@ -28,24 +28,41 @@ class DataConfig:
     val_split: str = "val"
     # Image side in pixels (224 for pretraining: 28x28 d8 latents; 256 for DiT/SiT).
     image_size: int = 224
-    # Decoder: "auto" (DALI when importable, else torchvision), "dali" or "torchvision".
+    # Image decoder: "auto" (the torchvision/PIL path, which reproduces the official pixels, except for augmentations
+    # where DALI was measured to give the same pixels within usp_scale.data.build.DALI_TOLERANCE: today only "eval",
+    # when DALI imports), "dali" (opt-in speed; its pretrain/adm crops differ, see docs/data.md) or "torchvision".
     loader: str = "auto"
     # DALI decode device: "auto" (mixed on GPU, cpu otherwise), "mixed" or "cpu".
     dali_device: str = "auto"
-    # Augmentation: "pretrain" (RandomResizedCrop 0.2-1 + flip), "adm" (ADM center crop + flip),
-    # "eval" (resize 256 + center crop 224), "finetune" (timm RRC 0.08-1 + flip), "none".
+    # Augmentation: "pretrain" (RandomResizedCrop 0.2-1 bicubic + flip), "adm" (ADM center crop + flip), "eval"
+    # (resize 256 + center crop 224), "finetune" (timm RRC 0.08-1 + flip + RandAugment rand-m9-mstd0.5-inc1 with fill
+    # (124,116,104) + RandomErasing 0.25), "linprobe" (MAE linear-probe crop: one-draw RRC 0.08-1 bicubic + flip),
+    # "none".
     augment: str = "pretrain"
     # Lower bound of the RandomResizedCrop scale range.
     crop_scale_min: float = 0.2
-    # Per-rank batch size.
+    # Per-rank batch per micro-step. With data.global_batch_size > 0 it is derived at start-up (see there) and a
+    # different value here is replaced, with a warning.
     batch_size: int = 64
+    # Global batch per optimizer step, over all ranks and accumulation micro-steps (the paper's batch: 4096 for
+    # pretraining, 256 for DiT/SiT); 0 = off (data.batch_size per rank x schedule.accum_iter x world size). When set,
+    # per-rank batch = global / world size (an error when it does not divide), split into
+    # schedule.accum_iter micro-steps of data.batch_size, so the optimisation is the same for any number of GPUs.
+    global_batch_size: int = 0
+    # With data.global_batch_size: the largest per-rank micro-batch (the memory bound); the per-rank batch is split
+    # into the fewest equal micro-steps of at most this size. 0 = no bound (one micro-step).
+    micro_batch_size: int = 0
     # Data loader worker processes (torchvision path) or DALI threads.
     num_workers: int = 4
     # Latent cache folder (written by launchers/cache_latents.py); used when format == "latents"
     # or when the task reads cached latents.
     latent_cache: str = ""
-    # Draw a posterior sample from cached moments (True) or use the mean (False).
+    # Latent cache: draw a posterior sample from the cached moments (True, the official cached path) or use the
+    # mean (False, what the official online path feeds the MAE).
     latent_sample: bool = True
+    # Online encoding on a GPU: encode the next batch on a side CUDA stream while the current step runs (the step
+    # then waits only for the encoder's own time). No effect on the CPU; the latents are the same either way.
+    online_overlap: bool = True
     # Treat a corrupt image as an error instead of skipping and reporting it.
     strict: bool = False
     # Drop the last incomplete batch of each epoch.
@@ -77,10 +94,16 @@ class VAEConfig:
     posterior: str = "mean"
     # Encoding precision: "fp32", "bf16" or "fp16".
     dtype: str = "fp32"
+    # Keep the VAE weights in fp32 and encode under torch.autocast(vae.dtype), as the official code does (fp16
+    # autocast), instead of casting the whole network to vae.dtype (faster).
+    autocast: bool = False
     # Use channels_last memory format for the VAE convolutions.
     channels_last: bool = True
-    # torch.compile the VAE encoder.
+    # torch.compile the encode graph (encoder, quant_conv, moments, scale).
     compile: bool = False
+    # torch.compile mode of the encode graph: "default", "max-autotune", "max-autotune-no-cudagraphs" or
+    # "reduce-overhead" (CUDA graphs).
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -165,7 +188,7 @@ class ScheduleConfig:
     warmup_epochs: float = 40.0
     # Warmup length in steps; when > 0 it takes precedence over warmup_epochs.
     warmup_steps: int = 0
-    # Gradient accumulation micro-steps per optimizer step.
+    # Gradient accumulation micro-steps per optimizer step (derived when data.global_batch_size > 0).
     accum_iter: int = 1
 
 
@@ -173,8 +196,16 @@ class ScheduleConfig:
 class EngineConfig:
     # "local", "ddp", "fsdp2" or "deepspeed".
     name: str = "local"
-    # Autocast precision: "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16".
+    # Autocast precision: "official" (the official code's precision of the task: fp16 autocast + GradScaler for
+    # pretrain/cls/linprobe, fp32 with TF32 for dit/sit; resolved at start-up), "auto" (bf16 on GPU, fp32 on CPU),
+    # "fp32", "bf16" or "fp16" (autocast + GradScaler).
     precision: str = "auto"
+    # Allow TF32 matmuls and convolutions on the GPU (set at start-up; engine.precision=official turns it on for
+    # dit/sit as the official DiT/SiT code does).
+    tf32: bool = False
+    # dtype of the gradient reduction (DDP all-reduce, FSDP2 reduce-scatter, DeepSpeed communication_data_type):
+    # "fp32" (the official code; torchtitan's FSDP default) or "bf16" (half the bytes, rounded gradients).
+    reduce_dtype: str = "fp32"
     # torch.compile the model.
     compile: bool = False
     # Activation checkpointing of transformer blocks.
@@ -186,8 +217,8 @@ class EngineConfig:
     # FSDP2: shard parameters within groups of this many ranks (e.g. GPUs per node) and replicate across groups
     # (HSDP); 0 = shard over all ranks.
     fsdp_shard_size: int = 0
-    # DDP: all-reduce gradients in bf16.
-    ddp_bf16_grads: bool = True
+    # Replaced by engine.reduce_dtype (kept so that old configs load): true is an error naming the new key.
+    ddp_bf16_grads: bool = False
     # User-supplied DeepSpeed JSON, merged over the generated one and checked.
     deepspeed_config: str = ""
     # Distributed backend: "auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo".

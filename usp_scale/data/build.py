@@ -2,34 +2,50 @@
 from __future__ import annotations
 
 
+import torch
+
 from .datasets import build_dataset
-from .loaders import OnlineLatentLoader, TorchvisionImageLoader
+from .loaders import TorchvisionImageLoader
 from .sampler import ShardSampler
 from .transforms import build_transform
 
-BACKENDS = ("auto", "dali", "torchvision")
+BACKENDS = ("auto", "dali", "torchvision", "gpu")
+# The augmentations for which DALI gives the PIL path's pixels within this tolerance, measured against torchvision
+# by tests/test_data_dali.py (mean and max |difference| over the images, in 8-bit grey levels; the residue is JPEG
+# decoding and the bicubic filter). Only these may run on DALI under data.loader=auto. Not in it: "pretrain" (the
+# same crop distribution but another random stream, so other crops), "adm" (a BOX halving step that DALI only
+# approximates, up to 90 grey levels at edges), "finetune"/"linprobe" (no DALI pipeline).
+DALI_TOLERANCE = {"eval": {"mean": 0.25, "max": 8.0}}
 
 
 def resolve_loader_backend(choice: str, augment: str = "pretrain") -> str:
-    """"auto" -> "dali" when nvidia.dali imports (and implements the augmentation), else "torchvision".
+    """"auto" -> "torchvision" (the official PIL pixels), or "dali" for an augmentation in :data:`DALI_TOLERANCE`
+    when nvidia.dali imports. "dali" is an opt-in for speed; its inputs differ (docs/data.md).
 
     A forced choice that cannot run is an error, never a silent switch.
     """
-    from .dali import dali_available
+    from .dali import DALI_AUGMENTS, dali_available
     if choice not in BACKENDS:
         raise ValueError(f"data.loader={choice!r} is unknown; use one of {BACKENDS}")
     if choice == "torchvision":
+        return choice
+    base = augment[: -len("_noflip")] if augment.endswith("_noflip") else augment
+    if choice == "gpu":
+        from .gpu_decode import GPU_AUGMENTS
+        if augment not in GPU_AUGMENTS:
+            raise ValueError(f"data.loader=gpu implements data.augment {' or '.join(GPU_AUGMENTS)}, not {augment}: "
+                             "set data.loader=torchvision (or auto)")
         return choice
     if choice == "dali":
         if not dali_available():
             raise RuntimeError("data.loader=dali but nvidia.dali is not importable: pip install nvidia-dali-cuda130 "
                                "(or nvidia-dali-cuda120), or set data.loader=torchvision")
-        if augment.startswith("finetune"):
-            raise ValueError("data.augment=finetune needs RandAugment and RandomErasing, which the DALI pipeline "
-                             "does not implement: set data.loader=torchvision (or auto)")
+        if base not in DALI_AUGMENTS:
+            raise ValueError(f"data.augment={augment} has no DALI pipeline (it implements {', '.join(DALI_AUGMENTS)}; "
+                             "finetune needs RandAugment and RandomErasing, linprobe the one-draw crop): set "
+                             "data.loader=torchvision (or auto)")
         return choice
-    # auto: DALI has no RandAugment/RandomErasing, so the timm finetune recipe always runs on torchvision.
-    return "dali" if dali_available() and not augment.startswith("finetune") else "torchvision"
+    return "dali" if base in DALI_TOLERANCE and dali_available() else "torchvision"
 
 
 def build_image_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True,
@@ -45,6 +61,11 @@ def build_image_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: in
     sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle=train, even=train,
                            batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
     backend = resolve_loader_backend(data_cfg.loader, augment)
+    if backend == "gpu":
+        from .gpu_decode import GPUCropLoader
+        return GPUCropLoader(dataset, sampler, augment=augment, size=data_cfg.image_size,
+                             crop_scale_min=data_cfg.crop_scale_min, num_workers=data_cfg.num_workers, device=device,
+                             strict=data_cfg.strict)
     if backend == "dali":
         from .dali import DALIImageLoader
         return DALIImageLoader(dataset, sampler, augment=augment, size=data_cfg.image_size,
@@ -95,6 +116,8 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
     if data_cfg.format == "latents":
         import dataclasses
         data_cfg = dataclasses.replace(data_cfg, format="folder")
+    from .online import OnlineEncodingLoader
     images = build_image_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=train, device=device)
     vae = FrozenVAE.from_config(vae_cfg, device=device)
-    return OnlineLatentLoader(images, vae, posterior=vae_cfg.posterior)
+    overlap = data_cfg.online_overlap and torch.device(device).type == "cuda"
+    return OnlineEncodingLoader(images, vae, posterior=vae_cfg.posterior, overlap=overlap)

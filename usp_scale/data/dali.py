@@ -27,6 +27,8 @@ from .sampler import ShardSampler
 from .transforms import eval_resize, sample_seed
 
 
+# Augmentations with a DALI pipeline (which of them match the PIL path: usp_scale.data.build.DALI_TOLERANCE).
+DALI_AUGMENTS = ("pretrain", "adm", "eval", "none")
 # Exact BOX halvings done in DALI's ADM crop (images with min side >= 2**4 * size get an approximation).
 ADM_MAX_HALVINGS = 3
 
@@ -130,7 +132,7 @@ class DALIImageLoader(ResumableLoader):
         flip = True
         if augment.endswith("_noflip"):
             augment, flip = augment[: -len("_noflip")], False
-        if augment not in ("pretrain", "adm", "eval", "none"):
+        if augment not in DALI_AUGMENTS:
             raise ValueError(f"data.augment={augment!r} has no DALI pipeline (pretrain, adm, eval, none); the timm "
                              f"finetune recipe (RandAugment, RandomErasing) needs data.loader=torchvision")
         self.dataset, self.augment, self.size, self.crop_scale_min = dataset, augment, size, crop_scale_min

@@ -172,18 +172,16 @@ class OnlineLatentLoader(ResumableLoader):
     def corrupt(self) -> Dict[str, str]:
         return getattr(self.images, "corrupt", {})
 
+    def _encode(self, batch: dict, b: int) -> dict:
+        """Image batch number ``b`` of the epoch -> the latent batch."""
+        gen = None
+        if self.posterior == "sample":
+            gen = torch.Generator(device=self.vae.device).manual_seed(
+                sample_seed(self.sampler.seed, self.epoch, self.sampler.rank, b))
+        z = self.vae.encode(batch["images"], posterior=self.posterior, generator=gen)  # (N,C,h,w)
+        return {"latents": z, "labels": batch["labels"], "index": batch["index"]}
+
     def _iter_from(self, start: int):
         self.images.epoch, self.images.position = self.epoch, start
-        b = start
-        for batch in self.images._iter_from(start):
-            if batch is None:
-                b += 1
-                yield None
-                continue
-            gen = None
-            if self.posterior == "sample":
-                gen = torch.Generator(device=self.vae.device).manual_seed(
-                    sample_seed(self.sampler.seed, self.epoch, self.sampler.rank, b))
-            z = self.vae.encode(batch["images"], posterior=self.posterior, generator=gen)  # (N,C,h,w)
-            b += 1
-            yield {"latents": z, "labels": batch["labels"], "index": batch["index"]}
+        for b, batch in enumerate(self.images._iter_from(start), start=start):
+            yield None if batch is None else self._encode(batch, b)

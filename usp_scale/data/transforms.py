@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import random
 from typing import Callable
 
@@ -18,7 +19,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-AUGMENTS = ("pretrain", "adm", "adm_noflip", "eval", "finetune", "none", "pretrain_noflip")
+AUGMENTS = ("pretrain", "adm", "adm_noflip", "eval", "finetune", "linprobe", "none", "pretrain_noflip")
+# RandAugment's fill colour for the geometric ops in the official finetuning recipe: round(255 x the ImageNet mean),
+# which timm derives from the mean passed to create_transform (the official code passes the ImageNet mean there).
+RANDAUG_FILL = (124, 116, 104)
 
 
 def sample_seed(*parts: int) -> int:
@@ -71,6 +75,29 @@ class ADMCenterCrop:
         return f"ADMCenterCrop(size={self.size})"
 
 
+class OneDrawRandomResizedCrop(T.RandomResizedCrop):
+    """The linear-probe crop of the official code (MAE's main_linprobe): one draw, no retries.
+
+    Target area ~ U(scale) x image area, aspect ratio log-uniform in ``ratio``; the sides
+    w = round(sqrt(area * r)), h = round(sqrt(area / r)) are clipped to the image, then the offsets are uniform
+    integers. torchvision's RandomResizedCrop instead retries up to 10 times for a crop that fits and falls back
+    to a center crop, which gives another distribution of crops.
+    """
+
+    @staticmethod
+    def get_params(img, scale, ratio):
+        width, height = T.functional.get_image_size(img)
+        area = height * width
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(int(round(math.sqrt(target_area * aspect))), width)
+        h = min(int(round(math.sqrt(target_area / aspect))), height)
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        left = torch.randint(0, width - w + 1, size=(1,)).item()
+        return top, left, h, w
+
+
 def eval_resize(size: int) -> int:
     """Resize side of the evaluation crop: 256 for 224 (crop ratio 0.875)."""
     return int(round(size / 0.875))
@@ -86,19 +113,24 @@ def build_transform(augment: str, size: int, crop_scale_min: float = 0.2, flip: 
 
     pretrain: RandomResizedCrop(size, scale (crop_scale_min, 1), ratio 3/4-4/3, bicubic) + hflip 0.5 (§2.1).
     adm:      ADM center crop + hflip 0.5 (§4.1).           eval: Resize(size/0.875, bicubic) + CenterCrop (§6.1).
-    finetune: timm RandomResizedCrop 0.08-1 bicubic + hflip + RandAugment rand-m9-mstd0.5-inc1 + RandomErasing
-              0.25 pixel mode (§6.2).                        none: bicubic resize to size x size.
+    finetune: timm RandomResizedCrop 0.08-1 bicubic + hflip + RandAugment rand-m9-mstd0.5-inc1 (fill
+              RANDAUG_FILL) + RandomErasing 0.25 pixel mode (§6.2).
+    linprobe: :class:`OneDrawRandomResizedCrop` (scale 0.08-1, ratio 3/4-4/3, bicubic) + hflip 0.5 (§6.3).
+    none:     bicubic resize to size x size.
     ``*_noflip`` variants (and ``flip=False``) omit the flip; the latent cache stores flips explicitly.
     """
     if augment.endswith("_noflip"):
         augment, flip = augment[: -len("_noflip")], False
-    if augment not in ("pretrain", "adm", "eval", "finetune", "none"):
+    if augment not in ("pretrain", "adm", "eval", "finetune", "linprobe", "none"):
         raise ValueError(f"data.augment={augment!r} is unknown; choose one of {AUGMENTS}")
     bicubic = InterpolationMode.BICUBIC
     flips = [T.RandomHorizontalFlip(0.5)] if flip else []
     if augment == "pretrain":
         ops = [T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic)]
         return T.Compose(ops + flips + [to_unit_range()])
+    if augment == "linprobe":
+        crop = OneDrawRandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic)
+        return T.Compose([crop] + flips + [to_unit_range()])
     if augment == "adm":
         return T.Compose([ADMCenterCrop(size)] + flips + [to_unit_range()])
     if augment == "eval":
@@ -107,10 +139,18 @@ def build_transform(augment: str, size: int, crop_scale_min: float = 0.2, flip: 
         return T.Compose([T.Resize((size, size), interpolation=bicubic), to_unit_range()])
     # finetune: timm's training transform with the arguments of docs/method.md §6.2, normalised to [-1, 1].
     from timm.data import create_transform
-    return create_transform(size, is_training=True, scale=(0.08, 1.0), hflip=0.5 if flip else 0.0,
-                            auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
-                            re_mode="pixel", re_count=1, color_jitter=None, mean=(0.5, 0.5, 0.5),
-                            std=(0.5, 0.5, 0.5))
+    from timm.data.auto_augment import RandAugment
+    tf = create_transform(size, is_training=True, scale=(0.08, 1.0), hflip=0.5 if flip else 0.0,
+                          auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
+                          re_mode="pixel", re_count=1, color_jitter=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    # timm fills with round(255 x mean) = (128, 128, 128) for mean 0.5; the official recipe fills with the ImageNet
+    # mean colour while normalising with 0.5 / 0.5.
+    augs = [t for t in tf.transforms if isinstance(t, RandAugment)]
+    if len(augs) != 1:
+        raise RuntimeError(f"timm's finetune transform changed: expected one RandAugment in {tf}")
+    for op in augs[0].ops:
+        op.kwargs["fillcolor"] = RANDAUG_FILL
+    return tf
 
 
 def describe_augment(augment: str, size: int, crop_scale_min: float = 0.2) -> dict:

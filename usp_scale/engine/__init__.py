@@ -71,6 +71,11 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
     if name not in ENGINES:
         raise ConfigError(f"engine.name={name!r}: use one of {', '.join(ENGINES)}")
     precision = resolve_precision(engine_cfg.precision, device)
+    reduce_dtype = getattr(engine_cfg, "reduce_dtype", "fp32")
+    if reduce_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"engine.reduce_dtype={reduce_dtype!r}: use fp32 or bf16")
+    if getattr(engine_cfg, "ddp_bf16_grads", False):
+        raise ConfigError("engine.ddp_bf16_grads was replaced by engine.reduce_dtype: set engine.reduce_dtype=bf16")
     model = model.to(device)
     fp8 = getattr(engine_cfg, "fp8", "off")
     if fp8 != "off":
@@ -89,7 +94,7 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
             scope = "model" if name in ("local", "ddp") else "blocks"
         apply_compile(model, scope)
     kw = dict(accum_iter=accum_iter, clip_grad=clip_grad, precision=precision, device=device)
-    if name == "local":
+    if name == "local":  # nothing is reduced
         from .local import LocalEngine
 
         return LocalEngine(model, optimizer_factory, **kw)
@@ -97,16 +102,16 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
     if name == "ddp":
         from .local import DDPEngine
 
-        return DDPEngine(model, optimizer_factory, bf16_grads=engine_cfg.ddp_bf16_grads, **kw)
+        return DDPEngine(model, optimizer_factory, reduce_dtype=reduce_dtype, **kw)
     if name == "fsdp2":
         from .fsdp import FSDP2Engine
 
         return FSDP2Engine(model, optimizer_factory, reshard_after_forward=engine_cfg.reshard_after_forward,
-                           shard_size=getattr(engine_cfg, "fsdp_shard_size", 0), **kw)
+                           shard_size=getattr(engine_cfg, "fsdp_shard_size", 0), reduce_dtype=reduce_dtype, **kw)
     from .deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(model, optimizer_factory, zero_stage=engine_cfg.zero_stage, micro_batch=micro_batch,
-                           user_config=engine_cfg.deepspeed_config, **kw)
+                           user_config=engine_cfg.deepspeed_config, reduce_dtype=reduce_dtype, **kw)
 
 
 __all__ = ["Engine", "StepResult", "build_engine", "init_distributed", "DistInfo", "ENGINES",

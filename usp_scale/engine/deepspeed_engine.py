@@ -29,6 +29,7 @@ OWNED_KEYS = {
     "bf16.enabled": "engine.precision",
     "fp16.enabled": "engine.precision",
     "gradient_clipping": "optim.clip_grad",
+    "communication_data_type": "engine.reduce_dtype",
 }
 FORBIDDEN_KEYS = {"optimizer": "optim.*", "scheduler": "schedule.*"}
 
@@ -43,7 +44,7 @@ def _ds_safe_globals() -> list:
 
 
 def generate_config(*, micro_batch: int, accum_iter: int, world_size: int, zero_stage: int,
-                    precision: str, clip_grad: float) -> dict:
+                    precision: str, clip_grad: float, reduce_dtype: str = "fp32") -> dict:
     """DeepSpeed JSON config from our settings."""
     if zero_stage not in (1, 2, 3):
         raise ConfigError(f"engine.zero_stage={zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
@@ -57,6 +58,8 @@ def generate_config(*, micro_batch: int, accum_iter: int, world_size: int, zero_
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "gradient_clipping": float(clip_grad),
+        # Gradient reduction dtype (DeepSpeed's default is the model dtype, i.e. bf16/fp16 under mixed precision).
+        "communication_data_type": reduce_dtype,
         # Our optimizer is torch's AdamW / LARS, built by usp_scale.training.optim.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -122,13 +125,14 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model: nn.Module, optimizer_factory, *, zero_stage: int = 2, micro_batch: int = 1,
-                 user_config: str = "", **kw):
+                 user_config: str = "", reduce_dtype: str = "fp32", **kw):
         super().__init__(model, **kw)
         import deepspeed
 
         self.scaler = None  # DeepSpeed owns loss scaling
         cfg = generate_config(micro_batch=micro_batch, accum_iter=self.accum_iter, world_size=D.get_world_size(),
-                              zero_stage=zero_stage, precision=self.precision, clip_grad=self.clip_grad)
+                              zero_stage=zero_stage, precision=self.precision, clip_grad=self.clip_grad,
+                              reduce_dtype=reduce_dtype)
         if user_config:
             cfg = merge_user_config(cfg, load_user_config(user_config), user_config)
         self.ds_config = cfg

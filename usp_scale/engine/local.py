@@ -20,17 +20,20 @@ class LocalEngine(Engine):
 
 
 class DDPEngine(Engine):
-    """torch DDP; optional bf16 gradient all-reduce; ``no_sync`` between accumulation boundaries."""
+    """torch DDP; gradients all-reduced in fp32 (``reduce_dtype="fp32"``: the parameters' dtype, no hook) or
+    compressed to bf16 for the all-reduce (``"bf16"``: torch's bf16_compress_hook); ``no_sync`` between
+    accumulation boundaries."""
 
     name = "ddp"
 
-    def __init__(self, model: nn.Module, optimizer_factory, *, bf16_grads: bool = True, **kw):
+    def __init__(self, model: nn.Module, optimizer_factory, *, reduce_dtype: str = "fp32", **kw):
         super().__init__(model, **kw)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # No find_unused_parameters: every trainable parameter is used in each forward.
         self.model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False,
                                              gradient_as_bucket_view=True)
-        if bf16_grads:
+        self.reduce_dtype = reduce_dtype
+        if reduce_dtype == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             self.model.register_comm_hook(None, default_hooks.bf16_compress_hook)

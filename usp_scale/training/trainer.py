@@ -29,6 +29,7 @@ from .ema import EMA
 from .logging import MetricsLogger
 from .optim import build_optimizer
 from .schedule import LRSchedule
+from .startup import resolve_startup
 from .stepstats import DeferredStepStats
 from .tasks import Task, build_task
 
@@ -75,6 +76,7 @@ class Trainer:
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.is_main = self.rank == 0
         self.device = D.device_for(self.info)
+        self.batch_plan = resolve_startup(cfg, self.world)  # global batch -> per rank + accumulation; precision
         self.task = task or build_task(cfg)
         self.loader_factory = loader_factory or default_loader
         self._last_eval, self._last_eval_step = {}, -1
@@ -176,6 +178,8 @@ class Trainer:
         if self.is_main:
             os.makedirs(out, exist_ok=True)
             save_config(cfg, os.path.join(out, "config.yaml"))
+        self._print(f"[usp_scale] {self.batch_plan.describe()}; precision {cfg.engine.precision}, gradients reduced "
+                    f"in {cfg.engine.reduce_dtype}")
         self._install_signals()
 
         from ..layers.attention import configure_attention

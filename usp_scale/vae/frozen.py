@@ -6,6 +6,7 @@ an optimizer or a training engine. Its network is always in ``eval()`` and every
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,10 +14,12 @@ import re
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from .named import resolve_vae_path, shipped_scale
 
 SCALE = {"d8": 0.18215, "d16": 0.2325}
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PREFIXES = ("first_stage_model.", "vae.", "module.", "model.")
@@ -242,7 +245,7 @@ class FrozenVAE:
 
     def __init__(self, path: str = "tiny-random", version: str = "d8", scale: float = 0.0, dtype: str = "fp32",
                  device="cpu", channels_last: bool = True, compile: bool = False, posterior: str = "mean",
-                 seed: int = 0):
+                 seed: int = 0, autocast: bool = False, compile_mode: str = "default"):
         if version not in SCALE:
             raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
         if dtype not in DTYPES:
@@ -259,21 +262,25 @@ class FrozenVAE:
         model.requires_grad_(False)
         model.eval()
         # nn.Module.to directly: the whole network in one dtype (diffusers' .to override only adds a warning).
-        torch.nn.Module.to(model, self.device, self.dtype)
+        # Under autocast the weights stay fp32 and autocast picks each op's precision, as in the official code.
+        self.weight_dtype = torch.float32 if autocast else self.dtype
+        torch.nn.Module.to(model, self.device, self.weight_dtype)
         if channels_last:
             torch.nn.Module.to(model, memory_format=torch.channels_last)
         self.model = model
         self.downsample = 2 ** (len(model.config.block_out_channels) - 1)
         self.latent_channels = int(model.config.latent_channels)
-        self._encoder = torch.compile(model.encoder) if compile else model.encoder
         self._channels_last = channels_last
+        self._autocast = autocast and self.dtype != torch.float32
+        self._graphs = EncodeGraphs(model, compile=compile, mode=compile_mode)
         self._fingerprint: Optional[str] = None
 
     @classmethod
     def from_config(cls, cfg, device="cpu") -> "FrozenVAE":
         """From a :class:`~usp_scale.config.schema.VAEConfig`."""
         return cls(path=cfg.path, version=cfg.version, scale=cfg.scale, dtype=cfg.dtype, device=device,
-                   channels_last=cfg.channels_last, compile=cfg.compile, posterior=cfg.posterior)
+                   channels_last=cfg.channels_last, compile=cfg.compile, posterior=cfg.posterior,
+                   autocast=cfg.autocast, compile_mode=cfg.compile_mode)
 
     # -- info
     def latent_shape(self, image_size: int) -> Tuple[int, int, int]:
@@ -299,7 +306,8 @@ class FrozenVAE:
         """What a latent cache records about the VAE that produced it (``content`` decides; path and name are
         for people)."""
         return {"version": self.version, "path": self.path, "name": os.path.basename(os.path.normpath(self.path)),
-                "scale": self.scale, "dtype": self.dtype_name, "latent_channels": self.latent_channels,
+                "scale": self.scale, "dtype": self.dtype_name + ("-autocast" if self._autocast else ""),
+                "latent_channels": self.latent_channels,
                 "downsample": self.downsample, "fingerprint": self.fingerprint, "content": self.content_fingerprint}
 
     def train(self, mode: bool = True):
@@ -307,25 +315,31 @@ class FrozenVAE:
 
     # -- compute
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, self.dtype, non_blocking=True)
+        x = x.to(self.device, self.weight_dtype, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
+
+    def _precision(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self._autocast else contextlib.nullcontext()
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(N,3,H,W) in [-1,1] -> mean, logvar, each (N,C,H/ds,W/ds) fp32, unscaled."""
-        h = self._encoder(self._prep(images))
-        if self.model.quant_conv is not None:
-            h = self.model.quant_conv(h)
-        mean, logvar = h.float().chunk(2, dim=1)
-        return mean.contiguous(), logvar.contiguous()
+        with self._precision():
+            return self._graphs.run("moments", self._prep(images))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, posterior: Optional[str] = None,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(N,3,H,W) in [-1,1] -> scaled latents (N,C,h,w) fp32 (posterior mean or a sample)."""
-        mean, logvar = self.encode_moments(images)
-        return posterior_latents(mean, logvar, self.scale, sample=(posterior or self.posterior) == "sample",
-                                 generator=generator)
+        """(N,3,H,W) in [-1,1] -> scaled latents (N,C,h,w) fp32 (posterior mean or a sample).
+
+        The mean runs the mean-only graph (:class:`EncodeGraph`, the logvar half of quant_conv is not computed);
+        a sample needs both moments."""
+        if (posterior or self.posterior) == "sample":
+            mean, logvar = self.encode_moments(images)
+            return posterior_latents(mean, logvar, self.scale, sample=True, generator=generator)
+        with self._precision():
+            mean = self._graphs.run("mean", self._prep(images))
+        return mean.mul_(self.scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -344,6 +358,71 @@ def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float, sa
     std = logvar.to(torch.float32, copy=True).clamp_(-30.0, 20.0).mul_(0.5).exp_()
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
     return eps.mul_(std).add_(mean).mul_(scale)  # (mean + std * eps) * scale, in place
+
+
+# --------------------------------------------------------------------------- the encode graph (fast path)
+
+class EncodeGraph(nn.Module):
+    """encoder -> quant_conv -> fp32 moments, one module so that ``torch.compile`` sees one graph.
+
+    ``what="moments"``: (N,3,H,W) -> (mean, logvar), each (N,C,h,w) fp32 contiguous, exactly the reference
+    ``model.encoder`` + ``model.quant_conv`` + ``chunk(2)``. ``what="mean"``: -> mean (N,C,h,w) fp32 only, with a
+    quant_conv cut to its first C output channels (the logvar half is never computed); equal to the reference mean.
+    Shares the parameters of ``model`` (no copies, except the cut 1x1 quant_conv).
+    """
+
+    def __init__(self, model, what: str = "moments"):
+        super().__init__()
+        if what not in ("moments", "mean"):
+            raise ValueError(f"EncodeGraph what={what!r}: use 'moments' or 'mean'")
+        self.what, self.encoder = what, model.encoder
+        self.channels = int(model.config.latent_channels)
+        qc = model.quant_conv
+        if qc is not None and what == "mean":
+            cut = nn.Conv2d(qc.in_channels, self.channels, 1, bias=qc.bias is not None)
+            cut.to(qc.weight.device, qc.weight.dtype).requires_grad_(False)
+            with torch.no_grad():
+                cut.weight.copy_(qc.weight[: self.channels])
+                if qc.bias is not None:
+                    cut.bias.copy_(qc.bias[: self.channels])
+            qc = cut.to(memory_format=torch.channels_last) if qc.weight.is_contiguous(
+                memory_format=torch.channels_last) else cut
+        self.quant = qc
+
+    def forward(self, x: torch.Tensor):
+        h = self.encoder(x)
+        if self.quant is not None:
+            h = self.quant(h)
+        if self.what == "mean":
+            return h[:, : self.channels].float().contiguous()
+        mean, logvar = h.float().chunk(2, dim=1)
+        return mean.contiguous(), logvar.contiguous()
+
+
+class EncodeGraphs:
+    """The two :class:`EncodeGraph` of one VAE, each compiled on first use when asked (``mode`` is torch.compile's).
+
+    Under ``mode="reduce-overhead"`` (CUDA graphs) a replay overwrites the previous outputs, so outputs are cloned:
+    the online loader keeps one batch while it encodes the next.
+    """
+
+    def __init__(self, model, compile: bool = False, mode: str = "default"):
+        if mode not in COMPILE_MODES:
+            raise VAELoadError(f"vae.compile_mode={mode!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
+        self.model, self.compile, self.mode = model, compile, mode
+        self._fns: Dict[str, object] = {}
+
+    def run(self, what: str, x: torch.Tensor):
+        fn = self._fns.get(what)
+        if fn is None:
+            graph = EncodeGraph(self.model, what)
+            fn = torch.compile(graph, mode=None if self.mode == "default" else self.mode) if self.compile else graph
+            self._fns[what] = fn
+        if self.compile and self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fn(x)
+            return out.clone() if torch.is_tensor(out) else tuple(t.clone() for t in out)
+        return fn(x)
 
 
 def describe(vae: FrozenVAE) -> str:
