@@ -68,10 +68,10 @@ def generate_config(*, micro_batch: int, accum_iter: int, world_size: int, zero_
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; an empty object stays a leaf."""
+    """{"a": {"b": 1}, "c": {}} -> {"a.b": 1}."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
