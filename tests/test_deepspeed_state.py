@@ -17,15 +17,28 @@ from usp_scale.config import ConfigError  # noqa: E402
 from usp_scale.engine.deepspeed import DEEPSPEED_RANGE  # noqa: E402
 
 
+def _forget_deepspeed_world_group():
+    """DeepSpeed caches its clone of the world group (``deepspeed.utils.groups._WORLD_GROUP``, its data-parallel
+    group) for the life of the process; after a test destroys the process group, the next engine would use the
+    dead clone ("Group ... is not registered"). Tests only: a training process has one process group."""
+    import deepspeed.utils.groups as groups
+
+    groups._WORLD_GROUP = None
+
+
 @pytest.fixture(scope="module")
 def group():
-    """A 1-rank gloo group for the module's engines (built by build_engine), torn down with its environment."""
+    """A 1-rank gloo group for the module's engines (built by build_engine), torn down with its environment and
+    DeepSpeed's cached clone of it, so that 1-rank engines of other test files in this worker start clean."""
     import torch.distributed as dist
 
     saved = dict(os.environ)
+    if not dist.is_initialized():
+        _forget_deepspeed_world_group()  # a clone of a group an earlier test destroyed
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    _forget_deepspeed_world_group()
     os.environ.clear()
     os.environ.update(saved)
 
