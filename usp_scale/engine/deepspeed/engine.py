@@ -1,5 +1,5 @@
 """The DeepSpeed engine: ``deepspeed.initialize`` over our model and torch optimizer, behind
-:class:`usp_scale.engine.base.Engine`. DeepSpeed does accumulation, clipping and the non-finite skip; its config
+:class:`usp_scale.engine.base.Engine`. DeepSpeed does accumulation and clipping; its config
 comes from :mod:`.config`, its checkpoints, gathered state and EMA layouts from :mod:`.state`."""
 from __future__ import annotations
 
