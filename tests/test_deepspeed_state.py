@@ -79,7 +79,7 @@ def test_version_range_is_declared_once_and_installed():
     spec = SpecifierSet(DEEPSPEED_RANGE)
     assert deepspeed.__version__ in spec, f"the tests run DeepSpeed {deepspeed.__version__}, outside {spec}"
     check_version(deepspeed.__version__)
-    for outside in ("0.18.9", "0.20.0", "1.0.0"):
+    for outside in ("0.19.0", "0.19.4", "0.20.0", "1.0.0"):  # 0.19.0 and 0.19.4 fail tests/ (docs/training.md)
         with pytest.raises(ConfigError, match=f"DeepSpeed {outside} is installed.*deepspeed>="):
             check_version(outside)
 

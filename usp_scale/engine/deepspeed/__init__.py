@@ -8,7 +8,7 @@
 :data:`DEEPSPEED_RANGE` is the DeepSpeed versions the tests ran against (the ``deepspeed`` extra of setup.py says
 the same); the engine refuses others.
 """
-DEEPSPEED_RANGE = ">=0.19.0,<0.20"
+DEEPSPEED_RANGE = ">=0.19.8,<0.20"
 
 _LAZY = {"DeepSpeedEngine": "engine", "check_version": "engine", "build_config": "config",
          "config_for_job": "config", "generate_config": "config", "load_user_config": "config",
