@@ -5,8 +5,8 @@
 * :mod:`.state`: checkpoints in DeepSpeed's own layout, the gathered fp32 model/optimizer state, the EMA over ZeRO
   partitions, and the only reads of DeepSpeed internals (each in one function, checked by a test).
 
-:data:`DEEPSPEED_RANGE` is the DeepSpeed versions the tests ran against (the ``deepspeed`` extra of setup.py says
-the same); the engine refuses others.
+:data:`DEEPSPEED_RANGE` is the DeepSpeed versions the tests pass on (0.19.8; 0.19.0 and 0.19.4 fail them); the
+``deepspeed`` extra of setup.py says the same, and the engine refuses others.
 """
 DEEPSPEED_RANGE = ">=0.19.8,<0.20"
 

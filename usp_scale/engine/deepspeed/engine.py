@@ -17,8 +17,9 @@ from .config import build_config
 
 
 def check_version(version: str) -> None:
-    """A :class:`ConfigError` unless DeepSpeed ``version`` is in :data:`DEEPSPEED_RANGE` (the versions the tests
-    cover: :mod:`.state` reads DeepSpeed internals that other versions may lay out differently)."""
+    """A :class:`ConfigError` unless DeepSpeed ``version`` is in :data:`DEEPSPEED_RANGE`, the versions the tests
+    pass on: earlier 0.19 releases skip no step on a NaN loss under ZeRO-1 and report another gradient norm, and
+    :mod:`.state` reads DeepSpeed internals that other versions may lay out differently."""
     from packaging.specifiers import SpecifierSet
 
     if not SpecifierSet(DEEPSPEED_RANGE).contains(version, prereleases=True):
