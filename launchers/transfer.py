@@ -46,7 +46,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from usp_scale.models import create_model, model_family
-    from usp_scale.fileio import save_safetensors
+    from usp_scale.fileio import save_safetensors, write_text
     from usp_scale.transfer import transfer
 
     family = model_family(args.model)
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     print(report.summary())
     meta = {"source": os.path.abspath(args.src), "model": args.model, "kwargs": json.dumps(kwargs)}
     save_safetensors(model, args.out, metadata=meta)
-    with open(args.out + ".report.json", "w") as f:
-        f.write(report.to_json())
+    write_text(args.out + ".report.json", report.to_json())
     print(f"wrote {args.out}")
     return 0
 
