@@ -234,8 +234,13 @@ class Engine:
         any engine of the DCP family (local, ddp, fsdp2) and loads it into any of them, on any world size."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        # Before the first applied step the optimizer has no state, and get_state_dict creates it with a zero-lr
+        # step (Adam's step count becomes 1): the live optimizer is put back as it was, and the checkpoint says so.
+        fresh = not self.optimizer.state
         msd, osd = get_state_dict(self.model, self.optimizer)
-        sd = {"model": msd, "optimizer": osd}
+        if fresh:
+            self.optimizer.state.clear()
+        sd = {"model": msd, "optimizer": osd, "optimizer_fresh": fresh}
         if self.scaler is not None:
             sd["scaler"] = self.scaler.state_dict()
         return sd
@@ -244,6 +249,8 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        if sd.get("optimizer_fresh"):  # saved before any applied step: its first real step initialises the state
+            self.optimizer.state.clear()
         if self.scaler is not None:
             if "scaler" not in sd:
                 raise KeyError("the checkpoint has no GradScaler state but this run trains in fp16: resume with the "
