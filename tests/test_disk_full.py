@@ -65,7 +65,7 @@ def test_simulated_enospc_in_a_checkpoint(tmp_path, monkeypatch):
     real = torch.save
 
     def full(obj, f, *a, **k):
-        if str(f).endswith(".pt.tmp" + str(os.getpid())) and "rank_" in str(f):
+        if str(f).endswith(".pt.tmp" + str(os.getpid())) and "trainer.pt" in str(f):
             raise OSError(errno.ENOSPC, "No space left on device", str(f))
         return real(obj, f, *a, **k)
     monkeypatch.setattr(SL.torch, "save", full)
