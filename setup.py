@@ -13,7 +13,8 @@ packages = find_packages(include=["usp_scale", "usp_scale.*"])
 
 extras = {
     "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10"],
-    "deepspeed": ["deepspeed>=0.15"],
+    # the versions tests/ ran against (usp_scale.engine.deepspeed.DEEPSPEED_RANGE; the engine refuses others)
+    "deepspeed": ["deepspeed>=0.19.8,<0.20"],
     "dali": ["nvidia-dali-cuda130>=1.40"],
     "eval": ["torch-fidelity>=0.3", "scipy>=1.10"],
     "gpu": ["triton>=3.0"],

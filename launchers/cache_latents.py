@@ -94,7 +94,8 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:  # a bad input file or argument: its message (naming the file), not a traceback
-        from usp_scale.checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from usp_scale.checkpoint.safe_load import CheckpointFileError
+        from usp_scale.fileio import DiskFullError
         from usp_scale.data.datasets import CorruptImageError, DatasetError
         from usp_scale.data.latents import LatentCacheError
         from usp_scale.vae import VAELoadError

@@ -198,7 +198,8 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except Exception as e:  # a bad input file or argument: its message (naming the file), not a traceback
-        from usp_scale.checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from usp_scale.checkpoint.safe_load import CheckpointFileError
+        from usp_scale.fileio import DiskFullError
         from usp_scale.vae import VAELoadError
         errors = (CheckpointFileError, DiskFullError, FileNotFoundError, VAELoadError, KeyError, ValueError)
         if not isinstance(e, errors):

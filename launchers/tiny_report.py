@@ -89,8 +89,8 @@ def main(argv=None) -> int:
               f"{r.get('recall', float('nan')):6.2f}")
     print(f"linear probe top-1 on val: {summary['linprobe_top1']:.1f} % (chance {summary['linprobe_chance']:.0f} %)")
     out = a.out or os.path.join(run, "summary.json")
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=1)
+    from usp_scale.fileio import write_json
+    write_json(out, summary)
     print(f"summary: {out}")
     fid = table["samples"]["fid"]
     worse = [b for b in ("noise", "vae_random_latents") if not fid < table[b]["fid"]]

@@ -75,6 +75,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     from usp_scale.assets import write_meta
+    from usp_scale.fileio import write_json, write_text
     from usp_scale.data.synthetic import load_split, make_synthetic
     from usp_scale.eval.features import SyntheticCNN
     from usp_scale.eval.metrics import frechet_distance, inception_score, statistics
@@ -145,8 +146,7 @@ def main(argv=None):
                           "is_val": inception_score(fva["logits"][ivl])["is_mean"]}
     os.makedirs(a.out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(a.out, "model.safetensors"))
-    with open(os.path.join(a.out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
+    write_json(os.path.join(a.out, "config.json"), cfg)
     cmd = "python launchers/train_extractor.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None
                                                                                      else sys.argv[1:]))
     meta = {
@@ -160,8 +160,7 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d"),
     }
     meta = write_meta(a.out, meta, ["model.safetensors"])
-    with open(os.path.join(a.out, "README.md"), "w") as f:
-        f.write(readme(meta))
+    write_text(os.path.join(a.out, "README.md"), readme(meta))
     print(json.dumps({k: meta[k] for k in ("name", "val_top1", "reference_values", "train_seconds")}))
     if tmp is not None:
         tmp.cleanup()

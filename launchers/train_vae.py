@@ -176,8 +176,8 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d"),
     }
     meta = write_meta(a.out, meta, ["diffusion_pytorch_model.safetensors"])
-    with open(os.path.join(a.out, "README.md"), "w") as f:
-        f.write(readme(meta))
+    from usp_scale.fileio import write_text
+    write_text(os.path.join(a.out, "README.md"), readme(meta))
     print(json.dumps({k: meta[k] for k in ("name", "scaling_factor", "val_psnr_db", "train_seconds", "params")}))
     if tmp is not None:
         tmp.cleanup()

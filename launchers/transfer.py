@@ -46,7 +46,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from usp_scale.models import create_model, model_family
-    from usp_scale.transfer import save_safetensors, transfer
+    from usp_scale.fileio import save_safetensors, write_text
+    from usp_scale.transfer import transfer
 
     family = model_family(args.model)
     kwargs = {"num_classes": args.num_classes}
@@ -69,8 +70,7 @@ def main(argv=None) -> int:
     print(report.summary())
     meta = {"source": os.path.abspath(args.src), "model": args.model, "kwargs": json.dumps(kwargs)}
     save_safetensors(model, args.out, metadata=meta)
-    with open(args.out + ".report.json", "w") as f:
-        f.write(report.to_json())
+    write_text(args.out + ".report.json", report.to_json())
     print(f"wrote {args.out}")
     return 0
 
@@ -79,7 +79,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except Exception as e:  # a bad input file or argument: its message (naming the file), not a traceback
-        from usp_scale.checkpoint.safe_load import CheckpointFileError, DiskFullError
+        from usp_scale.checkpoint.safe_load import CheckpointFileError
+        from usp_scale.fileio import DiskFullError
         from usp_scale.transfer import TransferError
         errors = (CheckpointFileError, DiskFullError, FileNotFoundError, TransferError, KeyError, ValueError)
         if not isinstance(e, errors):

@@ -26,7 +26,7 @@ def main():
     ov = [f"output_dir={a.out}", "task=cls", "model.name=vit_tiny_patch16_vae", "model.img_size=8",
           "model.num_classes=10", "model.drop_path_rate=0.0", "data.synthetic_samples=64", "data.global_batch_size=16",
           "engine.name=ddp", "engine.precision=fp32", "optim.fused=false", "optim.blr=0.2", "optim.beta2=0.999",
-          "optim.layer_decay=0.75", "schedule.epochs=2", "schedule.warmup_epochs=1", "smoothing=0.1", "log_every=1",
+          "optim.layer_decay=0.75", "schedule.epochs=2", "schedule.warmup_epochs=1", "cls.smoothing=0.1", "log_every=1",
           "eval_every_epochs=0", "checkpoint.every_steps=0", "checkpoint.export=false",
           "checkpoint.export_official=false", "plot=false", "tensorboard=false", *a.overrides]
     cfg = load_config(os.path.join(H.REPO, "configs", "debug", "synthetic_pretrain.yaml"), ov)

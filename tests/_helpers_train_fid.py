@@ -46,15 +46,15 @@ def _raise(what):
 def worker_fail(out: str, data: str) -> None:
     import torch.distributed as dist
 
-    import usp_scale.eval as E
     import usp_scale.eval.hook as EH
+    import usp_scale.eval.metrics as EM  # the hook imports the metrics when it evaluates (no torch-fidelity before)
     from usp_scale.eval import DistributedEvalError
     from usp_scale.training import run
 
     rank = dist.get_rank()
     results = {}
-    for part, module, name in (("fid", EH, "frechet_distance"), ("sampling", EH, "generate_batches"),
-                               ("grid", E, "save_sample_grid")):
+    for part, module, name in (("fid", EM, "frechet_distance"), ("sampling", EH, "generate_batches"),
+                               ("grid", EH, "save_sample_grid")):
         run_dir = os.path.join(out, part)
         orig = getattr(module, name)
         if rank == 0:

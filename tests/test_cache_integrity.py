@@ -98,8 +98,8 @@ def test_training_stops_on_a_damaged_record_before_the_model(cache_a, tmp_path):
     seen = []
     t = Trainer(cfg)
     orig = t.task.loss
-    t.task.loss = lambda engine, batch: (seen.append(batch["index"].clone()) if "index" in batch else None,
-                                         orig(engine, batch))[1]
+    t.task.loss = lambda engine, batch, **kw: (seen.append(batch["index"].clone()) if "index" in batch else None,
+                                               orig(engine, batch, **kw))[1]
     with pytest.raises(LatentCacheError, match=r"shard_000000\.safetensors: record \d+"):
         t.fit()
     damaged = set(range(0, 8))  # shard 0 holds source images 0..7

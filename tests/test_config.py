@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -84,3 +85,37 @@ def test_every_field_has_help():
     undocumented = [k for k, v in docs.items() if not v]
     assert not undocumented, f"fields without a help comment: {undocumented}"
     assert "model.name" in docs and "engine.zero_stage" in docs
+
+
+@pytest.mark.parametrize("old,new,value", [("smoothing", "cls.smoothing", 0.2), ("mixup", "cls.mixup", 0.8),
+                                           ("cutmix", "cls.cutmix", 1.0),
+                                           ("use_pretrain_layer", "dit.use_pretrain_layer", 4)])
+def test_task_fields_live_under_their_task_and_the_old_key_names_the_new_one(tmp_path, old, new, value):
+    with pytest.raises(ConfigError, match=rf"key '{old}' moved to '{re.escape(new)}'"):
+        load_config(overrides=["model.name=vit_tiny_patch_vae", f"{old}={value}"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: vit_tiny_patch_vae}}\n{old}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(recipe))}: key '{old}' moved to '{re.escape(new)}'"):
+        load_config(str(recipe))
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug",
+                        "tiny_linprobe.yaml")
+    assert load_config(tiny).cls.smoothing == 0.0  # the shipped recipes use the sections
+    cfg = load_config(tiny, [f"{new}={value}"])
+    section, name = new.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+def test_choices_are_declared_by_the_schema_and_listed_in_the_help():
+    import dataclasses
+
+    from usp_scale.config.schema import EngineConfig
+    from usp_scale.config.validate import CHOICES, INT_CHOICES, schema_choices
+
+    prec = {f.name: f for f in dataclasses.fields(EngineConfig)}["precision"]
+    assert prec.metadata["choices"] == CHOICES["engine.precision"] and "official" in CHOICES["engine.precision"]
+    assert INT_CHOICES == {"engine.zero_stage": (1, 2, 3)} and set(schema_choices()) == {*CHOICES, *INT_CHOICES}
+    docs = field_docs()
+    assert docs["engine.precision"].endswith("[one of: official, auto, fp32, bf16, fp16]")
+    assert "[one of: 1, 2, 3]" in format_help(JobConfig()).split("engine.zero_stage", 1)[1].splitlines()[0]
+    with pytest.raises(ConfigError, match=r"engine\.precision is one of official, auto, fp32, bf16, fp16"):
+        load_config(overrides=["model.name=vit_tiny_patch_vae", "data.format=synthetic", "engine.precision=fp64"])

@@ -3,7 +3,7 @@
 naming the file, or reported before training (a start-up message naming the file), or leave the result unchanged
 (identical bytes or an identical config); a silent change of what training sees fails the test.
 
-Artifacts: latent cache shard and manifest; checkpoint folder files (meta.json, trainer.pt, engine.pt, per-rank
+Artifacts: latent cache shard and manifest; checkpoint folder files (meta.json, trainer.pt, the engine's DCP metadata and data; no per-rank
 state); exported safetensors (checkpoint.init_from); the resolved config.yaml (loaded as a recipe); the DeepSpeed JSON
 (merged and compared with what the checkpoint recorded, at resume). The outcome table is printed at the end
 (``pytest -s tests/test_corruption.py``).
@@ -128,7 +128,7 @@ def runs(tmp_path_factory):
     return out
 
 
-CKPT_FILES = ("meta.json", "trainer.pt", "engine/engine.pt", "ranks/rank_00000.pt")
+CKPT_FILES = ("meta.json", "trainer.pt", "engine/dcp/.metadata", "engine/dcp/__0_0.distcp")
 
 
 @pytest.mark.parametrize("how", MUTATIONS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import _helpers_safety as S
-from usp_scale.checkpoint.safe_load import DiskFullError
+from usp_scale.fileio import DiskFullError
 
 
 @pytest.fixture
@@ -48,12 +48,12 @@ def test_export_on_a_full_disk(small_fs):
 
 
 def test_latent_cache_on_a_full_disk(small_fs):
-    from usp_scale.data.latents import _write_shard
+    from usp_scale.vae.latent_cache import write_shard
 
     settings = {"latent_shape": [4, 28, 28], "views": 4, "dtype": "fp16"}
     mean = torch.zeros(100, 4, 2, 4, 28, 28, dtype=torch.float16)
     with pytest.raises(DiskFullError, match=r"shard_000000\.safetensors needs about"):
-        _write_shard(str(small_fs), 0, [mean], [mean], [torch.zeros(100, dtype=torch.long)],
+        write_shard(str(small_fs), 0, [mean], [mean], [torch.zeros(100, dtype=torch.long)],
                      [torch.arange(100)], [], settings)
     assert os.listdir(small_fs) == []
 
@@ -65,7 +65,7 @@ def test_simulated_enospc_in_a_checkpoint(tmp_path, monkeypatch):
     real = torch.save
 
     def full(obj, f, *a, **k):
-        if str(f).endswith(".pt.tmp" + str(os.getpid())) and "rank_" in str(f):
+        if str(f).endswith(".pt.tmp" + str(os.getpid())) and "trainer.pt" in str(f):
             raise OSError(errno.ENOSPC, "No space left on device", str(f))
         return real(obj, f, *a, **k)
     monkeypatch.setattr(SL.torch, "save", full)

@@ -46,14 +46,14 @@ CLS = {
     "task": "cls", "data.augment": "finetune", "backend": "torchvision", "vae.posterior": "mean", "vae.dtype": "fp16",
     "vae.autocast": True, "model.global_pool": "avg", "model.drop_path_rate": 0.1, "optim.name": "adamw",
     "optim.blr": 1e-3, "optim.min_lr": 1e-6, "optim.weight_decay": 0.05, "optim.beta2": 0.999,
-    "optim.layer_decay": 0.75, "schedule.epochs": 50, "schedule.warmup_epochs": 5.0, "smoothing": 0.1,
+    "optim.layer_decay": 0.75, "schedule.epochs": 50, "schedule.warmup_epochs": 5.0, "cls.smoothing": 0.1,
     "global_batch": 1024, "engine.precision": "fp16", "engine.reduce_dtype": "fp32",
 }
 LINPROBE = {
     "task": "linprobe", "data.augment": "linprobe", "backend": "torchvision", "vae.posterior": "mean",
     "model.global_pool": "token", "optim.name": "lars", "optim.blr": 0.1, "optim.weight_decay": 0.0,
     "optim.min_lr": 0.0, "optim.momentum": 0.9, "optim.trust_coefficient": 0.001, "schedule.epochs": 90,
-    "schedule.warmup_epochs": 10.0, "smoothing": 0.0, "global_batch": 16384, "lr@G": 6.4,
+    "schedule.warmup_epochs": 10.0, "cls.smoothing": 0.0, "global_batch": 16384, "lr@G": 6.4,
     "engine.precision": "fp16", "engine.reduce_dtype": "fp32",
 }
 TABLE = [(f"pretrain/usp_{s}_224.yaml", PRETRAIN) for s in ("base", "large", "xlarge")] + \
@@ -121,7 +121,8 @@ def test_global_batch_and_lr_do_not_depend_on_the_world_size(world):
 
 
 def test_batch_plan_splits_and_errors_name_the_keys():
-    cfg = load_config(None, ["model.name=x", "data.global_batch_size=256", "data.micro_batch_size=48"], check_missing=False)
+    cfg = load_config(None, ["model.name=x", "data.global_batch_size=256", "data.micro_batch_size=48"],
+                      check_missing=False)
     p = plan_batch(cfg.data, cfg.schedule, 2)       # 128 per rank, largest divisor <= 48 is 32
     assert (p.micro_batch, p.accum_iter, p.per_rank) == (32, 4, 128)
     assert plan_batch(cfg.data, cfg.schedule, 8).accum_iter == 1            # 32 per rank fits
@@ -155,7 +156,8 @@ def test_official_precision_is_one_key(task):
 
 def test_precision_conflicts_are_errors():
     with pytest.raises(ConfigError, match="engine.precision=official reduces gradients in fp32"):
-        resolve_startup(load_config(None, ["model.name=x", "engine.precision=official", "engine.reduce_dtype=bf16"], check_missing=False), 1)
+        resolve_startup(load_config(None, ["model.name=x", "engine.precision=official", "engine.reduce_dtype=bf16"],
+                                    check_missing=False), 1)
     with pytest.raises(ConfigError, match="set engine.reduce_dtype=bf16"):
         resolve_startup(load_config(None, ["model.name=x", "engine.ddp_bf16_grads=true"], check_missing=False), 1)
     with pytest.raises(ConfigError, match="engine.reduce_dtype='fp16'"):

@@ -27,8 +27,8 @@ class NaNTask(PretrainTask):
         super().__init__(cfg)
         self.bad, self.calls = set(bad), 0
 
-    def loss(self, engine, batch):
-        loss = super().loss(engine, batch)
+    def loss(self, engine, batch, generator=None):
+        loss = super().loss(engine, batch, generator)
         if not getattr(engine, "model", engine).training:
             return loss
         self.calls += 1
@@ -112,7 +112,7 @@ def test_rate_window_survives_resume(tmp_path):
             **{"schedule.max_steps": 20, "checkpoint.every_steps": 4})
     Trainer(c, task=NaNTask(c, bad={1, 3})).fit()  # steps 1 and 3 non-finite
     ts = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)
-    assert ts["nonfinite_recent"] == [1, 3]
+    assert ts["train"]["nonfinite_recent"] == [1, 3]
     c = cfg(tmp_path, max_nonfinite=0, max_nonfinite_rate=0.2, nonfinite_window=10,
             **{"schedule.max_steps": 20, "checkpoint.every_steps": 4})
     with pytest.raises(NonFiniteError, match="3 non-finite steps among the last 10"):

@@ -76,7 +76,7 @@ def ckpt_run(tmp_path_factory):
 def test_own_checkpoint_and_exports_need_no_allowlist(ckpt_run, tmp_path):
     """Everything the project writes loads with plain weights_only=True (RNG states as tensors/plain containers)."""
     files = glob.glob(os.path.join(ckpt_run, "checkpoints", "**", "*.pt"), recursive=True)
-    assert {os.path.basename(f) for f in files} == {"trainer.pt", "engine.pt", "rank_00000.pt"}
+    assert {os.path.basename(f) for f in files} == {"trainer.pt"}  # engine state: DCP files (engine/dcp/)
     for f in files:
         assert torch.serialization.get_unsafe_globals_in_checkpoint(f) == [], f
         torch.load(f, weights_only=True)
@@ -85,7 +85,7 @@ def test_own_checkpoint_and_exports_need_no_allowlist(ckpt_run, tmp_path):
         torch.load(f, weights_only=True)
 
 
-@pytest.mark.parametrize("rel", ["trainer.pt", "engine/engine.pt", "ranks/rank_00000.pt"])
+@pytest.mark.parametrize("rel", ["trainer.pt"])
 def test_resume(ckpt_run, tmp_path, marker, rel):
     out = str(tmp_path / "run")
     shutil.copytree(ckpt_run, out)
@@ -99,6 +99,22 @@ def test_resume(ckpt_run, tmp_path, marker, rel):
     S.forge_meta(step)
     with pytest.raises(UnsafeCheckpointError, match=rf"{rel}: it needs the Python type\(s\) posix\.system"):
         S.run_tiny(out)
+
+
+def test_resume_dcp_metadata(ckpt_run, tmp_path, marker):
+    """The engine state's DCP metadata replaced by a pickled payload (checksums forged): resume refuses the type,
+    naming the file."""
+    import pickle
+
+    out = str(tmp_path / "run")
+    shutil.copytree(ckpt_run, out)
+    step = os.path.join(out, "checkpoints", "step_00000002")
+    with open(os.path.join(step, "engine", "dcp", ".metadata"), "wb") as f:
+        pickle.dump(S.Payload(marker), f)
+    S.forge_meta(step)
+    with pytest.raises(UnsafeCheckpointError, match=r"dcp/\.metadata: it needs the Python type posix\.system"):
+        S.run_tiny(out)
+    assert not os.path.exists(marker)
 
 
 def test_dcp_metadata_and_items(tmp_path, marker):

@@ -169,6 +169,13 @@ def test_evaluate_fid_hook(tmp_path):
     rec = json.loads((tmp_path / "m.jsonl").read_text())
     assert rec["metric"] == "fid" and rec["value"] == good["fid"] and rec["step"] == 7 and rec["num_samples"] == 64
     bad = evaluate_fid(_ToyNet([0.9, 0.9, 0.9, 0.9]), create_transport(), None, cfg, 64, **kw)
+    # with the extractor built beforehand (as the training hook does), an evaluation (reference cached, SDE
+    # noise included) draws nothing from the global generator: training's random stream cannot move
+    from usp_scale.eval import build_extractor
+    ext = build_extractor(cfg, "cpu")
+    before = torch.get_rng_state()
+    again = evaluate_fid(net, create_transport(), None, cfg, 64, extractor=ext, **kw)
+    assert torch.equal(torch.get_rng_state(), before) and again["fid"] == good["fid"]
     assert good["num_samples"] == 64 and good["sampler"] == "sde" and good["steps"] == 20
     assert good["fid"] < 0.5 * bad["fid"]
     with pytest.raises(ValueError, match="reference"):

@@ -38,7 +38,7 @@ def _randomise(model, seed):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from usp_scale.models import create_model
-    from usp_scale.transfer.formats import save_safetensors
+    from usp_scale.fileio import save_safetensors
     d = tmp_path_factory.mktemp("assets")
     vae = _tiny_vae(d / "vae")
     dit, ema = _randomise(create_model("DiT-tiny/2"), 1), _randomise(create_model("DiT-tiny/2"), 2)
@@ -84,20 +84,21 @@ def _free_port():
 def test_torchrun_two_processes_match_one(assets, tmp_path):
     d, vae = assets
     # Same thread count and batch shapes in both runs (8 samples, batch 2: every batch is full), so the
-    # only difference is which process makes which index; CPU GEMM rounding depends on both.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = sample_launcher.main(_args(d, vae, tmp_path / "one", "ema.safetensors") + ["--num-samples", "8"])
-    finally:
-        torch.set_num_threads(n)
+    # only difference is which process makes which index; CPU GEMM rounding depends on both. Both runs start a
+    # fresh interpreter, so no global state left by other tests in this worker (threads, matmul precision) differs.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = os.path.join(ROOT, "launchers", "sample.py")
+    one = subprocess.run([sys.executable, launcher, *_args(d, vae, tmp_path / "one", "ema.safetensors"),
+                          "--num-samples", "8", "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stdout + one.stderr
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.join(ROOT, "launchers", "sample.py"),
+           "--master_port", str(_free_port()), launcher,
            *_args(d, vae, tmp_path / "two", "ema.safetensors"), "--num-samples", "8", "--device", "cpu"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert "[rank 0] wrote 4 images" in out.stdout, out.stdout + out.stderr
     two = tmp_path / "two" / "samples_8x64x64x3.npz"
-    assert np.array_equal(read_npz_images(str(two)), read_npz_images(single["npz"]))
+    single = tmp_path / "one" / "samples_8x64x64x3.npz"
+    assert np.array_equal(read_npz_images(str(two)), read_npz_images(str(single)))
 
 
 def test_fid_hook_with_registry_dit_and_vae(assets, tmp_path):

@@ -1,4 +1,4 @@
-"""In-training FID hook (usp_scale.training.evaluation) on tiny DiT/SiT runs over the synthetic dataset:
+"""In-training FID hook (usp_scale.eval.hook) on tiny DiT/SiT runs over the synthetic dataset:
 eval records every N steps and at the end, sample grids, the numbers match an independent evaluation of
 the exported EMA, exact resume is unaffected, and bad settings fail at start-up."""
 import json

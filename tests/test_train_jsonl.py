@@ -21,7 +21,7 @@ def test_truncate_jsonl_keeps_lines_up_to_the_step_and_drops_a_torn_last_line(tm
 
 def test_truncate_eval_records_rewrites_the_txt_companion(tmp_path):
     from usp_scale.eval import make_records, write_records
-    from usp_scale.training.evaluation import truncate_eval_records
+    from usp_scale.eval.hook import truncate_eval_records
 
     ctx = {"sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "sampling_precision": "fp32", "reference": "r",
            "feature_extractor": "usp-tiny"}

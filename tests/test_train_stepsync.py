@@ -134,7 +134,7 @@ def test_k_nonfinite_detected_one_step_late_between_log_steps(tmp_path):
     assert "3 consecutive non-finite steps" in msg and "optimizer step 5" in msg
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000006"
     assert str(ckpt) in msg and (ckpt / "meta.json").is_file()
-    ts = torch.load(ckpt / "trainer.pt", weights_only=False)
+    ts = torch.load(ckpt / "trainer.pt", weights_only=False)["train"]
     assert ts["step"] == 6 and ts["nonfinite_total"] == 4 and ts["nonfinite_streak"] == 4   # steps 3, 4, 5 and 6
 
 

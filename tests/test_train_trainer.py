@@ -69,6 +69,8 @@ def test_outputs_jsonl_png_config_exports(tmp_path):
 # ------------------------------------------------------------------------------------------ checkpoints
 
 class _FakeEngine:
+    checkpoint_format = "dcp"
+
     def __init__(self, fail=False):
         self.fail = fail
 
@@ -80,9 +82,17 @@ class _FakeEngine:
             raise RuntimeError("simulated crash mid-save")
 
 
+class _Counter:
+    def __init__(self, step):
+        self.step = step
+
+    def state_dict(self):
+        return {"step": self.step}
+
+
 def _save(mgr, step, engine):
-    return mgr.save(step, engine, trainer_state={"step": step}, rank_state={"loader": {}},
-                    meta={"step": step, "signature": {}, "config": {}})
+    mgr.engine, mgr.states = engine, {"train": _Counter(step)}
+    return mgr.save(step, meta={"step": step, "signature": {}, "config": {}})
 
 
 def test_crash_mid_save_leaves_no_complete_folder(tmp_path):
@@ -122,6 +132,20 @@ def test_refuse_incompatible_checkpoint(tmp_path):
         run(cfg_for(tmp_path, f"checkpoint.resume={tmp_path}/nowhere"))
 
 
+def test_old_checkpoint_format_is_refused(tmp_path):
+    """A format-1 checkpoint (engine/engine.pt, per-rank RNG files; meta.json without "format") is refused by name."""
+    from usp_scale.checkpoint.safe_load import read_checked_json, write_checked_json
+
+    run(cfg_for(tmp_path, "stop_after_steps=2"))
+    meta_path = tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json"
+    meta = read_checked_json(str(meta_path), what="checkpoint metadata", key="meta_sha256")
+    del meta["format"]
+    write_checked_json(str(meta_path), meta, key="meta_sha256")
+    with pytest.raises(IncompatibleCheckpoint, match=rf"{meta_path} is a checkpoint of format 1 .*this version reads "
+                                                     "format 2"):
+        run(cfg_for(tmp_path))
+
+
 # ------------------------------------------------------------------------------------------ non-finite
 
 class _NaNTask(PretrainTask):
@@ -131,8 +155,8 @@ class _NaNTask(PretrainTask):
         super().__init__(cfg)
         self.bad, self.calls = set(bad), 0
 
-    def loss(self, engine, batch):
-        loss = super().loss(engine, batch)
+    def loss(self, engine, batch, generator=None):
+        loss = super().loss(engine, batch, generator)
         self.calls += 1
         return loss * float("nan") if self.calls in self.bad else loss
 
@@ -229,8 +253,8 @@ def test_tiny_pretrain_transfer_dit_pipeline_loss_goes_down(tmp_path):
 
 def test_real_cls_and_linprobe_tasks(tmp_path):
     """cls: layer decay, mixup/cutmix, top-1/top-5 eval records; linprobe: only the BN + Linear head trains, LARS."""
-    for task, extra in (("cls", {"optim.layer_decay": 0.75, "model.drop_path_rate": 0.1, "mixup": 0.8,
-                                 "cutmix": 1.0, "optim.beta2": 0.999}),
+    for task, extra in (("cls", {"optim.layer_decay": 0.75, "model.drop_path_rate": 0.1, "cls.mixup": 0.8,
+                                 "cls.cutmix": 1.0, "optim.beta2": 0.999}),
                         ("linprobe", {"optim.name": "lars", "optim.blr": 0.1, "optim.weight_decay": 0.0,
                                       "model.global_pool": "token"})):
         cfg = H.trainer_cfg("local", str(tmp_path / task), **{

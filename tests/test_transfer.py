@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from usp_scale.models import create_model
-from usp_scale.transfer import (TransferError, load_pretrained, load_weights, read_state_dict, save_safetensors,
-                                transfer)
+from usp_scale.fileio import save_safetensors
+from usp_scale.transfer import TransferError, load_pretrained, load_weights, read_state_dict, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,3 +169,18 @@ def test_transfer_launcher(mae_ckpt, tmp_path):
     assert os.path.exists(str(out) + ".report.json")
     m = create_model("DiT-tiny/2-VAE-simple", input_size=32)
     load_weights(m, str(out))
+
+
+def test_one_state_dict_diff_for_resume_and_loading():
+    """Resume (signatures: name -> shape list) and weight loading (tensors) report differences the same way."""
+    from usp_scale.checkpoint.diff import diff_shapes
+    from usp_scale.checkpoint.manager import diff_signature
+
+    saved = {"a": [2, 3], "b": [4], "gone": [1]}
+    model = {"a": torch.zeros(2, 3), "b": torch.zeros(5), "new": torch.zeros(1)}
+    lines = diff_shapes(saved, model)
+    assert lines == ["missing (1): new", "unexpected (1): gone", "shape of b: checkpoint (4,) vs model (5,)"]
+    assert diff_signature(saved, {k: list(v.shape) for k, v in model.items()}) == ["  " + ln for ln in lines]
+    assert diff_shapes(model, model) == []
+    many = diff_shapes({}, {f"k{i:02d}": [1] for i in range(12)}, limit=3)
+    assert many == ["missing (12): k00, k01, k02 ..."]

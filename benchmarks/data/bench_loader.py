@@ -102,7 +102,7 @@ def bench_reader(tmp, n_images, views, batch, repeats, mode="sample", verify="re
     per-record CRC and finiteness checks of ``verify``), "mean" or "sample" (the whole loader on the CPU device,
     including the fp32 math and the noise), "st-slice" (the same gather through the safetensors library's
     memory-mapped ``safe_open(...).get_slice`` reader, one slice per record, no checks: for comparison)."""
-    from usp_scale.data.latents import _write_shard, write_manifest
+    from usp_scale.vae.latent_cache import write_manifest, write_shard
     out = os.path.join(tmp, "cache")
     if os.path.isfile(os.path.join(out, "manifest.json")):
         return _time_reader(out, batch, repeats, mode, verify, first_read)
@@ -117,8 +117,8 @@ def bench_reader(tmp, n_images, views, batch, repeats, mode="sample", verify="re
         m = min(shard, n_images - s * shard)
         mean = torch.randn(m, views, 2, *lat, generator=g).half()
         logvar = (torch.randn(m, views, 2, *lat, generator=g) - 4).half()
-        _write_shard(out, s, [mean], [logvar], [torch.randint(0, 1000, (m,), generator=g)],
-                     [torch.arange(s * shard, s * shard + m)], [], settings)
+        write_shard(out, s, [mean], [logvar], [torch.randint(0, 1000, (m,), generator=g)],
+                    [torch.arange(s * shard, s * shard + m)], [], settings)
     write_manifest(out)
     return _time_reader(out, batch, repeats, mode, verify, first_read)
 

@@ -51,7 +51,7 @@ def _quiet() -> list:
 
 def make_cache(a, data: str, k: int, augment: str = "pretrain") -> str:
     from usp_scale.data.datasets import build_dataset
-    from usp_scale.data.latents import write_cache, write_manifest
+    from usp_scale.data.cache_writer import write_cache, write_manifest
     from usp_scale.vae import FrozenVAE
     out = os.path.join(a.out, "caches", f"{augment}_k{k}")
     if not os.path.isfile(os.path.join(out, "manifest.json")):

@@ -252,7 +252,7 @@ def test_deepspeed_hostfile_through_pdsh_and_ssh_with_user_variable_on_every_ran
     """`deepspeed --hostfile` as a user types it, on the first node: DeepSpeed checks ssh to the first host, asks it
     for its address (ssh hostname -I, no --master_addr), and starts one launcher per host through pdsh over ssh.
     A variable the user exported reaches every rank through the .deepspeed_env that
-    `python -m usp_scale.engine.slurm deepspeed-env VAR` writes (DS_ENV_FILE names it)."""
+    `python -m usp_scale.cluster.slurm deepspeed-env VAR` writes (DS_ENV_FILE names it)."""
     out = work / "pdsh"
     probe = out / "probe"
     probe.mkdir(parents=True)
@@ -262,7 +262,7 @@ def test_deepspeed_hostfile_through_pdsh_and_ssh_with_user_variable_on_every_ran
         (out / "hostfile").write_text("".join(f"{n} slots=1\n" for n in NODES))
         token = f"probe-{os.getpid()}"
         env = dict(USP_CLUSTER_PROBE=token, PYTHONPATH=f"{probe}:{cluster.env()['PYTHONPATH']}")
-        r = cluster.on_node(NODES[0], [sys.executable, "-m", "usp_scale.engine.slurm", "deepspeed-env",
+        r = cluster.on_node(NODES[0], [sys.executable, "-m", "usp_scale.cluster.slurm", "deepspeed-env",
                                        "USP_CLUSTER_PROBE", "--out", str(out / ".deepspeed_env")], **env)
         assert r.returncode == 0, r.stderr
         assert f"USP_CLUSTER_PROBE={token}\n" in (out / ".deepspeed_env").read_text()

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _helpers_train as H  # noqa: E402
 
 from usp_scale.engine import dist as D  # noqa: E402
-from usp_scale.engine import slurm as S  # noqa: E402
+from usp_scale.cluster import slurm as S  # noqa: E402
 from usp_scale.training import cli  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def test_run_subcommand_turns_sigusr1_into_a_checkpoint_request_and_requeues(tmp
     out = tmp_path / "run"
     trainer = (f"while [ ! -e {out}/STOP_AND_CHECKPOINT ]; do sleep 0.05; done; "
                f"echo '{{\"step\": 5}}' > {out}/STOPPED; exit 75")
-    p = subprocess.Popen([sys.executable, "-m", "usp_scale.engine.slurm", "run", "--output-dir", str(out), "--",
+    p = subprocess.Popen([sys.executable, "-m", "usp_scale.cluster.slurm", "run", "--output-dir", str(out), "--",
                           "bash", "-c", trainer], env={**env, "PYTHONPATH": H.REPO}, cwd=H.REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(1.5)
@@ -169,3 +169,15 @@ def test_train_timeout_replaces_the_long_one_after_the_switch_and_long_timeout_r
     assert checks["after_block"].startswith("ok"), checks
     verdict, waited = checks["train"].split()[:2]
     assert verdict == "error" and 1.5 < float(waited) < 5.0, checks   # 2 s, not the 1 min init timeout
+
+
+def test_cluster_helpers_start_without_torch_and_the_old_path_names_the_new_one():
+    env = {**os.environ, "PYTHONPATH": H.REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", "import sys, usp_scale.cluster.slurm; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    r = subprocess.run([sys.executable, "-m", "usp_scale.engine.slurm", "head"], capture_output=True, text=True,
+                       env={**env, "SLURM_JOB_NODELIST": "n[1-2]"}, timeout=60)
+    assert r.returncode == 1 and "moved to usp_scale.cluster.slurm" in r.stderr, r.stderr
+    with pytest.raises(ImportError, match="python -m usp_scale.cluster.slurm"):
+        import usp_scale.engine.slurm  # noqa: F401

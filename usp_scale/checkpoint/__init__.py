@@ -1,7 +1,6 @@
-"""Checkpoints: atomic step folders with keep-last-k and exact-resume state; model-only exports."""
-from .export import load_safetensors, save_official, save_safetensors
-from .manager import (CheckpointManager, IncompatibleCheckpoint, diff_config, diff_signature, model_signature,
-                      rng_state, set_rng_state)
+"""Checkpoints: atomic step folders (keep-last-k) of a run's stateful parts, engine state through DCP; exports."""
+from .export import save_official, save_safetensors
+from .manager import CheckpointManager, IncompatibleCheckpoint, diff_config, diff_signature, model_signature
 
-__all__ = ["CheckpointManager", "IncompatibleCheckpoint", "model_signature", "rng_state", "set_rng_state",
-           "diff_config", "diff_signature", "save_safetensors", "load_safetensors", "save_official"]
+__all__ = ["CheckpointManager", "IncompatibleCheckpoint", "model_signature",
+           "diff_config", "diff_signature", "save_safetensors", "save_official"]

@@ -1,4 +1,5 @@
-"""Model-only exports: safetensors for transfer/sampling, and the official .pth formats.
+"""Model-only exports: safetensors for transfer/sampling (:func:`usp_scale.fileio.save_safetensors`), and the
+official .pth formats.
 
 Official formats: MAE pretraining ``{"model": state_dict}`` (``checkpoint-{epoch}.pth``);
 DiT/SiT ``{"model", "ema", "opt", "args"}`` (``{step:07d}.pt``). ``args`` is the resolved config as a plain
@@ -8,21 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .safe_load import read_safetensors, save_safetensors_file, torch_save
+from ..fileio import save_safetensors, torch_save  # noqa: F401 - save_safetensors: re-exported by the package
 
 
 def _contig(sd: dict) -> dict:
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
-
-
-def save_safetensors(state_dict: dict, path: str, metadata: Optional[dict] = None) -> str:
-    """Atomic write (temporary name, then rename); a full disk raises DiskFullError and leaves no partial file."""
-    return save_safetensors_file(_contig(state_dict), path, metadata={k: str(v) for k, v in (metadata or {}).items()})
-
-
-def load_safetensors(path: str) -> dict:
-    """Every tensor of ``path``; a damaged or truncated file is a CheckpointFileError naming it."""
-    return read_safetensors(path, what="export")
 
 
 def save_official(path: str, task: str, model_sd: dict, *, ema_sd: Optional[dict] = None,

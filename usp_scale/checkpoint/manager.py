@@ -1,38 +1,47 @@
-"""Step-folder checkpoints: atomic, keep-last-k, everything needed for an exact resume.
+"""Step-folder checkpoints: atomic, keep-last-k, the stateful parts of a run saved by their own ``state_dict``.
 
-Layout of ``<root>/step_00001000/``::
+The manager is handed the run's stateful parts (as torchtitan's checkpointer is): the engine (model and optimizer,
+and the GradScaler under fp16), the EMA, and named host states (the trainer's counters, the LR schedule, the loader
+position), each saved with its ``state_dict()`` and restored with its ``load_state_dict()``. There is no global RNG
+state: every random draw of a training step comes from a generator derived from (seed, step, rank, micro-step)
+(:mod:`usp_scale.training.rng`), so a resumed run draws what the uninterrupted one would.
 
-    meta.json            step, epoch, engine, world size, model signature, resolved config, the size and
-                         CRC-32 of every other file, and a sha256 of meta.json's own content (written last)
-    trainer.pt           rank 0: step/epoch counters, LR schedule, non-finite counters
-    ranks/rank_00000.pt  every rank: RNG states (python, numpy, torch, cuda; tensors and plain containers) and
-                         data-loader position
-    engine/              engine-specific: engine.pt (local/ddp), dcp/ (fsdp2), ds/ (deepspeed)
+Layout of ``<root>/step_00001000/`` (format 2)::
 
-A save writes into ``<root>/.tmp-step_XXXXXXXX`` and renames it at the end, so a crash mid-save
-never leaves a ``step_*`` folder; ``latest()`` only considers folders with a ``meta.json``. A failed save
-(a full disk: :class:`~usp_scale.checkpoint.safe_load.DiskFullError` with the path and the space needed)
-removes its temporary folder. Resuming first checks meta.json's hash and every file's size and CRC-32 (the
-ranks share the work), so a truncated, overwritten, bit-flipped, deleted or swapped file is refused by name
-before anything is loaded; the ``.pt`` files load with ``weights_only=True`` (no code from a file runs).
+    meta.json            format, step, epoch, engine, world size, global batch, model signature, resolved config,
+                         the size and CRC-32 of every other file, and a sha256 of meta.json's own content
+    trainer.pt           rank 0: {name: state_dict} of the host states (train counters, schedule, loader position),
+                         independent of the world size
+    engine/dcp/          local / ddp / fsdp2: model, optimizer, EMA (and scaler) through torch.distributed.checkpoint,
+                         so a checkpoint resumes on another world size or another of these engines (DCP reshards)
+    engine/ds/           deepspeed: DeepSpeed's own files (same engine and world size to resume)
+
+Format 1 (``engine/engine.pt`` and per-rank ``ranks/rank_*.pt`` RNG files) is refused with an error naming its
+meta.json. A save writes into ``<root>/.tmp-step_XXXXXXXX`` and renames it at the end, so a crash mid-save never
+leaves a ``step_*`` folder; ``latest()`` only considers folders with a ``meta.json``. A failed save (a full disk:
+:class:`~usp_scale.checkpoint.safe_load.DiskFullError` with the path and the space needed) removes its temporary
+folder. Resuming first checks meta.json's hash and every file's size and CRC-32 (the ranks share the work), so a
+truncated, overwritten, bit-flipped, deleted or swapped file is refused by name before anything is loaded; the
+``.pt`` file loads with ``weights_only=True`` and DCP's files through the allowlisting reader (no code from a file
+runs).
 """
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import sys
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
 from ..engine import dist as D
+from .diff import diff_shapes
 from .safe_load import (CheckpointFileError, disk_full_error, file_crc32, folder_bytes, is_disk_full,
                         read_checked_json, tensor_bytes, torch_load, torch_save, write_checked_json)
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+FORMAT = 2  # meta.json "format"; see the module docstring
 
 
 class IncompatibleCheckpoint(RuntimeError):
@@ -46,27 +55,6 @@ def model_signature(model: torch.nn.Module) -> Dict[str, list]:
     return sig
 
 
-def rng_state() -> dict:
-    """RNG states as tensors and plain containers (they load with ``torch.load(weights_only=True)``)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
-          "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                    "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(st["torch"])
-    if torch.cuda.is_available() and "cuda" in st:
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _flat(d: Any, prefix: str = "") -> dict:
     if isinstance(d, dict):
         out = {}
@@ -77,15 +65,7 @@ def _flat(d: Any, prefix: str = "") -> dict:
 
 
 def diff_signature(saved: dict, current: dict) -> list:
-    lines = []
-    for k in sorted(set(saved) | set(current)):
-        if k not in current:
-            lines.append(f"  {k}: in checkpoint {saved[k]}, not in the model")
-        elif k not in saved:
-            lines.append(f"  {k}: in the model {current[k]}, not in checkpoint")
-        elif list(saved[k]) != list(current[k]):
-            lines.append(f"  {k}: checkpoint shape {saved[k]} vs model {current[k]}")
-    return lines
+    return ["  " + line for line in diff_shapes(saved, current)]
 
 
 def diff_config(saved: dict, current: dict, strict_prefixes) -> tuple:
@@ -101,9 +81,16 @@ def diff_config(saved: dict, current: dict, strict_prefixes) -> tuple:
 
 
 class CheckpointManager:
-    def __init__(self, root: str, keep_last: int = 3):
+    """``engine``: saved through its ``save(dir, ema_state)``/``load(dir, ema_state)`` (DCP, or DeepSpeed's own);
+    ``ema``: an object with ``state_dict()`` giving its live tensors in the engine's layout (loaded in place);
+    ``states``: name -> object with ``state_dict()``/``load_state_dict()`` of plain values, saved by rank 0 (they
+    must be the same on every rank and independent of the world size)."""
+
+    def __init__(self, root: str, keep_last: int = 3, *, engine=None, ema=None, states: Optional[dict] = None):
         self.root = root
         self.keep_last = keep_last
+        self.engine, self.ema = engine, ema
+        self.states: Dict[str, Any] = dict(states or {})
 
     # ---------------------------------------------------------------- listing
     def list_steps(self) -> list:
@@ -138,27 +125,28 @@ class CheckpointManager:
         return resume
 
     # ---------------------------------------------------------------- save
-    def save(self, step: int, engine, *, ema=None, trainer_state: dict, rank_state: dict, meta: dict) -> str:
+    def save(self, step: int, meta: dict) -> str:
         """Collective: every rank calls it. Returns the final folder. On a failure the temporary folder is
         removed; a full disk raises :class:`DiskFullError` naming the folder and the space it needs."""
         name = f"step_{step:08d}"
         final = os.path.join(self.root, name)
         tmp = os.path.join(self.root, f".tmp-{name}")
         rank = D.get_rank()
+        engine, ema = self.engine, self.ema
         try:
             if rank == 0:
                 os.makedirs(self.root, exist_ok=True)
                 self._remove_leftovers()
-                os.makedirs(os.path.join(tmp, "ranks"))
+                os.makedirs(tmp)
             D.barrier()
             engine.save(os.path.join(tmp, "engine"), None if ema is None else ema.state_dict())
-            torch_save({"rng": rng_state(), **rank_state}, os.path.join(tmp, "ranks", f"rank_{rank:05d}.pt"))
             if rank == 0:
-                torch_save(trainer_state, os.path.join(tmp, "trainer.pt"))
+                torch_save({k: st.state_dict() for k, st in self.states.items()}, os.path.join(tmp, "trainer.pt"))
             D.barrier()
             files = self._checksums(tmp)  # collective
             if rank == 0:
-                write_checked_json(os.path.join(tmp, "meta.json"), {**meta, "files": files}, key="meta_sha256")
+                write_checked_json(os.path.join(tmp, "meta.json"), {**meta, "format": FORMAT, "files": files},
+                                   key="meta_sha256")
                 if os.path.exists(final):  # re-saving a step: swap atomically, then delete the old one
                     old = os.path.join(self.root, f".old-{name}")
                     shutil.rmtree(old, ignore_errors=True)
@@ -255,12 +243,22 @@ class CheckpointManager:
                 "\nRestore the files, or resume from an earlier step folder with checkpoint.resume=<folder>.")
 
     def check(self, path: str, *, signature: dict, config: dict, world_size: int, engine_name: str,
+              checkpoint_format: str = "dcp", global_batch: Optional[int] = None,
               strict_prefixes=("task", "model", "engine.name", "optim.name"), deepspeed_config: Optional[dict] = None,
               deepspeed_source: str = "") -> list:
         """Raise :class:`IncompatibleCheckpoint` listing what differs (or :class:`CheckpointFileError` for a
         damaged folder); return the non-strict differences (config keys, and keys of the merged DeepSpeed config,
-        named with ``deepspeed_source``, the user's JSON). Collective (the file check)."""
+        named with ``deepspeed_source``, the user's JSON). Between DCP engines (local, ddp, fsdp2) the engine and
+        the world size may change (DCP reshards; the global batch must stay); DeepSpeed checkpoints resume only on
+        DeepSpeed with the same world size. Collective (the file check)."""
         meta = self.read_meta(path)
+        if meta.get("format") != FORMAT:
+            raise IncompatibleCheckpoint(
+                f"refusing to resume from {path}: {os.path.join(path, 'meta.json')} is a checkpoint of format "
+                f"{meta.get('format', 1)} (engine/engine.pt or per-engine files and per-rank RNG files "
+                f"ranks/rank_*.pt), this version reads format {FORMAT} (DCP, no RNG state). Resume it with the "
+                "usp_scale version that wrote it, or start a new output_dir with checkpoint.init_from=<its exported "
+                "model.safetensors> to keep the weights.")
         self.verify_files(path, meta)
         problems = []
         ds_lines = []
@@ -270,15 +268,23 @@ class CheckpointManager:
         sig_diff = diff_signature(meta["signature"], signature)
         if sig_diff:
             problems.append("model parameters/buffers differ:\n" + "\n".join(sig_diff))
+        saved_format = meta.get("checkpoint_format", "dcp")
+        reshard = saved_format == checkpoint_format == "dcp"
+        if reshard:  # the engine may change between DCP engines: not a strict key then
+            strict_prefixes = [p for p in strict_prefixes if p != "engine.name"]
         strict, other = diff_config(meta.get("config", {}), config, strict_prefixes)
         if strict:
             problems.append("config keys differ:\n" + "\n".join(strict))
-        if meta.get("engine") != engine_name:
-            problems.append(f"engine: checkpoint {meta.get('engine')!r} vs now {engine_name!r} "
-                            "(engine state formats differ)")
-        if meta.get("world_size") != world_size:
-            problems.append(f"world size: checkpoint {meta.get('world_size')} vs now {world_size} "
-                            "(per-rank RNG and data positions cannot be mapped)")
+        if not reshard and meta.get("engine") != engine_name:
+            problems.append(f"engine: checkpoint {meta.get('engine')!r} vs now {engine_name!r} (a DeepSpeed "
+                            "checkpoint resumes only on DeepSpeed, and DeepSpeed only from its own checkpoints)")
+        if not reshard and meta.get("world_size") != world_size:
+            problems.append(f"world size: checkpoint {meta.get('world_size')} vs now {world_size} (DeepSpeed's "
+                            "files are per rank; the local, ddp and fsdp2 engines reshard)")
+        if global_batch is not None and meta.get("global_batch") not in (None, global_batch):
+            problems.append(f"global batch: checkpoint {meta.get('global_batch')} vs now {global_batch} (set "
+                            f"data.global_batch_size={meta.get('global_batch')} to keep the batch of an optimizer "
+                            "step when the world size changes)")
         if problems:
             raise IncompatibleCheckpoint(
                 f"refusing to resume from {path}:\n" + "\n".join(problems) +
@@ -286,10 +292,14 @@ class CheckpointManager:
                 "to load weights only.")
         return other + ds_lines
 
-    def load(self, path: str, engine, *, ema=None) -> tuple:
-        """Collective. Loads engine state and EMA in place; returns (trainer_state, rank_state)."""
-        engine.load(os.path.join(path, "engine"), None if ema is None else ema.state_dict())
-        trainer_state = torch_load(os.path.join(path, "trainer.pt"), what="trainer state")
-        rank_file = os.path.join(path, "ranks", f"rank_{D.get_rank():05d}.pt")
-        rank_state = torch_load(rank_file, what="per-rank state")
-        return trainer_state, rank_state
+    def load(self, path: str) -> None:
+        """Collective. Loads the engine state and EMA in place (DCP reshards them to this world size), then every
+        named state from trainer.pt by its ``load_state_dict``."""
+        self.engine.load(os.path.join(path, "engine"), None if self.ema is None else self.ema.state_dict())
+        f = os.path.join(path, "trainer.pt")
+        saved = torch_load(f, what="trainer state")
+        missing = [k for k in self.states if k not in saved]
+        if missing:
+            raise CheckpointFileError(f"{f}: no state for {', '.join(missing)} (saved: {', '.join(saved)})")
+        for k, st in self.states.items():
+            st.load_state_dict(saved[k])

@@ -7,22 +7,23 @@
   with :class:`UnsafeCheckpointError`, naming the file and every type it wanted. Nothing in the file runs.
 * :func:`read_safetensors` / :func:`read_json` read those formats and turn every reader failure (truncated,
   overwritten, not that format) into :class:`CheckpointFileError` naming the file.
-* :func:`atomic_write` writes through a temporary name and renames; on a failure it removes the temporary file,
-  and a full disk is reported as :class:`DiskFullError` with the path, the free space and the space needed.
+* Writing goes through :mod:`usp_scale.fileio` (atomic, fsynced; a full disk is :class:`DiskFullError`); the
+  names other modules import from here (``atomic_write``, ``torch_save``, ``DiskFullError``, ...) are re-exported.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import json
 import os
 import pickle
 import re
-import shutil
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
+
+# The writers live in usp_scale.fileio; re-exported here for the callers that still import them from this module.
+from ..fileio import (CONTENT_KEY, DiskFullError, atomic_write, disk_full_error, folder_bytes,  # noqa: F401
+                      is_disk_full, tensor_bytes, tensors_sha256, torch_save, write_text)
 
 # What the official checkpoints hold besides tensors and plain containers.
 ALLOWED_GLOBALS = (argparse.Namespace,)
@@ -34,10 +35,6 @@ class CheckpointFileError(RuntimeError):
 
 class UnsafeCheckpointError(CheckpointFileError):
     """A ``torch.save`` file that needs Python objects outside the allowlist (loading it would run code)."""
-
-
-class DiskFullError(OSError):
-    """A write that failed because the file system is full; names the path and the space needed."""
 
 
 def _allowed_names() -> str:
@@ -79,22 +76,6 @@ def torch_load(path: str, *, what: str = "checkpoint", extra_globals: Iterable =
                                   f"torch.save file)") from e
 
 
-CONTENT_KEY = "usp_scale_sha256"  # safetensors metadata: sha256 of the tensors (names, dtypes, shapes, bytes)
-
-
-def tensors_sha256(tensors: dict) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (independent of the file layout)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def read_safetensors(path: str, *, what: str = "weights file", with_metadata: bool = False):
     """Every tensor of a .safetensors file (CPU); reader failures become :class:`CheckpointFileError`.
 
@@ -129,117 +110,6 @@ def read_json(path: str, *, what: str = "file"):
                                   "damaged") from e
 
 
-# --------------------------------------------------------------------------- writing
-
-def _free_bytes(path: str) -> int:
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    return shutil.disk_usage(folder).free
-
-
-def is_disk_full(exc: BaseException, path: Optional[str] = None, needed: Optional[int] = None) -> bool:
-    """True when ``exc`` (or an exception it was raised from) says the file system is full, or, with ``path``
-    (call it before removing a partial file), when a failed write left less free space there than ``needed``
-    (or under 1 MiB): torch.save reports a short write only as "unexpected pos ...", without an errno."""
-    seen = set()
-    e = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e)
-        if "No space left" in text or "StorageFull" in text or "Disk quota exceeded" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    if path is None:
-        return False
-    with contextlib.suppress(OSError):
-        return _free_bytes(path) < max(needed or 0, 1 << 20)
-    return False
-
-
-def folder_bytes(path: str) -> int:
-    """Total size of the files under ``path`` (0 when it does not exist)."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, f))
-    return total
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def disk_full_error(path: str, needed: Optional[int], exc: BaseException, note: str = "") -> DiskFullError:
-    """A :class:`DiskFullError` for a failed write of ``path`` (``needed`` bytes, when known)."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
-    need = f"about {_human(needed)}" if needed else "more than is free"
-    err = DiskFullError(errno.ENOSPC, f"disk full: writing {path} needs {need}; the file system of {folder} had "
-                                      f"{_human(free)} free when the write failed{note}. Free space or choose another "
-                                      "output folder; nothing partial was left behind", path)
-    err.__cause__ = exc
-    return err
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, needed: Optional[int] = None):
-    """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds. On any failure the
-    temporary file is removed; a full disk is re-raised as :class:`DiskFullError`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_disk_full(e, tmp, needed)
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if full:
-            raise disk_full_error(path, needed, e) from e
-        raise
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of every tensor inside nested dicts/lists/tuples (an estimate of a ``torch.save``'s size)."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def torch_save(obj, path: str) -> str:
-    """``torch.save`` through :func:`atomic_write` (a full disk names the path and the bytes needed)."""
-    with atomic_write(path, needed=tensor_bytes(obj)) as tmp:
-        torch.save(obj, tmp)
-    return path
-
-
-def save_safetensors_file(tensors: dict, path: str, metadata: Optional[dict] = None) -> str:
-    """``safetensors.torch.save_file`` through :func:`atomic_write`, with the tensors' sha256 in the metadata
-    (:data:`CONTENT_KEY`; :func:`read_safetensors` checks it)."""
-    from safetensors.torch import save_file
-
-    meta = {**(metadata or {}), CONTENT_KEY: tensors_sha256(tensors)}
-    with atomic_write(path, needed=tensor_bytes(tensors)) as tmp:
-        save_file(tensors, tmp, metadata=meta)
-    return path
-
-
 # --------------------------------------------------------------------------- self-checked JSON and file checksums
 
 def _canonical(obj) -> bytes:
@@ -254,11 +124,7 @@ def write_checked_json(path: str, obj: dict, key: str = "self_sha256") -> dict:
 
     body = json.loads(_canonical({k: v for k, v in obj.items() if k != key}))
     out = {**body, key: hashlib.sha256(_canonical(body)).hexdigest()}
-    with atomic_write(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+    write_text(path, json.dumps(out, indent=1))
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import os
 import re
 import typing
@@ -36,6 +35,9 @@ REMOVED_KEYS = {
                                    "one switch: eval.cfg_channels=3 (in-training FID) or launchers/sample.py "
                                    "--cfg-channels 3 guides the official three channels",
 }
+# Keys that moved: setting the old one is an error naming the new one (task-specific fields sit under their task).
+MOVED_KEYS = {"smoothing": "cls.smoothing", "mixup": "cls.mixup", "cutmix": "cls.cutmix",
+              "use_pretrain_layer": "dit.use_pretrain_layer"}
 RESOLVED_HEADER = "# usp_scale resolved config; sha256 of the lines below: "
 
 
@@ -103,6 +105,11 @@ def _apply_mapping(obj: Any, mapping: dict, source: str, prefix: str = "", origi
         key = f"{prefix}{k}"
         if key in REMOVED_KEYS:
             raise ConfigError(f"{source}: key '{key}' was removed: {REMOVED_KEYS[key]}")
+        if key in MOVED_KEYS:
+            new = MOVED_KEYS[key]
+            raise ConfigError(f"{source}: key '{key}' moved to '{new}' (a field only the {new.split('.')[0]} task "
+                              f"reads sits under its section): write {new}={v!r} (YAML: {new.split('.')[0]}: "
+                              f"{{{new.split('.')[1]}: {v!r}}})")
         if k not in names:
             close = [n for n in names if n.startswith(str(k)[:3])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
@@ -232,47 +239,29 @@ def _check_resolved(path: str, raw: str) -> None:
 
 def save_config(cfg: JobConfig, path: str) -> str:
     """Write the fully resolved config (atomically, with its sha256 on the first line) and return its path."""
-    from ..checkpoint.safe_load import atomic_write
+    from ..fileio import write_text
 
     body = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    with atomic_write(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(RESOLVED_HEADER + hashlib.sha256(body.encode()).hexdigest() + "\n" + body)
-    return path
+    return write_text(path, RESOLVED_HEADER + hashlib.sha256(body.encode()).hexdigest() + "\n" + body)
 
 
 # --------------------------------------------------------------------------- help text
 
 def field_docs() -> dict:
-    """Dotted key -> the comment above the field in schema.py (the field's documentation)."""
-    from . import schema
-
-    lines = inspect.getsource(schema).splitlines()
+    """Dotted key -> the field's help (``opt(..., help)`` in schema.py), with its allowed values for a choice field."""
     docs: dict = {}
-    cls_name, pending = None, []
-    cls_to_section = {}
-    for f in dataclasses.fields(JobConfig):
-        t = _hints(JobConfig)[f.name]
-        if dataclasses.is_dataclass(t):
-            cls_to_section[t.__name__] = f.name + "."
-    for line in lines:
-        s = line.strip()
-        m = re.match(r"class (\w+)", s)
-        if m:
-            cls_name, pending = m.group(1), []
-            continue
-        if s.startswith("#"):
-            pending.append(s.lstrip("# ").rstrip())
-            continue
-        m = re.match(r"(\w+): .*=", s)
-        if m and cls_name and "default_factory" in s:
-            pending = []  # a nested section, documented by its own fields
-        elif m and cls_name:
-            prefix = cls_to_section.get(cls_name, "")
-            docs[prefix + m.group(1)] = " ".join(pending)
-            pending = []
-        elif not s:
-            pending = []
+
+    def walk(cls, prefix=""):
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            text = f.metadata.get("help", "")
+            if "choices" in f.metadata:
+                text += f" [one of: {', '.join(map(str, f.metadata['choices']))}]"
+            docs[prefix + f.name] = text
+    walk(JobConfig)
     return docs
 
 

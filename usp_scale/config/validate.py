@@ -14,33 +14,31 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-# Choices of the string fields (the code that reads each field accepts exactly these).
-CHOICES: Dict[str, Tuple[str, ...]] = {
-    "task": ("pretrain", "dit", "sit", "cls", "linprobe"),
-    "data.format": ("folder", "wds", "latents", "synthetic"),
-    "data.loader": ("auto", "dali", "torchvision", "gpu"),
-    "data.dali_device": ("auto", "mixed", "cpu"),
-    "data.augment": ("pretrain", "adm", "eval", "finetune", "linprobe", "none"),
-    "data.latent_verify": ("records", "sha256", "size", "none"),
-    "vae.version": ("d8", "d16"),
-    "vae.posterior": ("mean", "sample"),
-    "vae.dtype": ("fp32", "bf16", "fp16"),
-    "vae.compile_mode": ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"),
-    "model.global_pool": ("avg", "token"),
-    "model.kernels": ("auto", "triton", "torch"),
-    "model.attn_backend": ("auto", "sdpa", "flash2", "flash3", "math", "cudnn", "efficient"),
-    "optim.name": ("adamw", "lars"),
-    "schedule.name": ("cosine", "constant"),
-    "engine.name": ("local", "ddp", "fsdp2", "deepspeed"),
-    "engine.precision": ("official", "auto", "fp32", "bf16", "fp16"),
-    "engine.reduce_dtype": ("fp32", "bf16"),
-    "engine.backend": ("auto", "nccl", "gloo"),
-    "engine.compile_scope": ("auto", "model", "blocks"),
-    "engine.fp8": ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp"),
-    "eval.sampler": ("ddpm", "ddim", "sde", "ode", "heun", "euler"),
-    "eval.precision": ("fp32", "bf16"),
-}
-INT_CHOICES: Dict[str, Tuple[int, ...]] = {"engine.zero_stage": (1, 2, 3)}
+
+
+def schema_choices() -> Dict[str, tuple]:
+    """Dotted key -> allowed values, for every choice field of the schema (``opt(..., choices=...)``)."""
+    import dataclasses
+
+    from .schema import JobConfig
+
+    out: Dict[str, tuple] = {}
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            elif "choices" in f.metadata:
+                out[prefix + f.name] = f.metadata["choices"]
+    walk(JobConfig())
+    return out
+
+
+# Choices of the choice fields, as the schema declares them (string and integer choices apart, for the tests).
+_ALL_CHOICES = schema_choices()
+CHOICES: Dict[str, Tuple[str, ...]] = {k: v for k, v in _ALL_CHOICES.items() if all(isinstance(x, str) for x in v)}
+INT_CHOICES: Dict[str, Tuple[int, ...]] = {k: v for k, v in _ALL_CHOICES.items() if k not in CHOICES}
 
 # (key, low, high, low open?, high open?, what the key is); None = unbounded on that side.
 RANGES: Tuple[tuple, ...] = (
@@ -50,10 +48,10 @@ RANGES: Tuple[tuple, ...] = (
     ("max_nonfinite", 0, None, False, False, "a step count (0 = no limit)"),
     ("max_nonfinite_rate", 0, 1, False, True, "a fraction (0 = no limit)"),
     ("nonfinite_window", 1, None, False, False, "a step count"),
-    ("smoothing", 0, 1, False, True, "a probability mass"),
-    ("mixup", 0, None, False, False, "a Beta alpha (0 = off)"),
-    ("cutmix", 0, None, False, False, "a Beta alpha (0 = off)"),
-    ("use_pretrain_layer", -1, None, False, False, "a block count (-1 = all)"),
+    ("cls.smoothing", 0, 1, False, True, "a probability mass"),
+    ("cls.mixup", 0, None, False, False, "a Beta alpha (0 = off)"),
+    ("cls.cutmix", 0, None, False, False, "a Beta alpha (0 = off)"),
+    ("dit.use_pretrain_layer", -1, None, False, False, "a block count (-1 = all)"),
     ("eval_every_epochs", 0, None, False, False, "an epoch count"),
     ("stop_after_steps", 0, None, False, False, "a step count"),
     ("data.image_size", 1, None, False, False, "pixels"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import json
 import math
 import os
 import tarfile
@@ -21,6 +20,8 @@ from typing import Dict, List
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..fileio import write_json
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
 TEXTURES = ("plain", "stripes", "checker")
@@ -149,8 +150,7 @@ def make_synthetic(out: str, classes: int = 10, per_class: int = 20, size: int =
                             ti.size, ti.mtime = len(data), 0
                             tf.addfile(ti, io.BytesIO(data))
     summary["num_train"], summary["num_val"] = len(files["train"]), len(files["val"])
-    with open(os.path.join(out, "synthetic.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out, "synthetic.json"), summary)
     return summary
 
 

@@ -171,13 +171,14 @@ class GaussianDiffusion:
         return {"output": torch.where(t == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model: ModelFn, x_start: torch.Tensor, t: torch.Tensor,
-                        model_kwargs: Optional[dict] = None,
-                        noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                        model_kwargs: Optional[dict] = None, noise: Optional[torch.Tensor] = None,
+                        generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Per-sample losses (N,): ``loss`` = ``mse`` + ``vb`` (vb only with learned variance).
 
-        vb uses the detached eps prediction, so it trains only the variance channels."""
+        vb uses the detached eps prediction, so it trains only the variance channels. ``noise`` defaults to a
+        standard normal draw from ``generator`` (the global generator when None)."""
         if noise is None:
-            noise = torch.randn_like(x_start)
+            noise = torch.randn(x_start.shape, dtype=x_start.dtype, device=x_start.device, generator=generator)
         x_t = self.q_sample(x_start, t, noise=noise)
         model_output = self.call_model(model, x_t, t, model_kwargs)
         C = x_start.shape[1]

@@ -3,7 +3,11 @@
     engine = build_engine(cfg.engine, model, optimizer_factory, accum_iter=..., clip_grad=...,
                           device=..., micro_batch=cfg.data.batch_size)
 
-The model code does not know which engine wraps it; switching engines is ``engine.name=...``.
+The model code does not know which engine wraps it; switching engines is ``engine.name=...``. The engine
+receives an optimizer *factory* (built by :func:`usp_scale.training.optim.build_optimizer` in the trainer) and
+calls it on the wrapped module, so the optimizer sees the parameters the engine updates (FSDP2 DTensors, DeepSpeed's
+initialize). Local, DDP and FSDP2 checkpoint through one DCP path (:meth:`Engine.save`), which can reshard a
+checkpoint to another world size or between these engines; DeepSpeed keeps its own format.
 """
 from __future__ import annotations
 
@@ -29,29 +33,6 @@ def __getattr__(name):
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError:
         raise AttributeError(f"module 'usp_scale.engine' has no attribute {name!r}") from None
-
-
-def _ensure_process_group(backend: str) -> None:
-    """DDP/FSDP2/DeepSpeed need a process group even with one process: make a 1-rank group."""
-    import os
-    import socket
-
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    # DeepSpeed reads these even for one process started with plain `python`.
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
-        os.environ.setdefault(k, v)
-    dist.init_process_group(backend, rank=0, world_size=1)
 
 
 def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[nn.Module], torch.optim.Optimizer]",
@@ -98,7 +79,9 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
         from .local import LocalEngine
 
         return LocalEngine(model, optimizer_factory, **kw)
-    _ensure_process_group(engine_cfg.backend)
+    from .dist import init_distributed
+
+    init_distributed(engine_cfg.backend, getattr(engine_cfg, "timeout_min", 30), single_process_group=True)
     if name == "ddp":
         from .local import DDPEngine
 
@@ -110,8 +93,10 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
                            shard_size=getattr(engine_cfg, "fsdp_shard_size", 0), reduce_dtype=reduce_dtype, **kw)
     from .deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(model, optimizer_factory, zero_stage=engine_cfg.zero_stage, micro_batch=micro_batch,
-                           user_config=engine_cfg.deepspeed_config, reduce_dtype=reduce_dtype, **kw)
+    eng = DeepSpeedEngine(model, optimizer_factory, zero_stage=engine_cfg.zero_stage, micro_batch=micro_batch,
+                          user_config=engine_cfg.deepspeed_config, reduce_dtype=reduce_dtype, **kw)
+    eng.checkpoint_format = "deepspeed"  # its own save(dir)/load(dir), not DCP (the adapter may declare it itself)
+    return eng
 
 
 __all__ = ["Engine", "StepResult", "build_engine", "init_distributed", "DistInfo", "ENGINES",

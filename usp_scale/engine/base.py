@@ -68,6 +68,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP without a process group (the local engine) warns on every call that it works in one process: it does."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     """Return ``loss`` unchanged when finite; otherwise a loss whose gradients are all NaN."""
     ok = torch.isfinite(loss.detach())
@@ -109,6 +119,9 @@ class Engine:
     """Base class: accumulation bookkeeping, autocast, gradient-norm/clip/skip logic."""
 
     name = "base"
+    # "dcp": :meth:`save`/:meth:`load` through torch.distributed.checkpoint (local, ddp, fsdp2: reshardable across
+    # world sizes and between these engines); "deepspeed": DeepSpeed's own per-rank files.
+    checkpoint_format = "dcp"
     # How EMA tensors of this engine are laid out: "replicated" (full on every rank), "dtensor"
     # (FSDP2 shards, saved through DCP) or "per_rank" (DeepSpeed ZeRO-3 partitions, or ZeRO-1/2 fp32 master
     # fragments in bf16/fp16).
@@ -216,46 +229,64 @@ class Engine:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        sd = {"model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Model and optimizer through ``torch.distributed.checkpoint.state_dict`` (keys are parameter names, no
+        wrapper prefixes; FSDP2 gives DTensor shards), plus the GradScaler's state under fp16. DCP saves it from
+        any engine of the DCP family (local, ddp, fsdp2) and loads it into any of them, on any world size."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # Before the first applied step the optimizer has no state, and get_state_dict creates it with a zero-lr
+        # step (Adam's step count becomes 1): the live optimizer is put back as it was, and the checkpoint says so.
+        fresh = not self.optimizer.state
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        if fresh:
+            self.optimizer.state.clear()
+        sd = {"model": msd, "optimizer": osd, "optimizer_fresh": fresh}
         if self.scaler is not None:
             sd["scaler"] = self.scaler.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        self.unwrapped.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
-        if self.scaler is not None and "scaler" in sd:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        if sd.get("optimizer_fresh"):  # saved before any applied step: its first real step initialises the state
+            self.optimizer.state.clear()
+        if self.scaler is not None:
+            if "scaler" not in sd:
+                raise KeyError("the checkpoint has no GradScaler state but this run trains in fp16: resume with the "
+                               "engine.precision it was saved with")
             self.scaler.load_state_dict(sd["scaler"])
 
     def save(self, path: str, ema_state: Optional[dict] = None) -> None:
-        """Write engine state (model, optimizer, scaler, EMA) under folder ``path`` (collective)."""
+        """Collective: write :meth:`state_dict` and the EMA tensors (``ema_state``, this engine's layout) with DCP
+        into folder ``path/dcp``; each rank writes its shards, replicated tensors are written once."""
         import os
+
+        import torch.distributed.checkpoint as dcp
 
         from . import dist as D
 
-        if D.get_rank() == 0:
-            os.makedirs(path, exist_ok=True)
-            sd = self.state_dict()
-            if ema_state is not None:
-                sd["ema"] = {k: v.detach().cpu() for k, v in ema_state.items()}
-            from ..checkpoint.safe_load import torch_save
-
-            torch_save(sd, os.path.join(path, "engine.pt"))
+        state = self.state_dict()
+        if ema_state is not None:
+            state["ema"] = dict(ema_state)
+        with _single_process_dcp():
+            dcp.save(state, checkpoint_id=os.path.join(path, "dcp"))
         D.barrier()
 
     def load(self, path: str, ema_state: Optional[dict] = None) -> None:
-        """Load what :meth:`save` wrote; copies EMA tensors into ``ema_state`` in place."""
+        """Collective: load what :meth:`save` wrote (from any world size and DCP engine, resharded by DCP); EMA
+        tensors are loaded into ``ema_state`` in place. Nothing is unpickled but plain values
+        (:func:`~usp_scale.checkpoint.safe_load.dcp_load`)."""
         import os
 
-        from ..checkpoint.safe_load import torch_load
+        from ..checkpoint.safe_load import dcp_load
 
-        sd = torch_load(os.path.join(path, "engine.pt"), what="engine state")
-        self.load_state_dict(sd)
+        state = self.state_dict()
         if ema_state is not None:
-            if "ema" not in sd:
-                raise KeyError(f"{path}: checkpoint has no EMA but ema.decay > 0")
-            for k, v in ema_state.items():
-                v.copy_(sd["ema"][k])
+            state["ema"] = dict(ema_state)
+        with _single_process_dcp():
+            dcp_load(state, os.path.join(path, "dcp"))
+        self.load_state_dict(state)
 
     def full_model_state_dict(self) -> dict:
         """Full fp32 model state dict on CPU (collective; meaningful on rank 0)."""

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .hosts import expand_slurm_nodelist  # noqa: F401  (re-exported)
+from ..cluster.hosts import expand_slurm_nodelist  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -108,32 +108,55 @@ def export_env(info: DistInfo) -> None:
 _INFO: Optional[DistInfo] = None
 
 
-def init_distributed(backend: str = "auto", timeout_min: int = 30,
-                     local_rank_arg: Optional[int] = None) -> DistInfo:
-    """Initialise the default process group (once) and return this process's :class:`DistInfo`.
-
-    A single process (world size 1) gets no process group unless one already exists.
-    """
-    global _INFO
-    info = detect(local_rank_arg=local_rank_arg)
+def resolve_backend(backend: str) -> str:
+    """"auto" -> nccl with CUDA, gloo without; validates the name."""
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"engine.backend={backend!r}: use 'auto', 'nccl' or 'gloo'")
+    return backend
+
+
+def init_distributed(backend: str = "auto", timeout_min: int = 30, local_rank_arg: Optional[int] = None,
+                     single_process_group: bool = False) -> DistInfo:
+    """Initialise the default process group (once) and return this process's :class:`DistInfo`. The one place
+    that creates the default process group.
+
+    A single process (world size 1) gets a 1-rank group only with ``single_process_group`` (DDP, FSDP2 and
+    DeepSpeed need one even then; the local engine does not), on a free local port.
+    """
+    global _INFO
+    info = detect(local_rank_arg=local_rank_arg)
+    backend = resolve_backend(backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
-    if info.distributed and not dist.is_initialized():
+    timeout = datetime.timedelta(minutes=timeout_min)
+    if dist.is_initialized():
+        pass
+    elif info.distributed:
         export_env(info)
         if info.rank == 0 and shared_rendezvous_store_with_restarts():
             print("[usp_scale] WARNING: torchrun --max-restarts with its rendezvous store shared with the workers: "
                   "restarted workers can read the previous round's addresses from it and fail to connect (or hang) "
                   "(pytorch/pytorch#135712); start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
                   file=sys.stderr, flush=True)
-        _TIMEOUT["init"] = datetime.timedelta(minutes=timeout_min)
-        kwargs = dict(backend=backend, rank=info.rank, world_size=info.world_size, timeout=_TIMEOUT["init"])
+        _TIMEOUT["init"] = timeout
+        kwargs = dict(backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout)
         if backend == "nccl":
             kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group(init_method="env://", **kwargs)
+    elif single_process_group:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        # DeepSpeed reads these even for one process started with plain `python`.
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(k, v)
+        dist.init_process_group(backend, rank=0, world_size=1, timeout=timeout)
     _INFO = info
     return info
 
@@ -207,12 +230,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors for a collective of the default group live: the current CUDA device under nccl, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_max(x: float) -> float:
     if get_world_size() == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([x], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 

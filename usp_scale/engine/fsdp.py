@@ -1,7 +1,6 @@
-"""FSDP2 engine: ``fully_shard`` per transformer block, then the root; DCP checkpoints."""
+"""FSDP2 engine: ``fully_shard`` per transformer block, then the root; checkpoints through the base class's DCP path."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -72,46 +71,6 @@ class FSDP2Engine(Engine):
             full = v.full_tensor() if hasattr(v, "full_tensor") else v
             out[k] = full.detach().float().cpu()
         return out
-
-    # ---------------------------------------------------------------- state
-    def _sd(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        return msd, osd
-
-    def state_dict(self) -> dict:
-        msd, osd = self._sd()
-        return {"model": msd, "optimizer": osd}
-
-    def load_state_dict(self, sd: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-
-    def save(self, path: str, ema_state: Optional[dict] = None) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        state = self.state_dict()
-        if ema_state is not None:
-            state["ema"] = dict(ema_state)
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        dcp.save(state, checkpoint_id=os.path.join(path, "dcp"))
-        D.barrier()
-
-    def load(self, path: str, ema_state: Optional[dict] = None) -> None:
-        from ..checkpoint.safe_load import dcp_load
-
-        state = self.state_dict()
-        if ema_state is not None:
-            state["ema"] = dict(ema_state)  # loaded in place into the DTensor shards
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        dcp_load(state, os.path.join(path, "dcp"))  # dcp.load without unpickling code from the files
-        self.load_state_dict(state)
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state["scaler"])
 
     def full_model_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -33,6 +33,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from ..fileio import write_with
 from .features import INCEPTION_NAME, create_extractor, default_layer
 
 METRICS = ("fid", "sfid", "is", "kid", "pr")
@@ -220,10 +221,10 @@ def reference_features(path: str, extractor, extractor_name: str, batch_size: in
         with np.load(cpath) as d:
             return {k: torch.from_numpy(d[k]) for k in layers}
     feats = extract_features(path, extractor, batch_size, device, progress, desc="reference features")
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = cpath + ".tmp.npz"
-    np.savez(tmp, **{k: v.numpy() for k, v in feats.items()})
-    os.replace(tmp, cpath)
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, **{k: v.numpy() for k, v in feats.items()})
+    write_with(cpath, save, needed=sum(v.numel() * v.element_size() for v in feats.values()))
     return feats
 
 
@@ -235,8 +236,10 @@ def save_statistics(path: str, features: torch.Tensor, spatial: Optional[torch.T
     if spatial is not None:
         ss = statistics(spatial)
         extra = {"mu_s": ss["mu"], "sigma_s": ss["sigma"]}
-    np.savez(path, mu=s["mu"], sigma=s["sigma"], **extra)
-    return path
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, mu=s["mu"], sigma=s["sigma"], **extra)
+    return write_with(path, save)
 
 
 # ----------------------------------------------------------------------------- main entry

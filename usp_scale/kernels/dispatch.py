@@ -31,8 +31,8 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
-# Ops whose Triton kernel beat eager torch end to end (forward + backward) in the H200 kernel benchmark
-# (benchmarks/reports/kernels_h200_*.md); for the others (embed_visible_patches, masked_latent_loss) "auto"
+# Ops whose Triton kernel beat eager torch end to end (forward + backward) in the kernel benchmark
+# (benchmarks/reports/kernels_h200_2026-11-26.md); for the others (embed_visible_patches, masked_latent_loss) "auto"
 # keeps the torch reference; "triton" forces every kernel.
 AUTO_TRITON_OPS = frozenset({"layernorm_modulate", "gated_residual", "unshuffle"})
 
@@ -41,8 +41,8 @@ def resolve_impl(mode: str, device, op: Optional[str] = None) -> str:
     """``kernels`` setting -> "triton" or "torch". "auto" is Triton on CUDA only, only for the ops in
     :data:`AUTO_TRITON_OPS` when ``op`` is named, and only in eager mode: while torch.compile traces, "auto"
     gives the torch reference, which Inductor fuses with its neighbours (our kernels are opaque custom ops
-    there: they block that fusion, and in the H200 benchmarks the compiled reference was level with or ahead of
-    them, benchmarks/reports/). "triton" forces the kernels, compiled or not, and must be usable."""
+    there: they block that fusion, and the compiled reference was level with or ahead of them in
+    benchmarks/reports/kernels_h200_2026-11-26.md). "triton" forces the kernels, compiled or not, and must be usable."""
     if mode not in IMPLS:
         raise ValueError(f"model.kernels must be one of {IMPLS}, got {mode!r}")
     if not isinstance(device, torch.device):

@@ -7,6 +7,7 @@ SiT is the same network whose ``forward`` drops the learned-sigma half of the ou
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -168,16 +169,20 @@ class DiT(LatentTransformer):
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         return unpatchify(x, self.patch_size, self.out_channels)
 
-    def forward_backbone(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward_backbone(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                         force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``force_drop_ids`` (N,) 1 = use the null class: the label dropout drawn by the caller (the training
+        task, from its generator); None draws it here in training mode, as the official code does."""
         x = self.x_embedder(x) + self.pos_embed       # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)                    # (N, T, p*p*out)
         return self.unpatchify(x)                     # (N, out, H, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.forward_backbone(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_backbone(x, t, y, force_drop_ids)
 
     def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
         """Forward FLOPs of one sample (``mask_ratio`` is ignored: a DiT sees every token)."""
@@ -193,8 +198,9 @@ class DiT(LatentTransformer):
 class SiT(DiT):
     """SiT: the DiT network with a velocity output; the learned-sigma half is computed and dropped."""
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.forward_backbone(x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.forward_backbone(x, t, y, force_drop_ids)
         if self.learn_sigma:
             out, _ = out.chunk(2, dim=1)
         return out

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..fileio import write_with
+
 ADM_KEY = "arr_0"
 
 
@@ -61,10 +63,8 @@ def png_path(out_dir: str, index: int) -> str:
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-    """Write atomically (temporary file + rename) so an interrupted job never leaves a partial PNG."""
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write atomically (:func:`usp_scale.fileio.write_with`) so an interrupted job never leaves a partial PNG."""
+    write_with(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), needed=image.nbytes)
 
 
 def read_png(path: str) -> np.ndarray:
@@ -76,10 +76,10 @@ def write_npz(path: str, images: np.ndarray) -> str:
     """ADM reference format: ``arr_0`` uint8 [N, H, W, 3], uncompressed."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{ADM_KEY: images})
-    os.replace(tmp, path)
-    return path
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, **{ADM_KEY: images})
+    return write_with(path, save, needed=images.nbytes)
 
 
 def read_npz_images(path: str, mmap: bool = False) -> np.ndarray:

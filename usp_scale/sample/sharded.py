@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..engine.dist import get_rank, get_world_size
+from ..fileio import write_json
 from .io import make_grid, png_path, read_png, write_npz, write_png
 
 META_FILE = "sampling.json"
@@ -111,8 +112,7 @@ def run_sampling(model: Callable, sampler: Callable, decode: Callable[[torch.Ten
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
-        with open(os.path.join(out_dir, META_FILE), "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
+        write_json(os.path.join(out_dir, META_FILE), meta, indent=1, sort_keys=True)
     mine = list(range(rank, num_samples, world_size))
     todo = [i for i in mine if not os.path.exists(png_path(out_dir, i))]
     skipped = len(mine) - len(todo)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ..engine.slurm import EXIT_STOPPED, STOPPED_FILE
+from ..cluster.slurm import EXIT_STOPPED, STOPPED_FILE
 
 _IMPORTED_AT = time.time()
 
@@ -98,11 +98,12 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
     from ..engine import dist as D
     from .trainer import NonFiniteError, Trainer
 
-    trainer = Trainer(cfg, local_rank_arg=args.local_rank if args.local_rank >= 0 else None)
-    if trainer.is_main:
+    if D.detect(local_rank_arg=args.local_rank if args.local_rank >= 0 else None).rank == 0:
         clear_stale_stop_files(cfg.output_dir)
     try:
-        result = trainer.fit()
+        # construction builds the run and resumes its checkpoint: its errors exit as the training loop's do
+        trainer = Trainer(cfg, local_rank_arg=args.local_rank if args.local_rank >= 0 else None)
+        result = trainer.train()
     except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
         from ..checkpoint.safe_load import CheckpointFileError, DiskFullError
         from ..data.latents import LatentCacheError

@@ -46,4 +46,16 @@ class EMA:
         torch._foreach_lerp_(shadow, srcs, [w if w.device == e.device else w.to(e.device) for e in shadow])
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
+        """name -> fp32 tensor in the engine's layout (the live tensors: DCP loads into them in place)."""
         return self.shadow
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        """Copy ``sd`` into the shadow tensors in place; every name must be present with the same shape."""
+        bad = [f"{k}: {'missing' if k not in sd else tuple(sd[k].shape)} vs {tuple(v.shape)}"
+               for k, v in self.shadow.items() if k not in sd or tuple(sd[k].shape) != tuple(v.shape)]
+        if bad:
+            raise KeyError("EMA state does not match this model's EMA (name: saved vs now):\n  " + "\n  ".join(bad))
+        for k, v in self.shadow.items():
+            if sd[k] is not v:
+                v.copy_(sd[k])

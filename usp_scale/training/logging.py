@@ -5,33 +5,7 @@ import json
 import os
 from typing import List, Optional
 
-
-def truncate_jsonl(path: str, step: int) -> int:
-    """Drop the JSON-lines records of ``path`` whose ``step`` is past ``step`` (records without one are kept)
-    and a torn last line (a job killed mid-write); kept lines are unchanged; rewritten atomically. Returns
-    #dropped (0 when the file does not exist). Used on resume for every JSONL file a run appends to, so a run
-    resumed from an earlier checkpoint never holds two records for one step."""
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    keep = []
-    for i, ln in enumerate(lines):
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                continue  # torn write at the end
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({e}); fix or remove that line and resume again") \
-                from None
-        if rec.get("step", 0) <= step:
-            keep.append(ln)
-    if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(ln + "\n" for ln in keep)
-        os.replace(tmp, path)
-    return len(lines) - len(keep)
+from ..fileio import truncate_jsonl  # noqa: F401 - MetricsLogger and the trainer use it from here
 
 
 class MetricsLogger:

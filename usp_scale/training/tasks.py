@@ -2,8 +2,9 @@
 
 One trainer (:mod:`usp_scale.training.trainer`) runs every task. A task builds the model (from
 scratch; ``checkpoint.init_from`` loads transferred or exported weights), its parameter groups,
-and the per-micro-batch loss from a batch ``{"latents": (N,C,h,w), "labels": (N,)}``. Forward calls go
-through the engine (``engine(...)``), so the model never knows which engine wraps it.
+and the per-micro-batch loss from a batch ``{"latents": (N,C,h,w), "labels": (N,)}`` and the micro-step's generator
+(:mod:`usp_scale.training.rng`; every random draw of the loss uses it, ``None`` draws from the global RNGs). Forward
+calls go through the engine (``engine(...)``), so the model never knows which engine wraps it.
 """
 from __future__ import annotations
 
@@ -63,14 +64,14 @@ class Task:
                               f"{family} model")
         model = create_model(self.cfg.model.name, kernels=self.cfg.model.kernels, **self.model_kwargs())
         if self.cfg.checkpoint.init_from:
-            load_init(model, self.cfg.checkpoint.init_from, self.cfg.use_pretrain_layer)
+            load_init(model, self.cfg.checkpoint.init_from, self.cfg.dit.use_pretrain_layer)
         return model
 
     def param_groups(self, module: nn.Module) -> list:
         o = self.cfg.optim
         return O.model_param_groups(module, o.weight_decay, layer_decay=o.layer_decay)
 
-    def loss(self, engine, batch: dict) -> torch.Tensor:
+    def loss(self, engine, batch: dict, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         raise NotImplementedError
 
     def train_flops_per_sample(self, model: nn.Module) -> Optional[float]:
@@ -96,15 +97,20 @@ class PretrainTask(Task):
             kw["norm_image"] = True
         return kw
 
-    def loss(self, engine, batch):
+    def loss(self, engine, batch, generator=None):
         x = batch["latents"]
+        n = x.shape[0]
+        # The masking noise (N, L) is drawn here (after t and eps), so the model's argsort-of-noise masking uses the
+        # step's generator; with generator=None the draws are the global ones the model itself would make.
+        num_patches = getattr(engine, "unwrapped", engine).num_patches
+        target = None
         if self.cfg.mask.add_noise:
             # input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1); the loss target is the clean z, as in the official code
-            t = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * 0.5 + 0.5
-            noisy = t.sqrt() * x + (1 - t).sqrt() * torch.randn_like(x)
-            loss, _, _ = engine(noisy, mask_ratio=self.cfg.mask.ratio, target=x)
-            return loss
-        loss, _, _ = engine(x, mask_ratio=self.cfg.mask.ratio)
+            t = torch.rand(n, 1, 1, 1, device=x.device, generator=generator) * 0.5 + 0.5
+            eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            x, target = t.sqrt() * x + (1 - t).sqrt() * eps, x
+        noise = torch.rand(n, num_patches, device=x.device, generator=generator)
+        loss, _, _ = engine(x, mask_ratio=self.cfg.mask.ratio, noise=noise, target=target)
         return loss
 
     def train_flops_per_sample(self, model: nn.Module) -> Optional[float]:
@@ -132,10 +138,20 @@ class DiTTask(Task):
         return dict(input_size=m.img_size, in_channels=m.in_chans, num_classes=m.num_classes,
                     learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
 
-    def loss(self, engine, batch):
+    def model_kwargs_for(self, y: torch.Tensor, generator=None) -> dict:
+        """``y`` and, with label dropout, the dropped labels drawn from ``generator`` (``force_drop_ids``: the
+        model's own draw, ``rand < class_dropout_prob``, made here)."""
+        kw = dict(y=y)
+        p = self.cfg.model.class_dropout_prob
+        if p > 0:
+            kw["force_drop_ids"] = (torch.rand(y.shape[0], device=y.device, generator=generator) < p).long()
+        return kw
+
+    def loss(self, engine, batch, generator=None):
         x, y = batch["latents"], batch["labels"]
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
-        return self.diffusion.training_losses(engine, x, t, dict(y=y))["loss"].mean()
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=generator)
+        return self.diffusion.training_losses(engine, x, t, self.model_kwargs_for(y, generator),
+                                              generator=generator)["loss"].mean()
 
 
 class SiTTask(DiTTask):
@@ -151,8 +167,9 @@ class SiTTask(DiTTask):
             transport = create_transport()
         self.transport = transport
 
-    def loss(self, engine, batch):
-        return self.transport.training_losses(engine, batch["latents"], dict(y=batch["labels"]))["loss"].mean()
+    def loss(self, engine, batch, generator=None):
+        kw = self.model_kwargs_for(batch["labels"], generator)
+        return self.transport.training_losses(engine, batch["latents"], kw, generator=generator)["loss"].mean()
 
 
 def _topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list:
@@ -170,10 +187,11 @@ class ClsTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.mixup_fn = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
+        if cfg.cls.mixup > 0 or cfg.cls.cutmix > 0:
             from timm.data import Mixup
 
-            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+            self.mixup_fn = Mixup(mixup_alpha=cfg.cls.mixup, cutmix_alpha=cfg.cls.cutmix,
+                                  label_smoothing=cfg.cls.smoothing,
                                   num_classes=cfg.model.num_classes)
 
     def model_kwargs(self):
@@ -181,18 +199,24 @@ class ClsTask(Task):
         return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
                     drop_path_rate=m.drop_path_rate, global_pool=m.global_pool)
 
-    def loss(self, engine, batch):
+    def loss(self, engine, batch, generator=None):
         x, y = batch["latents"], batch["labels"]
+        if generator is not None and (self.mixup_fn is not None or self.cfg.model.drop_path_rate > 0):
+            from .rng import seed_global_rngs
+
+            seed_global_rngs(generator.initial_seed())  # timm's Mixup and drop-path take no generator
         if self.mixup_fn is not None:
             x, soft = self.mixup_fn(x, y)  # soft targets with smoothing folded in
             logits = engine(x)
             return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         logits = engine(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.smoothing)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.cls.smoothing)
 
     @torch.no_grad()
     def evaluate(self, engine, loader) -> dict:
         import torch.distributed as dist
+
+        from ..engine import dist as D
 
         model = engine.model
         was_training = model.training
@@ -205,7 +229,7 @@ class ClsTask(Task):
             t1, t5 = _topk(logits.float(), y)
             stats += torch.stack([t1.double(), t5.double(), torch.tensor(float(len(y)), dtype=torch.float64,
                                   device=stats.device), F.cross_entropy(logits.float(), y, reduction="sum").double()])
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if D.get_world_size() > 1:
             dist.all_reduce(stats)
         model.train(was_training)
         n = max(stats[2].item(), 1.0)
@@ -236,7 +260,7 @@ class LinprobeTask(ClsTask):
             p.requires_grad = n.startswith("head.")
         return model
 
-    def loss(self, engine, batch):
+    def loss(self, engine, batch, generator=None):
         return F.cross_entropy(engine(batch["latents"]).float(), batch["labels"])
 
 

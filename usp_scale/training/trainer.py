@@ -1,14 +1,17 @@
 """The one trainer behind every task and engine.
 
-Order of setup: process group -> seeds -> model (same seed on every rank, then seed + rank) ->
-loader -> engine (AC, compile, wrap, optimizer) -> EMA -> LR schedule -> resume -> loop.
-Each optimizer step: set lr (per iteration), accumulate ``accum_iter`` micro-batches, step
-(clip, skip if non-finite), EMA update, log, checkpoint. Checkpoints land on optimizer-step
-boundaries, so resuming after N steps reproduces the per-step losses of an uninterrupted run.
+``Trainer(cfg)`` builds everything (in ``__init__``): process group -> model (the same seed on every rank) ->
+loader -> engine (AC, compile, wrap; the optimizer from :func:`~usp_scale.training.optim.build_optimizer` through a
+factory the engine calls on the wrapped module) -> EMA -> LR schedule -> checkpoint manager over the stateful parts
+-> resume. :meth:`Trainer.train_step` runs one micro-batch (lr at the first micro-step of an optimizer step, forward
+and backward with the micro-step's generator, the engine's step: clip, skip if non-finite; EMA); :meth:`Trainer.train`
+loops over epochs and batches and, after each optimizer step, logs, checks the non-finite counters and stop
+requests, checkpoints and evaluates. Checkpoints land on optimizer-step boundaries and every random draw of a step
+comes from a generator of (seed, step, rank, micro-step) (:mod:`usp_scale.training.rng`), so resuming after N steps
+reproduces the per-step losses of an uninterrupted run without any saved RNG state.
 """
 from __future__ import annotations
 
-import collections
 import math
 import os
 import random
@@ -21,15 +24,17 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import (CheckpointManager, model_signature, save_official, save_safetensors, set_rng_state)
+from ..checkpoint import CheckpointManager, model_signature, save_official, save_safetensors
 from ..config import ConfigError, save_config, to_dict
 from ..engine import build_engine
 from ..engine import dist as D
 from .ema import EMA
 from .logging import MetricsLogger
 from .optim import build_optimizer
+from .rng import step_generator
 from .schedule import LRSchedule
 from .startup import resolve_startup
+from .state import LoaderPosition, TrainState
 from .stepstats import DeferredStepStats
 from .tasks import Task, build_task
 
@@ -65,6 +70,8 @@ def _max_memory_gb(device) -> float:
 
 
 class Trainer:
+    """One run: everything is built in ``__init__`` (and a checkpoint resumed), :meth:`train` runs it."""
+
     def __init__(self, cfg, *, task: Optional[Task] = None, loader_factory: Optional[Callable] = None,
                  local_rank_arg: Optional[int] = None):
         self.cfg = cfg
@@ -82,6 +89,57 @@ class Trainer:
         self._last_eval, self._last_eval_step = {}, -1
         self._signal_raw = False  # set by the signal handler (this rank only)
         self._signal = False  # agreed by all ranks: checkpoint and stop
+        out = cfg.output_dir
+        if self.is_main:
+            os.makedirs(out, exist_ok=True)
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        self._print(f"[usp_scale] {self.batch_plan.describe()}; precision {cfg.engine.precision}, gradients reduced "
+                    f"in {cfg.engine.reduce_dtype}")
+        from ..layers.attention import configure_attention
+
+        configure_attention(cfg.model.attn_backend, self.device)
+        # Model: the same initialisation on every rank.
+        _seed_all(cfg.seed)
+        model = self.task.build_model()
+        self.signature = model_signature(model)
+        self.train_flops = self.task.train_flops_per_sample(model)  # before any engine partitions the parameters
+        _seed_all(cfg.seed + self.rank)  # training draws use explicit generators; anything else differs per rank
+
+        self.loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device, train=True)
+        self.accum = accum = cfg.schedule.accum_iter
+        self.steps_per_epoch = len(self.loader) // accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the loader has {len(self.loader)} batches per epoch, fewer than "
+                              f"schedule.accum_iter={accum}")
+        self.global_batch = cfg.data.batch_size * accum * self.world
+        # In-training FID (dit/sit, eval.fid_every > 0): checks its settings now; keeps an unwrapped model copy.
+        from ..eval.hook import build_fid_hook  # torch-fidelity is imported only when eval.fid_every > 0
+
+        self.fid_hook = build_fid_hook(cfg, self.task, model, self.loader, self.device)
+        task = self.task
+        self.engine = build_engine(
+            cfg.engine, model, lambda m: build_optimizer(cfg.optim, task.param_groups(m), self.device),
+            accum_iter=accum, clip_grad=cfg.optim.clip_grad, device=self.device, micro_batch=cfg.data.batch_size)
+        self.ema = EMA(self.engine.ema_sources(), cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim, global_batch=self.global_batch,
+                                               steps_per_epoch=self.steps_per_epoch)
+        self.state = TrainState(samples_per_micro=cfg.data.batch_size * self.world)
+        # The LR schedule is a function of the config and state.step (a resumed run with a longer schedule follows
+        # the new config): it is not a saved state.
+        self.ckpt = CheckpointManager(
+            os.path.join(out, "checkpoints"), cfg.checkpoint.keep_last, engine=self.engine, ema=self.ema,
+            states={"train": self.state, "loader": LoaderPosition(self.loader, cfg.data.batch_size * self.world)})
+        self.logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
+        self.resumed_from = self._resume()
+        self.val_loader = None
+        if cfg.task in ("cls", "linprobe"):
+            self.val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
+                                                  train=False)
+        self.stats = DeferredStepStats(self.device)
+        self._loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._lr = float("nan")
+        self._last_norm = float("nan")
+        self._new_window()
 
     # ------------------------------------------------------------------ helpers
     def _print(self, *a):
@@ -98,57 +156,134 @@ class Trainer:
             except ValueError:  # not in the main thread
                 pass
 
-    def _meta(self, step, epoch):
-        return {"step": step, "epoch": epoch, "engine": self.cfg.engine.name, "world_size": self.world,
-                "task": self.cfg.task, "signature": self.signature, "config": to_dict(self.cfg),
-                "deepspeed_config": getattr(self.engine, "ds_config", None)}
+    def _meta(self):
+        return {"step": self.state.step, "epoch": self.state.epoch, "engine": self.engine.name,
+                "checkpoint_format": self.engine.checkpoint_format, "world_size": self.world,
+                "global_batch": self.global_batch, "task": self.cfg.task, "signature": self.signature,
+                "config": to_dict(self.cfg), "deepspeed_config": getattr(self.engine, "ds_config", None)}
 
-    def _save(self, step, epoch, micro_in_epoch):
-        trainer_state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
-                         "nonfinite_recent": list(self.nonfinite_recent),
-                         "schedule": self.schedule.state_dict()}
-        rank_state = {"loader": self.loader.state_dict()}
+    def _resume(self) -> Optional[str]:
+        """Resume from ``checkpoint.resume`` (auto: the newest complete step folder) when there is one: check it,
+        load every stateful part, drop the metrics records written after it. Returns its folder or None."""
+        cfg = self.cfg
+        resume = self.ckpt.resolve(cfg.checkpoint.resume)
+        if not resume:
+            return None
+        strict = [s.strip() for s in cfg.checkpoint.strict_keys.split(",") if s.strip()]
+        other = self.ckpt.check(resume, signature=self.signature, config=to_dict(cfg), world_size=self.world,
+                                engine_name=self.engine.name, checkpoint_format=self.engine.checkpoint_format,
+                                global_batch=self.global_batch, strict_prefixes=strict,
+                                deepspeed_config=getattr(self.engine, "ds_config", None),
+                                deepspeed_source=cfg.engine.deepspeed_config)
+        if other:
+            self._print(f"[usp_scale] resuming from {resume} with changed settings:\n" + "\n".join(other))
+        self.ckpt.load(resume)
+        self._print(f"[usp_scale] resumed from {resume} at step {self.state.step} (epoch {self.state.epoch})")
+        self._truncate_records(self.state.step)
+        return resume
+
+    def _save(self):
         with D.long_timeout():  # a slow filesystem must not trip engine.train_timeout_s
-            path = self.ckpt.save(step, self.engine, ema=self.ema, trainer_state=trainer_state,
-                                  rank_state=rank_state, meta=self._meta(step, epoch))
+            path = self.ckpt.save(self.state.step, self._meta())
         self._print(f"[usp_scale] checkpoint: {path}")
         return path
 
-    def _account(self, entries, win, check: bool = True):
+    def _new_window(self):
+        """Start a log window: what the next metrics record averages over."""
+        self.win = dict(steps=0, loss=torch.zeros((), dtype=torch.float64, device=self.device), data=0.0,
+                        samples=0, t0=time.perf_counter(), gnorm=0.0, gnorm_n=0, nonfinite=0, nonfinite_steps=[])
+
+    def _account(self, entries, check: bool = True):
         """Fold step results read back from the device into the counters and the log window. Returns
         (step, reason, lr, grad norm) of the first step at which the non-finite streak reached ``max_nonfinite``
         or the non-finite steps among the last ``nonfinite_window`` exceeded ``max_nonfinite_rate`` (when
         ``check``), else None."""
-        cfg = self.cfg
+        cfg, st, win = self.cfg, self.state, self.win
         hit = None
         for s_done, (ok_f, norm_f), lr_f in entries:
             self._last_norm = norm_f
-            while self.nonfinite_recent and self.nonfinite_recent[0] <= s_done - cfg.nonfinite_window:
-                self.nonfinite_recent.popleft()
+            while st.nonfinite_recent and st.nonfinite_recent[0] <= s_done - cfg.nonfinite_window:
+                st.nonfinite_recent.popleft()
             if ok_f and math.isfinite(norm_f):
                 win["gnorm"] += norm_f
                 win["gnorm_n"] += 1
             if ok_f:
-                self.nonfinite_streak = 0
+                st.nonfinite_streak = 0
                 continue
-            self.nonfinite_total += 1
-            self.nonfinite_streak += 1
-            self.nonfinite_recent.append(s_done)
+            st.nonfinite_total += 1
+            st.nonfinite_streak += 1
+            st.nonfinite_recent.append(s_done)
             win["nonfinite"] += 1
             win["nonfinite_steps"].append(s_done)
             if hit is not None or not check:
                 continue
             rate_hit = cfg.max_nonfinite_rate > 0 and \
-                len(self.nonfinite_recent) > cfg.max_nonfinite_rate * cfg.nonfinite_window
-            if self.nonfinite_streak >= cfg.max_nonfinite > 0:
-                hit = (s_done, f"{self.nonfinite_streak} consecutive non-finite steps (max_nonfinite="
+                len(st.nonfinite_recent) > cfg.max_nonfinite_rate * cfg.nonfinite_window
+            if st.nonfinite_streak >= cfg.max_nonfinite > 0:
+                hit = (s_done, f"{st.nonfinite_streak} consecutive non-finite steps (max_nonfinite="
                                f"{cfg.max_nonfinite})", lr_f, norm_f)
             elif rate_hit:
-                hit = (s_done, f"{len(self.nonfinite_recent)} non-finite steps among the last {cfg.nonfinite_window} "
+                hit = (s_done, f"{len(st.nonfinite_recent)} non-finite steps among the last {cfg.nonfinite_window} "
                                f"(more than max_nonfinite_rate={cfg.max_nonfinite_rate:g} of nonfinite_window="
                                f"{cfg.nonfinite_window})", lr_f, norm_f)
         return hit
+
+    def _check_nonfinite(self, entries) -> None:
+        """Account ``entries``; past the non-finite limits, checkpoint and raise :class:`NonFiniteError`."""
+        bad = self._account(entries)
+        if bad is None:
+            return
+        cfg, st = self.cfg, self.state
+        s_bad, reason, lr_bad, norm_bad = bad
+        self._account(self.stats.flush(), check=False)  # the newer steps too, so the checkpoint counts them
+        path = self._save()
+        lr_key = "optim.lr" if cfg.optim.lr > 0 else "optim.blr"  # the key that sets the lr here
+        raise NonFiniteError(
+            f"{reason}, non-finite loss or gradients at optimizer step {s_bad}, epoch {st.epoch}, near "
+            f"micro-batch {st.micro_in_epoch}/{len(self.loader)} of the epoch, lr {lr_bad:.3e}, grad norm "
+            f"{norm_bad}; rank {self.rank}. Checkpoint written to {path} (step {st.step}). Lower {lr_key} "
+            f"(now {getattr(cfg.optim, lr_key.split('.')[1]):g}), set optim.clip_grad, or use a wider "
+            f"precision (engine.precision=bf16/fp32).")
+
+    def _log(self) -> None:
+        """Write the metrics record of the window (collective: the loss is averaged over ranks), start a new one."""
+        cfg, st, win = self.cfg, self.state, self.win
+        n = win["steps"]
+        lsum = win["loss"].clone()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            lsum = lsum.to(torch.float64)
+            dist.all_reduce(lsum)
+            lsum /= self.world
+        dt = time.perf_counter() - win["t0"]
+        sps = win["samples"] / max(dt, 1e-9)
+        rec = {"kind": "train", "step": st.step, "epoch": st.epoch, "loss": float(lsum) / n, "lr": self._lr,
+               # mean over the applied steps (None when every step of the window was non-finite)
+               "grad_norm": win["gnorm"] / win["gnorm_n"] if win["gnorm_n"] else None,
+               "samples_per_s": sps, "nonfinite": win["nonfinite"],
+               # The device runs ahead of the host (no sync per step): compute_time is the wall time
+               # not spent waiting for the loader, which is exact over a window that ends in a sync.
+               "data_time": win["data"] / n, "compute_time": max(dt - win["data"], 0.0) / n,
+               "max_mem_gb": _max_memory_gb(self.device), "nonfinite_total": st.nonfinite_total}
+        if self.train_flops:
+            rec["mfu"] = self.train_flops * sps / self.world / cfg.peak_flops
+        self.logger.log(rec)
+        if win["nonfinite"] and self.is_main:
+            print(f"[usp_scale] WARNING: {win['nonfinite']} of the last {n} optimizer steps were "
+                  f"non-finite and skipped (steps {win['nonfinite_steps'][:8]}"
+                  f"{' ...' if win['nonfinite'] > 8 else ''}); {st.nonfinite_total} in the run so far, "
+                  f"{len(st.nonfinite_recent)} in the last {cfg.nonfinite_window} (the run stops above "
+                  f"{cfg.max_nonfinite_rate:g} x {cfg.nonfinite_window} or at {cfg.max_nonfinite} in a "
+                  "row)", file=sys.stderr, flush=True)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{self._lr:.2e}")
+        self._new_window()
+
+    def _stop_requested(self) -> bool:
+        """Collective (at log steps): a signal or the stop file on any rank (a signal may reach only some ranks;
+        the checkpoint that follows is collective)."""
+        req = self._signal_raw or (self.is_main and os.path.exists(os.path.join(self.cfg.output_dir, STOP_FILE)))
+        return bool(D.all_reduce_max(float(req)))
 
     def _truncate_records(self, step: int) -> None:
         """On resume at ``step``: drop the records past ``step`` from every JSON-lines file the run appends to
@@ -156,7 +291,7 @@ class Trainer:
         that stopped (or by a later run, when resuming an earlier checkpoint). Rank 0 edits the files; collective
         (a failure there, e.g. a corrupt line, stops every rank with its message)."""
         from ..eval import agree_on_success  # lazy: needs no torch-fidelity (the optional eval extra)
-        from .evaluation import truncate_eval_records
+        from ..eval.hook import truncate_eval_records
 
         err = None
         if self.is_main:
@@ -171,233 +306,134 @@ class Trainer:
                 err = e
         agree_on_success(err, f"resume at step {step}: truncating the metrics files")
 
-    # ------------------------------------------------------------------ main
-    def fit(self) -> dict:
-        cfg = self.cfg
-        out = cfg.output_dir
-        if self.is_main:
-            os.makedirs(out, exist_ok=True)
-            save_config(cfg, os.path.join(out, "config.yaml"))
-        self._print(f"[usp_scale] {self.batch_plan.describe()}; precision {cfg.engine.precision}, gradients reduced "
-                    f"in {cfg.engine.reduce_dtype}")
-        self._install_signals()
+    # ------------------------------------------------------------------ one micro-batch
+    def train_step(self, batch: dict):
+        """Forward and backward of one micro-batch, and the engine's step. Returns the engine's
+        :class:`~usp_scale.engine.base.StepResult` when this micro-batch ended an optimizer step (then
+        ``state.step`` counts it and the EMA followed it), else None."""
+        engine, st = self.engine, self.state
+        micro = engine.micro_step
+        if micro == 0:
+            self._lr = self.schedule.apply(engine.param_groups, st.step)
+        gen = step_generator(self.cfg.seed, st.step, self.rank, micro, self.device)
+        with engine.sync_context(), engine.autocast():
+            loss = self.task.loss(engine, batch, generator=gen)
+        engine.backward(loss)
+        self._loss_acc += loss.detach().double()
+        st.micro_in_epoch += 1
+        res = engine.step()
+        if res is None:
+            return None
+        st.step += 1
+        self.win["steps"] += 1
+        self.win["loss"] += self._loss_acc / self.accum
+        self.win["samples"] += self.global_batch
+        self._loss_acc.zero_()
+        if self.ema is not None:
+            self.ema.update(engine.ema_sources(), gate=res.ok)   # skipped steps leave it unchanged
+        # Applied?/grad norm reach the host one step late (no device sync per step).
+        self.stats.push(st.step, res.ok, res.norm, meta=self._lr)
+        return res
 
-        from ..layers.attention import configure_attention
-
-        configure_attention(cfg.model.attn_backend, self.device)
-        # Model: the same initialisation on every rank, then per-rank randomness.
-        _seed_all(cfg.seed)
-        model = self.task.build_model()
-        self.signature = model_signature(model)
-        train_flops = self.task.train_flops_per_sample(model)  # before any engine partitions the parameters
-        _seed_all(cfg.seed + self.rank)
-
-        self.loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device, train=True)
-        accum = cfg.schedule.accum_iter
-        steps_per_epoch = len(self.loader) // accum
-        if steps_per_epoch == 0:
-            raise ConfigError(f"the loader has {len(self.loader)} batches per epoch, fewer than "
-                              f"schedule.accum_iter={accum}")
-        global_batch = cfg.data.batch_size * accum * self.world
-        # In-training FID (dit/sit, eval.fid_every > 0): checks its settings now; keeps an unwrapped model copy.
-        from .evaluation import build_fid_hook  # imports usp_scale.eval only when eval.fid_every > 0
-
-        self.fid_hook = build_fid_hook(cfg, self.task, model, self.loader, self.device)
-
-        task = self.task
-        self.engine = engine = build_engine(
-            cfg.engine, model, lambda m: build_optimizer(cfg.optim, task.param_groups(m), self.device),
-            accum_iter=accum, clip_grad=cfg.optim.clip_grad, device=self.device, micro_batch=cfg.data.batch_size)
-        self.ema = EMA(engine.ema_sources(), cfg.ema.decay) if cfg.ema.decay > 0 else None
-        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim, global_batch=global_batch,
-                                               steps_per_epoch=steps_per_epoch)
+    # ------------------------------------------------------------------ after an optimizer step
+    def _after_step(self) -> bool:
+        """Log, non-finite check, stop requests, checkpoint and FID after an optimizer step; True to stop."""
+        cfg, st = self.cfg, self.state
         total = self.schedule.total_steps
+        log_now = st.step % max(cfg.log_every, 1) == 0 or st.step == total
+        every = cfg.checkpoint.every_steps
+        reached_stop = cfg.stop_after_steps > 0 and st.step - self.start_step >= cfg.stop_after_steps
+        ckpt_now = (every > 0 and st.step % every == 0) or reached_stop or st.step == total
+        self._check_nonfinite(self.stats.flush() if log_now or ckpt_now or self._signal_raw else self.stats.ready())
+        if log_now:
+            self._log()
+            self._signal = self._stop_requested()
+        elif self.world == 1 and self._signal_raw:
+            self._signal = True
+        if ckpt_now or self._signal:
+            t_save = time.perf_counter()
+            self.last_ckpt = self._save()
+            self.win["t0"] += time.perf_counter() - t_save  # checkpoint time is not training throughput
+        if self.fid_hook is not None and not self._signal and self.fid_hook.due(st.step, total):
+            with D.long_timeout():
+                ev = self.fid_hook(self.engine, self.ema, st.step, st.epoch, self.logger, progress=cfg.progress)
+            self.win["t0"] += ev["eval_seconds"]  # keep evaluation time out of the throughput numbers
+        if self._signal:
+            self._print(f"[usp_scale] stop requested (signal or {STOP_FILE}): checkpointed at step {st.step}, "
+                        "exiting so that a requeued job resumes")
+            if self.is_main and os.path.exists(os.path.join(cfg.output_dir, STOP_FILE)):
+                os.remove(os.path.join(cfg.output_dir, STOP_FILE))
+            self.stopped_by_request = True
+            return True
+        return reached_stop or st.step >= total
 
-        self.ckpt = CheckpointManager(os.path.join(out, "checkpoints"), cfg.checkpoint.keep_last)
-        step, epoch, micro_in_epoch = 0, 0, 0
-        self.nonfinite_total = self.nonfinite_streak = 0
-        self.nonfinite_recent = collections.deque()  # optimizer steps of the non-finite steps in the rate window
-        resume = self.ckpt.resolve(cfg.checkpoint.resume)
-        rank_state = None
-        if resume:
-            strict = [s.strip() for s in cfg.checkpoint.strict_keys.split(",") if s.strip()]
-            other = self.ckpt.check(resume, signature=self.signature, config=to_dict(cfg), world_size=self.world,
-                                    engine_name=cfg.engine.name, strict_prefixes=strict,
-                                    deepspeed_config=getattr(engine, "ds_config", None),
-                                    deepspeed_source=cfg.engine.deepspeed_config)
-            if other:
-                self._print(f"[usp_scale] resuming from {resume} with changed settings:\n" + "\n".join(other))
-            ts, rank_state = self.ckpt.load(resume, engine, ema=self.ema)
-            step, epoch, micro_in_epoch = ts["step"], ts["epoch"], ts["micro_in_epoch"]
-            self.nonfinite_total, self.nonfinite_streak = ts["nonfinite_total"], ts["nonfinite_streak"]
-            self.nonfinite_recent = collections.deque(ts.get("nonfinite_recent", []))
-            self.loader.load_state_dict(rank_state["loader"])
-            self._print(f"[usp_scale] resumed from {resume} at step {step} (epoch {epoch})")
+    def _end_epoch(self) -> None:
+        cfg, st = self.cfg, self.state
+        if self.val_loader is not None and cfg.eval_every_epochs > 0 and (st.epoch + 1) % cfg.eval_every_epochs == 0:
+            self._evaluate(self.val_loader, st.step, st.epoch)
+        st.epoch += 1
+        st.micro_in_epoch = 0
 
-        logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
-        self.logger = logger
-        if resume:
-            self._truncate_records(step)
-        val_loader = None
-        if cfg.task in ("cls", "linprobe"):
-            val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
-                                             train=False)
-        if resume and self.fid_hook is not None:  # an evaluation interrupted after its checkpoint: run it now
-            self.fid_hook.catch_up(engine, self.ema, step, epoch, total, logger, progress=cfg.progress)
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        """Train to the end of the schedule, ``stop_after_steps``, a stop request or a non-finite stop
+        (:class:`NonFiniteError`, after a checkpoint). Returns the run's summary (with exports at the end)."""
+        cfg, st = self.cfg, self.state
+        self._install_signals()
+        total = self.schedule.total_steps
+        if self.resumed_from and self.fid_hook is not None:  # an evaluation interrupted after its checkpoint
+            self.fid_hook.catch_up(self.engine, self.ema, st.step, st.epoch, total, self.logger, progress=cfg.progress)
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=step, disable=not (self.is_main and cfg.progress), desc=cfg.task,
-                   dynamic_ncols=True)
-        if rank_state is not None:
-            set_rng_state(rank_state["rng"])  # last: nothing after this may draw random numbers before the loop
-        else:
-            _seed_all(cfg.seed + self.rank)
-
-        engine.model.train()
-        start_step = step
-        last_ckpt = None
-        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
-        win = dict(steps=0, loss=torch.zeros((), dtype=torch.float64, device=self.device), data=0.0,
-                   samples=0, t0=time.perf_counter(), gnorm=0.0, gnorm_n=0, nonfinite=0, nonfinite_steps=[])
+        self.bar = tqdm(total=total, initial=st.step, disable=not (self.is_main and cfg.progress), desc=cfg.task,
+                        dynamic_ncols=True)
+        self.engine.model.train()
+        self.start_step = st.step
+        self.last_ckpt = None
+        self.stopped_by_request = False
+        self._new_window()
         stop = False
-        result_stopped = False
-        last_norm = self._last_norm = float("nan")
-        stats = DeferredStepStats(self.device)
-        while step < total and not stop:
-            self.loader.set_epoch(epoch)
+        while st.step < total and not stop:
+            self.loader.set_epoch(st.epoch)
             it = iter(self.loader)
-            while micro_in_epoch < steps_per_epoch * accum:
+            while st.micro_in_epoch < self.steps_per_epoch * self.accum:
                 t_data = time.perf_counter()
                 try:
-                    # The loader must not shift the training random stream (e.g. torch's DataLoader draws its
-                    # worker base seed from the global CPU generator when an epoch iterator starts, which
-                    # happens at a different point after a resume): isolate it.
-                    with torch.random.fork_rng(devices=[]):
-                        batch = next(it)
+                    batch = next(it)
                 except StopIteration:
                     break
-                t_comp = time.perf_counter()
-                win["data"] += t_comp - t_data
-                if engine.micro_step == 0:
-                    lr = self.schedule.apply(engine.param_groups, step)
-                with engine.sync_context(), engine.autocast():
-                    loss = task.loss(engine, batch)
-                engine.backward(loss)
-                loss_acc += loss.detach().double()
-                micro_in_epoch += 1
-                res = engine.step()
-                if res is None:
+                self.win["data"] += time.perf_counter() - t_data
+                if self.train_step(batch) is None:
                     continue
-                step += 1
-                win["steps"] += 1
-                win["loss"] += loss_acc / accum
-                win["samples"] += global_batch
-                loss_acc.zero_()
-                if self.ema is not None:
-                    self.ema.update(engine.ema_sources(), gate=res.ok)   # skipped steps leave it unchanged
-                bar.update(1)
-                # Applied?/grad norm reach the host one step late (no device sync per step).
-                stats.push(step, res.ok, res.norm, meta=lr)
-                if step == start_step + 1:  # past compilation and warm-up: a hung peer now fails fast
+                self.bar.update(1)
+                if st.step == self.start_step + 1:  # past compilation and warm-up: a hung peer now fails fast
                     D.use_train_timeout(cfg.engine.train_timeout_s)
-
-                log_now = step % max(cfg.log_every, 1) == 0 or step == total
-                every = cfg.checkpoint.every_steps
-                reached_stop = cfg.stop_after_steps > 0 and step - start_step >= cfg.stop_after_steps
-                ckpt_now = (every > 0 and step % every == 0) or reached_stop or step == total
-                entries = stats.flush() if log_now or ckpt_now or self._signal_raw else stats.ready()
-                bad = self._account(entries, win)
-                if bad is not None:
-                    s_bad, reason, lr_bad, norm_bad = bad
-                    self._account(stats.flush(), win, check=False)  # the newer steps too, so the checkpoint counts
-                    path = self._save(step, epoch, micro_in_epoch)
-                    lr_key = "optim.lr" if cfg.optim.lr > 0 else "optim.blr"  # the key that sets the lr here
-                    raise NonFiniteError(
-                        f"{reason}, non-finite loss or gradients at optimizer step {s_bad}, epoch {epoch}, near "
-                        f"micro-batch {micro_in_epoch}/{len(self.loader)} of the epoch, lr {lr_bad:.3e}, grad norm "
-                        f"{norm_bad}; rank {self.rank}. Checkpoint written to {path} (step {step}). Lower {lr_key} "
-                        f"(now {getattr(cfg.optim, lr_key.split('.')[1]):g}), set optim.clip_grad, or use a wider "
-                        f"precision (engine.precision=bf16/fp32).")
-                last_norm = self._last_norm
-
-                if log_now:
-                    n = win["steps"]
-                    lsum = win["loss"].clone()
-                    if self.world > 1:
-                        import torch.distributed as dist
-
-                        lsum = lsum.to(torch.float64)
-                        dist.all_reduce(lsum)
-                        lsum /= self.world
-                    dt = time.perf_counter() - win["t0"]
-                    sps = win["samples"] / max(dt, 1e-9)
-                    rec = {"kind": "train", "step": step, "epoch": epoch, "loss": float(lsum) / n, "lr": lr,
-                           # mean over the applied steps (None when every step of the window was non-finite)
-                           "grad_norm": win["gnorm"] / win["gnorm_n"] if win["gnorm_n"] else None,
-                           "samples_per_s": sps, "nonfinite": win["nonfinite"],
-                           # The device runs ahead of the host (no sync per step): compute_time is the wall time
-                           # not spent waiting for the loader, which is exact over a window that ends in a sync.
-                           "data_time": win["data"] / n, "compute_time": max(dt - win["data"], 0.0) / n,
-                           "max_mem_gb": _max_memory_gb(self.device), "nonfinite_total": self.nonfinite_total}
-                    if train_flops:
-                        rec["mfu"] = train_flops * sps / self.world / cfg.peak_flops
-                    logger.log(rec)
-                    if win["nonfinite"] and self.is_main:
-                        print(f"[usp_scale] WARNING: {win['nonfinite']} of the last {n} optimizer steps were "
-                              f"non-finite and skipped (steps {win['nonfinite_steps'][:8]}"
-                              f"{' ...' if win['nonfinite'] > 8 else ''}); {self.nonfinite_total} in the run so far, "
-                              f"{len(self.nonfinite_recent)} in the last {cfg.nonfinite_window} (the run stops above "
-                              f"{cfg.max_nonfinite_rate:g} x {cfg.nonfinite_window} or at {cfg.max_nonfinite} in a "
-                              "row)", file=sys.stderr, flush=True)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
-                    win.update(steps=0, data=0.0, samples=0, t0=time.perf_counter(), gnorm=0.0, gnorm_n=0, nonfinite=0,
-                               nonfinite_steps=[])
-                    win["loss"].zero_()
-                    req = self._signal_raw or (self.is_main and os.path.exists(os.path.join(out, STOP_FILE)))
-                    # A signal may reach only some ranks: agree at log steps (the checkpoint is collective).
-                    self._signal = bool(D.all_reduce_max(float(req)))
-                elif self.world == 1 and self._signal_raw:
-                    self._signal = True
-
-                if ckpt_now or self._signal:
-                    t_save = time.perf_counter()
-                    last_ckpt = self._save(step, epoch, micro_in_epoch)
-                    win["t0"] += time.perf_counter() - t_save  # checkpoint time is not training throughput
-                if self.fid_hook is not None and not self._signal and self.fid_hook.due(step, total):
-                    with D.long_timeout():
-                        ev = self.fid_hook(engine, self.ema, step, epoch, logger, progress=cfg.progress)
-                    win["t0"] += ev["eval_seconds"]  # keep evaluation time out of the throughput numbers
-                if self._signal:
-                    self._print(f"[usp_scale] stop requested (signal or {STOP_FILE}): checkpointed at step {step}, "
-                                "exiting so that a requeued job resumes")
-                    if self.is_main and os.path.exists(os.path.join(out, STOP_FILE)):
-                        os.remove(os.path.join(out, STOP_FILE))
-                    result_stopped = True
-                    stop = True
-                if reached_stop or step >= total or stop:
-                    stop = True
+                stop = self._after_step()
+                if stop:
                     break
             if stop:
                 break
-            # end of an epoch
-            if val_loader is not None and cfg.eval_every_epochs > 0 and (epoch + 1) % cfg.eval_every_epochs == 0:
-                self._evaluate(val_loader, step, epoch)
-            epoch += 1
-            micro_in_epoch = 0
-        bar.close()
+            self._end_epoch()
+        self.bar.close()
         D.end_train_timeout()
+        return self._finish()
 
-        result = {"step": step, "epoch": epoch, "nonfinite_total": self.nonfinite_total,
-                  "steps_run": step - start_step, "checkpoint": last_ckpt,
-                  "grad_norm": last_norm, "stopped_by_request": result_stopped}
-        if step >= total:
-            if val_loader is not None:
-                result["eval"] = self._last_eval if self._last_eval_step == step else \
-                    self._evaluate(val_loader, step, epoch)
-            result["exports"] = self.export(step)
+    fit = train  # the name the launchers and tests use
+
+    def _finish(self) -> dict:
+        cfg, st = self.cfg, self.state
+        result = {"step": st.step, "epoch": st.epoch, "nonfinite_total": st.nonfinite_total,
+                  "steps_run": st.step - self.start_step, "checkpoint": self.last_ckpt,
+                  "grad_norm": self._last_norm, "stopped_by_request": self.stopped_by_request}
+        if st.step >= self.schedule.total_steps:
+            if self.val_loader is not None:
+                result["eval"] = self._last_eval if self._last_eval_step == st.step else \
+                    self._evaluate(self.val_loader, st.step, st.epoch)
+            result["exports"] = self.export(st.step)
             if self.is_main and cfg.plot:
-                result["plot"] = logger.plot(os.path.join(out, "loss_curve.png"), f"{cfg.task} {cfg.model.name}")
-        logger.close()
+                result["plot"] = self.logger.plot(os.path.join(cfg.output_dir, "loss_curve.png"),
+                                                  f"{cfg.task} {cfg.model.name}")
+        self.logger.close()
         D.barrier()
         return result
 

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint.diff import diff_shapes
 from ..layers.pos_embed import resample_grid
 from ..models.dit import DiT
 from ..models.mae import MaskedAutoencoderViT
@@ -76,8 +77,8 @@ def _depth(sd: StateDict) -> int:
 
 
 def _shape_errors(own: StateDict, mapped: StateDict) -> List[str]:
-    return [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    both = [k for k in mapped if k in own]
+    return diff_shapes({k: mapped[k] for k in both}, {k: own[k] for k in both}, limit=len(both))
 
 
 def _patch_embed(sd: StateDict, own_w: torch.Tensor, prefix: str, skip_on_mismatch: bool,

@@ -57,20 +57,11 @@ def read_state_dict(path: str, which: str = "auto") -> StateDict:
 
 
 def diff_keys(model: nn.Module, sd: StateDict) -> str:
-    """Human-readable difference between a model's state dict and ``sd`` (keys and shapes)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    lines = []
-    if missing:
-        lines.append(f"missing ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        lines.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected[:10])}"
-                     f"{' ...' if len(unexpected) > 10 else ''}")
-    for k in shapes[:10]:
-        lines.append(f"shape of {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
-    return "\n".join(lines)
+    """Human-readable difference between a model's state dict and ``sd`` (keys and shapes:
+    :func:`usp_scale.checkpoint.diff.diff_shapes`). Empty when they fit."""
+    from ..checkpoint.diff import diff_shapes
+
+    return "\n".join(diff_shapes(sd, model.state_dict()))
 
 
 def load_weights(model: nn.Module, path: str, which: str = "auto", state_dict: Optional[StateDict] = None) -> None:
@@ -80,13 +71,3 @@ def load_weights(model: nn.Module, path: str, which: str = "auto", state_dict: O
     if problems:
         raise ValueError(f"{path} does not fit {type(model).__name__}:\n{problems}")
     model.load_state_dict(sd, strict=True)
-
-
-def save_safetensors(model_or_sd, path: str, metadata: Optional[dict] = None) -> str:
-    """Write a model-only safetensors file atomically (temporary name, then rename; a full disk is reported as
-    :class:`~usp_scale.checkpoint.safe_load.DiskFullError` and leaves no partial file)."""
-    from ..checkpoint.safe_load import save_safetensors_file
-
-    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
-    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    return save_safetensors_file(sd, path, metadata={k: str(v) for k, v in (metadata or {}).items()})

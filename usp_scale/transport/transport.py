@@ -41,12 +41,15 @@ class Transport:
         return x1 - x0
 
     def training_losses(self, model: ModelFn, x1: torch.Tensor, model_kwargs: Optional[dict] = None,
-                        t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
-                        ) -> Dict[str, torch.Tensor]:
-        """Per-sample loss (N,): mean over (C, H, W) of (v - (x1 - x0))^2 with t ~ U[0, 1)."""
+                        t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                        generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Per-sample loss (N,): mean over (C, H, W) of (v - (x1 - x0))^2 with t ~ U[0, 1). ``t`` and ``noise``
+        (x0) default to draws from ``generator`` (the global generator when None), t first."""
         if t is None:
-            t = torch.rand(x1.shape[0], device=x1.device)
-        x0 = torch.randn_like(x1) if noise is None else noise
+            t = torch.rand(x1.shape[0], device=x1.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x1.shape, dtype=x1.dtype, device=x1.device, generator=generator)
+        x0 = noise
         xt = self.interpolate(x0, x1, t)
         pred = self.velocity(model, xt, t, model_kwargs)
         loss = mean_flat((pred - self.velocity_target(x0, x1)) ** 2)

@@ -423,7 +423,3 @@ class EncodeGraphs:
             out = fn(x)
             return out.clone() if torch.is_tensor(out) else tuple(t.clone() for t in out)
         return fn(x)
-
-
-def describe(vae: FrozenVAE) -> str:
-    return json.dumps(vae.identity())

@@ -1,0 +1,66 @@
+"""usp_scale.fileio: the one atomic writer (tmp file in the same folder, fsync, rename; nothing partial on error)."""
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from usp_scale import fileio
+
+
+def test_write_kinds_round_trip(tmp_path):
+    assert fileio.write_bytes(str(tmp_path / "a" / "b.bin"), b"\x00\x01") == str(tmp_path / "a" / "b.bin")
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"\x00\x01"
+    fileio.write_text(str(tmp_path / "t.txt"), "héllo")
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
+    fileio.write_json(str(tmp_path / "j.json"), {"b": 1, "a": [1, 2]}, sort_keys=True)
+    assert json.loads((tmp_path / "j.json").read_text()) == {"a": [1, 2], "b": 1}
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_failure_keeps_the_old_file_and_removes_the_tmp(tmp_path):
+    path = str(tmp_path / "x.txt")
+    fileio.write_text(path, "old")
+
+    def boom(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError, match="crash mid-write"):
+        fileio.write_with(path, boom)
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["x.txt"]
+
+
+def test_enospc_becomes_disk_full_error_naming_the_path(tmp_path):
+    path = str(tmp_path / "big.bin")
+
+    def full(tmp):
+        open(tmp, "w").close()
+        raise OSError(errno.ENOSPC, "No space left on device", tmp)
+    with pytest.raises(fileio.DiskFullError, match=r"big\.bin needs about 2\.0 KiB.*nothing partial"):
+        fileio.write_with(path, full, needed=2048)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_safetensors_is_the_checked_export(tmp_path):
+    from usp_scale.checkpoint.safe_load import read_safetensors
+
+    lin = torch.nn.Linear(3, 2)
+    path = fileio.save_safetensors(lin, str(tmp_path / "m.safetensors"), metadata={"step": 7})
+    sd, meta = read_safetensors(path, with_metadata=True)
+    assert meta["step"] == "7" and meta[fileio.CONTENT_KEY] == fileio.tensors_sha256(sd)
+    assert torch.equal(sd["weight"], lin.weight.detach())
+    tied = {"a": torch.ones(4), "b": torch.ones(4)}
+    tied["b"] = tied["a"]  # shared storage: cloned on the way out, so safetensors accepts it
+    fileio.save_safetensors(tied, str(tmp_path / "tied.safetensors"))
+
+
+def test_fileio_is_a_leaf():
+    import ast
+
+    tree = ast.parse(open(fileio.__file__).read())
+    mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + \
+        [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in mods if m.startswith(("usp_scale", "."))] and all(
+        n.level == 0 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)), mods
