@@ -89,7 +89,8 @@ def test_torchrun_two_processes_match_one(assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = os.path.join(ROOT, "launchers", "sample.py")
     one = subprocess.run([sys.executable, launcher, *_args(d, vae, tmp_path / "one", "ema.safetensors"),
-                          "--num-samples", "8", "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+                          "--num-samples", "8", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stdout + one.stderr
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), launcher,
