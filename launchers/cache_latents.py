@@ -51,16 +51,15 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    from usp_scale.engine import dist as D
+    # torchrun, SLURM (srun) or one process: the one place that builds the process group (a no-op for one process).
+    info = D.detect()
     if a.device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
     else:
         device = a.device
-    if world > 1:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    info = D.init_distributed(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, world = info.rank, info.world_size
     from usp_scale.data import build_dataset, write_cache, write_manifest
     from usp_scale.vae import FrozenVAE
     dataset = build_dataset(a.data_root, a.split, a.format)

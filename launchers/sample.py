@@ -130,17 +130,17 @@ def main(argv: Optional[list] = None) -> dict:
     from usp_scale.sample import build_sampler, infer_num_classes, make_decoder, make_model_fn, run_sampling
     from usp_scale.transport import create_transport
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from usp_scale.engine import dist as D
+    # torchrun, SLURM (srun) or one process: the one place that builds the process group (a no-op for one process).
+    info = D.detect()
     if args.device:
         device = torch.device(args.device)
     else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    info = D.init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world = info.rank, info.world_size
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     from usp_scale.layers.attention import configure_attention

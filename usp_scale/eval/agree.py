@@ -6,17 +6,11 @@ from typing import Optional
 
 import torch
 
-from ..engine.dist import get_rank, get_world_size
+from ..engine.dist import collective_device, get_rank, get_world_size
 
 
 class DistributedEvalError(RuntimeError):
     """Evaluation work failed on some rank(s); raised on every rank by :func:`agree_on_success`."""
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def agree_on_success(error: Optional[BaseException], what: str) -> None:
@@ -32,7 +26,7 @@ def agree_on_success(error: Optional[BaseException], what: str) -> None:
         return
     import traceback
 
-    flag = torch.tensor([0.0 if error is None else 1.0], device=_collective_device())
+    flag = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     if flag.item() == 0.0:
         return

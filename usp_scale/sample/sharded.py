@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..engine.dist import get_rank, get_world_size
+from ..engine.dist import barrier, get_rank, get_world_size
 from ..fileio import write_json
 from .io import make_grid, png_path, read_png, write_npz, write_png
 
@@ -109,8 +109,7 @@ def run_sampling(model: Callable, sampler: Callable, decode: Callable[[torch.Ten
     meta = dict(meta or {})
     meta.update(num_samples=num_samples, seed=seed, labels=labels, latent_shape=list(latent_shape))
     _check_meta(out_dir, meta)  # every rank checks (and raises together) before rank 0 rewrites the file
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     if rank == 0:
         write_json(os.path.join(out_dir, META_FILE), meta, indent=1, sort_keys=True)
     mine = list(range(rank, num_samples, world_size))
@@ -140,8 +139,7 @@ def run_sampling(model: Callable, sampler: Callable, decode: Callable[[torch.Ten
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     result = {"rank": rank, "world_size": world_size, "written": written, "skipped": skipped, "seconds": seconds,
               "images_per_s": written / seconds if seconds > 0 else float("nan"), "npz": None, "grid": None}
     missing = [i for i in range(num_samples) if not os.path.exists(png_path(out_dir, i))]
