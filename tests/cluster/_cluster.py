@@ -385,6 +385,21 @@ PartitionName=two Nodes={','.join(NODES)} MaxTime=INFINITE State=UP
         ns = f"{self.tag}{1 + NODES.index(node)}"
         return [int(p) for p in _run(["ip", "netns", "pids", ns]).stdout.split()]
 
+    def job_processes(self, node: str) -> List[str]:
+        """The job processes still running on ``node`` (its slurmstepd and what they started), as "pid comm"."""
+        found = []
+        for pid in self.node_pids(node):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # ended meanwhile
+            if comm == "slurmstepd" or "launchers/" in cmd or "torchrun" in cmd:
+                found.append(f"{pid} {comm}")
+        return found
+
     def scontrol(self, *args, check=True) -> subprocess.CompletedProcess:
         return _run(["scontrol", *args], check=check, env=self.env(), timeout=60)
 

@@ -370,6 +370,12 @@ def test_node_lost_mid_run_ends_in_minutes_and_resumes_from_last_complete_checkp
         cluster.start_slurmd(NODES[1])
         cluster.wait_nodes_idle(NODES, 60)
     wait_for(lambda: cluster.job(jid).get("JobState") != "COMPLETING", 120, f"job {jid} to finish completing")
+    # The node that came back still runs the lost job's step until slurmctld's kill reaches it; a requeued job keeps
+    # its id, so that kill would also end a new step started there before it lands (seen in CI): start only then.
+    t_left = time.time()
+    wait_for(lambda: not cluster.job_processes(NODES[1]) or cluster.job(jid).get("JobState") == "RUNNING", 120,
+             f"the lost job's processes on {NODES[1]} to end")
+    say(f"{NODES[1]}: no process of the lost job left after {time.time() - t_left:.1f} s")
     j = cluster.job(jid)
     if j.get("JobState") in C.TERMINAL:
         say(f"job {jid} ended {j['JobState']}: resubmitting the same command")
