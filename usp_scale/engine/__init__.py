@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-if TYPE_CHECKING:  # the package stays light: `python -m usp_scale.engine.slurm` must not import torch
+if TYPE_CHECKING:  # the package stays light: importing usp_scale.engine must not import torch
     import torch
     import torch.nn as nn
 
