@@ -19,7 +19,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
@@ -29,16 +28,12 @@ NAME = "synthetic-cnn"
 
 
 def build_parser():
+    from usp_scale.data.synthetic import add_dataset_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "usp_scale", "assets", "extractor", NAME),
                    help=f"output folder (default: the shipped asset usp_scale/assets/extractor/{NAME})")
-    p.add_argument("--data", default="", help="synthetic dataset root (made with --classes/--per-class/--size/"
-                   "--data-seed if it holds no synthetic.json; default: a temporary folder)")
-    p.add_argument("--classes", type=int, default=10, help="classes of the generated dataset (default 10)")
-    p.add_argument("--per-class", type=int, default=300, help="train images per class (default 300)")
-    p.add_argument("--val-per-class", type=int, default=40, help="val images per class (default 40)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset (default 0)")
+    add_dataset_args(p)
     p.add_argument("--width", type=int, default=32, help="channels of the first conv (default 32)")
     p.add_argument("--dim", type=int, default=64, help="pooled feature size (default 64)")
     p.add_argument("--epochs", type=int, default=6, help="epochs over the train split (default 6)")
@@ -76,20 +71,13 @@ def main(argv=None):
 
     from usp_scale.assets import write_meta
     from usp_scale.fileio import write_json, write_text
-    from usp_scale.data.synthetic import load_split, make_synthetic
+    from usp_scale.data.synthetic import load_split, prepare_dataset
     from usp_scale.eval.features import SyntheticCNN
     from usp_scale.eval.metrics import frechet_distance, inception_score, statistics
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    tmp, data = None, a.data
-    if not data:
-        tmp = tempfile.TemporaryDirectory(prefix="train_extractor_")
-        data = tmp.name
-    if not os.path.isfile(os.path.join(data, "synthetic.json")):
-        make_synthetic(data, a.classes, a.per_class, a.size, a.val_per_class, a.data_seed, progress=not a.no_progress)
-    with open(os.path.join(data, "synthetic.json")) as f:
-        data_info = {k: v for k, v in json.load(f).items() if k not in ("styles", "corrupt")}
+    data, tmp, data_info = prepare_dataset(a, "train_extractor_", progress=not a.no_progress)
     xtr, ytr = load_split(data, "train")
     xva, yva = load_split(data, "val")
     xtr = torch.from_numpy(xtr).permute(0, 3, 1, 2).float() / 127.5 - 1

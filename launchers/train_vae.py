@@ -22,7 +22,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
@@ -32,17 +31,12 @@ NAME = "synthetic-f8"
 
 
 def build_parser():
+    from usp_scale.data.synthetic import add_dataset_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "usp_scale", "assets", "vae", NAME),
                    help=f"output folder (default: the shipped asset usp_scale/assets/vae/{NAME})")
-    p.add_argument("--data", default="", help="synthetic dataset root (made with --classes/--per-class/--size/"
-                   "--data-seed if it holds no synthetic.json; default: a temporary folder)")
-    p.add_argument("--classes", type=int, default=10, help="classes of the generated dataset (default 10)")
-    p.add_argument("--per-class", type=int, default=300, help="train images per class (default 300)")
-    p.add_argument("--val-per-class", type=int, default=40, help="val images per class (default 40)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset (default 0, as the "
-                   "main job's)")
+    add_dataset_args(p)
     p.add_argument("--blocks", default="16,32,64,64", help="block_out_channels; the number of blocks B gives "
                    "x2^(B-1) downsampling (default 16,32,64,64: x8)")
     p.add_argument("--layers", type=int, default=1, help="layers_per_block (default 1)")
@@ -82,19 +76,11 @@ def main(argv=None):
     from tqdm import tqdm
 
     from usp_scale.assets import write_meta
-    from usp_scale.data.synthetic import load_split, make_synthetic
+    from usp_scale.data.synthetic import load_split, prepare_dataset
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    tmp = None
-    data = a.data
-    if not data:
-        tmp = tempfile.TemporaryDirectory(prefix="train_vae_")
-        data = tmp.name
-    if not os.path.isfile(os.path.join(data, "synthetic.json")):
-        make_synthetic(data, a.classes, a.per_class, a.size, a.val_per_class, a.data_seed, progress=not a.no_progress)
-    with open(os.path.join(data, "synthetic.json")) as f:
-        data_info = {k: v for k, v in json.load(f).items() if k not in ("styles", "corrupt")}
+    data, tmp, data_info = prepare_dataset(a, "train_vae_", progress=not a.no_progress)
     xtr, _ = load_split(data, "train")
     xva, _ = load_split(data, "val")
     xtr = torch.from_numpy(xtr).permute(0, 3, 1, 2).contiguous()     # (N, 3, H, W) uint8

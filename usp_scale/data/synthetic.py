@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+import json
 import math
 import os
 import tarfile
@@ -153,6 +154,35 @@ def make_synthetic(out: str, classes: int = 10, per_class: int = 20, size: int =
     write_json(os.path.join(out, "synthetic.json"), summary)
     return summary
 
+
+
+def add_dataset_args(p, per_class: int = 300, val_per_class: int = 40) -> None:
+    """The command-line flags of a launcher that trains on the synthetic set (made where it is missing)."""
+    p.add_argument("--data", default="", help="synthetic dataset root (made with --classes/--per-class/--size/"
+                   "--data-seed if it holds no synthetic.json; default: a temporary folder)")
+    p.add_argument("--classes", type=int, default=10, help="classes of the generated dataset (default 10)")
+    p.add_argument("--per-class", type=int, default=per_class, help=f"train images per class (default {per_class})")
+    p.add_argument("--val-per-class", type=int, default=val_per_class,
+                   help=f"val images per class (default {val_per_class})")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset (default 0, as the "
+                   "main job's)")
+
+
+def prepare_dataset(a, prefix: str, progress: bool = True):
+    """The dataset named by :func:`add_dataset_args`' flags, made if missing (in a temporary folder without
+    ``--data``). Returns (root, the TemporaryDirectory or None, synthetic.json without its per-image lists)."""
+    import tempfile
+
+    tmp, data = None, a.data
+    if not data:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        data = tmp.name
+    if not os.path.isfile(os.path.join(data, "synthetic.json")):
+        make_synthetic(data, a.classes, a.per_class, a.size, a.val_per_class, a.data_seed, progress=progress)
+    with open(os.path.join(data, "synthetic.json")) as f:
+        info = {k: v for k, v in json.load(f).items() if k not in ("styles", "corrupt")}
+    return data, tmp, info
 
 def load_split(root: str, split: str) -> tuple:
     """All images of ``root/split/class_XXX/*.jpg`` as (uint8 (N, H, W, 3), int64 (N,) labels), sorted by class

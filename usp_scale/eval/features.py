@@ -58,10 +58,37 @@ def resolve_inception_weights(path: Optional[str]) -> str:
         f"For a quick check without it use the test extractor '{TINY_NAME}'.")
 
 
-class TinyFeatureExtractor(FeatureExtractorBase):
-    """uint8 (N, 3, H, W) -> 'pool' (N, 64) features and 'logits_unbiased' (N, 10); fixed seed-0 weights."""
+class _SmallExtractor(FeatureExtractorBase):
+    """What torch-fidelity asks of the two small extractors: their features, the metric layers, no compilation,
+    and a uint8 (N, 3, H, W) input check."""
 
     FEATURES = ("pool", "logits_unbiased", TINY_SPATIAL)
+    DUMMY_SIDE = 32
+
+    @classmethod
+    def get_provided_features_list(cls):
+        return cls.FEATURES
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits_unbiased" if metric == "isc" else "pool"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @classmethod
+    def get_dummy_input_for_compile(cls):
+        return torch.zeros(1, 3, cls.DUMMY_SIDE, cls.DUMMY_SIDE, dtype=torch.uint8)
+
+    @staticmethod
+    def check_input(x: torch.Tensor) -> None:
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+
+
+class TinyFeatureExtractor(_SmallExtractor):
+    """uint8 (N, 3, H, W) -> 'pool' (N, 64) features and 'logits_unbiased' (N, 10); fixed seed-0 weights."""
 
     def __init__(self, name: str, features_list: Sequence[str], **kwargs):
         super().__init__(name, list(features_list))
@@ -75,25 +102,8 @@ class TinyFeatureExtractor(FeatureExtractorBase):
         self.requires_grad_(False)
         self.eval()
 
-    @staticmethod
-    def get_provided_features_list():
-        return TinyFeatureExtractor.FEATURES
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "logits_unbiased" if metric == "isc" else "pool"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-
     def forward(self, x: torch.Tensor):
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        self.check_input(x)
         h = (x.float() - 128.0) / 128.0
         h = F.interpolate(h, size=(32, 32), mode="bilinear", align_corners=False)
         h = F.relu(self.conv1(h))
@@ -165,12 +175,12 @@ def _weights_tag(net: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-class SyntheticFeatureExtractor(FeatureExtractorBase):
+class SyntheticFeatureExtractor(_SmallExtractor):
     """torch-fidelity wrapper of :class:`SyntheticCNN`: uint8 (N, 3, H, W) -> 'pool' (N, 64),
     'logits_unbiased' (N, classes) and :data:`TINY_SPATIAL` (N, 448). ``feature_extractor_weights_path``: other
     weights than the shipped ones (a folder or a .safetensors file from launchers/train_extractor.py)."""
 
-    FEATURES = ("pool", "logits_unbiased", TINY_SPATIAL)
+    DUMMY_SIDE = 64
 
     def __init__(self, name: str, features_list: Sequence[str], feature_extractor_weights_path: Optional[str] = None,
                  **kwargs):
@@ -181,25 +191,8 @@ class SyntheticFeatureExtractor(FeatureExtractorBase):
         self.requires_grad_(False)
         self.eval()
 
-    @staticmethod
-    def get_provided_features_list():
-        return SyntheticFeatureExtractor.FEATURES
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "logits_unbiased" if metric == "isc" else "pool"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
-
     def forward(self, x: torch.Tensor):
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        self.check_input(x)
         out = self.net(x.float() / 127.5 - 1.0)
         out["logits_unbiased"] = out.pop("logits")
         return tuple(out[k] for k in self.features_list)
