@@ -385,6 +385,20 @@ PartitionName=two Nodes={','.join(NODES)} MaxTime=INFINITE State=UP
         ns = f"{self.tag}{1 + NODES.index(node)}"
         return [int(p) for p in _run(["ip", "netns", "pids", ns]).stdout.split()]
 
+    @staticmethod
+    def job_steps(jid: str) -> List[int]:
+        """pids of the slurmstepd processes of job ``jid`` on any node (one pid namespace for all of them)."""
+        pids = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/cmdline", "rb") as f:
+                        if f.read().startswith(f"slurmstepd: [{jid}.".encode()):
+                            pids.append(int(d))
+                except OSError:
+                    continue
+        return pids
+
     def job_processes(self, node: str) -> List[str]:
         """The job processes still running on ``node`` (its slurmstepd and what they started), as "pid comm"."""
         found = []
@@ -429,7 +443,10 @@ PartitionName=two Nodes={','.join(NODES)} MaxTime=INFINITE State=UP
                 last = state
             if j.get("JobState") in until:
                 return j
-            if release and j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime":
+            if release and j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime" \
+                    and not self.job_steps(jid):
+                # Released only once the previous run's steps are gone: a requeued job keeps its id, and the kill
+                # of the old steps would also end new ones started before it lands (seen in CI).
                 say(f"job {jid}: requeued and held ~120 s for BeginTime; scontrol update JobId={jid} StartTime=now")
                 self.scontrol("update", f"JobId={jid}", "StartTime=now", check=False)
             time.sleep(0.5)
