@@ -12,7 +12,8 @@ on 2 gloo processes, one thread each. Every step's loss and gradient norm is rec
     python scripts/loss_compare.py --update-golden         # rewrite tests/assets/losses/ from the working tree
 
 A commit is checked out into a temporary git worktree and run from there (its own usp_scale). Exit status 0
-when every step agrees within the tolerance (--rtol/--atol; default exact), 1 otherwise. The goldens are checked
+when every step agrees within the tolerance (--rtol/--atol; default exact for two commits, which are run on this
+machine; GOLDEN_RTOL against the stored goldens, written on another), 1 otherwise. The goldens are checked
 by tests/test_golden_losses.py; a change that moves them is a decision: regenerate with --update-golden and say
 why in the commit message.
 """
@@ -50,8 +51,13 @@ ENGINES = {  # name -> (processes, overrides)
     "fsdp2": (2, ["engine.name=fsdp2"]),
     "deepspeed": (2, ["engine.name=deepspeed", "engine.zero_stage=2"]),
 }
-# Tolerance (relative) when the environment differs from the one that wrote the goldens (another torch, another
-# CPU instruction set): kernels then sum in another order. In the same environment every engine is exact.
+# Tolerances (relative, per step) against the stored goldens. Bit-exactness is guaranteed only for the same code
+# on the same machine (the --a/--b comparison, exact by default). The recorded environment (torch, instruction set,
+# threads) does not capture the CPU model or oneDNN/MKL's code paths: on another CPU with an equal record the losses
+# were seen to differ by 8.6e-8 (loss) and 1.2e-7 (grad_norm) relative. A real change of the numerics (masking,
+# a random stream, the loss, the optimizer) moves them by 1e-3 and more, so 1e-5 keeps the test's purpose.
+GOLDEN_RTOL = {"local": 1e-5, "ddp": 1e-5, "fsdp2": 1e-5, "deepspeed": 1e-5}
+# When the recorded environment differs (another torch, another instruction set), kernels sum in another order.
 CROSS_ENV_RTOL = {"local": 1e-4, "ddp": 1e-4, "fsdp2": 1e-4, "deepspeed": 1e-4}
 FIELDS = ("loss", "grad_norm")
 
@@ -223,7 +229,8 @@ def build_parser():
     p.add_argument("--b-set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for side B's runs")
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES), help="engines to run")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="recipes to run")
-    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance per step (default 0: exact)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance per step (default: 0, exact, when "
+                   "both sides run here; the engine's GOLDEN_RTOL against the stored goldens)")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance per step (default 0)")
     p.add_argument("--json", default=None, help="also write both sides' losses to this JSON file")
     p.add_argument("--update-golden", action="store_true",
@@ -264,7 +271,11 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"a": res_a, "b": res_b}, f, indent=1)
-    ok = report(f"a={a.a}", name_b, res_a, res_b, a.rtol, a.atol)
+    if a.rtol is not None:
+        rtol = a.rtol
+    else:  # the goldens were written on another machine: exactness is not guaranteed there (see GOLDEN_RTOL)
+        rtol = max(GOLDEN_RTOL[e] for e in a.engines) if a.b is None else 0.0
+    ok = report(f"a={a.a}", name_b, res_a, res_b, rtol, a.atol)
     print("all steps agree" if ok else "the losses differ (see above)")
     return 0 if ok else 1
 

@@ -3,8 +3,11 @@ DDPM) on each engine equal the ones stored in tests/assets/losses/ (scripts/loss
 
 Every other run-vs-run test compares the code with itself; this one notices a change that moves the numerics of
 every path together (initialisation, masking, the diffusion loss, the optimizer, clipping, a data order).
-Exact in the environment that wrote the goldens (same torch, same CPU instruction set, one thread per process);
-elsewhere within ``CROSS_ENV_RTOL`` of the engine.
+Within ``GOLDEN_RTOL`` (1e-5 relative) where the recorded environment (torch, CPU instruction set, one thread per
+process) equals the goldens': that record does not capture the CPU model or oneDNN/MKL's code paths, which move
+the losses by ~1e-7 between machines; a change of the numerics moves them by 1e-3 and more. Elsewhere within
+``CROSS_ENV_RTOL``. Bit-exactness is asserted only where it is guaranteed: two commits run on one machine
+(``scripts/loss_compare.py --a main --b .``).
 """
 import importlib.util
 import os
@@ -25,7 +28,7 @@ HOW = ("If this change of the numerics is intended, regenerate the goldens with\
 def _check(engine, got):
     gold = LC.read_golden(engine)
     same_env = gold["environment"] == LC.environment()
-    rtol = 0.0 if same_env else LC.CROSS_ENV_RTOL[engine]
+    rtol = LC.GOLDEN_RTOL[engine] if same_env else LC.CROSS_ENV_RTOL[engine]
     rows = [r for r in LC.compare(got, gold["losses"], rtol=rtol) if not r["ok"]]
     if rows:
         lines = []
@@ -35,7 +38,7 @@ def _check(engine, got):
             else:
                 lines.append(f"  {r['run']} {r['field']}: first differs at step {r['first_step']}: now {r['a']!r}, "
                              f"golden {r['b']!r} (max rel diff {r['max_rel']:.3g}, {r['steps_differing']} steps)")
-        mode = "exactly (same environment)" if same_env else \
+        mode = f"within rtol {rtol:g} (same recorded environment)" if same_env else \
             f"within rtol {rtol:g} (environment {LC.environment()} differs from the goldens' {gold['environment']})"
         pytest.fail(f"engine {engine}: the losses no longer match tests/assets/losses/{engine}.json {mode}:\n"
                     + "\n".join(lines) + "\n" + HOW, pytrace=False)
@@ -64,6 +67,20 @@ def test_compare_reports_the_first_differing_step():
     assert LC.compare(a, a) == []
     short = {"pretrain": {"loss": [1.0, 2.0], "grad_norm": [1.0, 1.0, 1.0]}}
     assert [r["ok"] for r in LC.compare(short, a)] == [False]
+
+
+def test_golden_tolerance_catches_a_change_of_numerics():
+    """The stated tolerance passes another CPU's rounding (1.2e-7 relative was seen) and fails a real change: the
+    local goldens perturbed by 1.2e-7 pass, by 1e-4 (far less than a changed random stream moves them) fail."""
+    gold = LC.read_golden("local")["losses"]
+    rtol = LC.GOLDEN_RTOL["local"]
+
+    def scaled(f):
+        return {r: {k: [v * f for v in vals] for k, vals in fields.items()} for r, fields in gold.items()}
+
+    assert all(r["ok"] for r in LC.compare(scaled(1 + 1.2e-7), gold, rtol=rtol))
+    assert not any(r["ok"] for r in LC.compare(scaled(1 + 1e-4), gold, rtol=rtol))
+    assert rtol < LC.CROSS_ENV_RTOL["local"]
 
 
 def test_goldens_record_their_recipe():
