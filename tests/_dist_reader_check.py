@@ -14,7 +14,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = DataConfig(format="latents", latent_cache=cache, image_size=32, batch_size=3, drop_last=False)
-    ld = build_loader(cfg, VAEConfig(), rank=rank, world_size=world, seed=5)
+    ld = build_loader(cfg, VAEConfig(path="tiny-random"), rank=rank, world_size=world, seed=5)
     per_epoch = []
     for epoch in range(2):
         ld.set_epoch(epoch)

@@ -92,7 +92,7 @@ def test_training_stops_on_a_damaged_record_before_the_model(cache_a, tmp_path):
         data[i] ^= 0x04
     open(p, "wb").write(bytes(data))
     cfg = load_config(None, ["model.name=vit_tiny_patch_vae", "model.img_size=4", "data.format=latents",
-                             f"data.latent_cache={bad}", "data.image_size=32", f"output_dir={tmp_path}/run",
+                             "vae.path=tiny-random", f"data.latent_cache={bad}", "data.image_size=32", f"output_dir={tmp_path}/run",
                              "data.batch_size=4", "schedule.max_steps=20", "schedule.warmup_steps=1",
                              "progress=false", "checkpoint.every_steps=0", "data.num_classes=4", "model.num_classes=4"])
     seen = []

@@ -67,7 +67,7 @@ def test_wrong_type_and_missing_required(tmp_path):
 
 
 def test_base_inheritance_and_resolved_round_trip(tmp_path):
-    (tmp_path / "base.yaml").write_text("seed: 5\ntask: dit\ndata:\n  root: data\n  image_size: 256\n"
+    (tmp_path / "base.yaml").write_text("seed: 5\ntask: dit\ndata:\n  root: data\n  image_size: 256\nvae:\n  path: tiny-random\n"
                                         "model:\n  name: DiT-S/2\n  img_size: 16\n")
     (tmp_path / "child.yaml").write_text("_base_: base.yaml\nmodel:\n  img_size: 32\n")
     cfg = load_config(str(tmp_path / "child.yaml"))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from usp_scale.config import ConfigError, JobConfig
+from usp_scale.config import ConfigError, JobConfig, config_from_dict
 from usp_scale.engine.deepspeed.config import (OWNED_KEYS, build_config, config_for_job, generate_config,
                                                merge_user_config)
 
@@ -22,8 +22,9 @@ def test_zero_stage(stage):
 
 @pytest.mark.parametrize("stage", [0, 4, "2"])
 def test_zero_stage_out_of_range_names_the_key(stage):
+    """Refused when the config loads (the schema's choices: the one place); the generator trusts the config."""
     with pytest.raises(ConfigError, match="engine.zero_stage"):
-        _gen(zero_stage=stage)
+        config_from_dict({"model": {"name": "vit_tiny_patch_vae"}, "engine": {"zero_stage": stage}}, validate=True)
 
 
 @pytest.mark.parametrize("precision,device,bf16,fp16", [("fp32", "cpu", False, False), ("bf16", "cpu", True, False),
@@ -33,11 +34,9 @@ def test_precision(precision, device, bf16, fp16):
     assert cfg["bf16"] == {"enabled": bf16} and cfg["fp16"] == {"enabled": fp16}
 
 
-@pytest.mark.parametrize("precision,match", [("fp16", "not supported by DeepSpeed on CPU"),
-                                             ("auto", "engine.precision='auto'"), ("fp8", "engine.precision")])
-def test_precision_errors(precision, match):
-    with pytest.raises(ConfigError, match=match):
-        _gen(precision=precision)
+def test_fp16_on_cpu_is_an_error():
+    with pytest.raises(ConfigError, match="not supported by DeepSpeed on CPU"):
+        _gen(precision="fp16")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -45,10 +44,8 @@ def test_reduce_dtype(dtype):
     assert _gen(precision="bf16", reduce_dtype=dtype)["communication_data_type"] == dtype
 
 
-def test_reduce_dtype_default_and_error():
+def test_reduce_dtype_default():
     assert _gen()["communication_data_type"] == "fp32"
-    with pytest.raises(ConfigError, match="engine.reduce_dtype='fp16'"):
-        _gen(reduce_dtype="fp16")
 
 
 @pytest.mark.parametrize("micro,accum,world", [(4, 1, 1), (4, 3, 2), (1, 8, 16)])
@@ -56,14 +53,6 @@ def test_accumulation_and_batch_sizes(micro, accum, world):
     cfg = _gen(micro_batch=micro, accum_iter=accum, world_size=world)
     assert cfg["train_micro_batch_size_per_gpu"] == micro and cfg["gradient_accumulation_steps"] == accum
     assert cfg["train_batch_size"] == micro * accum * world
-
-
-@pytest.mark.parametrize("key,kw", [("data.batch_size", dict(micro_batch=0)), ("schedule.accum_iter",
-                                                                                 dict(accum_iter=0)),
-                                    ("world size", dict(world_size=0))])
-def test_batch_sizes_must_be_positive(key, kw):
-    with pytest.raises(ConfigError, match=key):
-        _gen(**kw)
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0, 3])
@@ -91,9 +80,6 @@ def test_config_for_job_reads_the_job_fields():
     job.engine.precision = "auto"  # resolved per device, as the engines resolve it
     assert config_for_job(job, 4)["bf16"]["enabled"] is False
     assert config_for_job(job, 4, device_type="cuda")["bf16"]["enabled"] is True
-    job.engine.precision = "official"  # resolved per task at start-up, before any engine
-    with pytest.raises(ConfigError, match="official"):
-        config_for_job(job, 4)
 
 
 def test_config_for_job_merges_the_user_json(tmp_path):

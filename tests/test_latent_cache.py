@@ -74,7 +74,7 @@ def test_cached_moments_equal_direct_encoding(cache, vae):
 
 def test_reader_picks_views_per_epoch_and_scales(cache):
     cfg = data_cfg("", format="latents", latent_cache=cache["path"], latent_sample=False, batch_size=8)
-    ld = build_loader(cfg, VAEConfig(), seed=2)
+    ld = build_loader(cfg, VAEConfig(path="tiny-random"), seed=2)
     c = LatentCache(cache["path"])
     seen = set()
     for e in range(3):
@@ -94,31 +94,31 @@ def test_reader_picks_views_per_epoch_and_scales(cache):
 
 def test_reader_sampling_and_exact_resume(cache):
     cfg = data_cfg("", format="latents", latent_cache=cache["path"], latent_sample=True, batch_size=4)
-    ref = build_loader(cfg, VAEConfig(), rank=1, world_size=2, seed=3)
+    ref = build_loader(cfg, VAEConfig(path="tiny-random"), rank=1, world_size=2, seed=3)
     ref.set_epoch(4)
     batches = list(ref)
     assert len(ref) == len(batches) == 23 // 4
-    run = build_loader(cfg, VAEConfig(), rank=1, world_size=2, seed=3)
+    run = build_loader(cfg, VAEConfig(path="tiny-random"), rank=1, world_size=2, seed=3)
     run.set_epoch(4)
     it = iter(run)
     for _ in range(3):
         next(it)
     sd = run.state_dict()
-    fresh = build_loader(cfg, VAEConfig(), rank=1, world_size=2, seed=3)
+    fresh = build_loader(cfg, VAEConfig(path="tiny-random"), rank=1, world_size=2, seed=3)
     fresh.load_state_dict(sd)
     fresh.set_epoch(4)
     nxt = next(iter(fresh))
     assert torch.equal(nxt["latents"], batches[3]["latents"]) and torch.equal(nxt["labels"], batches[3]["labels"])
     # the posterior is sampled: not the mean
     mean_cfg = data_cfg("", format="latents", latent_cache=cache["path"], latent_sample=False, batch_size=4)
-    m = build_loader(mean_cfg, VAEConfig(), rank=1, world_size=2, seed=3)
+    m = build_loader(mean_cfg, VAEConfig(path="tiny-random"), rank=1, world_size=2, seed=3)
     m.set_epoch(4)
     assert not torch.equal(next(iter(m))["latents"], batches[0]["latents"])
 
 
 def test_two_ranks_read_disjoint_halves(cache):
     cfg = data_cfg("", format="latents", latent_cache=cache["path"], batch_size=5)
-    got = [[i for b in build_loader(cfg, VAEConfig(), rank=r, world_size=2) for i in b["index"].tolist()]
+    got = [[i for b in build_loader(cfg, VAEConfig(path="tiny-random"), rank=r, world_size=2) for i in b["index"].tolist()]
            for r in range(2)]
     assert len(got[0]) == len(got[1]) == 20 and not set(got[0]) & set(got[1])
 
@@ -126,10 +126,10 @@ def test_two_ranks_read_disjoint_halves(cache):
 def test_cache_mismatch_and_checksum_errors(cache, tmp_path):
     cfg = data_cfg("", format="latents", latent_cache=cache["path"], image_size=64)
     with pytest.raises(LatentCacheError, match=r"resolution: cache 32 vs requested data.image_size=64"):
-        build_loader(cfg, VAEConfig())
+        build_loader(cfg, VAEConfig(path="tiny-random"))
     cfg = data_cfg("", format="latents", latent_cache=cache["path"])
     with pytest.raises(LatentCacheError, match=r"VAE version: cache d8 vs requested vae.version=d16"):
-        build_loader(cfg, VAEConfig(version="d16"))
+        build_loader(cfg, VAEConfig(path="tiny-random", version="d16"))
     with pytest.raises(LatentCacheError, match=r"VAE: the cache was encoded by a VAE with content fingerprint"):
         build_loader(cfg, VAEConfig(path="sd-random"))  # another VAE (tests/test_cache_integrity.py: by content)
     with pytest.raises(LatentCacheError, match="no manifest.json"):
@@ -212,16 +212,16 @@ def test_torchrun_two_ranks_gloo(synth_clean, tmp_path):
 
 def test_build_loader_online_path(synth_clean):
     cfg = data_cfg(synth_clean["root"], batch_size=6, augment="adm")
-    ld = build_loader(cfg, VAEConfig(posterior="sample"), rank=0, world_size=2, seed=1)
+    ld = build_loader(cfg, VAEConfig(path="tiny-random", posterior="sample"), rank=0, world_size=2, seed=1)
     assert len(ld) == 2
     batches = list(ld)
     b = batches[0]
     assert b["latents"].shape == (6, 4, 4, 4) and b["latents"].dtype == torch.float32
     assert b["labels"].shape == (6,) and b["labels"].dtype == torch.long
-    again = build_loader(cfg, VAEConfig(posterior="sample"), rank=0, world_size=2, seed=1)
+    again = build_loader(cfg, VAEConfig(path="tiny-random", posterior="sample"), rank=0, world_size=2, seed=1)
     again.load_state_dict({"epoch": 0, "position": 1})
     assert torch.equal(next(iter(again))["latents"], batches[1]["latents"])  # identical resumed batch
-    ev = build_loader(data_cfg(synth_clean["root"], batch_size=3), VAEConfig(), train=False)
+    ev = build_loader(data_cfg(synth_clean["root"], batch_size=3), VAEConfig(path="tiny-random"), train=False)
     assert sum(len(x["labels"]) for x in ev) == 8
 
 

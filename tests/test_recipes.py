@@ -11,14 +11,15 @@ from usp_scale.config import ConfigError, EngineConfig, load_config
 from usp_scale.data.build import resolve_loader_backend
 from usp_scale.data.transforms import RANDAUG_FILL, OneDrawRandomResizedCrop, build_transform
 from usp_scale.training.schedule import absolute_lr
-from usp_scale.training.startup import OFFICIAL_PRECISION, plan_batch, resolve_startup
+from usp_scale.config.resolve import plan_batch, resolve_job
+from usp_scale.config.schema import OFFICIAL_PRECISION
 
 ROOT = H.REPO
 
 
 def resolved(recipe: str, world: int = 8, *overrides):
     cfg = load_config(os.path.join(ROOT, "configs", recipe), list(overrides))
-    plan = resolve_startup(cfg, world)
+    plan = resolve_job(cfg, world)
     return cfg, plan
 
 
@@ -126,42 +127,42 @@ def test_batch_plan_splits_and_errors_name_the_keys():
     p = plan_batch(cfg.data, cfg.schedule, 2)       # 128 per rank, largest divisor <= 48 is 32
     assert (p.micro_batch, p.accum_iter, p.per_rank) == (32, 4, 128)
     assert plan_batch(cfg.data, cfg.schedule, 8).accum_iter == 1            # 32 per rank fits
-    with pytest.raises(ConfigError, match=r"data.global_batch_size=256 does not divide over 3 ranks"):
-        plan_batch(cfg.data, cfg.schedule, 3)
+    with pytest.raises(ConfigError, match=r"data.global_batch_size=256 .*do not divide over 3 ranks"):
+        resolve_job(cfg, 3)
     cfg.data.global_batch_size, cfg.data.micro_batch_size = 254, 100         # 254 = 2 x 127
-    with pytest.raises(ConfigError, match=r"per-rank batch 254 .*data.micro_batch_size=100.*127"):
-        plan_batch(cfg.data, cfg.schedule, 1)
+    with pytest.raises(ConfigError, match=r"data.micro_batch_size=100 .*per-rank batch 254 .*127"):
+        resolve_job(cfg, 1)
     off = load_config(None, ["model.name=x", "data.batch_size=8", "schedule.accum_iter=2"], check_missing=False)
     p = plan_batch(off.data, off.schedule, 4)
     assert (p.global_batch, p.derived) == (64, False)
 
 
 def test_startup_writes_the_plan_and_warns_about_replaced_values():
-    cfg = load_config(None, ["model.name=x", "data.global_batch_size=64", "data.batch_size=8"], check_missing=False)
+    cfg = load_config(None, ["model.name=x", "data.global_batch_size=64", "data.batch_size=8", "engine.name=ddp"],
+                      check_missing=False)
     with pytest.warns(UserWarning, match=r"data.batch_size=8 replaced by 16.*data.micro_batch_size"):
-        resolve_startup(cfg, 4)
+        resolve_job(cfg, 4)
     assert (cfg.data.batch_size, cfg.schedule.accum_iter) == (16, 1)
 
 
 @pytest.mark.parametrize("task", sorted(OFFICIAL_PRECISION))
 def test_official_precision_is_one_key(task):
     cfg = load_config(None, ["model.name=x", f"task={task}", "engine.precision=official"], check_missing=False)
-    resolve_startup(cfg, 1)
+    resolve_job(cfg, 1)
     want = {"pretrain": ("fp16", False), "cls": ("fp16", False), "linprobe": ("fp16", False),
             "dit": ("fp32", True), "sit": ("fp32", True)}[task]
     assert (cfg.engine.precision, cfg.engine.tf32, cfg.engine.reduce_dtype) == (*want, "fp32")
-    assert torch.get_float32_matmul_precision() == ("high" if want[1] else "highest")
-    torch.set_float32_matmul_precision("highest")
 
 
 def test_precision_conflicts_are_errors():
+    """Each refused when the config loads (the one place: usp_scale.config.validate), naming the keys."""
+    tiny = os.path.join(ROOT, "configs", "debug", "tiny.yaml")
     with pytest.raises(ConfigError, match="engine.precision=official reduces gradients in fp32"):
-        resolve_startup(load_config(None, ["model.name=x", "engine.precision=official", "engine.reduce_dtype=bf16"],
-                                    check_missing=False), 1)
+        load_config(tiny, ["engine.precision=official", "engine.reduce_dtype=bf16"])
     with pytest.raises(ConfigError, match="set engine.reduce_dtype=bf16"):
-        resolve_startup(load_config(None, ["model.name=x", "engine.ddp_bf16_grads=true"], check_missing=False), 1)
+        load_config(tiny, ["engine.ddp_bf16_grads=true"])
     with pytest.raises(ConfigError, match="engine.reduce_dtype='fp16'"):
-        resolve_startup(load_config(None, ["model.name=x", "engine.reduce_dtype=fp16"], check_missing=False), 1)
+        load_config(tiny, ["engine.reduce_dtype=fp16"])
 
 
 def _sgd(m):

@@ -25,15 +25,21 @@ CROSS = {
     "mask.ratio+model.img_size+model.name+task": (TINY, ["mask.ratio=0.99"], None),
     "model.norm_image+model.norm_pix_loss": (TINY, ["model.norm_image=true", "model.norm_pix_loss=false"], None),
     "data.root+data.format": (TINY, ["data.root="], None),
+    "vae.path+data.format+eval.fid_every": (TINY, ["vae.path="], None),
     "data.latent_cache+data.format": (TINY, ["data.format=latents"], None),
     "optim.lr+optim.blr": (TINY, ["optim.lr=0", "optim.blr=0"], None),
     "optim.min_lr+optim.lr": (TINY, ["optim.lr=1e-4", "optim.min_lr=1e-3"], None),
     "schedule.epochs+schedule.max_steps": (TINY, ["schedule.epochs=0", "schedule.max_steps=0"], None),
     "schedule.warmup_steps+schedule.max_steps+schedule.warmup_epochs+schedule.epochs":
         (TINY, ["schedule.warmup_epochs=1000"], None),
+    "engine.ddp_bf16_grads": (TINY, ["engine.ddp_bf16_grads=true"], None),
+    "engine.precision+engine.reduce_dtype": (TINY, ["engine.precision=official", "engine.reduce_dtype=bf16"], None),
+    "engine.fp8+engine.name": (TINY, ["engine.fp8=tensorwise", "engine.name=deepspeed"], None),
+    "engine.fp8+engine.precision+task": (TINY, ["engine.fp8=rowwise", "engine.precision=official"], None),
     "engine.deepspeed_config+engine.name": (TINY, ["engine.deepspeed_config=ds.json"], None),
     "checkpoint.strict_keys": (TINY, ["checkpoint.strict_keys=task,modle.name"], None),
     "eval.fid_every+task": (TINY, ["eval.fid_every=10"], None),
+    "eval.fid_reference+eval.fid_every": (TINY_DIT, ["eval.fid_every=10"], None),
     "eval.fid_samples+eval.fid_every": (TINY_DIT, ["eval.fid_every=10", "eval.fid_samples=1"], None),
     "eval.sampler+task+eval.fid_every": (TINY_DIT, ["eval.fid_every=10", "eval.sampler=sde"], None),
     "eval.cfg_channels+model.in_chans": (TINY, ["eval.cfg_channels=5"], None),
@@ -42,6 +48,9 @@ CROSS = {
     "engine.name@start": (TINY, [], 2),
     "engine.fsdp_shard_size+engine.name@start": (TINY, ["engine.name=fsdp2", "engine.fsdp_shard_size=3"], 4),
     "optim.min_lr+optim.blr+optim.lr+data.batch_size+schedule.accum_iter@start": (TINY, ["optim.min_lr=0.5"], 1),
+    "data.global_batch_size@start": (TINY, ["data.global_batch_size=256"], 3),
+    "data.global_batch_size+data.micro_batch_size@start":
+        (TINY, ["data.global_batch_size=254", "data.micro_batch_size=100"], 1),
 }
 
 

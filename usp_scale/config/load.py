@@ -22,11 +22,10 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from ..fileio import write_text
+from .errors import ConfigError
 from .schema import MISSING, JobConfig
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the schema."""
+from .validate import validate as run_rules
 
 
 # Keys that existed once: setting one is an error that says what replaced it.
@@ -191,8 +190,6 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
 
     With ``check_missing`` (the default) the result is also validated (:func:`usp_scale.config.validate.validate`);
     ``cfg._origins`` maps each key that was set to the file (or "command line") that set it last."""
-    from .validate import validate
-
     cfg = JobConfig()
     origins: dict = {}
     if path:
@@ -204,14 +201,12 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
     object.__setattr__(cfg, "_origins", origins)
     if check_missing:
         _check_missing(cfg, path or "the config")
-        validate(cfg, origins)
+        run_rules(cfg, origins)
     return cfg
 
 
 def config_from_dict(mapping: dict, source: str = "<dict>", validate: bool = False) -> JobConfig:
     """A :class:`JobConfig` from a nested dict (``validate``: also check every rule)."""
-    from .validate import validate as run_rules
-
     cfg = JobConfig()
     origins: dict = {}
     _apply_mapping(cfg, mapping, source, origins=origins)
@@ -239,8 +234,6 @@ def _check_resolved(path: str, raw: str) -> None:
 
 def save_config(cfg: JobConfig, path: str) -> str:
     """Write the fully resolved config (atomically, with its sha256 on the first line) and return its path."""
-    from ..fileio import write_text
-
     body = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     return write_text(path, RESOLVED_HEADER + hashlib.sha256(body.encode()).hexdigest() + "\n" + body)
 

@@ -16,6 +16,10 @@ from typing import Any, Optional, Sequence
 
 # Sentinel for required values: a field whose value is still MISSING after loading is an error.
 MISSING = "???"
+# engine.precision=official: task -> (engine.precision, engine.tf32) of the official code (gradients are reduced in
+# fp32 for every task); resolved at start-up (usp_scale.config.resolve).
+OFFICIAL_PRECISION = {"pretrain": ("fp16", False), "cls": ("fp16", False), "linprobe": ("fp16", False),
+                      "dit": ("fp32", True), "sit": ("fp32", True)}
 
 
 def opt(default: Any, help: str, choices: Optional[Sequence] = None):
@@ -87,8 +91,9 @@ class DataConfig:
 @dataclass
 class VAEConfig:
     version: str = opt("d8", '"d8" (SD-VAE, 4 channels, x8) or "d16" (KL-16, 16 channels, x16).', choices=('d8', 'd16'))
-    path: str = opt("tiny-random", 'Local path: a diffusers folder (config.json + weights), a .safetensors/.ckpt file, '
-        'or "tiny-random" for a small random AutoencoderKL (tests and the CPU demo).')
+    path: str = opt("", 'Local path: a diffusers folder (config.json + weights), a .safetensors/.ckpt file, or the '
+        'name of a shipped VAE ("synthetic-f8"; "tiny-random", a small seeded random AutoencoderKL, for tests). No '
+        'default: a job that encodes or decodes images must name its VAE.')
     scale: float = opt(0.0, "Latent scale factor; 0 means the version's default (0.18215 for d8, 0.2325 for d16).")
     posterior: str = opt("mean", '"mean" (posterior mean, used by USP pretraining) or "sample" (DiT/SiT finetuning).',
         choices=('mean', 'sample'))

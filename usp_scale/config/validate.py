@@ -1,27 +1,31 @@
 """Every rule a config value must follow, checked when the config loads (and, for the few that need the world
-size, when the trainer starts).
+size, at start-up: :func:`usp_scale.config.resolve.resolve_job`).
 
 :data:`RULES` is the single list: each :class:`Rule` names the keys it reads, states itself in words (the table in
 ``docs/config.md`` is this list) and returns what is wrong, or None. :func:`validate` runs every load-time rule and
-raises one :class:`~usp_scale.config.load.ConfigError` listing each broken rule with every key it involves, its
+raises one :class:`~usp_scale.config.errors.ConfigError` listing each broken rule with every key it involves, its
 value and the file (or "command line", or "default") that set it. :func:`validate_runtime` runs the rules that
-need the world size.
+need the world size. The code that reads a config trusts it: no rule is checked anywhere else.
+
+``sections`` (of :func:`validate`): a tool that reads only some sections (``launchers/sample.py`` reads model, vae,
+eval, engine and sample) runs only the rules whose keys all lie in them.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..models import list_models, model_family
+from .errors import ConfigError
+from .schema import OFFICIAL_PRECISION, JobConfig
 
 
 def schema_choices() -> Dict[str, tuple]:
     """Dotted key -> allowed values, for every choice field of the schema (``opt(..., choices=...)``)."""
-    import dataclasses
-
-    from .schema import JobConfig
-
     out: Dict[str, tuple] = {}
 
     def walk(obj, prefix=""):
@@ -87,6 +91,7 @@ RANGES: Tuple[tuple, ...] = (
     ("schedule.accum_iter", 1, None, False, False, "micro-batches per optimizer step"),
     ("engine.fsdp_shard_size", 0, None, False, False, "a rank count (0 = all ranks)"),
     ("engine.timeout_min", 1, None, False, False, "minutes"),
+    ("engine.train_timeout_s", 0, None, False, False, "seconds (0 = keep engine.timeout_min while training)"),
     ("checkpoint.every_steps", 0, None, False, False, "a step count (0 = only at the end)"),
     ("checkpoint.keep_last", 0, None, False, False, "a folder count (0 = keep all)"),
     ("ema.decay", 0, 1, False, True, "a decay (0 = no EMA)"),
@@ -99,7 +104,7 @@ RANGES: Tuple[tuple, ...] = (
     ("eval.batch_size", 1, None, False, False, "samples per rank"),
     ("eval.seed", 0, None, False, False, "a seed"),
 )
-REQUIRED_STRINGS = ("output_dir", "vae.path", "eval.metrics_file")
+REQUIRED_STRINGS = ("output_dir", "eval.metrics_file")
 
 # Latent geometry of the VAE versions: (channels, downsampling).
 VAE_GEOMETRY = {"d8": (4, 8), "d16": (16, 16)}
@@ -176,8 +181,6 @@ def rule(*keys: str, text: str, runtime: bool = False):
 
 def model_patch_size(name: str) -> Optional[int]:
     """Patch size of a registered model name (None when the name is not registered)."""
-    from ..models import list_models
-
     if name not in list_models():
         return None
     m = re.search(r"/(\d+)", name)
@@ -188,12 +191,8 @@ def model_patch_size(name: str) -> Optional[int]:
 
 @rule("model.name", text="model.name is a registered model (usp_scale.models.list_models())")
 def _model_registered(cfg):
-    from ..models import list_models
-
     if cfg.model.name in list_models():
         return None
-    import difflib
-
     close = difflib.get_close_matches(cfg.model.name, list_models(), n=3)
     return "unknown model" + (f"; did you mean {', '.join(close)}?" if close else "")
 
@@ -201,8 +200,6 @@ def _model_registered(cfg):
 @rule("task", "model.name", text="the model family fits the task: pretrain -> an MAE (vit_*_patch_vae), dit -> DiT-*, "
       "sit -> SiT-*, cls/linprobe -> a classifier (vit_*_patch16_vae)")
 def _model_family(cfg):
-    from ..models import list_models, model_family
-
     if cfg.model.name not in list_models() or cfg.task not in FAMILY_OF_TASK:
         return None
     fam, want = model_family(cfg.model.name), FAMILY_OF_TASK[cfg.task]
@@ -278,6 +275,16 @@ def _root(cfg):
         if cfg.data.format in ("folder", "wds") and not cfg.data.root.strip() else None
 
 
+@rule("vae.path", "data.format", "eval.fid_every",
+      text="vae.path is set unless data.format=synthetic and eval.fid_every=0 (a job that encodes images, reads a "
+           "latent cache or decodes samples names its VAE; there is no default VAE)")
+def _vae_path(cfg):
+    if cfg.vae.path.strip() or (cfg.data.format == "synthetic" and cfg.eval.fid_every == 0):
+        return None
+    return ("no VAE given: set vae.path to a local diffusers folder or weights file, or a shipped name "
+            "(synthetic-f8; tiny-random, a seeded random VAE, for tests)")
+
+
 @rule("data.latent_cache", "data.format", text="data.latent_cache is set for data.format=latents")
 def _cache(cfg):
     return "the latent cache folder (written by launchers/cache_latents.py) is needed" \
@@ -315,6 +322,38 @@ def _warmup(cfg):
 
 # --------------------------------------------------------------------------- engine, checkpoint, evaluation
 
+@rule("engine.ddp_bf16_grads", text="engine.ddp_bf16_grads is false (replaced by engine.reduce_dtype)")
+def _ddp_bf16_grads(cfg):
+    return "replaced by engine.reduce_dtype: set engine.reduce_dtype=bf16 (and drop engine.ddp_bf16_grads)" \
+        if cfg.engine.ddp_bf16_grads else None
+
+
+@rule("engine.precision", "engine.reduce_dtype",
+      text="engine.precision=official reduces gradients in fp32 (the official code): engine.reduce_dtype=fp32")
+def _official_reduce(cfg):
+    if cfg.engine.precision == "official" and cfg.engine.reduce_dtype != "fp32":
+        return ("set engine.precision to fp32/fp16/bf16 to reduce in bf16, or drop engine.reduce_dtype "
+                "(engine.precision=official reduces gradients in fp32)")
+    return None
+
+
+@rule("engine.fp8", "engine.name", text="engine.fp8 is off with engine.name=deepspeed (local, ddp and fsdp2 run it)")
+def _fp8_engine(cfg):
+    return f"engine.fp8={cfg.engine.fp8} is supported with the local, ddp and fsdp2 engines, not deepspeed" \
+        if cfg.engine.fp8 != "off" and cfg.engine.name == "deepspeed" else None
+
+
+@rule("engine.fp8", "engine.precision", "task",
+      text="engine.fp8 runs with bf16 or fp32 autocast: not with engine.precision=fp16 (nor official where the "
+           "task's official precision is fp16: pretrain, cls, linprobe)")
+def _fp8_precision(cfg):
+    p = cfg.engine.precision
+    if p == "official" and cfg.task in OFFICIAL_PRECISION:
+        p = OFFICIAL_PRECISION[cfg.task][0]
+    return f"engine.fp8={cfg.engine.fp8} needs engine.precision bf16 or fp32, this job runs {p}" \
+        if cfg.engine.fp8 != "off" and p == "fp16" else None
+
+
 @rule("engine.deepspeed_config", "engine.name", text="engine.deepspeed_config is set only with engine.name=deepspeed")
 def _ds_json(cfg):
     return "a DeepSpeed JSON needs engine.name=deepspeed" \
@@ -323,8 +362,6 @@ def _ds_json(cfg):
 
 @rule("checkpoint.strict_keys", text="checkpoint.strict_keys lists config sections or dotted keys that exist")
 def _strict_keys(cfg):
-    import dataclasses
-
     def exists(key):
         obj = cfg
         for part in key.split("."):
@@ -340,6 +377,15 @@ def _strict_keys(cfg):
 def _fid_task(cfg):
     return f"in-training FID is for task=dit or sit, task={cfg.task} generates no images" \
         if cfg.eval.fid_every > 0 and cfg.task not in SAMPLERS else None
+
+
+@rule("eval.fid_reference", "eval.fid_every",
+      text="with eval.fid_every > 0: eval.fid_reference is set (a folder of images, an image .npz or a statistics "
+           ".npz)")
+def _fid_reference(cfg):
+    return ("in-training FID needs a reference: a folder of images, an image .npz (arr_0) or a statistics .npz "
+            "(mu, sigma), e.g. written by launchers/evaluate.py --save-stats")  \
+        if cfg.eval.fid_every > 0 and not cfg.eval.fid_reference.strip() else None
 
 
 @rule("eval.fid_samples", "eval.fid_every", text="with eval.fid_every > 0: eval.fid_samples >= 2 (a covariance)")
@@ -396,6 +442,44 @@ def _min_lr_blr(cfg, world):
     return f"the cosine floor is above the peak lr {peak:g} at world size {world}" if cfg.optim.min_lr > peak else None
 
 
+def micro_batch_for(per_rank: int, bound: int) -> int:
+    """The micro-batch of a per-rank batch under ``data.micro_batch_size`` = ``bound``: ``per_rank`` itself within the
+    bound (or with no bound), else its largest divisor <= bound (which the rule below requires to be at least half the
+    bound, so that a bad bound does not turn into hundreds of tiny micro-steps)."""
+    if bound <= 0 or per_rank <= bound:
+        return per_rank
+    return max(d for d in range(1, bound + 1) if per_rank % d == 0)
+
+
+@rule("data.global_batch_size", text="with data.global_batch_size > 0: it divides over the world size",
+      runtime=True)
+def _global_divides(cfg, world):
+    g = cfg.data.global_batch_size
+    if g <= 0 or g % world == 0:
+        return None
+    lo, hi = g // world * world, (g // world + 1) * world
+    return (f"{g} samples do not divide over {world} ranks (the world size): run on a number of GPUs that divides "
+            f"{g}, or set data.global_batch_size to a multiple of {world} (e.g. {lo or hi} or {hi}; the learning "
+            "rate follows it through optim.blr)")
+
+
+@rule("data.global_batch_size", "data.micro_batch_size",
+      text="with data.global_batch_size > 0: the per-rank batch splits into equal micro-steps of at most "
+           "data.micro_batch_size and at least half of it", runtime=True)
+def _micro_split(cfg, world):
+    g, bound = cfg.data.global_batch_size, cfg.data.micro_batch_size
+    if g <= 0 or g % world:
+        return None
+    per_rank = g // world
+    micro = micro_batch_for(per_rank, bound)
+    if 2 * micro >= bound or micro == per_rank:
+        return None
+    good = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= 2 * bound][-3:]
+    return (f"the per-rank batch {per_rank} cannot be split into equal micro-steps between {bound // 2} and "
+            f"{bound} (its largest divisor within the bound is {micro}): set data.micro_batch_size to a divisor of "
+            f"{per_rank}, e.g. {good}, or change data.global_batch_size or the number of ranks")
+
+
 # --------------------------------------------------------------------------- running the rules
 
 def _problems(cfg, origins: Dict[str, str], rules: Sequence[Rule], *args) -> List[str]:
@@ -409,22 +493,25 @@ def _problems(cfg, origins: Dict[str, str], rules: Sequence[Rule], *args) -> Lis
 
 
 def _raise(problems: List[str]) -> None:
-    from .load import ConfigError
-
     if problems:
         raise ConfigError(("invalid config value" if len(problems) == 1 else f"{len(problems)} invalid config values")
                           + ":\n  " + "\n  ".join(problems) + "\n(each key is followed by where it was set; see the "
                           "rule table in docs/config.md)")
 
 
-def validate(cfg, origins: Optional[Dict[str, str]] = None) -> None:
-    """Every load-time rule; raises ConfigError naming each broken rule's keys, values and files."""
+def _in_sections(r: Rule, sections: Optional[Sequence[str]]) -> bool:
+    return sections is None or all(k.split(".")[0] in sections for k in r.keys)
+
+
+def validate(cfg, origins: Optional[Dict[str, str]] = None, sections: Optional[Sequence[str]] = None) -> None:
+    """Every load-time rule (with ``sections``: those whose keys all lie in these sections); raises ConfigError
+    naming each broken rule's keys, values and files."""
     origins = origins if origins is not None else getattr(cfg, "_origins", {})
-    _raise(_problems(cfg, origins, [r for r in RULES if not r.runtime]))
+    _raise(_problems(cfg, origins, [r for r in RULES if not r.runtime and _in_sections(r, sections)]))
 
 
 def validate_runtime(cfg, world_size: int) -> None:
-    """The rules that need the world size (called when the trainer starts)."""
+    """The rules that need the world size (at start-up, :func:`usp_scale.config.resolve.resolve_job`)."""
     _raise(_problems(cfg, getattr(cfg, "_origins", {}), [r for r in RULES if r.runtime], world_size))
 
 
@@ -433,5 +520,5 @@ def rules_table() -> str:
     lines = ["| keys | rule | checked |", "|---|---|---|"]
     for r in RULES:
         lines.append(f"| {', '.join(f'`{k}`' for k in r.keys)} | {r.text} | "
-                     f"{'trainer start (world size)' if r.runtime else 'config load'} |")
+                     f"{'start-up (world size)' if r.runtime else 'config load'} |")
     return "\n".join(lines)

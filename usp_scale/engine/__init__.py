@@ -24,7 +24,7 @@ def __getattr__(name):
     """Lazy re-exports (and submodules), so importing the package does not import torch."""
     import importlib
 
-    lazy = {"Engine": "base", "StepResult": "base", "resolve_precision": "base",
+    lazy = {"Engine": "base", "StepResult": "base", "device_precision": "base",
             "apply_activation_checkpointing": "base", "apply_compile": "base", "DistInfo": "dist",
             "init_distributed": "dist"}
     if name in lazy:
@@ -44,29 +44,17 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
     """
     import torch
 
-    from ..config import ConfigError
-    from .base import apply_activation_checkpointing, apply_compile, resolve_precision
+    from .base import apply_activation_checkpointing, apply_compile, device_precision
 
     device = torch.device("cpu") if device is None else device
     name = engine_cfg.name
-    if name not in ENGINES:
-        raise ConfigError(f"engine.name={name!r}: use one of {', '.join(ENGINES)}")
-    precision = resolve_precision(engine_cfg.precision, device)
-    reduce_dtype = getattr(engine_cfg, "reduce_dtype", "fp32")
-    if reduce_dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"engine.reduce_dtype={reduce_dtype!r}: use fp32 or bf16")
-    if getattr(engine_cfg, "ddp_bf16_grads", False):
-        raise ConfigError("engine.ddp_bf16_grads was replaced by engine.reduce_dtype: set engine.reduce_dtype=bf16")
+    precision = device_precision(engine_cfg.precision, device)
+    reduce_dtype = engine_cfg.reduce_dtype
     model = model.to(device)
-    fp8 = getattr(engine_cfg, "fp8", "off")
-    if fp8 != "off":
+    if engine_cfg.fp8 != "off":
         from .fp8 import apply_fp8
 
-        if name == "deepspeed":
-            raise ConfigError(f"engine.fp8={fp8} is supported with the local, ddp and fsdp2 engines, not deepspeed")
-        if precision == "fp16":
-            raise ConfigError(f"engine.fp8={fp8} runs with bf16 or fp32 autocast, not engine.precision=fp16")
-        apply_fp8(model, fp8, device)
+        apply_fp8(model, engine_cfg.fp8, device)
     if engine_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if engine_cfg.compile:
@@ -81,7 +69,7 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
         return LocalEngine(model, optimizer_factory, **kw)
     from .dist import init_distributed
 
-    init_distributed(engine_cfg.backend, getattr(engine_cfg, "timeout_min", 30), single_process_group=True)
+    init_distributed(engine_cfg.backend, engine_cfg.timeout_min, single_process_group=True)
     if name == "ddp":
         from .local import DDPEngine
 
@@ -90,7 +78,7 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
         from .fsdp import FSDP2Engine
 
         return FSDP2Engine(model, optimizer_factory, reshard_after_forward=engine_cfg.reshard_after_forward,
-                           shard_size=getattr(engine_cfg, "fsdp_shard_size", 0), reduce_dtype=reduce_dtype, **kw)
+                           shard_size=engine_cfg.fsdp_shard_size, reduce_dtype=reduce_dtype, **kw)
     from .deepspeed_engine import DeepSpeedEngine
 
     eng = DeepSpeedEngine(model, optimizer_factory, zero_stage=engine_cfg.zero_stage, micro_batch=micro_batch,
@@ -100,4 +88,4 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
 
 
 __all__ = ["Engine", "StepResult", "build_engine", "init_distributed", "DistInfo", "ENGINES",
-           "apply_activation_checkpointing", "apply_compile", "resolve_precision"]
+           "apply_activation_checkpointing", "apply_compile", "device_precision"]

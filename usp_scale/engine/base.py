@@ -53,13 +53,9 @@ class StepResult:
         return float(self.norm)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 on GPU, fp32 on CPU; validates the name."""
-    if precision == "official":
-        raise ValueError("engine.precision=official is resolved per task at start-up "
-                         "(usp_scale.training.startup.resolve_startup) before an engine is built")
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"engine.precision={precision!r}: use official, auto, fp32, bf16 or fp16")
+def device_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision on ``device``: "auto" -> bf16 on a GPU, fp32 on a CPU; fp32/bf16/fp16 as they are
+    ("official" was resolved per task at start-up, :func:`usp_scale.config.resolve.resolve_job`)."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision

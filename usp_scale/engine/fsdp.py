@@ -17,11 +17,6 @@ def hsdp_mesh(shard_size: int, device: torch.device):
     world = D.get_world_size()
     if shard_size <= 0 or shard_size == world:
         return None
-    if shard_size > world or world % shard_size:
-        from ..config import ConfigError
-
-        raise ConfigError(f"engine.fsdp_shard_size={shard_size} must divide the world size {world} (e.g. the GPUs per "
-                          "node); 0 shards over all ranks")
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))

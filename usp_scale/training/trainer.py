@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointManager, model_signature, save_official, save_safetensors
-from ..config import ConfigError, save_config, to_dict
+from ..config import ConfigError, resolve_job, save_config, to_dict
 from ..engine import build_engine
 from ..engine import dist as D
 from .ema import EMA
@@ -33,7 +33,6 @@ from .logging import MetricsLogger
 from .optim import build_optimizer
 from .rng import step_generator
 from .schedule import LRSchedule
-from .startup import resolve_startup
 from .state import LoaderPosition, TrainState
 from .stepstats import DeferredStepStats
 from .tasks import Task, build_task
@@ -63,6 +62,12 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def apply_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions (on); off restores torch's defaults (matmul off, cuDNN on)."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def _max_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -75,15 +80,14 @@ class Trainer:
     def __init__(self, cfg, *, task: Optional[Task] = None, loader_factory: Optional[Callable] = None,
                  local_rank_arg: Optional[int] = None):
         self.cfg = cfg
-        from ..config.validate import validate_runtime
-
-        validate_runtime(cfg, D.detect(local_rank_arg=local_rank_arg).world_size)  # the rules needing the world size
+        # the rules needing the world size; global batch -> per rank + accumulation; precision
+        self.batch_plan = resolve_job(cfg, D.detect(local_rank_arg=local_rank_arg).world_size)
         self.info = D.init_distributed(cfg.engine.backend, cfg.engine.timeout_min, local_rank_arg) \
             if cfg.engine.name != "local" else D.detect(local_rank_arg=local_rank_arg)
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.is_main = self.rank == 0
         self.device = D.device_for(self.info)
-        self.batch_plan = resolve_startup(cfg, self.world)  # global batch -> per rank + accumulation; precision
+        apply_tf32(cfg.engine.tf32)
         self.task = task or build_task(cfg)
         self.loader_factory = loader_factory or default_loader
         self._last_eval, self._last_eval_step = {}, -1

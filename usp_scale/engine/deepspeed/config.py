@@ -36,20 +36,11 @@ def generate_config(*, micro_batch: int, accum_iter: int, world_size: int, zero_
                     clip_grad: float, reduce_dtype: str = "fp32", device_type: str = "cpu") -> dict:
     """DeepSpeed JSON config (a dict) from our settings; pure.
 
-    ``precision`` is resolved ("fp32", "bf16" or "fp16"); fp16 needs ``device_type="cuda"`` (DeepSpeed's fp16 loss
+    The settings are those of a checked config (the rules of :mod:`usp_scale.config.validate`); ``precision`` is
+    resolved for the device ("fp32", "bf16" or "fp16"). fp16 needs ``device_type="cuda"`` (DeepSpeed's fp16 loss
     scaler does not run on the CPU). ``train_batch_size = micro_batch * accum_iter * world_size``."""
-    if zero_stage not in (1, 2, 3):
-        raise ConfigError(f"engine.zero_stage={zero_stage}: DeepSpeed ZeRO stage must be 1, 2 or 3")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"engine.precision={precision!r}: DeepSpeed runs fp32, bf16 or fp16")
     if precision == "fp16" and device_type != "cuda":
         raise ConfigError("engine.precision=fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
-    if reduce_dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"engine.reduce_dtype={reduce_dtype!r}: use fp32 or bf16")
-    for key, value in (("data.batch_size", micro_batch), ("schedule.accum_iter", accum_iter),
-                       ("world size", world_size)):
-        if int(value) != value or value < 1:
-            raise ConfigError(f"{key}={value!r}: DeepSpeed needs a positive integer")
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum_iter,
@@ -194,15 +185,13 @@ def build_config(*, micro_batch: int, accum_iter: int, world_size: int, zero_sta
 def config_for_job(job, world_size: int, *, device_type: str = "cpu") -> dict:
     """The DeepSpeed config a job runs with on ``world_size`` ranks: :func:`build_config` over the fields of a
     :class:`~usp_scale.config.JobConfig` whose batch plan and precision were resolved at start-up
-    (``schedule.accum_iter`` derived, ``engine.precision`` not "official"; "auto" resolves for ``device_type``)."""
+    (:func:`usp_scale.config.resolve_job`: ``schedule.accum_iter`` derived, ``engine.precision`` not "official";
+    "auto" resolves for ``device_type``)."""
     import torch
 
-    from ..base import resolve_precision
+    from ..base import device_precision
 
-    try:
-        precision = resolve_precision(job.engine.precision, torch.device(device_type))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    precision = device_precision(job.engine.precision, torch.device(device_type))
     return build_config(micro_batch=job.data.batch_size, accum_iter=job.schedule.accum_iter, world_size=world_size,
                         zero_stage=job.engine.zero_stage, precision=precision, clip_grad=job.optim.clip_grad,
                         reduce_dtype=job.engine.reduce_dtype, device_type=device_type,
