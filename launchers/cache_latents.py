@@ -51,15 +51,13 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
-    from usp_scale.engine import dist as D
-    # torchrun, SLURM (srun) or one process: the one place that builds the process group (a no-op for one process).
-    info = D.detect()
-    if a.device == "auto":
-        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = a.device
-    info = D.init_distributed(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, world = info.rank, info.world_size
+    from usp_scale.config import JobConfig
+    from usp_scale.runtime import init_runtime
+    cfg = JobConfig()
+    cfg.seed = a.seed
+    # torchrun, SLURM (srun) or one process: process group and device
+    rt = init_runtime(cfg, device=a.device)
+    rank, world, device = rt.rank, rt.world_size, rt.device
     from usp_scale.data import build_dataset, write_cache, write_manifest
     from usp_scale.vae import FrozenVAE
     dataset = build_dataset(a.data_root, a.split, a.format)

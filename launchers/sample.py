@@ -80,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_model(args, device: torch.device, latent_size: int):
+def build_model(args, device: torch.device, latent_size: int, attn_backend: str):
     """The registry model with the checkpoint's weights (strict: every key must match)."""
     from usp_scale.models import create_model
     from usp_scale.transfer.formats import load_weights
     kwargs = json.loads(args.model_kwargs)
     kwargs.setdefault("input_size", latent_size)
     kwargs.setdefault("num_classes", args.num_classes)
-    model = create_model(args.model, **kwargs)
+    model = create_model(args.model, attn_backend=attn_backend, **kwargs)
     load_weights(model, args.ckpt, which=args.weights)
     return model.to(device).eval().requires_grad_(False)
 
@@ -130,21 +130,13 @@ def main(argv: Optional[list] = None) -> dict:
     from usp_scale.sample import build_sampler, infer_num_classes, make_decoder, make_model_fn, run_sampling
     from usp_scale.transport import create_transport
 
-    from usp_scale.engine import dist as D
-    # torchrun, SLURM (srun) or one process: the one place that builds the process group (a no-op for one process).
-    info = D.detect()
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    info = D.init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
-    rank, world = info.rank, info.world_size
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
-    from usp_scale.layers.attention import configure_attention
-    configure_attention(args.attn_backend, device)  # at start-up, on every rank (agreed over ranks)
+    from usp_scale.config import JobConfig
+    from usp_scale.runtime import init_runtime
+    cfg = JobConfig()
+    cfg.engine.tf32, cfg.model.attn_backend, cfg.seed = args.tf32, args.attn_backend, args.seed
+    # torchrun, SLURM (srun) or one process: process group, device, TF32, the attention kernel (agreed over ranks)
+    rt = init_runtime(cfg, device=args.device)
+    rank, world, device = rt.rank, rt.world_size, rt.device
 
     from usp_scale.models.registry import model_family
     family = model_family(args.model)
@@ -158,7 +150,7 @@ def main(argv: Optional[list] = None) -> dict:
         if args.image_size % ds:
             raise SystemExit(f"--image-size {args.image_size} is not a multiple of the VAE downsampling {ds}")
         latent = args.image_size // ds
-    model = build_model(args, device, latent)
+    model = build_model(args, device, latent, rt.attn_backend)
     num_classes = infer_num_classes(model)
     is_sit = family == "sit"
     if is_sit:

@@ -16,23 +16,24 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     A = importlib.import_module("usp_scale.layers.attention")
+    R = importlib.import_module("usp_scale.runtime.attention")
     res = {}
     cuda = torch.device("cuda", 0)   # never touched: availability is replaced below
     if rank == 0:                    # FlashAttention-2 "installed" on rank 0 only
         sys.modules["flash_attn"] = types.ModuleType("flash_attn")
-    A.backend_unavailable = lambda name, device: (None if name == "flash2" and rank == 0 else f"no {name} here")
-    res["local_flash2"] = A.configure_attention("auto", cuda, agree=False) if rank == 0 else None
+    R.backend_unavailable = lambda name, device: (None if name == "flash2" and rank == 0 else f"no {name} here")
+    res["local_flash2"] = R.resolve_attention("auto", cuda, agree=False) if rank == 0 else None
     res["auto"] = [None] * 2
-    dist.all_gather_object(res["auto"], A.configure_attention("auto", cuda))
+    dist.all_gather_object(res["auto"], R.resolve_attention("auto", cuda))
     try:
-        A.configure_attention("flash2", cuda)
+        R.resolve_attention("flash2", cuda)
         err = "no error"
     except RuntimeError as e:
         err = str(e)
     res["forced"] = [None] * 2
     dist.all_gather_object(res["forced"], err)
     # After the choice (here: the CPU's kernels), forwards on rank 0 alone at new shapes and dtypes.
-    A.configure_attention("auto", "cpu")
+    spec = R.attention_spec("auto", R.resolve_attention("auto", "cpu"))
     calls = []
     saved = {n: getattr(dist, n) for n in ("all_reduce", "all_gather", "all_gather_object", "broadcast",
                                            "broadcast_object_list", "barrier", "reduce", "all_to_all")}
@@ -41,7 +42,7 @@ def main(out: str) -> None:
     ok = True
     if rank == 0:
         for tokens, dtype in ((17, torch.float32), (50, torch.bfloat16), (197, torch.float32)):
-            m = A.Attention(144, 2).to(dtype)
+            m = A.Attention(144, 2, backend=spec).to(dtype)
             ok &= bool(torch.isfinite(m(torch.randn(2, tokens, 144, dtype=dtype))).all())
     for n, f in saved.items():
         setattr(dist, n, f)

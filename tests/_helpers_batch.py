@@ -20,7 +20,7 @@ def main():
     ap.add_argument("overrides", nargs="*", help="extra config overrides")
     a = ap.parse_args()
     from usp_scale.config import load_config
-    from usp_scale.engine import dist as D
+    from usp_scale import runtime as D
     from usp_scale.training.trainer import Trainer
 
     ov = [f"output_dir={a.out}", "task=cls", "model.name=vit_tiny_patch16_vae", "model.img_size=8",

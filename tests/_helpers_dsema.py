@@ -34,7 +34,6 @@ def ema_run(case: str, out: str, rank: int, world: int, steps: int = 4, accum: i
 
     from usp_scale.config import OptimConfig
     from usp_scale.engine import build_engine
-    from usp_scale.layers.attention import reset_attention
     from usp_scale.training.ema import EMA
     from usp_scale.training.optim import build_optimizer, param_groups
 
@@ -48,7 +47,6 @@ def ema_run(case: str, out: str, rank: int, world: int, steps: int = 4, accum: i
                 json.dump(user, f)
         torch.distributed.barrier()
         cfg.deepspeed_config = path
-    reset_attention()
     torch.manual_seed(0)
     model = H.engine_model()
     ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=False)
@@ -107,11 +105,9 @@ def init_run(case: str, rank: int, world: int) -> dict:
 
     from usp_scale.config import OptimConfig
     from usp_scale.engine import build_engine
-    from usp_scale.layers.attention import reset_attention
     from usp_scale.training.ema import EMA
     from usp_scale.training.optim import build_optimizer, param_groups
 
-    reset_attention()
     torch.manual_seed(0)
     model = H.engine_model()
     orig = {n: p.detach().float().clone() for n, p in model.named_parameters()}
@@ -130,9 +126,8 @@ def init_run(case: str, rank: int, world: int) -> dict:
 
 
 def worker_init(out: str, cases: list) -> None:
-    from usp_scale.engine.dist import init_distributed
 
-    info = init_distributed("gloo")
+    info = H.init_group()
     results = {c: init_run(c, info.rank, info.world_size) for c in cases}
     H.finish(out, "init.json", results, info.rank)
 
@@ -140,9 +135,8 @@ def worker_init(out: str, cases: list) -> None:
 def worker_ema(out: str, cases: list) -> None:
     import torch.distributed as dist
 
-    from usp_scale.engine.dist import init_distributed
 
-    info = init_distributed("gloo")
+    info = H.init_group()
     results = {c: ema_run(c, out, info.rank, info.world_size) for c in cases}
     per_rank = [None] * info.world_size
     dist.all_gather_object(per_rank, {c: results[c]["local_numel"] for c in cases})
@@ -152,9 +146,8 @@ def worker_ema(out: str, cases: list) -> None:
 
 def worker_resume(out: str) -> None:
     """ZeRO-2 bf16: 2N steps vs N + resume + N through the trainer (EMA included)."""
-    from usp_scale.engine.dist import init_distributed
 
-    info = init_distributed("gloo")
+    info = H.init_group()
     res = H.run_resume_pair("deepspeed", os.path.join(out, "ds2_bf16"), zero_stage=2, **{"engine.precision": "bf16"})
     H.finish(out, "resume.json", res, info.rank)
 

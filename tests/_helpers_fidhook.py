@@ -50,13 +50,14 @@ def main() -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from usp_scale.engine.dist import init_distributed
     from usp_scale.eval import evaluate_fid
     from usp_scale.training import run
     from usp_scale.training.tasks import build_task
     from usp_scale.vae import FrozenVAE
 
-    info = init_distributed("gloo")
+    import _helpers_train as H
+
+    info = H.init_group()
     results = {}
     for engine in a.engines:
         base = os.path.join(a.out, engine.replace(":", ""))

@@ -40,6 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_group():
+    """The default gloo process group of a worker (also for one process, as the engines need one), as
+    usp_scale.runtime.init_runtime creates it; returns this process's DistInfo."""
+    from usp_scale.runtime import detect, init_process_group
+
+    info = detect()
+    init_process_group(info, "gloo", 30, single_process_group=True)
+    return info
+
+
 def child_env() -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", DS_BUILD_OPS="0", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -101,9 +111,6 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
     from usp_scale.engine import build_engine
     from usp_scale.training.optim import build_optimizer, param_groups
 
-    from usp_scale.layers.attention import reset_attention
-
-    reset_attention()  # the same attention path in every process, whatever earlier tests configured
     torch.manual_seed(0)
     model = engine_model()
     # eps 1e-4: AdamW's per-element normalisation would turn the reduction-order noise on parameters whose true
@@ -185,9 +192,7 @@ EQUIV_CASES = {
 def worker_equiv(out: str, cases: list) -> None:
     import torch.distributed as dist
 
-    from usp_scale.engine.dist import init_distributed
-
-    info = init_distributed("gloo")
+    info = init_group()
     results = {}
     for case in cases:
         kw = dict(EQUIV_CASES[case])
@@ -215,9 +220,7 @@ def worker_fp16(out: str, cases: list) -> None:
     step 1 (in one rank's shard under fsdp2); per-step losses, applied flags, scales of every rank, final weights."""
     import torch.distributed as dist
 
-    from usp_scale.engine.dist import init_distributed
-
-    info = init_distributed("gloo")
+    info = init_group()
     if os.environ.get("USP_TEST_NO_DTENSOR_FOUND_INF"):  # test-power check: rank-local found_inf under FSDP2
         from torch.distributed.tensor import DTensor
 
@@ -251,9 +254,7 @@ def worker_optstate(out: str, cases: list) -> None:
     DIR/opt_<case>.pt, and what the other ranks returned as DIR/opt_<case>_others.json."""
     import torch.distributed as dist
 
-    from usp_scale.engine.dist import init_distributed
-
-    info = init_distributed("gloo")
+    info = init_group()
     for case in cases:
         kw = dict(OPTSTATE_CASES[case])
         rec = {"optimizer": None}
@@ -306,9 +307,7 @@ def run_resume_pair(engine: str, base: str, **over) -> dict:
 
 
 def worker_resume(out: str, engines: list, model: str = "", sets: tuple = ()) -> None:
-    from usp_scale.engine.dist import init_distributed
-
-    info = init_distributed("gloo")
+    info = init_group()
     results = {}
     for spec in engines:
         name, _, stage = spec.partition(":")

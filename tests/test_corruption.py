@@ -200,7 +200,7 @@ def test_deepspeed_json(runs, tmp_path, how):
     checkpoint recorded (meta.json), differences named with the file."""
     from usp_scale.checkpoint import CheckpointManager
     from usp_scale.checkpoint.safe_load import write_checked_json
-    from usp_scale.engine.deepspeed_engine import generate_config, load_user_config, merge_user_config
+    from usp_scale.engine.deepspeed.config import generate_config, load_user_config, merge_user_config
 
     def merged(p):
         gen = generate_config(micro_batch=4, accum_iter=2, world_size=1, zero_stage=2, precision="fp32",

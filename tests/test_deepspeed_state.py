@@ -35,6 +35,7 @@ def group():
     saved = dict(os.environ)
     if not dist.is_initialized():
         _forget_deepspeed_world_group()  # a clone of a group an earlier test destroyed
+    H.init_group()
     yield
     if dist.is_initialized():
         dist.destroy_process_group()

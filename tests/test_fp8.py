@@ -62,15 +62,17 @@ def test_fp8_training_resumes_exactly(tmp_path):
 
 
 def test_fp8_config_errors(monkeypatch):
-    from usp_scale.engine import build_engine
+    """The config refuses them when it loads (the one place: usp_scale.config.validate)."""
+    from usp_scale.config import load_config
 
+    tiny = os.path.join(H.REPO, "configs", "debug", "tiny.yaml")
     model = create_model("DiT-tiny/2", input_size=8, num_classes=10)
-    with pytest.raises(ValueError, match="engine.fp8='e4m3'"):
-        apply_fp8(model, "e4m3", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="engine.fp8='e4m3'"):
+        load_config(tiny, ["engine.fp8=e4m3"])
     with pytest.raises(ConfigError, match="not deepspeed"):
-        build_engine(EngineConfig(name="deepspeed", fp8="tensorwise"), model, lambda m: None)
+        load_config(tiny, ["engine.fp8=tensorwise", "engine.name=deepspeed"])
     with pytest.raises(ConfigError, match="fp16"):
-        build_engine(EngineConfig(name="local", precision="fp16", fp8="tensorwise"), model, lambda m: None)
+        load_config(tiny, ["engine.fp8=tensorwise", "engine.precision=fp16"])
     monkeypatch.setitem(sys.modules, "torchao.float8", None)        # torchao not installed
     with pytest.raises(RuntimeError, match="needs torchao"):
         apply_fp8(model, "tensorwise", torch.device("cpu"))

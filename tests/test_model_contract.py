@@ -97,16 +97,10 @@ def _loss(family, m, inputs, mask_ratio=0.75):
     return m(*inputs).float().square().mean()
 
 
-@pytest.fixture
-def reference_attention():
-    A.configure_attention("reference", "cpu")       # plain matmuls: every attention FLOP is counted
-    yield
-    A.reset_attention()
-
-
 @pytest.mark.parametrize("family", sorted(TINY))
-def test_flops_per_sample_equals_the_counted_forward(family, reference_attention):
-    m = create_model(TINY[family], kernels="torch").eval()
+def test_flops_per_sample_equals_the_counted_forward(family):
+    # attention "reference": plain matmuls, so every attention FLOP is counted
+    m = create_model(TINY[family], kernels="torch", attn_backend="reference").eval()
     inputs = _inputs(family, torch.Generator().manual_seed(0))
     for ratio in ((0.5, 0.75, 0.9) if family == "mae" else (0.75,)):
         counter = FlopCounterMode(display=False)

@@ -175,6 +175,7 @@ def one_rank_group():
     so later tests in the worker (launches of subprocesses that read MASTER_PORT) do not inherit them."""
     import torch.distributed as dist
     saved = dict(os.environ)
+    H.init_group()
     yield
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -191,7 +191,7 @@ def test_hsdp_four_ranks_match_single_process_and_resume_exactly(tmp_path):
 
 def test_hsdp_shard_size_must_divide_the_world(monkeypatch):
     from usp_scale.config import ConfigError
-    from usp_scale.engine import dist as D
+    from usp_scale import runtime as D
     from usp_scale.engine.fsdp import hsdp_mesh
 
     monkeypatch.setattr(D, "get_world_size", lambda: 6)

@@ -197,8 +197,11 @@ def test_real_task_steps_read_nothing_back_to_the_host(model):
     sys.path.insert(0, os.path.join(H.REPO, "benchmarks", "train"))
     from bench_step import make_step
 
+    from usp_scale.config import JobConfig
+    from usp_scale.runtime import init_runtime
+
     step, eng, _, _ = make_step(model, batch=4, compile_=False, kernels="auto", precision="fp32",
-                                device=torch.device("cpu"), ac=False)
+                                runtime=init_runtime(JobConfig(), device="cpu"), ac=False)
     assert eng.skips_on_device()
     with _NoHostReads():                       # from the first step on (no one-time set-up in the forward)
         for _ in range(3):

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from usp_scale.config import ConfigError, OptimConfig, ScheduleConfig
-from usp_scale.engine.deepspeed_engine import generate_config, merge_user_config
-from usp_scale.engine.dist import detect, expand_slurm_nodelist
+from usp_scale.cluster.hosts import expand_slurm_nodelist
+from usp_scale.engine.deepspeed.config import generate_config, merge_user_config
+from usp_scale.runtime import detect
 from usp_scale.models import create_model
 from usp_scale.training.ema import EMA
 from usp_scale.training.optim import LARS, build_optimizer, param_groups

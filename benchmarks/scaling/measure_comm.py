@@ -185,7 +185,6 @@ def measure_case(case: str, short: str, rank: int, world: int, out: str) -> list
     from bench_step import MODELS, synthetic_batch
     from usp_scale.config import JobConfig
     from usp_scale.engine import build_engine
-    from usp_scale.layers.attention import reset_attention
     from usp_scale.training.optim import build_optimizer
     from usp_scale.training.tasks import build_task
 
@@ -208,9 +207,8 @@ def measure_case(case: str, short: str, rank: int, world: int, out: str) -> list
     cfg.data.batch_size = 2
     cfg.optim.fused = False
     task = build_task(cfg)
-    reset_attention()
     torch.manual_seed(0)
-    model = task.build_model()
+    model = task.build_model()  # attention: plain SDPA (the default spec), the same in every process
     dev = torch.device("cpu")
     eng = build_engine(cfg.engine, model, lambda m: build_optimizer(cfg.optim, task.param_groups(m), dev),
                        micro_batch=cfg.data.batch_size)
@@ -237,9 +235,10 @@ def measure_case(case: str, short: str, rank: int, world: int, out: str) -> list
 def worker(out: str, cases: list, models: list) -> None:
     import torch.distributed as dist
 
-    from usp_scale.engine.dist import init_distributed
+    from usp_scale.runtime import detect, init_process_group
 
-    info = init_distributed("gloo")
+    info = detect()
+    init_process_group(info, "gloo", 30, single_process_group=True)
     res = {"world": info.world_size, "cases": {}}
     for short in models:
         for case in cases:

@@ -29,6 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from usp_scale.config import JobConfig  # noqa: E402
+from usp_scale.config.validate import schema_choices  # noqa: E402
+from usp_scale.data import build_loader  # noqa: E402
+from usp_scale.engine import build_engine  # noqa: E402
+from usp_scale.runtime import init_runtime, seed_all  # noqa: E402
+from usp_scale.training.optim import build_optimizer  # noqa: E402
+from usp_scale.training.tasks import build_task  # noqa: E402
+
 # Short names -> (task, registry name, latent side)
 MODELS = {
     "MAE-B": ("pretrain", "vit_base_patch_vae", 28), "MAE-L": ("pretrain", "vit_large_patch_vae", 28),
@@ -44,8 +52,6 @@ KERNELS = ("torch", "auto", "triton")
 
 def synthetic_batch(cfg, device) -> dict:
     """One batch from the data.format=synthetic loader (the model's latent shape), kept on device."""
-    from usp_scale.data import build_loader
-
     cfg.data.format, cfg.data.synthetic_samples, cfg.data.num_classes = "synthetic", cfg.data.batch_size, 1000
     m = cfg.model
     loader = build_loader(cfg.data, cfg.vae, seed=cfg.seed, device=device,
@@ -53,16 +59,11 @@ def synthetic_batch(cfg, device) -> dict:
     return next(iter(loader))
 
 
-def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision: str, device, ac: bool,
+def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision: str, runtime, ac: bool,
               fp8: str = "off"):
     """Build model, engine and one on-device synthetic batch for ``short``; returns (step_fn, engine, train FLOPs
     per sample, registry name). ``step_fn()`` runs forward, backward and the optimizer step as the trainer does."""
-    from usp_scale.config import JobConfig
-    from usp_scale.engine import build_engine
-    from usp_scale.layers.attention import configure_attention
-    from usp_scale.training.optim import build_optimizer
-    from usp_scale.training.tasks import build_task
-
+    device = runtime.device
     task_name, reg, side = MODELS[short]
     cfg = JobConfig()
     cfg.task, cfg.model.name, cfg.model.img_size, cfg.model.kernels = task_name, reg, side, kernels
@@ -72,10 +73,8 @@ def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision
     cfg.optim.lr = 1e-4
     cfg.data.batch_size = batch
     task = build_task(cfg)
-    # As the trainer does: the attention kernel is chosen once, before the model is built.
-    configure_attention(cfg.model.attn_backend, device)
-    torch.manual_seed(0)
-    model = task.build_model()
+    seed_all(0)
+    model = task.build_model(attn_backend=runtime.attn_backend)  # the kernel init_runtime chose, as in the trainer
     flops = task.train_flops_per_sample(model)
     eng = build_engine(cfg.engine, model, lambda m: build_optimizer(cfg.optim, task.param_groups(m), device),
                        device=device, micro_batch=batch)
@@ -91,9 +90,10 @@ def make_step(short: str, *, batch: int, compile_: bool, kernels: str, precision
 
 
 def bench_one(short: str, *, batch: int, compile_: bool, kernels: str, steps: int, warmup: int, precision: str,
-              device, peak: float, ac: bool, fp8: str = "off") -> dict:
+              runtime, peak: float, ac: bool, fp8: str = "off") -> dict:
+    device = runtime.device
     step, eng, flops, reg = make_step(short, batch=batch, compile_=compile_, kernels=kernels, precision=precision,
-                                      device=device, ac=ac, fp8=fp8)
+                                      runtime=runtime, ac=ac, fp8=fp8)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_c = time.perf_counter()
     for _ in range(warmup):
@@ -185,13 +185,11 @@ def main(argv=None) -> int:
     # NAME@BATCH gives one model its own batch size (the official anchors: MAE-XL at 256, DiT-XL/2 at 128).
     specs = model_specs(a.models, a.batch)
     kernels = _comma_list(a.kernels, KERNELS, "kernels")
-    from usp_scale.engine.fp8 import RECIPES
-
-    fp8s = _comma_list(a.fp8, RECIPES, "fp8")
-    if a.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device = torch.device(a.device)
+    fp8s = _comma_list(a.fp8, schema_choices()["engine.fp8"], "fp8")
+    base = JobConfig()
+    base.engine.tf32 = a.device == "cuda"   # TF32 on a GPU, as the official benchmarks ran
+    runtime = init_runtime(base, device=a.device)   # one process: device, TF32, the attention kernel
+    device = runtime.device
     if device.type != "cuda" and "triton" in kernels and os.environ.get("TRITON_INTERPRET") != "1":
         print("--kernels triton: skipped on CPU (Triton needs CUDA, or TRITON_INTERPRET=1 for a slow check)")
         kernels = [k for k in kernels if k != "triton"]
@@ -212,7 +210,7 @@ def main(argv=None) -> int:
                     try:
                         row = {**meta, **bench_one(short, batch=batch, compile_=c, kernels=k,
                                                    steps=a.steps, warmup=a.warmup, precision=a.precision,
-                                                   device=device, peak=a.peak_flops, ac=a.ac, fp8=f8)}
+                                                   runtime=runtime, peak=a.peak_flops, ac=a.ac, fp8=f8)}
                     except Exception as e:  # noqa: BLE001 -- one failing setting must not cost the other rows
                         if a.smoke:
                             raise

@@ -25,8 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench_step import KERNELS, MODELS, SMOKE_MODELS, _comma_list, make_step, model_specs  # noqa: E402
+from usp_scale.config import JobConfig  # noqa: E402
+from usp_scale.runtime import init_runtime  # noqa: E402
 
 # (category, regex on the kernel name), first match wins
 CATEGORIES = [
@@ -86,12 +89,11 @@ def to_markdown(title: str, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_one(short: str, *, batch: int, compile_: bool, kernels: str, precision: str, device, warmup: int,
+def profile_one(short: str, *, batch: int, compile_: bool, kernels: str, precision: str, runtime, warmup: int,
                 steps: int, out: str, trace: bool) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+    device = runtime.device
     step, _, flops, reg = make_step(short, batch=batch, compile_=compile_, kernels=kernels, precision=precision,
-                                    device=device, ac=False)
+                                    runtime=runtime, ac=False)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
@@ -138,10 +140,10 @@ def main(argv=None) -> int:
         a.models, a.batch, a.warmup, a.steps = SMOKE_MODELS, 2, 1, 1
     specs = model_specs(a.models, a.batch)
     kernels = _comma_list(a.kernels, KERNELS, "kernels")
-    device = torch.device(a.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    base = JobConfig()
+    base.engine.tf32 = a.device == "cuda"   # TF32 on a GPU, as bench_step.py
+    runtime = init_runtime(base, device=a.device)
+    device = runtime.device
     os.makedirs(a.out, exist_ok=True)
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[a.compile]
     failed = 0
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         for k in kernels:
             for c in modes:
                 try:
-                    s = profile_one(short, batch=batch, compile_=c, kernels=k, precision=a.precision, device=device,
+                    s = profile_one(short, batch=batch, compile_=c, kernels=k, precision=a.precision, runtime=runtime,
                                     warmup=a.warmup, steps=a.steps, out=a.out, trace=a.trace)
                 except Exception as e:  # noqa: BLE001 -- keep profiling the other settings
                     if a.smoke:

@@ -1,5 +1,5 @@
 """Worker for test_launch_units.py (run under torchrun, 2 gloo ranks): the two process-group timeouts of
-usp_scale.engine.dist. Rank 0 prints one line per check; rank 1 is the slow peer."""
+usp_scale.runtime. Rank 0 prints one line per check; rank 1 is the slow peer."""
 import os
 import sys
 import time
@@ -9,10 +9,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from usp_scale.engine import dist as D  # noqa: E402
+from usp_scale import runtime as D  # noqa: E402
 
 SHORT = float(sys.argv[1])
-info = D.init_distributed("gloo", timeout_min=1)
+info = D.detect()
+D.init_process_group(info, "gloo", timeout_min=1)
 rank = info.rank
 mesh_group = dist.new_group([0, 1])          # a second group (as a DeviceMesh or DeepSpeed would create)
 

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _helpers_train as H  # noqa: E402
 
-from usp_scale.engine import dist as D  # noqa: E402
+from usp_scale.runtime import env as D  # noqa: E402
 from usp_scale.cluster import slurm as S  # noqa: E402
 from usp_scale.training import cli  # noqa: E402
 

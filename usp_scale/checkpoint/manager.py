@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..engine import dist as D
+from .. import runtime as D
 from .diff import diff_shapes
 from .safe_load import (CheckpointFileError, disk_full_error, file_crc32, folder_bytes, is_disk_full,
                         read_checked_json, tensor_bytes, torch_load, torch_save, write_checked_json)

@@ -25,8 +25,7 @@ def __getattr__(name):
     import importlib
 
     lazy = {"Engine": "base", "StepResult": "base", "device_precision": "base",
-            "apply_activation_checkpointing": "base", "apply_compile": "base", "DistInfo": "dist",
-            "init_distributed": "dist"}
+            "apply_activation_checkpointing": "base", "apply_compile": "base"}
     if name in lazy:
         return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
     try:
@@ -67,9 +66,11 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
         from .local import LocalEngine
 
         return LocalEngine(model, optimizer_factory, **kw)
-    from .dist import init_distributed
+    import torch.distributed as dist
 
-    init_distributed(engine_cfg.backend, engine_cfg.timeout_min, single_process_group=True)
+    if not dist.is_initialized():
+        raise RuntimeError(f"engine.name={name} needs the default process group: start the job with "
+                           "usp_scale.runtime.init_runtime(cfg) first (it creates one, also for one process)")
     if name == "ddp":
         from .local import DDPEngine
 
@@ -79,7 +80,7 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
 
         return FSDP2Engine(model, optimizer_factory, reshard_after_forward=engine_cfg.reshard_after_forward,
                            shard_size=engine_cfg.fsdp_shard_size, reduce_dtype=reduce_dtype, **kw)
-    from .deepspeed_engine import DeepSpeedEngine
+    from .deepspeed.engine import DeepSpeedEngine
 
     eng = DeepSpeedEngine(model, optimizer_factory, zero_stage=engine_cfg.zero_stage, micro_batch=micro_batch,
                           user_config=engine_cfg.deepspeed_config, reduce_dtype=reduce_dtype, **kw)
@@ -87,5 +88,5 @@ def build_engine(engine_cfg, model: "nn.Module", optimizer_factory: "Callable[[n
     return eng
 
 
-__all__ = ["Engine", "StepResult", "build_engine", "init_distributed", "DistInfo", "ENGINES",
+__all__ = ["Engine", "StepResult", "build_engine", "ENGINES",
            "apply_activation_checkpointing", "apply_compile", "device_precision"]

@@ -260,7 +260,7 @@ class Engine:
 
         import torch.distributed.checkpoint as dcp
 
-        from . import dist as D
+        from .. import runtime as D
 
         state = self.state_dict()
         if ema_state is not None:

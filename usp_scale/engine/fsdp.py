@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import dist as D
+from .. import runtime as D
 from .base import Engine, block_lists
 
 

@@ -1,14 +1,13 @@
 """Generation metrics (FID, IS, KID, precision/recall) through torch-fidelity, and in-training FID (``hook``).
 
-The names load lazily: ``from usp_scale.eval import agree_on_success`` needs no torch-fidelity (the optional
-``eval`` extra); the metrics and feature extractors import it when first used.
+The names load lazily: ``from usp_scale.eval import FIDHook`` needs no torch-fidelity (the optional ``eval``
+extra); the metrics and feature extractors (its adapter modules) import it when first used.
 """
 import importlib
 
 _WHERE = {
     **dict.fromkeys(("INCEPTION_FILE", "INCEPTION_NAME", "TINY_NAME", "TinyFeatureExtractor", "create_extractor",
                      "default_layer", "register_extractor", "resolve_inception_weights"), "features"),
-    **dict.fromkeys(("DistributedEvalError", "agree_on_success"), "agree"),
     **dict.fromkeys(("FIDHook", "build_extractor", "build_fid_hook", "check_eval_config", "evaluate_fid",
                      "save_sample_grid", "truncate_eval_records"), "hook"),
     **dict.fromkeys(("METRICS", "compute_metrics", "extract_features", "format_record", "frechet_distance",

@@ -31,10 +31,10 @@ import torch.nn as nn
 
 from ..config import ConfigError
 from ..config.schema import EvalConfig
-from ..engine.dist import get_rank, get_world_size
+from .. import runtime as D
+from ..runtime import agree_on_success, get_rank, get_world_size
 from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
     make_model_fn
-from .agree import agree_on_success
 
 GENERATIVE_TASKS = ("dit", "sit")
 _DEFAULTS = EvalConfig()
@@ -141,8 +141,6 @@ class FIDHook:
     def catch_up(self, engine, ema, step: int, epoch: int, total: int, logger, progress: bool = False):
         """After a resume at ``step``: run the evaluation due at ``step`` if metrics.jsonl has none (the
         checkpoint is written first, so a job stopped during FID resumes here). Collective."""
-        from ..engine import dist as D
-
         if step <= 0 or not self.due(step, total):
             return None
         done = any(r.get("kind") == "eval" and r.get("metric") == "fid" and r.get("step") == step
@@ -156,8 +154,6 @@ class FIDHook:
     @torch.no_grad()
     def _load_weights(self, engine, ema) -> str:
         """Full weights (EMA over the model's) into the private copy on every rank; collective."""
-        from ..engine import dist as D
-
         sd = engine.full_model_state_dict()  # full on rank 0 at least
         which = "model"
         if ema is not None:
@@ -185,8 +181,6 @@ class FIDHook:
 
     def __call__(self, engine, ema, step: int, epoch: int, logger=None, progress: bool = False) -> dict:
         """Evaluate at ``step`` (collective). Returns the metrics.jsonl record (on every rank)."""
-        from ..engine import dist as D
-
         e = self.cfg.eval
         t0 = time.perf_counter()
         self.last_step = step

@@ -1,7 +1,6 @@
 """Building blocks shared by the models; each function here is the readable torch reference."""
 from .adaln import gated_residual, layernorm_modulate, modulate
-from .attention import (Attention, attention_packed, attention_reference, configure_attention, current_backend,
-                        reset_attention, use_fused_attn)
+from .attention import KERNELS, Attention, attention_kernel, attention_reference
 from .loss import masked_mse, norm_pix_loss, normalize_target
 from .masking import gather_tokens, masking_indices, num_kept, random_masking, unshuffle_with_mask_tokens
 from .mlp import DropPath, Mlp, drop_path

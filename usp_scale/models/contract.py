@@ -9,6 +9,10 @@ tests/test_model_contract.py. The optimizer, the engine and the tasks use only t
 - ``set_grad_checkpointing(enable)``: every transformer block (encoder and decoder) recomputes its forward in
   backward; the block's own hooks (FSDP2, DeepSpeed ZeRO-3) stay outside the recomputed region.
 - ``set_kernels(mode)``: "auto", "triton" or "torch" for every fused op of the model (config ``model.kernels``).
+- ``set_attn_backend(spec)``: the attention kernel of every attention module (the spec
+  :func:`usp_scale.runtime.init_runtime` resolved from ``model.attn_backend``; ``create_model(...,
+  attn_backend=spec)`` calls it). Both choices are model attributes set when the model is built; no forward reads a
+  process-wide setting.
 - ``flops_per_sample(mask_ratio)``: forward matmul FLOPs of one sample (2 per multiply-add, attention scores
   included); the MAE counts its encoder on the kept tokens, the others ignore ``mask_ratio``.
 """
@@ -21,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..layers.attention import Attention
 from ..layers.fused import IMPLS
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -90,6 +95,14 @@ class LatentTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, LatentTransformer) or hasattr(m, "kernels"):
                 m.kernels = kernels
+
+    def set_attn_backend(self, spec: str) -> int:
+        """Attention spec ``spec`` (:func:`usp_scale.layers.attention.attention_kernel`) for every attention module;
+        returns their number."""
+        mods = [m for m in self.modules() if isinstance(m, Attention)]
+        for m in mods:
+            m.set_backend(spec)
+        return len(mods)
 
     def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
         raise NotImplementedError

@@ -7,6 +7,8 @@ diffusion transformers, ``vit_{base,large,xlarge}_patch16_vae`` for the latent c
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
 from functools import partial
 from typing import Callable, Dict, List
 
@@ -40,21 +42,21 @@ def model_family(name: str) -> str:
 
 
 def _unknown(name: str) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
     return f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
                                          f"; known: {', '.join(list_models())}")
 
 
-def create_model(name: str, device=None, **kwargs) -> nn.Module:
-    """Build a registered model. ``device="meta"`` builds it without allocating memory."""
+def create_model(name: str, device=None, attn_backend: str = "sdpa", **kwargs) -> nn.Module:
+    """Build a registered model. ``device="meta"`` builds it without allocating memory. ``attn_backend``: the
+    attention spec its attention modules capture (the job's comes from :func:`usp_scale.runtime.init_runtime`;
+    :func:`usp_scale.layers.attention.attention_kernel` lists them)."""
     if name not in _REGISTRY:
         raise KeyError(_unknown(name))
-    if device is not None:
-        with torch.device(device):
-            return _REGISTRY[name](**kwargs)
-    return _REGISTRY[name](**kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _REGISTRY[name](**kwargs)
+    model.set_attn_backend(attn_backend)
+    return model
 
 
 # ---------------------------------------------------------------------------- masked autoencoders

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..engine.dist import barrier, get_rank, get_world_size
+from ..runtime import barrier, get_rank, get_world_size
 from ..fileio import write_json
 from .io import make_grid, png_path, read_png, write_npz, write_png
 

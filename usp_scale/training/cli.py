@@ -1,7 +1,7 @@
 """Command line shared by launchers/pretrain.py and launchers/finetune.py.
 
 Works the same under ``python``, ``torchrun`` and ``deepspeed`` (which appends ``--local_rank``):
-ranks come from the environment (see :mod:`usp_scale.engine.dist`).
+ranks come from the environment (see :mod:`usp_scale.runtime.env`).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from ..engine import dist as D
+    from .. import runtime as D
     from .trainer import NonFiniteError, Trainer
 
     if D.detect(local_rank_arg=args.local_rank if args.local_rank >= 0 else None).rank == 0:

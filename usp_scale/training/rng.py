@@ -23,16 +23,3 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
 def step_generator(seed: int, step: int, rank: int, micro: int, device) -> torch.Generator:
     """A generator on ``device`` seeded with :func:`step_seed` (the draws stay on the device: no host sync)."""
     return torch.Generator(device=torch.device(device)).manual_seed(step_seed(seed, step, rank, micro))
-
-
-def seed_global_rngs(seed: int) -> None:
-    """Seed python's, numpy's and torch's global generators from ``seed``: for the draws of code that takes no
-    generator (timm's Mixup/CutMix draw from numpy, drop-path from torch's global generator), so they too are a
-    function of (seed, step, rank, micro) and resume exactly."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..models import create_model
-from ..models.registry import model_family
+from ..runtime import seed_all
 from . import optim as O
 
 
@@ -56,13 +56,11 @@ class Task:
         m = self.cfg.model
         return dict(img_size=m.img_size, in_chans=m.in_chans)
 
-    def build_model(self) -> nn.Module:
-        family = model_family(self.cfg.model.name)
-        expected = {"pretrain": "mae", "dit": "dit", "sit": "sit", "cls": "vit", "linprobe": "vit"}[self.name]
-        if family != expected:
-            raise ConfigError(f"task={self.name} needs a {expected} model, model.name={self.cfg.model.name!r} is a "
-                              f"{family} model")
-        model = create_model(self.cfg.model.name, kernels=self.cfg.model.kernels, **self.model_kwargs())
+    def build_model(self, attn_backend: str = "sdpa") -> nn.Module:
+        """The model of the job (the config's rules checked that it fits the task), with the attention spec the
+        runtime resolved (:func:`usp_scale.runtime.init_runtime`)."""
+        model = create_model(self.cfg.model.name, kernels=self.cfg.model.kernels, attn_backend=attn_backend,
+                             **self.model_kwargs())
         if self.cfg.checkpoint.init_from:
             load_init(model, self.cfg.checkpoint.init_from, self.cfg.dit.use_pretrain_layer)
         return model
@@ -202,9 +200,7 @@ class ClsTask(Task):
     def loss(self, engine, batch, generator=None):
         x, y = batch["latents"], batch["labels"]
         if generator is not None and (self.mixup_fn is not None or self.cfg.model.drop_path_rate > 0):
-            from .rng import seed_global_rngs
-
-            seed_global_rngs(generator.initial_seed())  # timm's Mixup and drop-path take no generator
+            seed_all(generator.initial_seed())  # timm's Mixup and drop-path take no generator
         if self.mixup_fn is not None:
             x, soft = self.mixup_fn(x, y)  # soft targets with smoothing folded in
             logits = engine(x)
@@ -216,7 +212,7 @@ class ClsTask(Task):
     def evaluate(self, engine, loader) -> dict:
         import torch.distributed as dist
 
-        from ..engine import dist as D
+        from .. import runtime as D
 
         model = engine.model
         was_training = model.training
@@ -252,8 +248,8 @@ class LinprobeTask(ClsTask):
         return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool,
                     linprobe=True)
 
-    def build_model(self):
-        model = super().build_model()
+    def build_model(self, attn_backend: str = "sdpa"):
+        model = super().build_model(attn_backend)
         if not (isinstance(getattr(model, "head", None), nn.Sequential) and isinstance(model.head[0], nn.BatchNorm1d)):
             raise ConfigError(f"task=linprobe: model {self.cfg.model.name} has no BatchNorm1d + Linear 'head'")
         for n, p in model.named_parameters():

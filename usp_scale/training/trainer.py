@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import resource
 import signal
 import sys
 import time
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
+from .. import runtime as D
 from ..checkpoint import CheckpointManager, model_signature, save_official, save_safetensors
 from ..config import ConfigError, resolve_job, save_config, to_dict
 from ..engine import build_engine
-from ..engine import dist as D
+from ..runtime import agree_on_success, init_runtime, seed_all
 from .ema import EMA
 from .logging import MetricsLogger
 from .optim import build_optimizer
@@ -56,18 +55,6 @@ def default_loader(cfg, *, rank: int, world_size: int, device, train: bool = Tru
                         device=device, latent_shape=(m.in_chans, m.img_size, m.img_size), num_classes=m.num_classes)
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def apply_tf32(enabled: bool) -> None:
-    """TF32 for fp32 matmuls and cuDNN convolutions (on); off restores torch's defaults (matmul off, cuDNN on)."""
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = True
-
-
 def _max_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -82,12 +69,10 @@ class Trainer:
         self.cfg = cfg
         # the rules needing the world size; global batch -> per rank + accumulation; precision
         self.batch_plan = resolve_job(cfg, D.detect(local_rank_arg=local_rank_arg).world_size)
-        self.info = D.init_distributed(cfg.engine.backend, cfg.engine.timeout_min, local_rank_arg) \
-            if cfg.engine.name != "local" else D.detect(local_rank_arg=local_rank_arg)
-        self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.runtime = rt = init_runtime(cfg, local_rank_arg=local_rank_arg)  # process group, device, TF32, seeds
+        self.rank, self.world = rt.rank, rt.world_size
         self.is_main = self.rank == 0
-        self.device = D.device_for(self.info)
-        apply_tf32(cfg.engine.tf32)
+        self.device = rt.device
         self.task = task or build_task(cfg)
         self.loader_factory = loader_factory or default_loader
         self._last_eval, self._last_eval_step = {}, -1
@@ -99,15 +84,11 @@ class Trainer:
             save_config(cfg, os.path.join(out, "config.yaml"))
         self._print(f"[usp_scale] {self.batch_plan.describe()}; precision {cfg.engine.precision}, gradients reduced "
                     f"in {cfg.engine.reduce_dtype}")
-        from ..layers.attention import configure_attention
-
-        configure_attention(cfg.model.attn_backend, self.device)
-        # Model: the same initialisation on every rank.
-        _seed_all(cfg.seed)
-        model = self.task.build_model()
+        # Model: the same initialisation on every rank (init_runtime seeded the generators with cfg.seed).
+        model = self.task.build_model(attn_backend=rt.attn_backend)
         self.signature = model_signature(model)
         self.train_flops = self.task.train_flops_per_sample(model)  # before any engine partitions the parameters
-        _seed_all(cfg.seed + self.rank)  # training draws use explicit generators; anything else differs per rank
+        seed_all(cfg.seed + self.rank)  # training draws use explicit generators; anything else differs per rank
 
         self.loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device, train=True)
         self.accum = accum = cfg.schedule.accum_iter
@@ -294,7 +275,6 @@ class Trainer:
         (metrics.jsonl, the FID hook's eval.metrics_file and its .txt), written after the checkpoint by the run
         that stopped (or by a later run, when resuming an earlier checkpoint). Rank 0 edits the files; collective
         (a failure there, e.g. a corrupt line, stops every rank with its message)."""
-        from ..eval import agree_on_success  # lazy: needs no torch-fidelity (the optional eval extra)
         from ..eval.hook import truncate_eval_records
 
         err = None

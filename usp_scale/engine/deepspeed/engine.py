@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ...config import ConfigError
-from .. import dist as D
+from ... import runtime as D
 from ..base import Engine, StepResult, poison_nonfinite
 from . import DEEPSPEED_RANGE
 from . import state as S

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ...checkpoint.safe_load import torch_load, torch_save
 from ...config import ConfigError
-from .. import dist as D
+from ... import runtime as D
 
 TAG = "ds"  # DeepSpeed checkpoint tag: <engine folder>/ds/...
 
