@@ -53,7 +53,7 @@ def ema_run(case: str, out: str, rank: int, world: int, steps: int = 4, accum: i
     per = global_batch // world
     eng = build_engine(cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
                        accum_iter=accum, clip_grad=1.0, micro_batch=per)
-    assert eng.ema_layout == "per_rank" and eng.ema_from_masters, (eng.ema_layout, eng.ema_from_masters)
+    assert eng.weights.layout == "per_rank" and eng.weights.ema_from_masters, (eng.weights.layout, eng.weights.ema_from_masters)
     opt_type = type(eng.model.optimizer).__name__
     named = [(n, p) for n, p in eng.unwrapped.named_parameters() if p.requires_grad]
 
@@ -63,7 +63,7 @@ def ema_run(case: str, out: str, rank: int, world: int, steps: int = 4, accum: i
     def bf16_weights():
         return {n: p.detach().float().clone() for n, p in named}
 
-    ema = EMA(eng.ema_sources(), DECAY)
+    ema = EMA(eng.weights.ema_sources(), DECAY)
     ref_fp32, ref_bf16 = masters(), bf16_weights()
     x, y = H.engine_data(steps, accum, global_batch)
     applied = []
@@ -76,11 +76,11 @@ def ema_run(case: str, out: str, rank: int, world: int, steps: int = 4, accum: i
         if res is None:
             continue
         applied.append(res.applied)
-        ema.update(eng.ema_sources())
+        ema.update(eng.weights.ema_sources())
         for ref, cur in ((ref_fp32, masters()), (ref_bf16, bf16_weights())):
             for n in ref:  # the same arithmetic as EMA.update, on full tensors
                 ref[n].mul_(DECAY).add_(cur[n], alpha=1.0 - DECAY)
-    got = eng.gather_ema(ema.state_dict())
+    got = eng.weights.gather_ema(ema.state_dict())
     local = sum(t.numel() for t in ema.state_dict().values())
     r = {"applied": applied, "optimizer": opt_type, "local_numel": local,
          "total_numel": sum(p.numel() for _, p in named), "keys_equal": sorted(got) == sorted(ref_fp32),
@@ -118,7 +118,7 @@ def init_run(case: str, rank: int, world: int) -> dict:
                        micro_batch=8 // world)
     named = [(n, p) for n, p in eng.unwrapped.named_parameters() if p.requires_grad]
     masters = {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in named}
-    ema = eng.gather_ema(EMA(eng.ema_sources(), 0.9).state_dict())
+    ema = eng.weights.gather_ema(EMA(eng.weights.ema_sources(), 0.9).state_dict())
     return {"masters_exact": all(torch.equal(masters[n], orig[n]) for n in masters),
             "ema_exact": sorted(ema) == sorted(orig) and all(torch.equal(ema[n], orig[n]) for n in orig)
             if rank == 0 else True,

@@ -104,7 +104,7 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
     final full weights. ``inf_at``: optimizer step whose gradients get one +inf element (:func:`inject_inf`);
     ``record``: a dict that receives the GradScaler scale after every optimizer step ("scales"); with an
     "optimizer" key, the engine's ``full_optimizer_state_dict()`` at the end; with "roundtrip": DIR, the scale of
-    a fresh engine loaded from ``eng.save(DIR)`` ("loaded_scale")."""
+    a fresh engine loaded from ``eng.state.save(DIR)`` ("loaded_scale")."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
@@ -145,16 +145,16 @@ def engine_losses(engine_cfg, *, steps=4, accum=2, global_batch=8, clip=0.0, nan
         applied.append(res.applied)
         acc = 0.0
     if record is not None and "optimizer" in record:  # asked for: the engine's full optimizer state (collective)
-        record["optimizer"] = eng.full_optimizer_state_dict()
+        record["optimizer"] = eng.weights.full_optimizer_state_dict()
     if record is not None and "roundtrip" in record:  # save, load into a fresh engine: the restored scale
-        eng.save(record["roundtrip"])
+        eng.state.save(record["roundtrip"])
         torch.manual_seed(0)
         eng2 = build_engine(engine_cfg, engine_model(),
                             lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
                             accum_iter=accum, clip_grad=clip, micro_batch=per)
-        eng2.load(record["roundtrip"])
+        eng2.state.load(record["roundtrip"])
         record["loaded_scale"] = eng2.scaler.get_scale() if eng2.scaler is not None else None
-    sd = eng.full_model_state_dict()
+    sd = eng.weights.full_model_state_dict()
     return losses, applied, {k: v.tolist() for k, v in sd.items()}
 
 

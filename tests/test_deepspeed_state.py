@@ -72,7 +72,7 @@ def test_version_range_is_declared_once_and_installed():
     from packaging.specifiers import SpecifierSet
 
     import deepspeed
-    from usp_scale.engine.deepspeed import check_version
+    from usp_scale.engine.deepspeed.engine import check_version
 
     setup = open(os.path.join(H.REPO, "setup.py")).read()
     declared = re.search(r'"deepspeed": \["deepspeed([^"]*)"\]', setup)
@@ -97,7 +97,7 @@ def test_master_fragment_is_this_ranks_view_of_the_fp32_masters(group, tmp_path,
     from usp_scale.engine.deepspeed.state import master_fragment
 
     eng = _engine(tmp_path, stage, user=user)
-    assert type(eng.model.optimizer).__name__ == optimizer and eng.ema_from_masters
+    assert type(eng.model.optimizer).__name__ == optimizer and eng.weights.ema_from_masters
     named = [(n, p) for n, p in eng.unwrapped.named_parameters() if p.requires_grad]
     frags = {}
     for n, p in named:
@@ -130,7 +130,7 @@ def test_link_optimizer_states_links_every_param_group(group, tmp_path, stage, u
     eng = _engine(tmp_path, stage, user=user)
     _train_step(eng)
     params = dict(eng.unwrapped.named_parameters())
-    first, later = eng.group_names[0][0], eng.group_names[1][0]
+    first, later = eng.weights.group_names[0][0], eng.weights.group_names[1][0]
     assert safe_get_full_optimizer_state(params[first], "exp_avg") is not None
     if unlinked:
         with pytest.raises(ValueError, match="exp_avg not found in optimizer state fragment"):
@@ -138,15 +138,15 @@ def test_link_optimizer_states_links_every_param_group(group, tmp_path, stage, u
     else:
         assert safe_get_full_optimizer_state(params[later], "exp_avg") is not None
     link_optimizer_states(eng.model.optimizer)
-    for names in eng.group_names:
+    for names in eng.weights.group_names:
         for n in names:
             for k in ("exp_avg", "exp_avg_sq"):
                 s = safe_get_full_optimizer_state(params[n], k)
                 assert s is not None and s.numel() == params[n].numel() and s.dtype == torch.float32, (n, k)
                 assert torch.isfinite(s).all() and s.abs().sum() > 0, (n, k)  # one step with gradients: non-zero
     # the full export then has every parameter, in torch's index layout
-    osd = eng.full_optimizer_state_dict()
-    assert sorted(osd["state"]) == list(range(sum(len(g) for g in eng.group_names)))
+    osd = eng.weights.full_optimizer_state_dict()
+    assert sorted(osd["state"]) == list(range(sum(len(g) for g in eng.weights.group_names)))
 
 
 @pytest.mark.slow
@@ -159,15 +159,15 @@ def test_zero3_partition_attributes(group, tmp_path):
 
     ref = {n: p.shape for n, p in H.engine_model().named_parameters()}
     eng = _engine(tmp_path, 3, precision="fp32")
-    assert eng.ema_layout == "per_rank" and not eng.ema_from_masters
+    assert eng.weights.layout == "per_rank" and not eng.weights.ema_from_masters
     for n, p in eng.unwrapped.named_parameters():
         part, numel, shape = zero3_partition(p)
         assert shape == ref[n] and numel == ref[n].numel() and part >= numel, n
         assert p.numel() == 0, n  # partitioned: the module parameter itself is empty outside a gather
         assert safe_get_local_fp32_param(p).numel() <= part, n
     # the gathered EMA of the partitions is the full model
-    ema = eng.gather_ema(dict(eng.ema_sources()))
-    full = eng.full_model_state_dict()
+    ema = eng.weights.gather_ema(dict(eng.weights.ema_sources()))
+    full = eng.weights.full_model_state_dict()
     assert sorted(ema) == sorted(ref) and all(torch.equal(ema[n], full[n]) for n in ref)
 
 
@@ -176,7 +176,7 @@ def test_dp_group_is_a_torch_process_group(group, tmp_path):
     import torch.distributed as dist
 
     eng = _engine(tmp_path, 2, precision="fp32")
-    assert dist.get_world_size(eng.dp_group) == dist.get_world_size() == 1
+    assert dist.get_world_size(eng.weights.dp_group) == dist.get_world_size() == 1
 
 
 def test_missing_internals_fail_loudly_naming_them():

@@ -35,14 +35,14 @@ def test_round_trip_is_exact(tmp_path):
     from usp_scale.training.ema import EMA
 
     a = _engine("fp16")
-    ema_a = EMA(a.ema_sources(), 0.9)
+    ema_a = EMA(a.weights.ema_sources(), 0.9)
     _steps(a, 3)
-    ema_a.update(a.ema_sources())
-    a.save(str(tmp_path / "e"), ema_a.state_dict())
+    ema_a.update(a.weights.ema_sources())
+    a.state.save(str(tmp_path / "e"), ema_a.state_dict())
     assert os.path.isfile(tmp_path / "e" / "dcp" / ".metadata")
     b = _engine("fp16")
-    ema_b = EMA(b.ema_sources(), 0.9)
-    b.load(str(tmp_path / "e"), ema_b.state_dict())
+    ema_b = EMA(b.weights.ema_sources(), 0.9)
+    b.state.load(str(tmp_path / "e"), ema_b.state_dict())
     for (n, p), q in zip(a.unwrapped.named_parameters(), b.unwrapped.parameters()):
         assert torch.equal(p, q), n
     assert all(torch.equal(ema_a.shadow[k], ema_b.shadow[k]) for k in ema_a.shadow)
@@ -55,10 +55,10 @@ def test_round_trip_is_exact(tmp_path):
 
 def test_checkpoint_before_the_first_step_keeps_the_optimizer_fresh(tmp_path):
     a = _engine()
-    a.save(str(tmp_path / "e"))
+    a.state.save(str(tmp_path / "e"))
     assert not a.optimizer.state  # saving did not initialise it
     b = _engine()
-    b.load(str(tmp_path / "e"))
+    b.state.load(str(tmp_path / "e"))
     assert not b.optimizer.state
     ref = _engine()
     for e in (a, b, ref):

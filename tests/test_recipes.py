@@ -205,7 +205,7 @@ def test_deepspeed_reduces_in_the_configured_dtype(one_rank_group):
     for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         eng = build_engine(EngineConfig(name="deepspeed", precision="bf16", zero_stage=2, reduce_dtype=dtype),
                            H.engine_model(), _sgd, micro_batch=2)
-        assert eng.ds_config["communication_data_type"] == dtype and eng.model.communication_data_type == want
+        assert eng.state.config["communication_data_type"] == dtype and eng.model.communication_data_type == want
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ def test_training_step_reads_nothing_back_to_the_host():
     eng = build_engine(EngineConfig(name="local", precision="fp32"), model,
                        lambda m: build_optimizer(OptimConfig(fused=True), param_groups(m, 0.05), torch.device("cpu")),
                        clip_grad=1.0)
-    ema = EMA(eng.ema_sources(), 0.9)
+    ema = EMA(eng.weights.ema_sources(), 0.9)
     stats = DeferredStepStats(torch.device("cpu"))
     x, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
     for bad in (False, True, False):
@@ -180,7 +180,7 @@ def test_training_step_reads_nothing_back_to_the_host():
             loss = torch.nn.functional.cross_entropy(eng(x), y) * (float("nan") if bad else 1.0)
             eng.backward(loss)
             res = eng.step()
-            ema.update(eng.ema_sources(), gate=res.ok)
+            ema.update(eng.weights.ema_sources(), gate=res.ok)
             stats.push(0, res.ok, res.norm)
     assert [v[0] for _, v, _ in stats.flush()] == [1.0, 0.0, 1.0]
     # the guard does catch a read: the host-decided path (foreach AdamW) reads the norm

@@ -69,7 +69,9 @@ def test_outputs_jsonl_png_config_exports(tmp_path):
 # ------------------------------------------------------------------------------------------ checkpoints
 
 class _FakeEngine:
-    checkpoint_format = "dcp"
+    """Stands for an engine's checkpoint I/O part (engine.state)."""
+
+    format = "dcp"
 
     def __init__(self, fail=False):
         self.fail = fail
@@ -91,7 +93,7 @@ class _Counter:
 
 
 def _save(mgr, step, engine):
-    mgr.engine, mgr.states = engine, {"train": _Counter(step)}
+    mgr.engine_state, mgr.states = engine, {"train": _Counter(step)}
     return mgr.save(step, meta={"step": step, "signature": {}, "config": {}})
 
 

@@ -1,7 +1,7 @@
 """Step-folder checkpoints: atomic, keep-last-k, the stateful parts of a run saved by their own ``state_dict``.
 
-The manager is handed the run's stateful parts (as torchtitan's checkpointer is): the engine (model and optimizer,
-and the GradScaler under fp16), the EMA, and named host states (the trainer's counters, the LR schedule, the loader
+The manager is handed the run's stateful parts (as torchtitan's checkpointer is): the engine's checkpoint I/O part
+(model and optimizer, and the GradScaler under fp16: ``engine.state``), the EMA, and named host states (the trainer's counters, the LR schedule, the loader
 position), each saved with its ``state_dict()`` and restored with its ``load_state_dict()``. There is no global RNG
 state: every random draw of a training step comes from a generator derived from (seed, step, rank, micro-step)
 (:mod:`usp_scale.training.rng`), so a resumed run draws what the uninterrupted one would.
@@ -81,15 +81,15 @@ def diff_config(saved: dict, current: dict, strict_prefixes) -> tuple:
 
 
 class CheckpointManager:
-    """``engine``: saved through its ``save(dir, ema_state)``/``load(dir, ema_state)`` (DCP, or DeepSpeed's own);
-    ``ema``: an object with ``state_dict()`` giving its live tensors in the engine's layout (loaded in place);
+    """``engine_state``: the engine's checkpoint I/O part (``engine.state``: :class:`~usp_scale.checkpoint.dcp.DCPState`
+    or DeepSpeed's own), saved through its ``save(dir, ema_state)``/``load(dir, ema_state)``; ``ema``: an object with ``state_dict()`` giving its live tensors in the engine's layout (loaded in place);
     ``states``: name -> object with ``state_dict()``/``load_state_dict()`` of plain values, saved by rank 0 (they
     must be the same on every rank and independent of the world size)."""
 
-    def __init__(self, root: str, keep_last: int = 3, *, engine=None, ema=None, states: Optional[dict] = None):
+    def __init__(self, root: str, keep_last: int = 3, *, engine_state=None, ema=None, states: Optional[dict] = None):
         self.root = root
         self.keep_last = keep_last
-        self.engine, self.ema = engine, ema
+        self.engine_state, self.ema = engine_state, ema
         self.states: Dict[str, Any] = dict(states or {})
 
     # ---------------------------------------------------------------- listing
@@ -132,14 +132,14 @@ class CheckpointManager:
         final = os.path.join(self.root, name)
         tmp = os.path.join(self.root, f".tmp-{name}")
         rank = D.get_rank()
-        engine, ema = self.engine, self.ema
+        engine_state, ema = self.engine_state, self.ema
         try:
             if rank == 0:
                 os.makedirs(self.root, exist_ok=True)
                 self._remove_leftovers()
                 os.makedirs(tmp)
             D.barrier()
-            engine.save(os.path.join(tmp, "engine"), None if ema is None else ema.state_dict())
+            engine_state.save(os.path.join(tmp, "engine"), None if ema is None else ema.state_dict())
             if rank == 0:
                 torch_save({k: st.state_dict() for k, st in self.states.items()}, os.path.join(tmp, "trainer.pt"))
             D.barrier()
@@ -162,7 +162,7 @@ class CheckpointManager:
             full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and is_disk_full(e, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             if full:
-                raise disk_full_error(final, self._estimate_bytes(engine, ema, written), e,
+                raise disk_full_error(final, self._estimate_bytes(engine_state, ema, written), e,
                                       note=f" (the incomplete {tmp} was removed)") from e
             raise
         return final
@@ -173,15 +173,15 @@ class CheckpointManager:
             if n.startswith((".tmp-step_", ".old-step_")):
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
 
-    def _estimate_bytes(self, engine, ema, written: int) -> int:
+    def _estimate_bytes(self, engine_state, ema, written: int) -> int:
         """Space a checkpoint needs: the previous one's size, else the tensors of the engine state and EMA."""
         prev = self.latest()
         if prev is not None:
             return max(folder_bytes(prev), written)
         try:
-            est = tensor_bytes(engine.state_dict())
+            est = tensor_bytes(engine_state.state_dict())
         except Exception:  # noqa: BLE001 - engines that only save through their own writer (DeepSpeed)
-            est = 4 * sum(p.numel() * 4 for p in engine.unwrapped.parameters())
+            est = 4 * sum(p.numel() * 4 for p in engine_state.model.parameters())
         if ema is not None:
             est += tensor_bytes(ema.state_dict())
         return max(est, written)
@@ -295,7 +295,7 @@ class CheckpointManager:
     def load(self, path: str) -> None:
         """Collective. Loads the engine state and EMA in place (DCP reshards them to this world size), then every
         named state from trainer.pt by its ``load_state_dict``."""
-        self.engine.load(os.path.join(path, "engine"), None if self.ema is None else self.ema.state_dict())
+        self.engine_state.load(os.path.join(path, "engine"), None if self.ema is None else self.ema.state_dict())
         f = os.path.join(path, "trainer.pt")
         saved = torch_load(f, what="trainer state")
         missing = [k for k in self.states if k not in saved]

@@ -1,6 +1,8 @@
-"""The engine interface shared by local / ddp / fsdp2 / deepspeed.
+"""The engine: parallelize + step (the shape of torchtitan's ``parallelize_fn`` and train step), shared by
+local / ddp / fsdp2 / deepspeed.
 
-The trainer calls, for every micro-batch::
+An engine wraps the model once, in its constructor (DDP, ``fully_shard``, ``deepspeed.initialize``), builds the
+optimizer over the wrapped parameters through the factory it is given, and then runs, for every micro-batch::
 
     with engine.sync_context(), engine.autocast():
         loss = task.loss(engine, batch)          # engine(...) runs the wrapped forward
@@ -17,6 +19,11 @@ AdamW/Adam/SGD read a ``found_inf`` tensor and leave parameters, moments and ste
 when it is 1 (the mechanism GradScaler uses). ``StepResult`` then carries device tensors; the trainer
 reads them on the host one step later (``DeferredStepStats``), so the GPU never waits for the CPU.
 Other optimizers (LARS, apex, foreach AdamW) and fp16 with a GradScaler decide on the host.
+
+Everything else about the wrapped model is one of two parts the engine hands out, each the same interface on
+every engine: ``engine.weights`` (:class:`Weights`: the tensors the EMA follows in this engine's layout, and the
+full gathered model, EMA and optimizer state for exports and evaluation) and ``engine.state`` (the checkpoint I/O
+of model, optimizer and EMA: :class:`usp_scale.checkpoint.dcp.DCPState`, or DeepSpeed's own files).
 """
 from __future__ import annotations
 
@@ -64,16 +71,6 @@ def device_precision(precision: str, device: torch.device) -> str:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@contextlib.contextmanager
-def _single_process_dcp():
-    """DCP without a process group (the local engine) warns on every call that it works in one process: it does."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
 def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     """Return ``loss`` unchanged when finite; otherwise a loss whose gradients are all NaN."""
     ok = torch.isfinite(loss.detach())
@@ -111,22 +108,44 @@ def apply_compile(model: nn.Module, scope: str = "blocks") -> None:
         b.compile()
 
 
+class Weights:
+    """The parameters of a wrapped model as the rest of the run sees them, replicated (local, ddp): the tensors the
+    EMA follows (:meth:`ema_sources`), and the full model, EMA and optimizer state, gathered on rank 0 for exports
+    and evaluation (collectives on the sharding engines). FSDP2 and DeepSpeed subclass it for their layouts."""
+
+    # How EMA tensors are laid out: "replicated" (full on every rank), "dtensor" (FSDP2 shards, saved through DCP)
+    # or "per_rank" (DeepSpeed ZeRO-3 partitions, or ZeRO-1/2 fp32 master fragments in bf16/fp16).
+    layout = "replicated"
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def ema_sources(self) -> List[Tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs the EMA follows, in this engine's layout."""
+        return [(n, p) for n, p in self.module.named_parameters()]
+
+    def gather_ema(self, ema_state: dict) -> dict:
+        """Full (unsharded, CPU fp32) EMA tensors; collective; rank 0 gets the dict."""
+        return {k: v.detach().float().cpu() for k, v in ema_state.items()}
+
+    def full_model_state_dict(self) -> dict:
+        """Full fp32 model state dict on CPU (collective; meaningful on rank 0)."""
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def full_optimizer_state_dict(self) -> Optional[dict]:
+        """Full optimizer state in torch's index-keyed format (rank 0)."""
+        return self.optimizer.state_dict()
+
+
 class Engine:
-    """Base class: accumulation bookkeeping, autocast, gradient-norm/clip/skip logic."""
+    """Parallelize + step. Subclasses wrap the model and build the optimizer in their constructor and set
+    :attr:`weights` and :attr:`state`; this base class does the accumulation bookkeeping, autocast, and the
+    gradient-norm / clip / skip logic of :meth:`step`."""
 
     name = "base"
-    # "dcp": :meth:`save`/:meth:`load` through torch.distributed.checkpoint (local, ddp, fsdp2: reshardable across
-    # world sizes and between these engines); "deepspeed": DeepSpeed's own per-rank files.
-    checkpoint_format = "dcp"
-    # How EMA tensors of this engine are laid out: "replicated" (full on every rank), "dtensor"
-    # (FSDP2 shards, saved through DCP) or "per_rank" (DeepSpeed ZeRO-3 partitions, or ZeRO-1/2 fp32 master
-    # fragments in bf16/fp16).
-    ema_layout = "replicated"
 
     def __init__(self, model: nn.Module, *, accum_iter: int = 1, clip_grad: float = 0.0,
                  precision: str = "fp32", device: torch.device = torch.device("cpu")):
-        if accum_iter < 1:
-            raise ValueError(f"schedule.accum_iter must be >= 1, got {accum_iter}")
         self.unwrapped = model
         self.model: nn.Module = model
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -138,6 +157,8 @@ class Engine:
         self.scaler = None
         if precision == "fp16":
             self.scaler = torch.amp.GradScaler(device.type)
+        self.weights: Optional[Weights] = None  # set by the subclass once the model is wrapped
+        self.state = None  # the checkpoint I/O part (DCPState or DeepSpeed's), set by the subclass
 
     # ---------------------------------------------------------------- forward
     def __call__(self, *args, **kwargs):
@@ -148,7 +169,7 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
-    def is_boundary(self) -> bool:
+    def _is_boundary(self) -> bool:
         """True when the current micro-step ends an accumulation window."""
         return (self.micro_step + 1) % self.accum_iter == 0
 
@@ -164,25 +185,21 @@ class Engine:
         else:
             loss.backward()
 
-    def _total_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
-        if not grads:
-            return torch.zeros((), device=self.device)
-        return torch.nn.utils.get_total_norm(grads, 2.0)
-
     def skips_on_device(self) -> bool:
         """True when a non-finite step can be skipped without a host sync: no GradScaler and an optimizer
         whose step honours ``found_inf`` (torch's fused Adam/AdamW/SGD set ``_step_supports_amp_scaling``)."""
         return self.scaler is None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
     def step(self) -> Optional[StepResult]:
-        boundary = self.is_boundary()
+        boundary = self._is_boundary()
         self.micro_step = (self.micro_step + 1) % self.accum_iter
         if not boundary:
             return None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.unwrapped.parameters() if p.grad is not None]
-        norm_t = self._total_norm([p.grad for p in params])
+        grads = [p.grad for p in params]
+        norm_t = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=self.device)
         norm_full = (norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t).float()
         ok_t = torch.isfinite(norm_full)
         on_device = self.skips_on_device()
@@ -204,93 +221,16 @@ class Engine:
                 self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
-        self.zero_grad()
+        self._zero_grad()
         return StepResult(ok=ok_t, norm=norm_full)
 
-    def zero_grad(self) -> None:
+    def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def param_groups(self) -> list:
+        """The optimizer's param groups (the LR schedule writes their lr)."""
         return self.optimizer.param_groups
-
-    # ---------------------------------------------------------------- EMA sources
-    def ema_sources(self) -> List[Tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs the EMA follows, in this engine's layout."""
-        return [(n, p) for n, p in self.unwrapped.named_parameters()]
-
-    def gather_ema(self, ema_state: dict) -> dict:
-        """Full (unsharded, CPU fp32) EMA tensors; collective; rank 0 gets the dict."""
-        return {k: v.detach().float().cpu() for k, v in ema_state.items()}
-
-    # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        """Model and optimizer through ``torch.distributed.checkpoint.state_dict`` (keys are parameter names, no
-        wrapper prefixes; FSDP2 gives DTensor shards), plus the GradScaler's state under fp16. DCP saves it from
-        any engine of the DCP family (local, ddp, fsdp2) and loads it into any of them, on any world size."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        # Before the first applied step the optimizer has no state, and get_state_dict creates it with a zero-lr
-        # step (Adam's step count becomes 1): the live optimizer is put back as it was, and the checkpoint says so.
-        fresh = not self.optimizer.state
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        if fresh:
-            self.optimizer.state.clear()
-        sd = {"model": msd, "optimizer": osd, "optimizer_fresh": fresh}
-        if self.scaler is not None:
-            sd["scaler"] = self.scaler.state_dict()
-        return sd
-
-    def load_state_dict(self, sd: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-        if sd.get("optimizer_fresh"):  # saved before any applied step: its first real step initialises the state
-            self.optimizer.state.clear()
-        if self.scaler is not None:
-            if "scaler" not in sd:
-                raise KeyError("the checkpoint has no GradScaler state but this run trains in fp16: resume with the "
-                               "engine.precision it was saved with")
-            self.scaler.load_state_dict(sd["scaler"])
-
-    def save(self, path: str, ema_state: Optional[dict] = None) -> None:
-        """Collective: write :meth:`state_dict` and the EMA tensors (``ema_state``, this engine's layout) with DCP
-        into folder ``path/dcp``; each rank writes its shards, replicated tensors are written once."""
-        import os
-
-        import torch.distributed.checkpoint as dcp
-
-        from .. import runtime as D
-
-        state = self.state_dict()
-        if ema_state is not None:
-            state["ema"] = dict(ema_state)
-        with _single_process_dcp():
-            dcp.save(state, checkpoint_id=os.path.join(path, "dcp"))
-        D.barrier()
-
-    def load(self, path: str, ema_state: Optional[dict] = None) -> None:
-        """Collective: load what :meth:`save` wrote (from any world size and DCP engine, resharded by DCP); EMA
-        tensors are loaded into ``ema_state`` in place. Nothing is unpickled but plain values
-        (:func:`~usp_scale.checkpoint.safe_load.dcp_load`)."""
-        import os
-
-        from ..checkpoint.safe_load import dcp_load
-
-        state = self.state_dict()
-        if ema_state is not None:
-            state["ema"] = dict(ema_state)
-        with _single_process_dcp():
-            dcp_load(state, os.path.join(path, "dcp"))
-        self.load_state_dict(state)
-
-    def full_model_state_dict(self) -> dict:
-        """Full fp32 model state dict on CPU (collective; meaningful on rank 0)."""
-        return {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()}
-
-    def full_optimizer_state_dict(self) -> Optional[dict]:
-        """Full optimizer state (rank 0), or None where the engine cannot give one cheaply."""
-        return self.optimizer.state_dict()
 
     def close(self) -> None:
         pass

@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import Engine
+from ..checkpoint.dcp import DCPState
+from .base import Engine, Weights
 
 
 class LocalEngine(Engine):
@@ -17,6 +19,8 @@ class LocalEngine(Engine):
     def __init__(self, model: nn.Module, optimizer_factory, **kw):
         super().__init__(model, **kw)
         self.optimizer = optimizer_factory(model)
+        self.weights = Weights(model, self.optimizer)
+        self.state = DCPState(self.model, self.optimizer, self.scaler)
 
 
 class DDPEngine(Engine):
@@ -34,12 +38,12 @@ class DDPEngine(Engine):
                                              gradient_as_bucket_view=True)
         self.reduce_dtype = reduce_dtype
         if reduce_dtype == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
             self.model.register_comm_hook(None, default_hooks.bf16_compress_hook)
         self.optimizer = optimizer_factory(model)
+        self.weights = Weights(model, self.optimizer)
+        self.state = DCPState(self.model, self.optimizer, self.scaler)
 
     def sync_context(self):
-        if self.is_boundary():
+        if self._is_boundary():
             return contextlib.nullcontext()
         return self.model.no_sync()

@@ -32,6 +32,7 @@ import torch.nn as nn
 from ..config import ConfigError
 from ..config.schema import EvalConfig
 from .. import runtime as D
+from ..engine.fsdp import is_meta
 from ..runtime import agree_on_success, get_rank, get_world_size
 from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
     make_model_fn
@@ -128,8 +129,11 @@ class FIDHook:
         # generator) in the middle of training; kept on the CPU between evaluations.
         extractor, self.layer = build_extractor(cfg.eval, "cpu")
         self.extractor = extractor.requires_grad_(False).eval()
-        # A private, never-wrapped copy (CPU between evaluations): engines shard/wrap the training module.
-        self.model = copy.deepcopy(model).to("cpu").requires_grad_(False).eval()
+        # A private, never-wrapped copy (CPU between evaluations): engines shard/wrap the training module. A model
+        # built on the meta device (initialised after sharding) gets memory here; every evaluation loads the weights.
+        copied = copy.deepcopy(model)
+        copied = copied.to_empty(device="cpu") if is_meta(copied) else copied.to("cpu")
+        self.model = copied.requires_grad_(False).eval()
         self.records_file = os.path.join(cfg.output_dir, cfg.eval.metrics_file)
         self.grid_dir = os.path.join(cfg.output_dir, "samples")
         self.last_step = -1
@@ -154,10 +158,10 @@ class FIDHook:
     @torch.no_grad()
     def _load_weights(self, engine, ema) -> str:
         """Full weights (EMA over the model's) into the private copy on every rank; collective."""
-        sd = engine.full_model_state_dict()  # full on rank 0 at least
+        sd = engine.weights.full_model_state_dict()  # full on rank 0 at least
         which = "model"
         if ema is not None:
-            sd = {**sd, **engine.gather_ema(ema.state_dict())}
+            sd = {**sd, **engine.weights.gather_ema(ema.state_dict())}
             which = "ema"
         rank, world = D.get_rank(), D.get_world_size()
         err = None

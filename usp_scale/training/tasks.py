@@ -56,12 +56,13 @@ class Task:
         m = self.cfg.model
         return dict(img_size=m.img_size, in_chans=m.in_chans)
 
-    def build_model(self, attn_backend: str = "sdpa") -> nn.Module:
+    def build_model(self, attn_backend: str = "sdpa", device=None) -> nn.Module:
         """The model of the job (the config's rules checked that it fits the task), with the attention spec the
-        runtime resolved (:func:`usp_scale.runtime.init_runtime`)."""
-        model = create_model(self.cfg.model.name, kernels=self.cfg.model.kernels, attn_backend=attn_backend,
-                             **self.model_kwargs())
-        if self.cfg.checkpoint.init_from:
+        runtime resolved (:func:`usp_scale.runtime.init_runtime`). On ``device="meta"`` nothing is allocated or
+        loaded (an engine that initialises after sharding fills it from rank 0's build)."""
+        model = create_model(self.cfg.model.name, device=device, kernels=self.cfg.model.kernels,
+                             attn_backend=attn_backend, **self.model_kwargs())
+        if self.cfg.checkpoint.init_from and device != "meta":
             load_init(model, self.cfg.checkpoint.init_from, self.cfg.dit.use_pretrain_layer)
         return model
 
@@ -248,8 +249,8 @@ class LinprobeTask(ClsTask):
         return dict(img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool,
                     linprobe=True)
 
-    def build_model(self, attn_backend: str = "sdpa"):
-        model = super().build_model(attn_backend)
+    def build_model(self, attn_backend: str = "sdpa", device=None):
+        model = super().build_model(attn_backend, device)
         if not (isinstance(getattr(model, "head", None), nn.Sequential) and isinstance(model.head[0], nn.BatchNorm1d)):
             raise ConfigError(f"task=linprobe: model {self.cfg.model.name} has no BatchNorm1d + Linear 'head'")
         for n, p in model.named_parameters():

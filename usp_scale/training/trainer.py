@@ -25,7 +25,7 @@ import torch
 from .. import runtime as D
 from ..checkpoint import CheckpointManager, model_signature, save_official, save_safetensors
 from ..config import ConfigError, resolve_job, save_config, to_dict
-from ..engine import build_engine
+from ..engine import INITIALISE_AFTER_SHARDING, build_engine
 from ..runtime import agree_on_success, init_runtime, seed_all
 from .ema import EMA
 from .logging import MetricsLogger
@@ -84,8 +84,14 @@ class Trainer:
             save_config(cfg, os.path.join(out, "config.yaml"))
         self._print(f"[usp_scale] {self.batch_plan.describe()}; precision {cfg.engine.precision}, gradients reduced "
                     f"in {cfg.engine.reduce_dtype}")
-        # Model: the same initialisation on every rank (init_runtime seeded the generators with cfg.seed).
-        model = self.task.build_model(attn_backend=rt.attn_backend)
+        # Model: the same initialisation on every rank (init_runtime seeded the generators with cfg.seed). An engine
+        # that initialises after sharding gets it on the meta device and the full state of rank 0's build.
+        init_state = None
+        if cfg.engine.name in INITIALISE_AFTER_SHARDING:
+            init_state = self.task.build_model(attn_backend=rt.attn_backend).state_dict() if self.is_main else None
+            model = self.task.build_model(attn_backend=rt.attn_backend, device="meta")
+        else:
+            model = self.task.build_model(attn_backend=rt.attn_backend)
         self.signature = model_signature(model)
         self.train_flops = self.task.train_flops_per_sample(model)  # before any engine partitions the parameters
         seed_all(cfg.seed + self.rank)  # training draws use explicit generators; anything else differs per rank
@@ -104,15 +110,17 @@ class Trainer:
         task = self.task
         self.engine = build_engine(
             cfg.engine, model, lambda m: build_optimizer(cfg.optim, task.param_groups(m), self.device),
-            accum_iter=accum, clip_grad=cfg.optim.clip_grad, device=self.device, micro_batch=cfg.data.batch_size)
-        self.ema = EMA(self.engine.ema_sources(), cfg.ema.decay) if cfg.ema.decay > 0 else None
+            accum_iter=accum, clip_grad=cfg.optim.clip_grad, device=self.device, micro_batch=cfg.data.batch_size,
+            init_state=init_state)
+        del init_state
+        self.ema = EMA(self.engine.weights.ema_sources(), cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim, global_batch=self.global_batch,
                                                steps_per_epoch=self.steps_per_epoch)
         self.state = TrainState(samples_per_micro=cfg.data.batch_size * self.world)
         # The LR schedule is a function of the config and state.step (a resumed run with a longer schedule follows
         # the new config): it is not a saved state.
         self.ckpt = CheckpointManager(
-            os.path.join(out, "checkpoints"), cfg.checkpoint.keep_last, engine=self.engine, ema=self.ema,
+            os.path.join(out, "checkpoints"), cfg.checkpoint.keep_last, engine_state=self.engine.state, ema=self.ema,
             states={"train": self.state, "loader": LoaderPosition(self.loader, cfg.data.batch_size * self.world)})
         self.logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
         self.resumed_from = self._resume()
@@ -143,9 +151,9 @@ class Trainer:
 
     def _meta(self):
         return {"step": self.state.step, "epoch": self.state.epoch, "engine": self.engine.name,
-                "checkpoint_format": self.engine.checkpoint_format, "world_size": self.world,
+                "checkpoint_format": self.engine.state.format, "world_size": self.world,
                 "global_batch": self.global_batch, "task": self.cfg.task, "signature": self.signature,
-                "config": to_dict(self.cfg), "deepspeed_config": getattr(self.engine, "ds_config", None)}
+                "config": to_dict(self.cfg), "deepspeed_config": self.engine.state.config}
 
     def _resume(self) -> Optional[str]:
         """Resume from ``checkpoint.resume`` (auto: the newest complete step folder) when there is one: check it,
@@ -156,9 +164,9 @@ class Trainer:
             return None
         strict = [s.strip() for s in cfg.checkpoint.strict_keys.split(",") if s.strip()]
         other = self.ckpt.check(resume, signature=self.signature, config=to_dict(cfg), world_size=self.world,
-                                engine_name=self.engine.name, checkpoint_format=self.engine.checkpoint_format,
+                                engine_name=self.engine.name, checkpoint_format=self.engine.state.format,
                                 global_batch=self.global_batch, strict_prefixes=strict,
-                                deepspeed_config=getattr(self.engine, "ds_config", None),
+                                deepspeed_config=self.engine.state.config,
                                 deepspeed_source=cfg.engine.deepspeed_config)
         if other:
             self._print(f"[usp_scale] resuming from {resume} with changed settings:\n" + "\n".join(other))
@@ -314,7 +322,7 @@ class Trainer:
         self.win["samples"] += self.global_batch
         self._loss_acc.zero_()
         if self.ema is not None:
-            self.ema.update(engine.ema_sources(), gate=res.ok)   # skipped steps leave it unchanged
+            self.ema.update(engine.weights.ema_sources(), gate=res.ok)   # skipped steps leave it unchanged
         # Applied?/grad norm reach the host one step late (no device sync per step).
         self.stats.push(st.step, res.ok, res.norm, meta=self._lr)
         return res
@@ -436,13 +444,14 @@ class Trainer:
         out = {}
         if not (cfg.checkpoint.export or cfg.checkpoint.export_official):
             return out
-        model_sd = self.engine.full_model_state_dict()
+        weights = self.engine.weights
+        model_sd = weights.full_model_state_dict()
         ema_sd = None
         if self.ema is not None:
-            ema_sd = {**model_sd, **self.engine.gather_ema(self.ema.state_dict())}
+            ema_sd = {**model_sd, **weights.gather_ema(self.ema.state_dict())}
         opt_sd = None
         if cfg.checkpoint.export_official and cfg.task in ("dit", "sit"):
-            opt_sd = self.engine.full_optimizer_state_dict()
+            opt_sd = weights.full_optimizer_state_dict()
         if self.is_main:
             exp = os.path.join(cfg.output_dir, "export")
             os.makedirs(exp, exist_ok=True)

@@ -29,11 +29,9 @@ def check_version(version: str) -> None:
 
 
 class DeepSpeedEngine(Engine):
-    """ZeRO-1/2/3 over our model and the optimizer ``optimizer_factory(model)`` builds.
-
-    EMA layout (``ema_layout``): "replicated" (fp32, or ZeRO-1/2 fp32 where module weights equal the masters),
-    "per_rank" under ZeRO-3 (this rank's fp32 partitions) and under ZeRO-1/2 in bf16/fp16 (this rank's fragments of
-    the fp32 masters, ``ema_from_masters``), so the EMA always averages fp32 weights."""
+    """ZeRO-1/2/3 over our model and the optimizer ``optimizer_factory(model)`` builds. Its parts:
+    ``weights`` (:class:`~.state.ZeroWeights`: the EMA always follows fp32 weights, gathered from the ZeRO
+    partitions) and ``state`` (:class:`~.state.DeepSpeedState`: DeepSpeed's own checkpoint files)."""
 
     name = "deepspeed"
 
@@ -47,17 +45,13 @@ class DeepSpeedEngine(Engine):
         cfg = build_config(micro_batch=micro_batch, accum_iter=self.accum_iter, world_size=D.get_world_size(),
                            zero_stage=zero_stage, precision=self.precision, clip_grad=self.clip_grad,
                            reduce_dtype=reduce_dtype, device_type=self.device.type, user_config=user_config)
-        self.ds_config = cfg
-        self.zero_stage = cfg["zero_optimization"]["stage"]
+        zero_stage = cfg["zero_optimization"]["stage"]
         bit16 = bool(cfg.get("bf16", {}).get("enabled")) or bool(cfg.get("fp16", {}).get("enabled"))
-        self.ema_from_masters = self.zero_stage in (1, 2) and bit16
-        if self.zero_stage == 3 or self.ema_from_masters:
-            self.ema_layout = "per_rank"
         optimizer = optimizer_factory(model)
         # Parameter names of each param group, in the optimizer's order (DeepSpeed replaces the groups' params
         # by flat partitions): the index layout of a torch optimizer state dict over the same groups.
         names = {id(p): n for n, p in model.named_parameters()}
-        self.group_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        group_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         self.client_optimizer = optimizer
         # In bf16/fp16 DeepSpeed casts the module first and builds its fp32 masters from the cast weights, which
         # would drop the low bits of fp32 weights (a transferred checkpoint, the fp32 init). Keep them (on the
@@ -72,11 +66,10 @@ class DeepSpeedEngine(Engine):
             for n, p in self.unwrapped.named_parameters():
                 if n in fp32:
                     safe_set_full_fp32_param(p, fp32[n].to(self.device))
-
-    @property
-    def dp_group(self):
-        """The process group DeepSpeed partitions ZeRO state over (the data-parallel group; all ranks here)."""
-        return self.model.seq_data_parallel_group
+        self.weights = S.ZeroWeights(self.model, optimizer, zero_stage=zero_stage,
+                                     ema_from_masters=zero_stage in (1, 2) and bit16, group_names=group_names)
+        self.state = S.DeepSpeedState(self.model, cfg, self.weights.layout,
+                                      what=f"ZeRO-{zero_stage}, {self.precision}")
 
     # ---------------------------------------------------------------- backward / step
     def backward(self, loss):
@@ -95,41 +88,9 @@ class DeepSpeedEngine(Engine):
             applied = False
         return StepResult.from_host(applied, norm, device=self.device)
 
-    def zero_grad(self):
+    def _zero_grad(self):
         self.model.zero_grad()
 
     @property
     def param_groups(self):
         return self.client_optimizer.param_groups
-
-    # ---------------------------------------------------------------- EMA
-    def ema_sources(self):
-        if self.ema_from_masters:
-            return S.master_fragments(self.unwrapped)
-        if self.zero_stage == 3:
-            return S.zero3_local_params(self.unwrapped)
-        return super().ema_sources()
-
-    def gather_ema(self, ema_state: dict) -> dict:
-        if self.ema_from_masters:
-            return S.gather_master_fragments(self.unwrapped, ema_state, self.dp_group)
-        if self.zero_stage == 3:
-            return S.gather_zero3(self.unwrapped, ema_state, self.dp_group)
-        return super().gather_ema(ema_state)
-
-    # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        raise NotImplementedError("DeepSpeed state is saved with save(dir); use full_model_state_dict() for weights")
-
-    def save(self, path: str, ema_state: Optional[dict] = None) -> None:
-        S.save(self.model, path, ema_state, self.ema_layout)
-
-    def load(self, path: str, ema_state: Optional[dict] = None) -> None:
-        S.load(self.model, path, ema_state, self.ema_layout, what=f"ZeRO-{self.zero_stage}, {self.precision}")
-
-    def full_model_state_dict(self) -> dict:
-        return S.full_model_state_dict(self.unwrapped, self.zero_stage)
-
-    def full_optimizer_state_dict(self) -> Optional[dict]:
-        return S.full_optimizer_state_dict(self.unwrapped, self.client_optimizer, self.group_names,
-                                           self.model.optimizer, self.zero_stage)

@@ -1,5 +1,5 @@
-"""DeepSpeed state: checkpoint save/load (DeepSpeed's own layout), the gathered fp32 model and optimizer state,
-and the EMA over ZeRO partitions.
+"""DeepSpeed's two parts of the engine: :class:`ZeroWeights` (the EMA over ZeRO partitions, the gathered fp32 model
+and optimizer state) and :class:`DeepSpeedState` (checkpoint save/load in DeepSpeed's own layout).
 
 Everything here goes through DeepSpeed's public API (``save_checkpoint`` / ``load_checkpoint``,
 ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_local_fp32_param`` / ``safe_get_full_optimizer_state``,
@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ... import runtime as D
 from ...checkpoint.safe_load import torch_load, torch_save
 from ...config import ConfigError
-from ... import runtime as D
+from ..base import Weights
 
 TAG = "ds"  # DeepSpeed checkpoint tag: <engine folder>/ds/...
 
@@ -295,3 +296,65 @@ def full_optimizer_state_dict(module: nn.Module, client_optimizer: torch.optim.O
             index += 1
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
     return {"state": state, "param_groups": groups} if main else None
+
+
+# ---------------------------------------------------------------- the engine's two parts
+class ZeroWeights(Weights):
+    """EMA layout (:attr:`layout`): "replicated" (fp32, or ZeRO-1/2 fp32 where module weights equal the masters),
+    "per_rank" under ZeRO-3 (this rank's fp32 partitions) and under ZeRO-1/2 in bf16/fp16 (this rank's fragments of
+    the fp32 masters, ``ema_from_masters``), so the EMA always averages fp32 weights. ``ds_engine`` is DeepSpeed's
+    engine, ``client_optimizer`` the torch optimizer it wraps, ``group_names`` the parameter names of each of its
+    groups."""
+
+    def __init__(self, ds_engine, client_optimizer, *, zero_stage: int, ema_from_masters: bool, group_names: list):
+        super().__init__(ds_engine.module, client_optimizer)
+        self.ds_engine, self.zero_stage, self.ema_from_masters = ds_engine, zero_stage, ema_from_masters
+        self.group_names = group_names
+        self.layout = "per_rank" if zero_stage == 3 or ema_from_masters else "replicated"
+
+    @property
+    def dp_group(self):
+        """The process group DeepSpeed partitions ZeRO state over (the data-parallel group; all ranks here)."""
+        return self.ds_engine.seq_data_parallel_group
+
+    def ema_sources(self):
+        if self.ema_from_masters:
+            return master_fragments(self.module)
+        if self.zero_stage == 3:
+            return zero3_local_params(self.module)
+        return super().ema_sources()
+
+    def gather_ema(self, ema_state: dict) -> dict:
+        if self.ema_from_masters:
+            return gather_master_fragments(self.module, ema_state, self.dp_group)
+        if self.zero_stage == 3:
+            return gather_zero3(self.module, ema_state, self.dp_group)
+        return super().gather_ema(ema_state)
+
+    def full_model_state_dict(self) -> dict:
+        return full_model_state_dict(self.module, self.zero_stage)
+
+    def full_optimizer_state_dict(self) -> Optional[dict]:
+        return full_optimizer_state_dict(self.module, self.optimizer, self.group_names, self.ds_engine.optimizer,
+                                         self.zero_stage)
+
+
+class DeepSpeedState:
+    """Checkpoint I/O in DeepSpeed's own layout (same engine and world size to resume; :func:`save` /
+    :func:`load`); ``config`` is the merged DeepSpeed JSON the run used (recorded in the checkpoint's meta.json),
+    ``what`` names this run's ZeRO stage and precision in errors."""
+
+    format = "deepspeed"
+
+    def __init__(self, ds_engine, config: dict, ema_layout: str, what: str):
+        self.model, self.config, self.ema_layout, self.what = ds_engine, config, ema_layout, what
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("DeepSpeed state is saved with save(dir); use weights.full_model_state_dict() for "
+                                  "the weights")
+
+    def save(self, path: str, ema_state: Optional[dict] = None) -> None:
+        save(self.model, path, ema_state, self.ema_layout)
+
+    def load(self, path: str, ema_state: Optional[dict] = None) -> None:
+        load(self.model, path, ema_state, self.ema_layout, what=self.what)

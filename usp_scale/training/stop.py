@@ -1,0 +1,103 @@
+"""The trainer's side of the stop/requeue protocol (docs/training.md, "Preemption and requeue"; the batch-job side
+and the protocol's names are :mod:`usp_scale.cluster.slurm`'s).
+
+Touching ``<output_dir>/STOP_AND_CHECKPOINT`` (the SLURM scripts do it on SIGUSR1), or SIGUSR1/SIGTERM delivered to
+the workers, makes the trainer checkpoint at its next log step and exit (:class:`StopRequests`); the launcher then
+exits with ``EXIT_STOPPED`` and rank 0 leaves ``<output_dir>/STOPPED`` (:func:`write_stopped`), which the next run
+removes at start-up (:func:`clear_stale_stop_files`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from .. import runtime as D
+from ..cluster.slurm import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
+
+_IMPORTED_AT = time.time()
+EXIT_DONE = 0  # training finished, or stopped on request under a torchrun agent with restarts left
+
+
+class StopRequests:
+    """A signal (SIGUSR1/SIGTERM, to this rank) or the stop file (seen by rank 0) asks the run to checkpoint and
+    stop. :attr:`raw` is this rank's own request; :meth:`agreed` is collective (a signal may reach only some ranks;
+    the checkpoint that follows is collective)."""
+
+    def __init__(self, output_dir: str, is_main: bool):
+        self.path = os.path.join(output_dir, STOP_FILE)
+        self.is_main = is_main
+        self.raw = False
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            self.raw = True
+
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(s, handler)
+            except ValueError:  # not in the main thread
+                pass
+
+    def agreed(self) -> bool:
+        """Collective (at log steps): any rank's signal, or the stop file."""
+        req = self.raw or (self.is_main and os.path.exists(self.path))
+        return bool(D.all_reduce_max(float(req)))
+
+    def consume(self) -> None:
+        """The request was honoured (checkpoint written): rank 0 removes the stop file."""
+        if self.is_main and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def run_started_at() -> float:
+    """When this run started, in epoch seconds: ``$USP_SCALE_STARTED_AT`` (the SLURM scripts export the job's
+    start) or this process's start (from /proc; the module's import time elsewhere)."""
+    if os.environ.get("USP_SCALE_STARTED_AT"):
+        return float(os.environ["USP_SCALE_STARTED_AT"])
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: start time in clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+def clear_stale_stop_files(output_dir: str) -> None:
+    """Rank 0 at start-up: remove the previous run's STOPPED marker, and a STOP_AND_CHECKPOINT older than this
+    run (left by a job killed before it could act on it), which would otherwise stop this run at its first
+    log step. A stop file written after the run started (e.g. by the SLURM script's signal trap) is kept."""
+    started = run_started_at()
+    for name in (STOPPED_FILE, STOP_FILE):
+        path = os.path.join(output_dir, name)
+        try:
+            mtime = os.path.getmtime(path)
+        except OSError:
+            continue
+        if name == STOPPED_FILE or mtime < started:
+            os.remove(path)
+            print(f"[usp_scale] removed {path} (written {time.ctime(mtime)}, before this run started "
+                  f"{time.ctime(started)})", flush=True)
+
+
+def stop_exit_code() -> int:
+    """EXIT_STOPPED, except under a torchrun agent with restarts left: it would restart the workers on a non-zero
+    exit (they would resume and train on, ignoring the stop), so there the stop exits 0 and STOPPED tells."""
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT",
+                                                                                       "0"))
+    return EXIT_DONE if left > 0 else EXIT_STOPPED
+
+
+def write_stopped(output_dir: str, result: dict, code: int) -> str:
+    """Rank 0 after a requested stop: the STOPPED marker (step, checkpoint, exit code), the one sign of a requested
+    stop that survives torchrun (which reports any failed worker as exit code 1)."""
+    path = os.path.join(output_dir, STOPPED_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"step": result["step"], "checkpoint": result["checkpoint"], "exit_code": code,
+                   "time": time.time()}, f)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return path
