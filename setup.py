@@ -1,15 +1,18 @@
 """usp_scale package.
 
-The Triton kernels live in ``usp_scale/kernels/`` (a leaf package: nothing in it imports the rest of
-the library). An unrelated PyPI package named ``kernels`` exists and diffusers probes for it, so the
-kernels are never importable as a top-level module ``kernels``.
+The Triton kernels live in the top-level folder ``kernels/`` (beside ``usp_scale/``, ``launchers/``, ``configs/``) and
+are installed as ``usp_scale.kernels`` (``package_dir``); they are a leaf package: nothing in them imports the rest of
+the library. An unrelated PyPI package named ``kernels`` exists and diffusers probes for it, so the folder is never
+importable as a top-level module ``kernels`` (its ``__init__`` refuses that name); in a source checkout
+``usp_scale/__init__.py`` maps ``usp_scale.kernels`` to the folder (tests/test_packaging.py checks both, and a
+fresh install).
 
 Version ranges admit a GPU user's own CUDA torch (e.g. 2.11 on the benchmark machines);
 CI and the README install the pinned CPU-capable stack (torch 2.14.1, torchvision 0.29.1).
 """
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["usp_scale", "usp_scale.*"])
+packages = find_packages(include=["usp_scale", "usp_scale.*"]) + ["usp_scale.kernels"]
 
 extras = {
     "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10"],
@@ -31,6 +34,7 @@ setup(
     description="Distributed USP: masked latent pretraining and transfer to DiT/SiT/ViT",
     python_requires=">=3.10",
     packages=packages,
+    package_dir={"usp_scale.kernels": "kernels"},
     # the small trained VAE and feature extractor of the synthetic dataset (weights + asset.json + README.md)
     package_data={"usp_scale.assets": ["*/*/*.json", "*/*/*.safetensors", "*/*/*.md"]},
     install_requires=[

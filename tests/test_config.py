@@ -113,7 +113,11 @@ def test_choices_are_declared_by_the_schema_and_listed_in_the_help():
 
     prec = {f.name: f for f in dataclasses.fields(EngineConfig)}["precision"]
     assert prec.metadata["choices"] == CHOICES["engine.precision"] and "official" in CHOICES["engine.precision"]
-    assert INT_CHOICES == {"engine.zero_stage": (1, 2, 3)} and set(schema_choices()) == {*CHOICES, *INT_CHOICES}
+    # the rules cover the choice fields of the job and of the tools' own sections (sample, cache, transfer)
+    from usp_scale.config.schema import CacheJob, SampleJob, TransferJob
+
+    every = {k for schema in (JobConfig, SampleJob, CacheJob, TransferJob) for k in schema_choices(schema)}
+    assert INT_CHOICES == {"engine.zero_stage": (1, 2, 3)} and every == {*CHOICES, *INT_CHOICES}
     docs = field_docs()
     assert docs["engine.precision"].endswith("[one of: official, auto, fp32, bf16, fp16]")
     assert "[one of: 1, 2, 3]" in format_help(JobConfig()).split("engine.zero_stage", 1)[1].splitlines()[0]

@@ -39,7 +39,7 @@ def test_checkpoint_on_a_full_disk(small_fs):
 
 
 def test_export_on_a_full_disk(small_fs):
-    from usp_scale.checkpoint import save_safetensors
+    from usp_scale.fileio import save_safetensors
 
     path = str(small_fs / "model.safetensors")
     with pytest.raises(DiskFullError, match=r"model\.safetensors needs about 4\.0 MiB"):
@@ -48,7 +48,7 @@ def test_export_on_a_full_disk(small_fs):
 
 
 def test_latent_cache_on_a_full_disk(small_fs):
-    from usp_scale.vae.latent_cache import write_shard
+    from usp_scale.data.cache_format import write_shard
 
     settings = {"latent_shape": [4, 28, 28], "views": 4, "dtype": "fp16"}
     mean = torch.zeros(100, 4, 2, 4, 28, 28, dtype=torch.float16)

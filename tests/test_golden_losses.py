@@ -1,5 +1,5 @@
 """Golden losses: the per-step losses and gradient norms of two fixed short runs (tiny MAE pretraining, DiT-tiny/2
-DDPM) on each engine equal the ones stored in tests/assets/losses/ (scripts/loss_compare.py has the recipes).
+DDPM) on each engine equal the ones stored in tests/assets/losses/ (tests/loss_compare.py has the recipes).
 
 Every other run-vs-run test compares the code with itself; this one notices a change that moves the numerics of
 every path together (initialisation, masking, the diffusion loss, the optimizer, clipping, a data order).
@@ -7,7 +7,7 @@ Within ``GOLDEN_RTOL`` (1e-5 relative) where the recorded environment (torch, CP
 process) equals the goldens': that record does not capture the CPU model or oneDNN/MKL's code paths, which move
 the losses by ~1e-7 between machines; a change of the numerics moves them by 1e-3 and more. Elsewhere within
 ``CROSS_ENV_RTOL``. Bit-exactness is asserted only where it is guaranteed: two commits run on one machine
-(``scripts/loss_compare.py --a main --b .``).
+(``tests/loss_compare.py --a main --b .``).
 """
 import importlib.util
 import os
@@ -15,14 +15,14 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("loss_compare", os.path.join(ROOT, "scripts", "loss_compare.py"))
+_spec = importlib.util.spec_from_file_location("loss_compare", os.path.join(ROOT, "tests", "loss_compare.py"))
 LC = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(LC)
 
 HOW = ("If this change of the numerics is intended, regenerate the goldens with\n"
-       "    python scripts/loss_compare.py --update-golden\n"
+       "    python tests/loss_compare.py --update-golden\n"
        "and commit tests/assets/losses/ saying why the losses moved. To see what moved against another commit:\n"
-       "    python scripts/loss_compare.py --a main --b .")
+       "    python tests/loss_compare.py --a main --b .")
 
 
 def _check(engine, got):

@@ -14,8 +14,8 @@ def test_package_imports_without_triton():
             "import importlib.util as u; u.find_spec = (lambda f: (lambda n, *a: None if n == 'triton' else f(n, *a)))(u.find_spec)\n"
             "import usp_scale.kernels as k, usp_scale.layers.fused as f, usp_scale.models\n"
             "assert not k.triton_available()\n"
-            "assert f.resolve_impl('auto', 'cpu') == 'torch'\n"
-            "try:\n    f.resolve_impl('triton', 'cpu')\nexcept RuntimeError as e:\n    assert 'triton is not installed' in str(e); print('OK')\n")
+            "assert k.resolve_impl('auto', 'cpu') == 'torch'\n"
+            "try:\n    k.resolve_impl('triton', 'cpu')\nexcept RuntimeError as e:\n    assert 'triton is not installed' in str(e); print('OK')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
 

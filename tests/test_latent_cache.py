@@ -42,7 +42,7 @@ def test_manifest_counts_checksums_and_corrupt_report(cache, synth):
     assert m["latent_shape"] == [4, 4, 4] and m["resolution"] == 32 and m["dtype"] == "fp16"
     assert m["vae"]["version"] == "d8" and m["vae"]["fingerprint"] == FrozenVAE().fingerprint
     assert m["augment"]["name"] == "pretrain" and len(m["shards"]) == 5
-    from usp_scale.data.latents import sha256_file
+    from usp_scale.data.cache_format import sha256_file
     for sh in m["shards"]:
         assert sha256_file(os.path.join(cache["path"], sh["file"])) == sh["sha256"]
 
@@ -182,7 +182,8 @@ def test_torchrun_two_ranks_gloo(synth_clean, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.join(REPO, "launchers", "cache_latents.py"),
            "--data-root", synth_clean["root"], "--out", out, "--views", "2", "--image-size", "32",
-           "--shard-size", "5", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+           "--shard-size", "5", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--device", "cpu",
+           "--vae-path", "tiny-random"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert "CACHE_DONE rank=0" in p.stdout and "CACHE_DONE rank=1" in p.stdout, p.stdout + p.stderr

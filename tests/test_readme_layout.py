@@ -1,4 +1,5 @@
-"""README.md's layout section lists every file of the package once, one line each, and nothing else."""
+"""README.md's layout section lists every file of the package (usp_scale/ and the kernels' folder kernels/, installed
+as usp_scale.kernels) once, one line each, and nothing else."""
 import os
 import re
 
@@ -13,9 +14,10 @@ def _section() -> str:
 
 
 def test_every_package_file_has_one_line_in_the_readme_layout():
-    listed = re.findall(r"^(usp_scale/\S+\.py)\s+\S", _section(), flags=re.M)
+    listed = re.findall(r"^((?:usp_scale|kernels)/\S+\.py)\s+\S", _section(), flags=re.M)
     on_disk = sorted(os.path.relpath(os.path.join(root, f), REPO)
-                     for root, _, files in os.walk(os.path.join(REPO, "usp_scale"))
+                     for top in ("usp_scale", "kernels")
+                     for root, _, files in os.walk(os.path.join(REPO, top))
                      for f in files if f.endswith(".py"))
     dupes = sorted({p for p in listed if listed.count(p) > 1})
     assert not dupes, f"listed more than once in README.md's layout: {dupes}"
@@ -26,5 +28,5 @@ def test_every_package_file_has_one_line_in_the_readme_layout():
     # every line of the file list names a file and says what it holds
     block = re.search(r"```\n(.*?)```", _section(), flags=re.S).group(1)
     bad = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")
-           and not re.match(r"usp_scale/\S+\.py {2,}\S", ln)]
+           and not re.match(r"(usp_scale|kernels)/\S+\.py {2,}\S", ln)]
     assert not bad, f"layout lines that are not 'path  description': {bad}"

@@ -127,15 +127,39 @@ def test_mfu_uses_mask_ratio(tmp_path):
     assert half == 3.0 * m.flops_per_sample(mask_ratio=0.5) and half > 3.0 * m.flops_per_sample(mask_ratio=0.75)
 
 
+def test_linear_probe_flops_count_the_head_only_backward(tmp_path):
+    """The probe trains its head only: the task's count equals the matmul FLOPs torch counts in a forward and
+    backward of one probe step (not 3 x forward, which made its MFU about 3x too high)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from usp_scale.training.tasks import LinprobeTask
+
+    c = cfg(tmp_path, **{"task": "linprobe", "model.name": "vit_tiny_patch16_vae", "model.global_pool": "token",
+                         "model.attn_backend": "reference", "cls.smoothing": 0.0})
+    task = LinprobeTask(c)
+    model = task.build_model(attn_backend="reference")           # plain matmuls: every attention FLOP is counted
+    x = torch.randn(4, 4, 8, 8)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).float().sum().backward()
+    assert task.train_flops_per_sample(model) == pytest.approx(counter.get_total_flops() / 4, rel=1e-9)
+    assert task.train_flops_per_sample(model) < 0.34 * 3.0 * model.flops_per_sample()
+
+
 def test_add_noise_target_is_the_clean_latent(tmp_path):
     from usp_scale.models import create_model
 
     c = cfg(tmp_path, **{"mask.add_noise": True})
     task = PretrainTask(c)
+    from usp_scale.config import EngineConfig
+    from usp_scale.engine import build_engine
+
     model = create_model("vit_tiny_patch_vae", img_size=8, in_chans=4, norm_pix_loss=True)
+    engine = build_engine(EngineConfig(name="local", precision="fp32"), model,
+                          lambda m: torch.optim.SGD(m.parameters(), 0.1))
     x = torch.randn(4, 4, 8, 8)
     torch.manual_seed(3)
-    got = task.loss(model, {"latents": x})
+    got = task.loss(engine, {"latents": x})
     torch.manual_seed(3)  # the same draws: t, eps, then the model's masking noise
     t = torch.rand(4, 1, 1, 1) * 0.5 + 0.5
     noisy = t.sqrt() * x + (1 - t).sqrt() * torch.randn_like(x)

@@ -190,11 +190,15 @@ def test_hsdp_four_ranks_match_single_process_and_resume_exactly(tmp_path):
 
 
 def test_hsdp_shard_size_must_divide_the_world(monkeypatch):
-    from usp_scale.config import ConfigError
+    """A rule of the config, checked at start-up for the world size (usp_scale.config.resolve_job); the engine's
+    mesh trusts it."""
     from usp_scale import runtime as D
+    from usp_scale.config import ConfigError, load_config, resolve_job
     from usp_scale.engine.fsdp import hsdp_mesh
 
+    cfg = load_config(os.path.join(H.REPO, "configs", "debug", "synthetic_pretrain.yaml"),
+                      ["engine.name=fsdp2", "engine.fsdp_shard_size=4"])
+    with pytest.raises(ConfigError, match=r"engine.fsdp_shard_size=4 .*4 does not divide the world size 6"):
+        resolve_job(cfg, 6)
     monkeypatch.setattr(D, "get_world_size", lambda: 6)
-    with pytest.raises(ConfigError, match="engine.fsdp_shard_size=4 must divide the world size 6"):
-        hsdp_mesh(4, torch.device("cpu"))
     assert hsdp_mesh(0, torch.device("cpu")) is None and hsdp_mesh(6, torch.device("cpu")) is None

@@ -5,7 +5,7 @@ import pytest
 
 
 def test_truncate_jsonl_keeps_lines_up_to_the_step_and_drops_a_torn_last_line(tmp_path):
-    from usp_scale.training.logging import truncate_jsonl
+    from usp_scale.fileio import truncate_jsonl
 
     p = tmp_path / "m.jsonl"
     lines = ['{"step": 1, "loss": 2.5}', '{"kind": "meta"}', '{"loss": 1.0, "step": 2}', '{"step": 3}',
@@ -54,7 +54,7 @@ def test_tensorboard_writer_purges_events_past_the_resumed_step(tmp_path, monkey
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    from usp_scale.training.logging import MetricsLogger
+    from usp_scale.training.metrics import MetricsLogger
 
     fresh = MetricsLogger(str(tmp_path / "a"), enabled=True)
     assert opened == []                                     # nothing opened before the first record

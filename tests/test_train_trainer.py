@@ -302,7 +302,7 @@ def test_task_model_family_mismatch_is_an_error(tmp_path):
 
 def test_stop_file_checkpoints_and_exits_then_resume_finishes(tmp_path):
     """What the SLURM scripts do on SIGUSR1: touch STOP_AND_CHECKPOINT; the trainer saves and exits."""
-    from usp_scale.training.trainer import STOP_FILE
+    from usp_scale.cluster.slurm import STOP_FILE
 
     cfg = cfg_for(tmp_path, "log_every=3")
     os.makedirs(tmp_path / "run")

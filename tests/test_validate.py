@@ -7,6 +7,7 @@ import os
 import pytest
 
 from usp_scale.config import ConfigError, load_config
+from usp_scale.config.schema import CacheJob, SampleJob, TransferJob
 from usp_scale.config.validate import CHOICES, INT_CHOICES, RANGES, REQUIRED_STRINGS, RULES, model_patch_size, \
     rules_table, validate, validate_runtime
 
@@ -51,6 +52,13 @@ CROSS = {
     "data.global_batch_size@start": (TINY, ["data.global_batch_size=256"], 3),
     "data.global_batch_size+data.micro_batch_size@start":
         (TINY, ["data.global_batch_size=254", "data.micro_batch_size=100"], 1),
+    # the tool launchers' own rules (their config: JobConfig plus their section, TOOL below)
+    "vae.path+sample.out_dir": ("sample", ["vae.path="], None),
+    "model.name+sample.out_dir": ("sample", ["model.name=vit_tiny_patch_vae"], None),
+    "eval.sampler+model.name+sample.out_dir": ("sample", ["eval.sampler=sde"], None),
+    "vae.path+cache.out": ("cache", ["vae.path="], None),
+    "data.format+cache.out": ("cache", ["data.format=latents"], None),
+    "data.root+cache.out": ("cache", ["data.root="], None),
 }
 
 
@@ -63,14 +71,38 @@ def _violation(key: str, lo, hi, lo_open, hi_open):
     return v
 
 
+# A valid config of each tool (launchers/*.py): (schema, sections, overrides); a case names one by its section.
+TOOL = {
+    "sample": (SampleJob, ("model", "vae", "data.image_size", "eval", "engine", "sample", "progress"),
+               ["model.name=DiT-tiny/2", "vae.path=tiny-random", "sample.ckpt=x.pt", "sample.out_dir=out"]),
+    "cache": (CacheJob, ("data", "vae", "seed", "progress", "cache"),
+              ["data.root=data", "vae.path=tiny-random", "cache.out=out"]),
+    "transfer": (TransferJob, ("task", "seed", "model", "dit.use_pretrain_layer", "transfer"),
+                 ["task=dit", "model.name=DiT-tiny/2", "transfer.src=mae.pth", "transfer.out=dit.safetensors"]),
+}
+
+
+def _load(path, overrides, **kw):
+    """load_config of a case: a recipe, or a tool's config (TOOL) with the case's overrides after its own."""
+    if path in TOOL:
+        schema, sections, base = TOOL[path]
+        return load_config(None, base + list(overrides), schema=schema, sections=sections, **kw)
+    return load_config(path, overrides, **kw)
+
+
+def _recipe(key):
+    tool = key.split(".")[0]
+    return tool if tool in TOOL else TINY_DIT if key.startswith("eval.") else TINY
+
+
 def _cases():
     out = dict(CROSS)
     for key, options in CHOICES.items():
-        out[key] = (TINY_DIT if key.startswith("eval.") else TINY, [f"{key}=bogus"], None)
+        out[key] = (_recipe(key), [f"{key}=bogus"], None)
     for key, options in INT_CHOICES.items():
-        out[key] = (TINY, [f"{key}={max(options) + 1}"], None)
+        out[key] = (_recipe(key), [f"{key}={max(options) + 1}"], None)
     for key, lo, hi, lo_open, hi_open, _ in RANGES:
-        out[key] = (TINY, [f"{key}={_violation(key, lo, hi, lo_open, hi_open)}"], None)
+        out[key] = (_recipe(key), [f"{key}={_violation(key, lo, hi, lo_open, hi_open)}"], None)
     for key in REQUIRED_STRINGS:
         out[key] = (TINY, [f"{key}="], None)
     return out
@@ -86,25 +118,36 @@ def test_every_rule_has_a_case_and_ids_are_unique():
     assert sorted(CASES) == sorted(ids)
 
 
-@pytest.mark.parametrize("path", [TINY, TINY_DIT])
+@pytest.mark.parametrize("path", [TINY, TINY_DIT, *TOOL])
 def test_bases_are_valid(path):
-    cfg = load_config(path)
+    cfg = _load(path, [])
     validate_runtime(cfg, 1)
+
+
+def test_a_tool_runs_only_the_rules_of_its_sections():
+    """A tool's config loads with what the tool needs (the training rules of other sections stay silent), and the
+    training config does not see the tools' rules."""
+    schema, sections, base = TOOL["sample"]
+    cfg = load_config(None, base, schema=schema, sections=sections)   # data.root empty, no output_dir checks
+    assert cfg.data.root == "" and cfg.sample.out_dir == "out"
+    with pytest.raises(ConfigError, match=r"required key 'sample.ckpt' is missing"):
+        load_config(None, base[:2], schema=schema, sections=sections)
+    load_config(TINY)  # no sample section, none of its rules
 
 
 @pytest.mark.parametrize("rule_id", sorted(CASES))
 def test_rule(rule_id):
     rule = BY_ID[rule_id]
     path, overrides, world = CASES[rule_id]
-    cfg = load_config(path, overrides, check_missing=False)
+    cfg = _load(path, overrides, check_missing=False)
     args = (world,) if rule.runtime else ()
     assert rule.check(cfg, *args), f"{rule_id}: {overrides} does not break the rule"
     with pytest.raises(ConfigError) as e:
         if rule.runtime:
-            load_config(path, overrides)  # valid when it loads ...
-            validate_runtime(cfg, world)  # ... refused at trainer start
+            _load(path, overrides)  # valid when it loads ...
+            validate_runtime(cfg, world)  # ... refused at start-up
         else:
-            load_config(path, overrides)
+            _load(path, overrides)
     msg = str(e.value)
     for key in rule.keys:
         assert f"{key}=" in msg, (key, msg)

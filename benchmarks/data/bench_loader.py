@@ -102,7 +102,7 @@ def bench_reader(tmp, n_images, views, batch, repeats, mode="sample", verify="re
     per-record CRC and finiteness checks of ``verify``), "mean" or "sample" (the whole loader on the CPU device,
     including the fp32 math and the noise), "st-slice" (the same gather through the safetensors library's
     memory-mapped ``safe_open(...).get_slice`` reader, one slice per record, no checks: for comparison)."""
-    from usp_scale.vae.latent_cache import write_manifest, write_shard
+    from usp_scale.data.cache_format import write_manifest, write_shard
     out = os.path.join(tmp, "cache")
     if os.path.isfile(os.path.join(out, "manifest.json")):
         return _time_reader(out, batch, repeats, mode, verify, first_read)
@@ -142,7 +142,7 @@ def _st_slice_gather(cache):
 
 
 def _time_reader(out, batch, repeats, mode, verify="records", first_read=True):
-    from usp_scale.data.latents import LatentCache, LatentCacheLoader
+    from usp_scale.data.cache_reader import LatentCache, LatentCacheLoader
     from usp_scale.data.sampler import ShardSampler
     cache = LatentCache(out, verify=verify)
     sampler = ShardSampler(len(cache), 0, 1, 0, batch_size=batch)
@@ -243,7 +243,7 @@ def main(argv=None):
                              f"{a.reader_batch}, {a.reader_images} cached images, page cache warm: {what_mode}",
                              f"{ips:,.0f} samples/s"))
                 print(rows[-1], flush=True)
-            from usp_scale.data.latents import LatentCache
+            from usp_scale.data.cache_reader import LatentCache
             size = sum(os.path.getsize(os.path.join(tmp, "cache", f)) for f in os.listdir(os.path.join(tmp, "cache")))
             for verify in ("records", "sha256"):
                 t = statistics.median(_seconds(lambda v=verify: LatentCache(os.path.join(tmp, "cache"), verify=v))

@@ -17,9 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from usp_scale.config import JobConfig  # noqa: E402
+from usp_scale.diffusion import create_diffusion  # noqa: E402
+from usp_scale.models import create_model  # noqa: E402
+from usp_scale.runtime import init_runtime  # noqa: E402
+from usp_scale.sample import IndexedNoise, build_sampler, make_decoder, make_model_fn  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,27 +54,23 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
     if not torch.cuda.is_available():
         print("bench_sampling.py needs a CUDA GPU and none is visible; nothing was measured.", file=sys.stderr)
         sys.exit(2)
-    from usp_scale.diffusion import create_diffusion
-    from usp_scale.models import create_model
-    from usp_scale.sample import IndexedNoise, build_sampler, make_model_fn
-
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    cfg = JobConfig()
+    cfg.engine.tf32 = True                      # as the official evaluation ran
+    rt = init_runtime(cfg)                      # one process: the device, TF32, the attention kernel
+    dev = rt.device
     latent = args.image_size // 8
     card = torch.cuda.get_device_name(dev)
     print(f"card: {card}; torch {torch.__version__}; model {args.model}; batch {args.batch}; {args.precision}")
-    base = create_model(args.model, input_size=latent).to(dev).eval().requires_grad_(False)
+    base = create_model(args.model, input_size=latent, attn_backend=rt.attn_backend).to(dev).eval().requires_grad_(False)
     C = base.in_channels
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(args.batch, C, latent, latent, device=dev, generator=g)
     t = torch.randint(0, 1000, (args.batch,), device=dev, generator=g)
     y = torch.randint(0, 1000, (args.batch,), device=dev, generator=g)
-    flops = base.flops_per_sample() if hasattr(base, "flops_per_sample") else None
+    flops = base.flops_per_sample()
     results = {"card": card, "torch": torch.__version__, "model": args.model, "batch": args.batch,
                "precision": args.precision, "modes": {}}
 
@@ -129,7 +136,6 @@ def main(argv=None):
 
     if args.vae:
         from diffusers import AutoencoderKL
-        from usp_scale.sample import make_decoder
         vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).to(dev).eval()
         dec = make_decoder(vae, 0.18215)
         zb = torch.randn(min(args.batch, 64), C, latent, latent, device=dev)

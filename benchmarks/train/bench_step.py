@@ -204,7 +204,7 @@ def main(argv=None) -> int:
             for f8 in fp8s:
                 for c in modes:
                     if c and k == "auto" and "torch" in kernels:
-                        # under torch.compile "auto" is the torch reference (usp_scale/kernels/dispatch.py): same step
+                        # under torch.compile "auto" is the torch reference (kernels/dispatch.py): same step
                         print(f"{short} auto compiled = torch compiled (auto leaves fusion to Inductor): skipped")
                         continue
                     try:

@@ -10,7 +10,6 @@ OUT=${1:-${OUT:-/tmp/gpu_check}}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-$PY -c "import usp_scale.kernels" 2>/dev/null || ln -sfn ../kernels usp_scale/kernels   # not pip-installed
 $PY - "$OUT" <<'PYEOF'
 import json, os, sys
 sys.path.insert(0, "tests")

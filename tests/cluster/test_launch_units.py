@@ -16,7 +16,7 @@ import _helpers_train as H  # noqa: E402
 
 from usp_scale.runtime import env as D  # noqa: E402
 from usp_scale.cluster import slurm as S  # noqa: E402
-from usp_scale.training import cli  # noqa: E402
+from usp_scale.training import cli, stop  # noqa: E402
 
 
 def test_tasks_per_node_and_slurm_ranks_exported(monkeypatch):
@@ -41,11 +41,10 @@ def test_tasks_per_node_and_slurm_ranks_exported(monkeypatch):
 
 
 def test_stop_protocol_constants_agree():
-    from usp_scale.training.trainer import STOP_FILE
-
-    assert STOP_FILE == S.STOP_FILE and cli.STOPPED_FILE == S.STOPPED_FILE == "STOPPED"
-    assert cli.EXIT_STOPPED == S.EXIT_STOPPED == 75
-    assert len({cli.EXIT_DONE, cli.EXIT_CONFIG, cli.EXIT_ERROR, cli.EXIT_STOPPED}) == 4
+    """One home for the protocol's names (usp_scale.cluster.slurm); the trainer's side (training/stop.py) uses them."""
+    assert stop.STOP_FILE == S.STOP_FILE == "STOP_AND_CHECKPOINT" and stop.STOPPED_FILE == S.STOPPED_FILE == "STOPPED"
+    assert stop.EXIT_STOPPED == S.EXIT_STOPPED == 75
+    assert len({cli.EXIT_DONE, cli.EXIT_CONFIG, cli.EXIT_ERROR, S.EXIT_STOPPED}) == 4
 
 
 def _fake_scontrol(tmp_path):
@@ -120,17 +119,17 @@ def test_stale_stop_files_and_stop_exit_code(tmp_path, monkeypatch):
     started = time.time()
     monkeypatch.setenv("USP_SCALE_STARTED_AT", str(started))
     os.utime(out / "STOP_AND_CHECKPOINT", (started + 1,) * 2)     # written after the run started: kept
-    cli.clear_stale_stop_files(str(out))
+    stop.clear_stale_stop_files(str(out))
     assert (out / "STOP_AND_CHECKPOINT").exists() and not (out / "STOPPED").exists()
     os.utime(out / "STOP_AND_CHECKPOINT", (started - 60,) * 2)    # left by an earlier job: removed
-    cli.clear_stale_stop_files(str(out))
+    stop.clear_stale_stop_files(str(out))
     assert not (out / "STOP_AND_CHECKPOINT").exists()
     monkeypatch.delenv("USP_SCALE_STARTED_AT")
-    assert abs(cli.run_started_at() - time.time()) < 3600          # this process's start, from /proc
+    assert abs(stop.run_started_at() - time.time()) < 3600          # this process's start, from /proc
     for max_r, count, code in (("0", "0", 75), ("3", "1", 0), ("3", "3", 75)):
         monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", max_r)
         monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
-        assert cli.stop_exit_code() == code
+        assert stop.stop_exit_code() == code
 
 
 def _pretrain(tmp_path, *more, env=None):

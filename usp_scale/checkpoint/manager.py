@@ -19,7 +19,7 @@ Layout of ``<root>/step_00001000/`` (format 2)::
 Format 1 (``engine/engine.pt`` and per-rank ``ranks/rank_*.pt`` RNG files) is refused with an error naming its
 meta.json. A save writes into ``<root>/.tmp-step_XXXXXXXX`` and renames it at the end, so a crash mid-save never
 leaves a ``step_*`` folder; ``latest()`` only considers folders with a ``meta.json``. A failed save (a full disk:
-:class:`~usp_scale.checkpoint.safe_load.DiskFullError` with the path and the space needed) removes its temporary
+:class:`~usp_scale.fileio.DiskFullError` with the path and the space needed) removes its temporary
 folder. Resuming first checks meta.json's hash and every file's size and CRC-32 (the ranks share the work), so a
 truncated, overwritten, bit-flipped, deleted or swapped file is refused by name before anything is loaded; the
 ``.pt`` file loads with ``weights_only=True`` and DCP's files through the allowlisting reader (no code from a file
@@ -37,8 +37,8 @@ import torch
 
 from .. import runtime as D
 from .diff import diff_shapes
-from .safe_load import (CheckpointFileError, disk_full_error, file_crc32, folder_bytes, is_disk_full,
-                        read_checked_json, tensor_bytes, torch_load, torch_save, write_checked_json)
+from ..fileio import disk_full_error, folder_bytes, is_disk_full, tensor_bytes, torch_save
+from .safe_load import CheckpointFileError, file_crc32, read_checked_json, torch_load, write_checked_json
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 FORMAT = 2  # meta.json "format"; see the module docstring

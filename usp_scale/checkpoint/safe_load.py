@@ -7,8 +7,7 @@
   with :class:`UnsafeCheckpointError`, naming the file and every type it wanted. Nothing in the file runs.
 * :func:`read_safetensors` / :func:`read_json` read those formats and turn every reader failure (truncated,
   overwritten, not that format) into :class:`CheckpointFileError` naming the file.
-* Writing goes through :mod:`usp_scale.fileio` (atomic, fsynced; a full disk is :class:`DiskFullError`); the
-  names other modules import from here (``atomic_write``, ``torch_save``, ``DiskFullError``, ...) are re-exported.
+* Writing goes through :mod:`usp_scale.fileio` (atomic, fsynced; a full disk is ``DiskFullError``).
 """
 from __future__ import annotations
 
@@ -21,9 +20,7 @@ from typing import Iterable
 
 import torch
 
-# The writers live in usp_scale.fileio; re-exported here for the callers that still import them from this module.
-from ..fileio import (CONTENT_KEY, DiskFullError, atomic_write, disk_full_error, folder_bytes,  # noqa: F401
-                      is_disk_full, tensor_bytes, tensors_sha256, torch_save, write_text)
+from ..fileio import CONTENT_KEY, tensors_sha256, write_text
 
 # What the official checkpoints hold besides tensors and plain containers.
 ALLOWED_GLOBALS = (argparse.Namespace,)

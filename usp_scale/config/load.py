@@ -18,13 +18,14 @@ import hashlib
 import os
 import re
 import typing
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
 from ..fileio import write_text
 from .errors import ConfigError
 from .schema import MISSING, JobConfig
+from .validate import selected
 from .validate import validate as run_rules
 
 
@@ -154,11 +155,25 @@ def _read_yaml(path: str, seen: tuple = ()) -> list:
     return out
 
 
-def _parse_override(text: str) -> tuple:
+def _field_type(cfg: Any, key: str) -> Any:
+    """The annotation of dotted ``key`` in ``cfg``'s schema (None when there is no such field)."""
+    obj, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(obj):
+            return None
+    return _hints(type(obj)).get(parts[-1]) if dataclasses.is_dataclass(obj) else None
+
+
+def _parse_override(text: str, cfg: Any = None) -> tuple:
+    """``key=value``: a string field takes the text as it is (a path such as ``/data/on`` or ``null`` stays a
+    string); every other field reads it as YAML (numbers, booleans, lists)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
+    if cfg is not None and _field_type(cfg, key) is str:
+        return key, raw
     value = yaml.safe_load(raw) if raw.strip() != "" else ""
     # YAML reads "1e-4" as a string; accept it as a float.
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
@@ -174,34 +189,36 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def _check_missing(obj: Any, sources: str, prefix: str = "") -> None:
+def _check_missing(obj: Any, sources: str, prefix: str = "", sections: Optional[Sequence[str]] = None) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
-            _check_missing(v, sources, f"{prefix}{f.name}.")
-        elif v == MISSING:
+            _check_missing(v, sources, f"{prefix}{f.name}.", sections)
+        elif v == MISSING and selected(prefix + f.name, sections):
             raise ConfigError(f"required key '{prefix}{f.name}' is missing (set it in {sources} "
                               f"or on the command line as {prefix}{f.name}=...)")
 
 
-def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
-                check_missing: bool = True) -> JobConfig:
-    """Build a :class:`JobConfig` from a YAML recipe and ``key=value`` overrides.
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), check_missing: bool = True, *,
+                schema=JobConfig, sections: Optional[Sequence[str]] = None):
+    """Build a config (a :class:`JobConfig`, or the ``schema`` of a tool: a JobConfig subclass with its own section)
+    from a YAML recipe and ``key=value`` overrides.
 
-    With ``check_missing`` (the default) the result is also validated (:func:`usp_scale.config.validate.validate`);
-    ``cfg._origins`` maps each key that was set to the file (or "command line") that set it last."""
-    cfg = JobConfig()
+    With ``check_missing`` (the default) the result is also validated (:func:`usp_scale.config.validate.validate`):
+    with ``sections`` (a tool's: section names, top-level or dotted keys) only the required keys and the rules that
+    lie in them. ``cfg._origins`` maps each key that was set to the file (or "command line") that set it last."""
+    cfg = schema()
     origins: dict = {}
     if path:
         for source, mapping in _read_yaml(path):
             _apply_mapping(cfg, mapping, source, origins=origins)
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = _parse_override(text, cfg)
         _apply_mapping(cfg, _nest(key, value), "command line", origins=origins)
     object.__setattr__(cfg, "_origins", origins)
     if check_missing:
-        _check_missing(cfg, path or "the config")
-        run_rules(cfg, origins)
+        _check_missing(cfg, path or "the config", sections=sections)
+        run_rules(cfg, origins, sections=sections)
     return cfg
 
 
@@ -240,7 +257,7 @@ def save_config(cfg: JobConfig, path: str) -> str:
 
 # --------------------------------------------------------------------------- help text
 
-def field_docs() -> dict:
+def field_docs(schema=JobConfig) -> dict:
     """Dotted key -> the field's help (``opt(..., help)`` in schema.py), with its allowed values for a choice field."""
     docs: dict = {}
 
@@ -254,13 +271,14 @@ def field_docs() -> dict:
             if "choices" in f.metadata:
                 text += f" [one of: {', '.join(map(str, f.metadata['choices']))}]"
             docs[prefix + f.name] = text
-    walk(JobConfig)
+    walk(schema)
     return docs
 
 
-def format_help(cfg: Optional[JobConfig] = None) -> str:
+def format_help(cfg: Optional[JobConfig] = None, sections: Optional[Sequence[str]] = None) -> str:
+    """Every key of ``cfg`` (in ``sections``) with its value and help: ``--help-config``."""
     cfg = cfg or JobConfig()
-    docs = field_docs()
+    docs = field_docs(type(cfg))
     flat = {}
 
     def walk(obj, prefix=""):
@@ -269,7 +287,8 @@ def format_help(cfg: Optional[JobConfig] = None) -> str:
             if dataclasses.is_dataclass(v):
                 walk(v, f"{prefix}{f.name}.")
             else:
-                flat[prefix + f.name] = v
+                if selected(prefix + f.name, sections):
+                    flat[prefix + f.name] = v
 
     walk(cfg)
     width = max(len(k) for k in flat)

@@ -14,6 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+# Choice lists owned by the module that implements the choice (one home each; docs/architecture.md).
+from ..data.build import BACKENDS as DATA_LOADERS
+from ..data.cache_reader import VERIFY as LATENT_VERIFY
+from ..data.transforms import AUGMENT_NAMES
+from ..kernels.dispatch import IMPLS as KERNEL_IMPLS
+from ..runtime.attention import BACKENDS as ATTN_BACKENDS
+from ..vae.frozen import COMPILE_MODES
+
 # Sentinel for required values: a field whose value is still MISSING after loading is an error.
 MISSING = "???"
 # engine.precision=official: task -> (engine.precision, engine.tf32) of the official code (gradients are reduced in
@@ -45,14 +53,14 @@ class DataConfig:
         'usp_scale.data.build.DALI_TOLERANCE: today only "eval", when DALI imports), "dali" (opt-in speed; its '
         'pretrain/adm crops differ, see docs/data.md), "torchvision" or "gpu" (torchvision\'s GPU JPEG decoder with '
         'the PIL crop parameters; pretrain and eval).',
-        choices=('auto', 'dali', 'torchvision', 'gpu'))
+        choices=DATA_LOADERS)
     dali_device: str = opt("auto", 'DALI decode device: "auto" (mixed on GPU, cpu otherwise), "mixed" or "cpu".',
         choices=('auto', 'mixed', 'cpu'))
     augment: str = opt("pretrain", 'Augmentation: "pretrain" (RandomResizedCrop 0.2-1 bicubic + flip), "adm" (ADM '
         'center crop + flip), "eval" (resize 256 + center crop 224), "finetune" (timm RRC 0.08-1 + flip + RandAugment '
         'rand-m9-mstd0.5-inc1 with fill (124,116,104) + RandomErasing 0.25), "linprobe" (MAE linear-probe crop: '
         'one-draw RRC 0.08-1 bicubic + flip), "none".',
-        choices=('pretrain', 'adm', 'eval', 'finetune', 'linprobe', 'none'))
+        choices=AUGMENT_NAMES)
     crop_scale_min: float = opt(0.2, 'Lower bound of the RandomResizedCrop scale range.')
     batch_size: int = opt(64, 'Per-rank batch per micro-step. With data.global_batch_size > 0 it is derived at '
         'start-up (see there) and a different value here is replaced, with a warning.')
@@ -81,7 +89,7 @@ class DataConfig:
         'opened, the CRC-32 of every record when first read), "sha256" (also hashes every whole shard when opened), '
         '"size" (sizes only: damage of the same size goes unseen) or "none". Every mode stops on non-finite moments, '
         'naming the shard and record.',
-        choices=('records', 'sha256', 'size', 'none'))
+        choices=LATENT_VERIFY)
     dali_precheck: bool = opt(True, 'DALI: check each file for a complete JPEG/PNG ending before decoding, skipping '
         'and reporting truncated ones.')
     synthetic_samples: int = opt(1024, 'data.format=synthetic: number of random latent samples per epoch (the '
@@ -104,7 +112,7 @@ class VAEConfig:
     compile: bool = opt(False, 'torch.compile the encode graph (encoder, quant_conv, moments, scale).')
     compile_mode: str = opt("default", 'torch.compile mode of the encode graph: "default", "max-autotune", '
         '"max-autotune-no-cudagraphs" or "reduce-overhead" (CUDA graphs).',
-        choices=('default', 'max-autotune', 'max-autotune-no-cudagraphs', 'reduce-overhead'))
+        choices=COMPILE_MODES)
 
 
 @dataclass
@@ -123,10 +131,10 @@ class ModelConfig:
         'after norm).',
         choices=('avg', 'token'))
     kernels: str = opt("auto", 'Fast paths: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".',
-        choices=('auto', 'triton', 'torch'))
+        choices=KERNEL_IMPLS)
     attn_backend: str = opt("auto", 'Attention backend, chosen once at start-up: "auto", "sdpa", "flash3", "flash2", '
         '"cudnn", "efficient", "math" or "reference" (the explicit softmax).',
-        choices=('auto', 'sdpa', 'flash3', 'flash2', 'cudnn', 'efficient', 'math', 'reference'))
+        choices=ATTN_BACKENDS)
 
 
 @dataclass
@@ -235,9 +243,9 @@ class EvalConfig:
     feature_extractor: str = opt("inception-v3-compat", 'Feature extractor: "inception-v3-compat" (needs '
         'inception_weights) or a registered name.')
     inception_weights: str = opt("", 'Local path of the Inception weights (weights-inception-2015-12-05-6726825d.pth).')
-    sampler: str = opt("ddpm", 'Sampler for evaluation: "ddpm", "ddim" (DiT); "sde", "ode" (adaptive dopri5), "heun", '
-        '"euler" (SiT).',
-        choices=('ddpm', 'ddim', 'sde', 'ode', 'heun', 'euler'))
+    sampler: str = opt("auto", 'Sampler: "auto" (ddpm for DiT, sde for SiT), "ddpm", "ddim" (DiT); "sde", "ode" '
+        '(adaptive dopri5), "heun", "euler" (SiT).',
+        choices=('auto', 'ddpm', 'ddim', 'sde', 'ode', 'heun', 'euler'))
     steps: int = opt(250, 'Sampling steps.')
     cfg_scale: float = opt(1.0, 'Classifier-free guidance scale (1.0 = off).')
     cfg_interval_low: float = opt(1.0, "Guidance interval in the model's time units (DiT step index, SiT t in [0, 1]); "
@@ -305,3 +313,75 @@ class JobConfig:
     cls: ClsConfig = field(default_factory=ClsConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
 
+
+
+# --------------------------------------------------------------------------- the tool launchers' own sections
+# A tool's config is JobConfig plus its own section (docs/architecture.md, "Configuration"); it reads only some
+# sections (usp_scale.config.cli), so a finetuning recipe configures sampling and transfer of its model too.
+
+@dataclass
+class SampleConfig:
+    """launchers/sample.py: what is sampled from and written (the sampler, guidance, batch, precision and seed are
+    the eval section's, the in-training FID's settings)."""
+
+    ckpt: str = opt(MISSING, 'Weights to sample: model-only .safetensors, or a .pt/.pth holding a state dict or the '
+        "official {'model', 'ema', ...} dict.")
+    weights: str = opt("auto", 'Weights of an official {"model", "ema"} checkpoint: "auto" (the EMA when present), '
+        '"ema" or "model".', choices=('auto', 'ema', 'model'))
+    model_kwargs: str = opt("{}", 'Extra JSON keyword arguments for create_model, over those of the model section.')
+    out_dir: str = opt(MISSING, 'Output folder for {index:06d}.png, the ADM .npz, grid.png and sampling.json.')
+    num_samples: int = opt(50000, 'Number of images (sample indices 0..N-1).')
+    labels: str = opt("random", 'Class labels: "random" (uniform per index, the official) or "balanced" (index % '
+        'model.num_classes).', choices=('random', 'balanced'))
+    npz: bool = opt(True, 'Assemble the ADM .npz at the end.')
+    grid: int = opt(64, 'Images in grid.png (0 = no grid).')
+    max_batches: int = opt(0, 'Stop each process after this many batches (time-limited jobs; rerun to continue; 0 = '
+        'no limit).')
+    atol: float = opt(1e-6, 'dopri5 absolute tolerance (eval.sampler=ode).')
+    rtol: float = opt(1e-3, 'dopri5 relative tolerance (eval.sampler=ode).')
+    sde_last_step: float = opt(0.04, 'Size of the final deterministic SDE step (eval.sampler=sde).')
+    device: str = opt("auto", 'Device: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda:N".')
+
+
+@dataclass
+class SampleJob(JobConfig):
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass
+class CacheConfig:
+    """launchers/cache_latents.py: the latent cache it writes (what it encodes is the data section, with which VAE
+    the vae section)."""
+
+    out: str = opt(MISSING, 'Output cache folder.')
+    views: int = opt(1, 'Augmented views per image, each stored plain and flipped.')
+    dtype: str = opt("fp16", 'Storage dtype of the posterior moments.', choices=('fp16', 'bf16'))
+    shard_size: int = opt(1000, 'Source images per shard.')
+    batch_size: int = opt(64, 'Images per VAE call.')
+    loader: str = opt("torchvision", 'Decoder: "torchvision" (PIL, reproduces the paper resampling) or "dali" '
+        '(ImageFolder only; decodes on the GPU when the VAE runs on one).', choices=('torchvision', 'dali'))
+    device: str = opt("auto", 'Device: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda:N".')
+    stop_after_shards: int = opt(0, 'Testing: stop this rank after writing N shards, as a crash would (0 = off).')
+
+
+@dataclass
+class CacheJob(JobConfig):
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass
+class TransferConfig:
+    """launchers/transfer.py: the pretrained MAE read and the transferred model written (the target is the model
+    section: the model a finetuning recipe trains; dit.use_pretrain_layer limits the blocks)."""
+
+    src: str = opt(MISSING, "Pretrained MAE checkpoint: official {'model': ...} .pth, a bare state dict, or this "
+        "project's .safetensors export.")
+    out: str = opt(MISSING, 'Output .safetensors of the transferred model (+ <out>.report.json).')
+    which: str = opt("model", 'Which weights of a multi-weight checkpoint to read.', choices=('model', 'ema', 'auto'))
+    skip_patch_embed: bool = opt(False, 'Leave the patch embedding at its init when channel counts or patch sizes '
+        'differ (otherwise such a mismatch is an error).')
+
+
+@dataclass
+class TransferJob(JobConfig):
+    transfer: TransferConfig = field(default_factory=TransferConfig)

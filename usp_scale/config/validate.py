@@ -21,11 +21,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..models import list_models, model_family
 from .errors import ConfigError
-from .schema import OFFICIAL_PRECISION, JobConfig
+from .schema import OFFICIAL_PRECISION, CacheJob, JobConfig, SampleJob, TransferJob
 
 
-def schema_choices() -> Dict[str, tuple]:
-    """Dotted key -> allowed values, for every choice field of the schema (``opt(..., choices=...)``)."""
+def schema_choices(schema=JobConfig) -> Dict[str, tuple]:
+    """Dotted key -> allowed values, for every choice field of ``schema`` (``opt(..., choices=...)``)."""
     out: Dict[str, tuple] = {}
 
     def walk(obj, prefix=""):
@@ -35,12 +35,13 @@ def schema_choices() -> Dict[str, tuple]:
                 walk(v, f"{prefix}{f.name}.")
             elif "choices" in f.metadata:
                 out[prefix + f.name] = f.metadata["choices"]
-    walk(JobConfig())
+    walk(schema())
     return out
 
 
 # Choices of the choice fields, as the schema declares them (string and integer choices apart, for the tests).
-_ALL_CHOICES = schema_choices()
+# every schema's: the jobs' and the tools' own sections (a tool's rules apply to its config only)
+_ALL_CHOICES = {k: v for schema in (JobConfig, SampleJob, CacheJob, TransferJob) for k, v in schema_choices(schema).items()}
 CHOICES: Dict[str, Tuple[str, ...]] = {k: v for k, v in _ALL_CHOICES.items() if all(isinstance(x, str) for x in v)}
 INT_CHOICES: Dict[str, Tuple[int, ...]] = {k: v for k, v in _ALL_CHOICES.items() if k not in CHOICES}
 
@@ -103,6 +104,16 @@ RANGES: Tuple[tuple, ...] = (
     ("eval.ddim_eta", 0, None, False, False, "a DDIM eta"),
     ("eval.batch_size", 1, None, False, False, "samples per rank"),
     ("eval.seed", 0, None, False, False, "a seed"),
+    ("sample.num_samples", 1, None, False, False, "an image count"),
+    ("sample.grid", 0, None, False, False, "an image count (0 = no grid)"),
+    ("sample.max_batches", 0, None, False, False, "a batch count (0 = no limit)"),
+    ("sample.atol", 0, None, True, False, "a tolerance"),
+    ("sample.rtol", 0, None, True, False, "a tolerance"),
+    ("sample.sde_last_step", 0, None, False, False, "a time step"),
+    ("cache.views", 1, None, False, False, "a view count"),
+    ("cache.shard_size", 1, None, False, False, "an image count"),
+    ("cache.batch_size", 1, None, False, False, "an image count"),
+    ("cache.stop_after_shards", 0, None, False, False, "a shard count (0 = off)"),
 )
 REQUIRED_STRINGS = ("output_dir", "eval.metrics_file")
 
@@ -110,7 +121,8 @@ REQUIRED_STRINGS = ("output_dir", "eval.metrics_file")
 VAE_GEOMETRY = {"d8": (4, 8), "d16": (16, 16)}
 LABELLED_TASKS = ("dit", "sit", "cls", "linprobe")
 FAMILY_OF_TASK = {"pretrain": "mae", "dit": "dit", "sit": "sit", "cls": "vit", "linprobe": "vit"}
-SAMPLERS = {"dit": ("ddpm", "ddim"), "sit": ("sde", "ode", "heun", "euler")}
+SAMPLERS = {"dit": ("auto", "ddpm", "ddim"), "sit": ("auto", "sde", "ode", "heun", "euler")}
+FAMILY_SAMPLERS = {"dit": SAMPLERS["dit"], "sit": SAMPLERS["sit"]}  # sampling a model of the family
 
 
 @dataclass(frozen=True)
@@ -362,14 +374,7 @@ def _ds_json(cfg):
 
 @rule("checkpoint.strict_keys", text="checkpoint.strict_keys lists config sections or dotted keys that exist")
 def _strict_keys(cfg):
-    def exists(key):
-        obj = cfg
-        for part in key.split("."):
-            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-                return False
-            obj = getattr(obj, part)
-        return True
-    bad = [k.strip() for k in cfg.checkpoint.strict_keys.split(",") if k.strip() and not exists(k.strip())]
+    bad = [k.strip() for k in cfg.checkpoint.strict_keys.split(",") if k.strip() and not _has(cfg, k.strip())]
     return f"no such key(s): {', '.join(bad)}" if bad else None
 
 
@@ -394,7 +399,8 @@ def _fid_samples(cfg):
 
 
 @rule("eval.sampler", "task", "eval.fid_every",
-      text="with eval.fid_every > 0: eval.sampler fits the task (dit: ddpm, ddim; sit: sde, ode, heun, euler)")
+      text="with eval.fid_every > 0: eval.sampler fits the task (dit: auto, ddpm, ddim; sit: auto, sde, ode, heun, "
+           "euler)")
 def _sampler(cfg):
     if cfg.eval.fid_every == 0 or cfg.task not in SAMPLERS or cfg.eval.sampler in SAMPLERS[cfg.task]:
         return None
@@ -413,6 +419,49 @@ def _cfg_null(cfg):
     if cfg.eval.fid_every > 0 and cfg.eval.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
         return "the model has no null class to guide against"
     return None
+
+
+# --------------------------------------------------------------------------- the tool launchers' own rules
+
+@rule("vae.path", "sample.out_dir",
+      text="launchers/sample.py: vae.path names the VAE that decodes the samples (\"none\" for a model in pixel space)")
+def _sample_vae(cfg):
+    return None if cfg.vae.path.strip() else ("no VAE given: set vae.path (--vae) to a local diffusers folder or "
+                                              "weights file, a shipped name (synthetic-f8), or none")
+
+
+@rule("model.name", "sample.out_dir", text="launchers/sample.py: model.name is a DiT or SiT")
+def _sample_family(cfg):
+    if cfg.model.name not in list_models():
+        return None
+    fam = model_family(cfg.model.name)
+    return None if fam in FAMILY_SAMPLERS else f"{cfg.model.name} is a {fam} model: sampling needs a DiT or SiT"
+
+
+@rule("eval.sampler", "model.name", "sample.out_dir",
+      text="launchers/sample.py: eval.sampler fits the model (DiT: auto, ddpm, ddim; SiT: auto, sde, ode, heun, "
+           "euler)")
+def _sample_sampler(cfg):
+    if cfg.model.name not in list_models() or model_family(cfg.model.name) not in FAMILY_SAMPLERS:
+        return None
+    ok = FAMILY_SAMPLERS[model_family(cfg.model.name)]
+    return None if cfg.eval.sampler in ok else f"{cfg.model.name} samples with {', '.join(ok)}"
+
+
+@rule("vae.path", "cache.out", text="launchers/cache_latents.py: vae.path names the VAE that encodes the cache")
+def _cache_vae(cfg):
+    return None if cfg.vae.path.strip() else ("no VAE given: set vae.path (--vae-path) to a local diffusers folder "
+                                              "or weights file, or a shipped name (synthetic-f8; tiny-random for tests)")
+
+
+@rule("data.format", "cache.out", text="launchers/cache_latents.py encodes images: data.format is folder or wds")
+def _cache_format(cfg):
+    return None if cfg.data.format in ("folder", "wds") else "the cache is encoded from a folder or tar dataset"
+
+
+@rule("data.root", "cache.out", text="launchers/cache_latents.py: data.root is set")
+def _cache_root(cfg):
+    return None if cfg.data.root.strip() else "the dataset to encode (--data-root) is needed"
 
 
 # --------------------------------------------------------------------------- rules that need the world size
@@ -499,20 +548,37 @@ def _raise(problems: List[str]) -> None:
                           "rule table in docs/config.md)")
 
 
-def _in_sections(r: Rule, sections: Optional[Sequence[str]]) -> bool:
-    return sections is None or all(k.split(".")[0] in sections for k in r.keys)
+def selected(key: str, sections: Optional[Sequence[str]]) -> bool:
+    """True when dotted ``key`` lies in ``sections`` (section names, top-level keys or dotted keys; None = all)."""
+    return sections is None or any(key == s or key.startswith(s + ".") for s in sections)
+
+
+def _has(cfg, key: str) -> bool:
+    obj = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def applies(r: Rule, cfg, sections: Optional[Sequence[str]] = None) -> bool:
+    """A rule applies to a config that has all its keys (a tool's rules only to the tool's config), all of them in
+    ``sections`` (a tool reads some sections only; None = all)."""
+    return all(_has(cfg, k) and selected(k, sections) for k in r.keys)
 
 
 def validate(cfg, origins: Optional[Dict[str, str]] = None, sections: Optional[Sequence[str]] = None) -> None:
-    """Every load-time rule (with ``sections``: those whose keys all lie in these sections); raises ConfigError
-    naming each broken rule's keys, values and files."""
+    """Every load-time rule that applies (:func:`applies`); raises ConfigError naming each broken rule's keys, values
+    and files."""
     origins = origins if origins is not None else getattr(cfg, "_origins", {})
-    _raise(_problems(cfg, origins, [r for r in RULES if not r.runtime and _in_sections(r, sections)]))
+    _raise(_problems(cfg, origins, [r for r in RULES if not r.runtime and applies(r, cfg, sections)]))
 
 
 def validate_runtime(cfg, world_size: int) -> None:
     """The rules that need the world size (at start-up, :func:`usp_scale.config.resolve.resolve_job`)."""
-    _raise(_problems(cfg, getattr(cfg, "_origins", {}), [r for r in RULES if r.runtime], world_size))
+    _raise(_problems(cfg, getattr(cfg, "_origins", {}), [r for r in RULES if r.runtime and applies(r, cfg)],
+                     world_size))
 
 
 def rules_table() -> str:

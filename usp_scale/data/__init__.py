@@ -6,8 +6,9 @@ Entry points used by training: :func:`build_loader` (latent batches, from a cach
 """
 from .build import build_image_loader, build_loader, resolve_loader_backend
 from .datasets import (CorruptImageError, DatasetError, ImageFolderDataset, TarDataset, build_dataset)
-from .cache_writer import write_cache, write_manifest
-from .latents import LatentCache, LatentCacheError, LatentCacheLoader
+from .cache_format import write_manifest
+from .cache_writer import write_cache
+from .cache_reader import LatentCache, LatentCacheError, LatentCacheLoader
 from .loaders import OnlineLatentLoader, ResumableLoader, TorchvisionImageLoader
 from .sampler import ShardSampler
 from .transforms import adm_center_crop, build_transform

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 
+import dataclasses
+
 import torch
 
+from ..vae import SCALE, FrozenVAE
+from ..vae.named import shipped_scale
+from .cache_reader import LatentCache, LatentCacheLoader
 from .datasets import build_dataset
+from .gpu_decode import GPU_AUGMENTS, GPUCropLoader
 from .loaders import TorchvisionImageLoader
+from .online import OnlineEncodingLoader
 from .sampler import ShardSampler
+from .synthetic_latents import build_synthetic_loader
 from .transforms import build_transform
 
 BACKENDS = ("auto", "dali", "torchvision", "gpu")
@@ -31,7 +39,6 @@ def resolve_loader_backend(choice: str, augment: str = "pretrain") -> str:
         return choice
     base = augment[: -len("_noflip")] if augment.endswith("_noflip") else augment
     if choice == "gpu":
-        from .gpu_decode import GPU_AUGMENTS
         if augment not in GPU_AUGMENTS:
             raise ValueError(f"data.loader=gpu implements data.augment {' or '.join(GPU_AUGMENTS)}, not {augment}: "
                              "set data.loader=torchvision (or auto)")
@@ -62,7 +69,6 @@ def build_image_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: in
                            batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
     backend = resolve_loader_backend(data_cfg.loader, augment)
     if backend == "gpu":
-        from .gpu_decode import GPUCropLoader
         return GPUCropLoader(dataset, sampler, augment=augment, size=data_cfg.image_size,
                              crop_scale_min=data_cfg.crop_scale_min, num_workers=data_cfg.num_workers, device=device,
                              strict=data_cfg.strict)
@@ -94,15 +100,11 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
     (default ``data.num_classes``), no files and no VAE.
     """
     if data_cfg.format == "synthetic":
-        from .synthetic_latents import build_synthetic_loader
         shape = latent_shape or _expected_latent_shape(vae_cfg, data_cfg.image_size)
         return build_synthetic_loader(data_cfg, shape, num_classes or data_cfg.num_classes, rank=rank,
                                       world_size=world_size, seed=seed, train=train, device=device)
-    from ..vae import SCALE, FrozenVAE
-    from ..vae.named import shipped_scale
     cache_path = data_cfg.latent_cache if train else data_cfg.latent_cache_val
     if data_cfg.format == "latents" and cache_path:
-        from .latents import LatentCache, LatentCacheLoader
         cache = LatentCache(cache_path, verify=data_cfg.latent_verify)
         # The VAE is compared by its content fingerprint (vae.path is loaded once for it), never by name.
         cache.check(image_size=data_cfg.image_size, vae_version=vae_cfg.version, vae_path=vae_cfg.path,
@@ -114,9 +116,7 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
     if data_cfg.format == "latents" and train:
         raise ValueError("data.format=latents needs data.latent_cache (a folder written by launchers/cache_latents.py)")
     if data_cfg.format == "latents":
-        import dataclasses
         data_cfg = dataclasses.replace(data_cfg, format="folder")
-    from .online import OnlineEncodingLoader
     images = build_image_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=train, device=device)
     vae = FrozenVAE.from_config(vae_cfg, device=device)
     overlap = data_cfg.online_overlap and torch.device(device).type == "cuda"

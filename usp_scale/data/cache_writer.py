@@ -1,23 +1,21 @@
-"""The latent cache writer's image side: reads the source images (torchvision with per-(seed, image, view)
-crops, or DALI), and hands each shard's views to :mod:`usp_scale.vae.latent_cache`, which encodes them plain and
-flipped and writes the shard files. Kept apart from both the VAE package (which must not import ``usp_scale.data``)
-and the reader (:mod:`usp_scale.data.latents`): this is the one module that needs datasets, crops and the VAE's
-cache format together.
+"""The latent cache writer: reads the source images (torchvision with per-(seed, image, view) crops, or DALI), and
+hands each shard's views to :mod:`usp_scale.data.cache_format`, which encodes them plain and flipped and writes the
+shard files; the reader is :mod:`usp_scale.data.cache_reader`.
 
 Rank ``r`` of ``W`` writes the shards with ``s % W == r``. View ``k`` of image ``i`` is the crop seeded by
 ``(seed, 0, i, k)``, so a rerun writes identical data.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Optional
 
 import torch
 
-from ..vae.latent_cache import (STORE_DTYPES, LatentCacheError, drop_nonfinite, encode_flips, shard_done,
-                                write_manifest, write_shard)  # noqa: F401 - write_manifest: the writer's last step
-from .datasets import ImageDataset
+from .cache_format import STORE_DTYPES, LatentCacheError, drop_nonfinite, encode_flips, shard_done, write_shard
+from .datasets import CorruptImageError, ImageDataset, TarDataset
 from .loaders import CorruptTracker, _BatchTask
 from .sampler import ShardSampler
 from .transforms import build_transform, describe_augment, sample_seed
@@ -53,7 +51,6 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
         raise LatentCacheError(f"--views must be >= 1, got {views}")
     os.makedirs(out_dir, exist_ok=True)
     if strict:  # a corrupt image names this writer's switch, not the training key data.strict
-        import copy
         dataset = copy.copy(dataset)
         dataset.strict_hint = "cache_latents.py --strict makes this an error; run without --strict to skip and report"
     n = len(dataset)
@@ -119,7 +116,6 @@ def _encode_shard_dali(dataset, vae, s, idx, *, image_size, augment, crop_scale_
                        batch_size, num_threads, strict):
     """One shard through DALI: view k of the shard is one pass seeded by (seed, shard, k)."""
     from .dali import DALIImageLoader, looks_complete
-    from .datasets import CorruptImageError, TarDataset
     if isinstance(dataset, TarDataset):
         raise LatentCacheError("--loader dali reads ImageFolder data; use --loader torchvision for tar shards")
     bad, valid = [], []

@@ -19,7 +19,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-AUGMENTS = ("pretrain", "adm", "adm_noflip", "eval", "finetune", "linprobe", "none", "pretrain_noflip")
+# data.augment's values (the config's choices refer to this tuple), and what build_transform takes: those and the
+# flip-less variants of the cached crops
+AUGMENT_NAMES = ("pretrain", "adm", "eval", "finetune", "linprobe", "none")
+AUGMENTS = AUGMENT_NAMES + ("adm_noflip", "pretrain_noflip")
 # RandAugment's fill colour for the geometric ops in the official finetuning recipe: round(255 x the ImageNet mean),
 # which timm derives from the mean passed to create_transform (the official code passes the ImageNet mean there).
 RANDAUG_FILL = (124, 116, 104)
@@ -121,7 +124,7 @@ def build_transform(augment: str, size: int, crop_scale_min: float = 0.2, flip: 
     """
     if augment.endswith("_noflip"):
         augment, flip = augment[: -len("_noflip")], False
-    if augment not in ("pretrain", "adm", "eval", "finetune", "linprobe", "none"):
+    if augment not in AUGMENT_NAMES:
         raise ValueError(f"data.augment={augment!r} is unknown; choose one of {AUGMENTS}")
     bicubic = InterpolationMode.BICUBIC
     flips = [T.RandomHorizontalFlip(0.5)] if flip else []

@@ -21,23 +21,27 @@ when an evaluation is built.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from tqdm.auto import tqdm
 
+from .. import runtime as D
 from ..config import ConfigError
 from ..config.schema import EvalConfig
-from .. import runtime as D
 from ..engine.fsdp import is_meta
+from ..fileio import truncate_jsonl, write_text
 from ..runtime import agree_on_success, get_rank, get_world_size
-from ..sample import build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, \
-    make_model_fn
+from ..sample import (build_sampler, generate_batches, infer_latent_shape, infer_num_classes, make_decoder, make_grid,
+                      make_model_fn, write_png)
+from ..vae import FrozenVAE
 
-GENERATIVE_TASKS = ("dit", "sit")
 _DEFAULTS = EvalConfig()
 
 
@@ -66,10 +70,6 @@ def truncate_eval_records(path: str, step: int) -> int:
     """On resume at ``step``: drop the records past ``step`` from the eval package's JSON-lines file ``path``
     (``eval.metrics_file``) and rewrite its readable ``.txt`` companion from the records kept. Rank 0 only;
     returns #dropped."""
-    import json
-
-    from ..fileio import truncate_jsonl, write_text
-
     dropped = truncate_jsonl(path, step)
     txt = os.path.splitext(path)[0] + ".txt"
     if dropped and os.path.isfile(txt):
@@ -110,8 +110,6 @@ def check_eval_config(cfg, process) -> None:
 def _frozen_vae(cfg, loader, device):
     """The data path's FrozenVAE (the online loader's own instance when it has one), else one from cfg.vae
     (a seeded random VAE is built from its own seed: :mod:`usp_scale.vae.frozen`)."""
-    from ..vae import FrozenVAE
-
     vae = getattr(loader, "vae", None)
     if isinstance(vae, FrozenVAE):
         return vae
@@ -177,8 +175,6 @@ class FIDHook:
         agree_on_success(err, "in-training FID: loading the engine's weights on rank 0")
         self.model.to(self.device)
         if world > 1:
-            import torch.distributed as dist
-
             for t in self.model.state_dict().values():
                 dist.broadcast(t, 0)
         return which
@@ -223,17 +219,13 @@ class FIDHook:
 
 
 def build_fid_hook(cfg, task, model: nn.Module, loader, device) -> Optional[FIDHook]:
-    """The hook for dit/sit with ``eval.fid_every > 0`` (None otherwise). Call before the engine wraps
-    ``model``; checks the eval settings (reference, feature extractor weights, sampler) now, not N steps later."""
+    """The hook for a generative task (``task.process``: dit/sit) with ``eval.fid_every > 0`` (None otherwise). Call
+    before the engine wraps ``model``; checks the eval files (reference, feature extractor weights) and the sampler
+    now, not N steps later."""
     if cfg.eval.fid_every <= 0:
         return None
-    attr = "diffusion" if cfg.task == "dit" else "transport"
-    process = getattr(task, attr, None)
-    if process is None:
-        raise ConfigError(f"eval.fid_every={cfg.eval.fid_every}: task object {type(task).__name__} has no "
-                          f"'{attr}' to sample with")
-    check_eval_config(cfg, process)
-    return FIDHook(cfg, process, model, _frozen_vae(cfg, loader, device), device)
+    check_eval_config(cfg, task.process)  # a generative task (a rule of the config): its process samples
+    return FIDHook(cfg, task.process, model, _frozen_vae(cfg, loader, device), device)
 
 
 @torch.no_grad()
@@ -297,7 +289,6 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     try:
         bar = None
         if progress and rank == 0:
-            from tqdm.auto import tqdm
             bar = tqdm(total=len(indices), unit="img", desc="fid samples", leave=False)
         for _, images, _ in generate_batches(model_fn, sampler, decode, indices,
                                              seed=int(_get(cfg, "seed")), latent_shape=latent_shape,
@@ -365,7 +356,6 @@ def save_sample_grid(model, diffusion_or_transport, vae, cfg, path: str, num: in
                      latent_scale: Optional[float] = None) -> str:
     """Sample ``num`` images (indices 0..num-1 of ``cfg.seed``, so the same noise and labels every call) and
     write them as one grid PNG at ``path``; for watching a run's EMA model between FID evaluations."""
-    from ..sample import make_grid, write_png
     if device is None:
         device = next(model.parameters()).device
     latent_shape = tuple(latent_shape or infer_latent_shape(model))

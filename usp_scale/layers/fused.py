@@ -1,6 +1,6 @@
 """One entry point per fusable op, selected by ``impl`` ("torch" or "triton").
 
-Models call these with their ``kernels`` setting resolved by :func:`resolve_impl`. The "torch"
+Models call these with their ``kernels`` setting resolved by :func:`usp_scale.kernels.dispatch.resolve_impl`. The "torch"
 branch is the readable reference (the official computation); the "triton" branch calls the
 fused kernels in ``usp_scale.kernels``.
 """
@@ -11,22 +11,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import kernels  # importable without triton: each kernel's module (triton) loads when first used
 from .adaln import gated_residual as _gated_residual_ref
 from .adaln import layernorm_modulate as _ln_mod_ref
 from .loss import norm_pix_loss as _loss_ref
 from .masking import gather_tokens, unshuffle_with_mask_tokens
 from .patch import patchify
-from usp_scale.kernels import dispatch as _dispatch  # importable without triton
-
-IMPLS = _dispatch.IMPLS
-triton_available = _dispatch.triton_available
-resolve_impl = _dispatch.resolve_impl
-
-
-def _kernels():
-    from usp_scale import kernels  # imported lazily: triton is optional
-
-    return kernels
 
 
 def embed_visible_patches(latents: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -36,7 +26,7 @@ def embed_visible_patches(latents: torch.Tensor, weight: torch.Tensor, bias: Opt
     ``weight`` is the patch-embed conv weight (D, C, p, p); ``pos`` is (1, L, D) without cls.
     """
     if impl == "triton":
-        return _kernels().embed_visible_patches(latents, weight, bias, pos, ids_keep, patch)
+        return kernels.embed_visible_patches(latents, weight, bias, pos, ids_keep, patch)
     patches = gather_tokens(patchify(latents, patch), ids_keep)            # (N, K, p*p*C)
     w = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)             # (D, p*p*C) in (p, q, c)
     x = F.linear(patches, w, bias)
@@ -47,7 +37,7 @@ def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tens
               impl: str = "torch") -> torch.Tensor:
     """Decoder input (N, 1 + K, D) -> (N, 1 + L, D) with mask tokens, original order, + pos."""
     if impl == "triton":
-        return _kernels().unshuffle(x, mask_token, ids_restore, pos)
+        return kernels.unshuffle(x, mask_token, ids_restore, pos)
     return unshuffle_with_mask_tokens(x, mask_token, ids_restore, pos)
 
 
@@ -55,17 +45,17 @@ def masked_latent_loss(pred: torch.Tensor, latents: torch.Tensor, mask: torch.Te
                        norm_pix: bool = True, per_image: bool = False, impl: str = "torch") -> torch.Tensor:
     """MAE loss on latents (N, C, H, W) against pred (N, L, p*p*C), masked mean over removed tokens."""
     if impl == "triton":
-        return _kernels().masked_latent_loss(pred, latents, mask, patch, norm_pix, per_image)
+        return kernels.masked_latent_loss(pred, latents, mask, patch, norm_pix, per_image)
     return _loss_ref(pred, patchify(latents, patch), mask, norm_pix=norm_pix, per_image=per_image)
 
 
 def layernorm_modulate(x, weight, bias, shift, scale, eps: float = 1e-6, impl: str = "torch"):
     if impl == "triton":
-        return _kernels().layernorm_modulate(x, weight, bias, shift, scale, eps)
+        return kernels.layernorm_modulate(x, weight, bias, shift, scale, eps)
     return _ln_mod_ref(x, weight, bias, shift, scale, eps)
 
 
 def gated_residual(x, gate, y, impl: str = "torch"):
     if impl == "triton":
-        return _kernels().gated_residual(x, gate, y)
+        return kernels.gated_residual(x, gate, y)
     return _gated_residual_ref(x, gate, y)

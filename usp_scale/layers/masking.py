@@ -30,14 +30,23 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
-    """Keep int(L * (1 - ratio)) tokens per sample. Returns x_kept, mask, ids_restore, ids_keep."""
-    N, L, _ = x.shape
+def draw_mask(n: int, num_tokens: int, mask_ratio: float, noise: Optional[torch.Tensor] = None, device=None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MAE's random masking, the one function: keep ``int(L * (1 - ratio))`` of ``num_tokens`` tokens per sample
+    by the argsort of ``noise`` (N, L) (uniform noise drawn here when None). Returns ids_keep (N, K), ids_restore
+    (N, L), mask (N, L; 1 = removed)."""
     if noise is None:
-        noise = torch.rand(N, L, device=x.device)
-    elif noise.shape != (N, L):
-        raise ValueError(f"noise must have shape {(N, L)}, got {tuple(noise.shape)}")
-    ids_keep, ids_restore, mask = masking_indices(noise, num_kept(L, mask_ratio))
+        noise = torch.rand(n, num_tokens, device=device)
+    elif noise.shape != (n, num_tokens):
+        raise ValueError(f"noise must have shape {(n, num_tokens)}, got {tuple(noise.shape)}")
+    return masking_indices(noise, num_kept(num_tokens, mask_ratio))
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None):
+    """The official ``random_masking`` on tokens x (N, L, D) (:func:`draw_mask`). Returns x_kept, mask, ids_restore,
+    ids_keep."""
+    N, L, _ = x.shape
+    ids_keep, ids_restore, mask = draw_mask(N, L, mask_ratio, noise, x.device)
     return gather_tokens(x, ids_keep), mask, ids_restore, ids_keep
 
 

@@ -13,8 +13,9 @@ tests/test_model_contract.py. The optimizer, the engine and the tasks use only t
   :func:`usp_scale.runtime.init_runtime` resolved from ``model.attn_backend``; ``create_model(...,
   attn_backend=spec)`` calls it). Both choices are model attributes set when the model is built; no forward reads a
   process-wide setting.
-- ``flops_per_sample(mask_ratio)``: forward matmul FLOPs of one sample (2 per multiply-add, attention scores
-  included); the MAE counts its encoder on the kept tokens, the others ignore ``mask_ratio``.
+- ``flops_per_sample()``: forward matmul FLOPs of one sample (2 per multiply-add, attention scores included); the
+  MAE's takes the mask ratio (its encoder sees the kept tokens). What a training step costs (the backward, a frozen
+  encoder, recomputation) is the task's to count (:meth:`usp_scale.training.tasks.Task.train_flops_per_sample`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
-from ..layers.fused import IMPLS
+from ..kernels.dispatch import IMPLS
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -104,5 +105,5 @@ class LatentTransformer(nn.Module):
             m.set_backend(spec)
         return len(mods)
 
-    def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
+    def flops_per_sample(self) -> float:
         raise NotImplementedError

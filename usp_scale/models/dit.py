@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..kernels.dispatch import resolve_impl
 from ..layers import fused
 from ..layers.attention import Attention
 from ..layers.mlp import Mlp
@@ -81,7 +82,7 @@ class DiTBlock(CheckpointBlock):
         self.kernels = kernels
 
     def block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        impl = fused.resolve_impl(self.kernels, x.device, "layernorm_modulate")
+        impl = resolve_impl(self.kernels, x.device, "layernorm_modulate")
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = fused.layernorm_modulate(x, self.norm1.weight, self.norm1.bias, shift_msa, scale_msa,
                                      self.norm1.eps, impl=impl)
@@ -101,7 +102,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        impl = fused.resolve_impl(self.kernels, x.device, "layernorm_modulate")
+        impl = resolve_impl(self.kernels, x.device, "layernorm_modulate")
         return self.linear(fused.layernorm_modulate(x, None, None, shift, scale, self.norm_final.eps, impl=impl))
 
 
@@ -184,8 +185,8 @@ class DiT(LatentTransformer):
                 force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_backbone(x, t, y, force_drop_ids)
 
-    def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
-        """Forward FLOPs of one sample (``mask_ratio`` is ignored: a DiT sees every token)."""
+    def flops_per_sample(self) -> float:
+        """Forward FLOPs of one sample (a DiT sees every token)."""
         T, D = self.num_patches, self.hidden_size
         pc_in = self.patch_size ** 2 * self.in_channels
         macs = T * pc_in * D

@@ -12,8 +12,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..kernels.dispatch import resolve_impl
 from ..layers import fused
-from ..layers.masking import masking_indices, num_kept, random_masking
+from ..layers.masking import draw_mask, gather_tokens, num_kept
 from ..layers.patch import PatchEmbed, patchify, unpatchify
 from ..layers.pos_embed import fill_sincos_
 from .blocks import Block, init_linear_xavier, vit_block_macs
@@ -87,25 +88,19 @@ class MaskedAutoencoderViT(LatentTransformer):
         return unpatchify(x, self.patch_size, self.in_chans)
 
     def _impl(self, x: torch.Tensor, op: str) -> str:
-        return fused.resolve_impl(self.kernels, x.device, op)
+        return resolve_impl(self.kernels, x.device, op)
 
     # ------------------------------------------------------------------------ forward
     def forward_encoder(self, latents: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """latents (N, C, H, W) -> encoded (N, 1 + K, D), mask (N, L), ids_restore (N, L)."""
         N = latents.shape[0]
-        L = self.num_patches
+        ids_keep, ids_restore, mask = draw_mask(N, self.num_patches, mask_ratio, noise, latents.device)
         impl = self._impl(latents, "embed_visible_patches")
         if impl == "torch":
             # Official order: embed every patch, add positions, then drop the masked tokens.
-            x = self.patch_embed(latents) + self.pos_embed[:, 1:, :]           # (N, L, D)
-            x, mask, ids_restore, _ = random_masking(x, mask_ratio, noise)      # (N, K, D)
+            x = gather_tokens(self.patch_embed(latents) + self.pos_embed[:, 1:, :], ids_keep)   # (N, K, D)
         else:
-            if noise is None:
-                noise = torch.rand(N, L, device=latents.device)
-            elif noise.shape != (N, L):
-                raise ValueError(f"noise must have shape {(N, L)}, got {tuple(noise.shape)}")
-            ids_keep, ids_restore, mask = masking_indices(noise, num_kept(L, mask_ratio))
             x = fused.embed_visible_patches(latents, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
                                             self.pos_embed[:, 1:, :], ids_keep, self.patch_size, impl=impl)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(N, -1, -1)

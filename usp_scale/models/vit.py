@@ -79,11 +79,14 @@ class VisionTransformer(LatentTransformer):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(latents))
 
-    def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
-        """Forward FLOPs of one sample (``mask_ratio`` is ignored: the classifier sees every token)."""
+    def flops_per_sample(self) -> float:
+        """Forward FLOPs of one sample (the classifier sees every token), the head's included."""
         T = self.patch_embed.num_patches + 1
         pc = self.patch_embed.patch_size ** 2 * self.patch_embed.proj.in_channels
         macs = (T - 1) * pc * self.embed_dim
         macs += sum(vit_block_macs(self.embed_dim, T, self.mlp_ratio) for _ in self.blocks)
-        macs += self.embed_dim * self.num_classes
-        return 2.0 * macs
+        return 2.0 * macs + self.head_flops_per_sample()
+
+    def head_flops_per_sample(self) -> float:
+        """Forward FLOPs of the classification head (the linear layer) for one sample."""
+        return 2.0 * self.embed_dim * self.num_classes

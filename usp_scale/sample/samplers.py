@@ -54,8 +54,11 @@ class Sampler:
 
 def build_sampler(kind: str, process, steps: int = 250, eta: float = 0.0, atol: float = 1e-6,
                   rtol: float = 1e-3, last_step: float = 0.04) -> Sampler:
-    """Sampler ``kind`` over a :class:`GaussianDiffusion` (ddpm/ddim) or a :class:`Transport` (sde/ode/heun/euler)."""
+    """Sampler ``kind`` over a :class:`GaussianDiffusion` (ddpm/ddim) or a :class:`Transport` (sde/ode/heun/euler);
+    "auto": the process's default, ddpm for a diffusion (DiT), sde for a transport (SiT)."""
     kind = kind.lower()
+    if kind == "auto":
+        kind = "ddpm" if isinstance(process, GaussianDiffusion) else "sde"
     if kind not in KINDS:
         raise ValueError(f"sampler {kind!r}: expected one of {KINDS}")
     if kind in DIFFUSION_KINDS:

@@ -6,19 +6,25 @@ ranks come from the environment (see :mod:`usp_scale.runtime.env`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
+import traceback
 from typing import Optional, Sequence
 
-from ..cluster.slurm import EXIT_STOPPED, STOPPED_FILE
+import yaml
 
-_IMPORTED_AT = time.time()
+from .. import runtime as D
+from ..checkpoint.safe_load import CheckpointFileError
+from ..fileio import DiskFullError
+from ..config import ConfigError, format_help, load_config, to_dict
+from ..data.cache_reader import LatentCacheError
+from .nonfinite import NonFiniteError
+from .stop import EXIT_DONE, clear_stale_stop_files, stop_exit_code, write_stopped
+from .trainer import Trainer
 
 # Exit codes (docs/training.md, "Exit codes"); any other non-zero code is a crash (Python exits 1 on an
 # uncaught error, e.g. a lost peer or a collective timeout).
-EXIT_DONE = 0          # training finished; exports written (also after stop_after_steps, which is not finished)
+# EXIT_DONE (0): training finished; exports written (also after stop_after_steps, which is not finished)
 EXIT_CONFIG = 2        # bad command line or config; nothing ran
 EXIT_ERROR = 3         # stopped with an explained error: max_nonfinite non-finite steps in a row (a checkpoint
 #                        was written first), or a config problem found at start-up
@@ -61,8 +67,6 @@ def build_parser(prog: str, finetune: bool) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: str = "launcher") -> int:
     ap = build_parser(prog, finetune)
     args = ap.parse_intermixed_args(argv)
-    from ..config import ConfigError, format_help, load_config, to_dict
-
     if args.help_config:
         print(format_help())
         return 0
@@ -84,22 +88,15 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         print("config error: launchers/finetune.py needs --task dit|sit|cls|linprobe", file=sys.stderr)
         return EXIT_CONFIG
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from .. import runtime as D
-    from .trainer import NonFiniteError, Trainer
-
     if D.detect(local_rank_arg=args.local_rank if args.local_rank >= 0 else None).rank == 0:
         clear_stale_stop_files(cfg.output_dir)
     try:
         # construction builds the run and resumes its checkpoint: its errors exit as the training loop's do
         trainer = Trainer(cfg, local_rank_arg=args.local_rank if args.local_rank >= 0 else None)
-        result = trainer.train()
+        result = trainer.fit()
     except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
-        from ..checkpoint.safe_load import CheckpointFileError, DiskFullError
-        from ..data.latents import LatentCacheError
         if not isinstance(e, (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
                               FileNotFoundError)):
             raise
@@ -122,58 +119,6 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
     return code
 
 
-def run_started_at() -> float:
-    """When this run started, in epoch seconds: ``$USP_SCALE_STARTED_AT`` (the SLURM scripts export the job's
-    start) or this process's start (from /proc; the module's import time elsewhere)."""
-    if os.environ.get("USP_SCALE_STARTED_AT"):
-        return float(os.environ["USP_SCALE_STARTED_AT"])
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: start time in clock ticks after boot
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _IMPORTED_AT
-
-
-def clear_stale_stop_files(output_dir: str) -> None:
-    """Rank 0 at start-up: remove the previous run's STOPPED marker, and a STOP_AND_CHECKPOINT older than this
-    run (left by a job killed before it could act on it), which would otherwise stop this run at its first
-    log step. A stop file written after the run started (e.g. by the SLURM script's signal trap) is kept."""
-    from .trainer import STOP_FILE
-
-    started = run_started_at()
-    for name in (STOPPED_FILE, STOP_FILE):
-        path = os.path.join(output_dir, name)
-        try:
-            mtime = os.path.getmtime(path)
-        except OSError:
-            continue
-        if name == STOPPED_FILE or mtime < started:
-            os.remove(path)
-            print(f"[usp_scale] removed {path} (written {time.ctime(mtime)}, before this run started "
-                  f"{time.ctime(started)})", flush=True)
-
-
-def stop_exit_code() -> int:
-    """EXIT_STOPPED, except under a torchrun agent with restarts left: it would restart the workers on a non-zero
-    exit (they would resume and train on, ignoring the stop), so there the stop exits 0 and STOPPED tells."""
-    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT",
-                                                                                       "0"))
-    return EXIT_DONE if left > 0 else EXIT_STOPPED
-
-
-def write_stopped(output_dir: str, result: dict, code: int) -> str:
-    path = os.path.join(output_dir, STOPPED_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"step": result["step"], "checkpoint": result["checkpoint"], "exit_code": code,
-                   "time": time.time()}, f)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def entry(finetune: bool, prog: str) -> None:
     try:
         rc = main(sys.argv[1:], finetune=finetune, prog=prog)
@@ -181,8 +126,6 @@ def entry(finetune: bool, prog: str) -> None:
         if isinstance(e, SystemExit):
             rc = e.code if isinstance(e.code, int) else 1
         else:
-            import traceback
-
             traceback.print_exc()
             rc = 1
     sys.stdout.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.distributed.tensor.experimental import implicit_replication
 
 
 class EMA:
@@ -36,8 +37,6 @@ class EMA:
         srcs = [t.detach().float() for _, t in sources]
         if any(type(e) is not torch.Tensor for e in shadow):
             # FSDP2 shards are DTensors: the plain 0-dim weight joins them as a replicated value, one at a time.
-            from torch.distributed.tensor.experimental import implicit_replication
-
             with implicit_replication():
                 for e, t in zip(shadow, srcs):
                     e.lerp_(t, w if w.device == e.device else w.to(e.device))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 
 from .. import runtime as D
-from ..checkpoint import save_official, save_safetensors
+from ..checkpoint import save_official
 from ..config import to_dict
+from ..fileio import save_safetensors
 
 
 class Exporter:

@@ -12,12 +12,20 @@ import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from timm.data import Mixup
 
+from .. import runtime as D
 from ..config import ConfigError
+from ..diffusion import create_diffusion
+from ..fileio import CONTENT_KEY
 from ..models import create_model
 from ..runtime import seed_all
+from ..transfer import load_pretrained
+from ..transport import create_transport
 from . import optim as O
 
 
@@ -26,13 +34,8 @@ def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None
     loaded strictly (:func:`usp_scale.transfer.load_pretrained`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint.init_from={path}: file not found")
-    from ..transfer import load_pretrained
-
     report = load_pretrained(model, path, use_pretrain_layer=use_pretrain_layer)
     if path.endswith(".safetensors"):  # what was loaded: the export's source and content hash, before training
-        from safetensors import safe_open
-
-        from ..checkpoint.safe_load import CONTENT_KEY
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
         info = ", ".join(f"{k} {meta[k]}" for k in ("task", "model", "step", "source") if k in meta)
@@ -45,9 +48,16 @@ def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None
 
 
 class Task:
+    """What a task declares for the trainer (which names no task): its official export (:attr:`official_name`,
+    :attr:`official_keys`, written by :mod:`usp_scale.training.export`), whether it has a validation loop
+    (:attr:`evaluates`: the trainer builds a val loader and calls :meth:`evaluate`), and, for a generative task, the
+    process its samples come from (:attr:`process`: in-training FID samples with it)."""
+
     name = "base"
-    # Official export name pattern.
-    official_name = "checkpoint-{step}.pth"
+    official_name = "checkpoint-{step}.pth"   # official export file name
+    official_keys = ("model", "args")         # what the official export holds (MAE finetuning's format)
+    evaluates = False
+    process = None  # a GaussianDiffusion (dit) or a Transport (sit)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -73,12 +83,14 @@ class Task:
     def loss(self, engine, batch: dict, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_flops_per_sample(self, model: nn.Module) -> Optional[float]:
-        """3 x forward FLOPs (+1 forward with activation checkpointing), or None if unknown."""
-        f = getattr(model, "flops_per_sample", None)
-        if f is None:
-            return None
-        return (4.0 if self.cfg.engine.activation_checkpointing else 3.0) * float(f(mask_ratio=self.cfg.mask.ratio))
+    def train_flops_per_sample(self, model: nn.Module) -> float:
+        """Training FLOPs of one sample (for MFU): forward + backward = 3 x forward (+1 forward with activation
+        checkpointing), the forward from the model (:meth:`~usp_scale.models.contract.LatentTransformer.
+        flops_per_sample`)."""
+        return self._passes() * float(model.flops_per_sample())
+
+    def _passes(self) -> float:
+        return 4.0 if self.cfg.engine.activation_checkpointing else 3.0
 
     def evaluate(self, engine, loader) -> dict:
         return {}
@@ -88,6 +100,7 @@ class PretrainTask(Task):
     """Masked latent modelling (docs/method.md §2): the model returns (loss, pred, mask)."""
 
     name = "pretrain"
+    official_keys = ("model",)
 
     def model_kwargs(self):
         m = self.cfg.model
@@ -101,7 +114,7 @@ class PretrainTask(Task):
         n = x.shape[0]
         # The masking noise (N, L) is drawn here (after t and eps), so the model's argsort-of-noise masking uses the
         # step's generator; with generator=None the draws are the global ones the model itself would make.
-        num_patches = getattr(engine, "unwrapped", engine).num_patches
+        num_patches = engine.unwrapped.num_patches
         target = None
         if self.cfg.mask.add_noise:
             # input = sqrt(t) z + sqrt(1-t) eps, t ~ U[0.5, 1); the loss target is the clean z, as in the official code
@@ -112,10 +125,9 @@ class PretrainTask(Task):
         loss, _, _ = engine(x, mask_ratio=self.cfg.mask.ratio, noise=noise, target=target)
         return loss
 
-    def train_flops_per_sample(self, model: nn.Module) -> Optional[float]:
+    def train_flops_per_sample(self, model: nn.Module) -> float:
         """As :meth:`Task.train_flops_per_sample`, with the encoder on the tokens ``mask.ratio`` leaves visible."""
-        mult = 4.0 if self.cfg.engine.activation_checkpointing else 3.0
-        return mult * float(model.flops_per_sample(mask_ratio=self.cfg.mask.ratio))
+        return self._passes() * float(model.flops_per_sample(mask_ratio=self.cfg.mask.ratio))
 
 
 class DiTTask(Task):
@@ -123,14 +135,11 @@ class DiTTask(Task):
 
     name = "dit"
     official_name = "{step:07d}.pt"
+    official_keys = ("model", "ema", "opt", "args")
 
     def __init__(self, cfg, diffusion=None):
         super().__init__(cfg)
-        if diffusion is None:
-            from ..diffusion import create_diffusion
-
-            diffusion = create_diffusion(learn_sigma=cfg.model.learn_sigma)
-        self.diffusion = diffusion
+        self.diffusion = self.process = diffusion or create_diffusion(learn_sigma=cfg.model.learn_sigma)
 
     def model_kwargs(self):
         m = self.cfg.model
@@ -160,11 +169,7 @@ class SiTTask(DiTTask):
 
     def __init__(self, cfg, transport=None):
         Task.__init__(self, cfg)
-        if transport is None:
-            from ..transport import create_transport
-
-            transport = create_transport()
-        self.transport = transport
+        self.transport = self.process = transport or create_transport()
 
     def loss(self, engine, batch, generator=None):
         kw = self.model_kwargs_for(batch["labels"], generator)
@@ -182,13 +187,12 @@ class ClsTask(Task):
     """Classification finetuning (docs/method.md §6.2): avg pooling, layer decay, label smoothing, mixup/cutmix on latents."""
 
     name = "cls"
+    evaluates = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.mixup_fn = None
         if cfg.cls.mixup > 0 or cfg.cls.cutmix > 0:
-            from timm.data import Mixup
-
             self.mixup_fn = Mixup(mixup_alpha=cfg.cls.mixup, cutmix_alpha=cfg.cls.cutmix,
                                   label_smoothing=cfg.cls.smoothing,
                                   num_classes=cfg.model.num_classes)
@@ -211,10 +215,6 @@ class ClsTask(Task):
 
     @torch.no_grad()
     def evaluate(self, engine, loader) -> dict:
-        import torch.distributed as dist
-
-        from .. import runtime as D
-
         model = engine.model
         was_training = model.training
         model.eval()
@@ -259,6 +259,12 @@ class LinprobeTask(ClsTask):
 
     def loss(self, engine, batch, generator=None):
         return F.cross_entropy(engine(batch["latents"]).float(), batch["labels"])
+
+    def train_flops_per_sample(self, model: nn.Module) -> float:
+        """Only the head trains: the forward of the whole model, then the head's weight gradient (one head forward;
+        its input comes from the frozen encoder and needs no gradient, and nothing flows back into the encoder, so
+        activation checkpointing recomputes nothing). About a third of the 3 x forward counted for the others."""
+        return float(model.flops_per_sample()) + float(model.head_flops_per_sample())
 
 
 TASKS = {"pretrain": PretrainTask, "dit": DiTTask, "sit": SiTTask, "cls": ClsTask, "linprobe": LinprobeTask}

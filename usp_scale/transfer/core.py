@@ -19,7 +19,7 @@ from ..layers.pos_embed import resample_grid
 from ..models.dit import DiT
 from ..models.mae import MaskedAutoencoderViT
 from ..models.vit import VisionTransformer
-from .formats import StateDict, read_state_dict
+from .formats import StateDict, load_weights, read_state_dict
 
 _MAE_ONLY = re.compile(r"^(mask_token|decoder_.*)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -255,8 +255,6 @@ def load_pretrained(model: nn.Module, path: str, use_pretrain_layer: int = -1, s
                     which: str = "auto") -> Optional[TransferReport]:
     """Initialise ``model`` from ``path``: an MAE checkpoint is transferred (report returned); a checkpoint
     of the model's own architecture (e.g. an export of a transferred model) is loaded strictly (None)."""
-    from .formats import load_weights
-
     sd = read_state_dict(path, which="model" if which == "auto" else which)
     is_classifier_ckpt = "head.weight" in sd or "head.1.weight" in sd
     if looks_like_mae(sd) and not isinstance(model, MaskedAutoencoderViT) and not is_classifier_ckpt:

@@ -15,6 +15,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint.diff import diff_shapes
+from ..checkpoint.safe_load import read_safetensors, torch_load
+
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -31,8 +34,6 @@ def read_state_dict(path: str, which: str = "auto") -> StateDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (give a local .pt/.pth/.safetensors file; "
                                 f"nothing is downloaded)")
-    from ..checkpoint.safe_load import read_safetensors, torch_load
-
     if path.endswith(".safetensors"):
         sd = read_safetensors(path, what="checkpoint")
     else:
@@ -59,8 +60,6 @@ def read_state_dict(path: str, which: str = "auto") -> StateDict:
 def diff_keys(model: nn.Module, sd: StateDict) -> str:
     """Human-readable difference between a model's state dict and ``sd`` (keys and shapes:
     :func:`usp_scale.checkpoint.diff.diff_shapes`). Empty when they fit."""
-    from ..checkpoint.diff import diff_shapes
-
     return "\n".join(diff_shapes(sd, model.state_dict()))
 
 

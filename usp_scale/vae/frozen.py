@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..checkpoint.safe_load import CheckpointFileError, UnsafeCheckpointError, read_safetensors, torch_load
 from .named import resolve_vae_path, shipped_scale
 
 SCALE = {"d8": 0.18215, "d16": 0.2325}
@@ -125,7 +126,6 @@ def _config_from_diffusers_sd(sd: Dict[str, torch.Tensor]) -> dict:
 
 def _from_single_file(path: str, version: str):
     from diffusers import AutoencoderKL
-    from ..checkpoint.safe_load import CheckpointFileError, UnsafeCheckpointError, read_safetensors, torch_load
     try:
         if path.endswith(".safetensors"):
             raw = read_safetensors(path, what="VAE weights file")

@@ -15,7 +15,10 @@ import copy
 import json
 import os
 
+import torch
+
 from ...config import ConfigError
+from ..base import device_precision
 
 # Generated key -> the usp_scale config key that sets it.
 OWNED_KEYS = {
@@ -187,10 +190,6 @@ def config_for_job(job, world_size: int, *, device_type: str = "cpu") -> dict:
     :class:`~usp_scale.config.JobConfig` whose batch plan and precision were resolved at start-up
     (:func:`usp_scale.config.resolve_job`: ``schedule.accum_iter`` derived, ``engine.precision`` not "official";
     "auto" resolves for ``device_type``)."""
-    import torch
-
-    from ..base import device_precision
-
     precision = device_precision(job.engine.precision, torch.device(device_type))
     return build_config(micro_batch=job.data.batch_size, accum_iter=job.schedule.accum_iter, world_size=world_size,
                         zero_stage=job.engine.zero_stage, precision=precision, clip_grad=job.optim.clip_grad,

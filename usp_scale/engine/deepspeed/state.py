@@ -32,9 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ... import runtime as D
-from ...checkpoint.safe_load import torch_load, torch_save
+from ...checkpoint.safe_load import torch_load
+from ...fileio import torch_save
 from ...config import ConfigError
 from ..base import Weights
+from . import DEEPSPEED_RANGE
 
 TAG = "ds"  # DeepSpeed checkpoint tag: <engine folder>/ds/...
 
@@ -45,8 +47,6 @@ class DeepSpeedInternalsError(RuntimeError):
 
 def _internals_error(what: str, why: str) -> DeepSpeedInternalsError:
     import deepspeed
-
-    from . import DEEPSPEED_RANGE
 
     return DeepSpeedInternalsError(f"DeepSpeed {deepspeed.__version__}: {what} not found ({why}); usp_scale is "
                                    f"tested with deepspeed{DEEPSPEED_RANGE}: install a version in that range")

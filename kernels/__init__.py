@@ -1,4 +1,4 @@
-"""Fused Triton kernels, installed as ``usp_scale.kernels`` (see setup.py).
+"""Fused Triton kernels: the top-level folder ``kernels/``, installed as ``usp_scale.kernels`` (see setup.py).
 
 Each kernel module holds the ``@triton.jit`` kernels, an ``autograd.Function`` and a functional
 wrapper; the torch references live in ``usp_scale.layers`` and ``usp_scale.layers.fused`` selects
@@ -13,6 +13,10 @@ This package imports without triton: the kernel functions below are loaded on fi
 from __future__ import annotations
 
 import importlib
+
+if __name__ != "usp_scale.kernels":  # the bare name belongs to the unrelated PyPI package (and diffusers' probe)
+    raise ImportError(f"the kernels folder is the package usp_scale.kernels, not {__name__!r}: import "
+                      "usp_scale.kernels (pip install the repository, or run from its root: usp_scale maps it)")
 
 from .dispatch import IMPLS, resolve_impl, triton_available, triton_usable
 

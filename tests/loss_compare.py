@@ -6,10 +6,10 @@ MAE) and ``dit`` (DiT-tiny/2, DDPM), CPU, fp32, fixed seeds, 6 optimizer steps o
 EMA on. Each engine runs in its own launch: ``local`` (1 process), ``ddp``, ``fsdp2`` and ``deepspeed`` (ZeRO-2)
 on 2 gloo processes, one thread each. Every step's loss and gradient norm is recorded.
 
-    python scripts/loss_compare.py                         # the working tree vs the goldens in tests/assets/losses/
-    python scripts/loss_compare.py --a main --b .          # commit/branch main vs the working tree
-    python scripts/loss_compare.py --a . --b . --b-set optim.clip_grad=0.5   # two configs of the same code
-    python scripts/loss_compare.py --update-golden         # rewrite tests/assets/losses/ from the working tree
+    python tests/loss_compare.py                         # the working tree vs the goldens in tests/assets/losses/
+    python tests/loss_compare.py --a main --b .          # commit/branch main vs the working tree
+    python tests/loss_compare.py --a . --b . --b-set optim.clip_grad=0.5   # two configs of the same code
+    python tests/loss_compare.py --update-golden         # rewrite tests/assets/losses/ from the working tree
 
 A commit is checked out into a temporary git worktree and run from there (its own usp_scale). Exit status 0
 when every step agrees within the tolerance (--rtol/--atol; default exact for two commits, which are run on this
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this file is tests/loss_compare.py
 GOLDEN = os.path.join(REPO, "tests", "assets", "losses")
 BASE = "configs/debug/synthetic_pretrain.yaml"
 OK = "LOSS_RUN_OK"
@@ -197,7 +197,7 @@ def report(name_a: str, name_b: str, res_a: dict, res_b: dict, rtol: float, atol
 def read_golden(engine: str) -> dict:
     path = os.path.join(GOLDEN, f"{engine}.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no golden losses {path}; write them with `python scripts/loss_compare.py "
+        raise FileNotFoundError(f"no golden losses {path}; write them with `python tests/loss_compare.py "
                                 "--update-golden`")
     with open(path) as f:
         return json.load(f)
@@ -211,7 +211,7 @@ def write_golden(results: dict) -> None:
     for eng, runs in results.items():
         doc = {"engine": eng, "processes": ENGINES[eng][0], "environment": environment(),
                "written_from": commit + (" + uncommitted changes" if dirty else ""),
-               "date": time.strftime("%Y-%m-%d"), "command": "python scripts/loss_compare.py --update-golden",
+               "date": time.strftime("%Y-%m-%d"), "command": "python tests/loss_compare.py --update-golden",
                "config": {"base": BASE, "common": COMMON, "engine": ENGINES[eng][1],
                           "runs": {r: RUNS[r] for r in runs}}, "losses": runs}
         with open(os.path.join(GOLDEN, f"{eng}.json"), "w") as f:

@@ -1,5 +1,5 @@
 """The latent cache reader: a memory-mapped, resumable, verified reader of the cache the writer made
-(:mod:`usp_scale.data.cache_writer` reads the images, :mod:`usp_scale.vae.latent_cache` encodes them and defines the
+(:mod:`usp_scale.data.cache_writer` reads the images, :mod:`usp_scale.data.cache_format` encodes them and defines the
 format, version 2: the folder layout is described there).
 
 Integrity (``data.latent_verify``, default ``records``): opening checks the manifest's own hash, each shard's
@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, read_json
-from ..vae.frozen import posterior_latents
-from ..vae.latent_cache import (ARRAYS, FORMAT, VERSION, LatentCacheError, header_bytes, record_crcs,  # noqa: F401
-                                sha256_file)
+from ..vae.frozen import path_content_fingerprint, posterior_latents
+from .cache_format import ARRAYS, FORMAT, VERSION, LatentCacheError, header_bytes, record_crcs, sha256_file
 from .loaders import ResumableLoader
 from .sampler import ShardSampler
 from .transforms import sample_seed
@@ -190,7 +189,6 @@ class LatentCache:
             diffs.append(f"VAE version: cache {m['vae']['version']} vs requested vae.version={vae_version}")
         elif vae_content is not None or vae_path is not None:
             if vae_content is None:
-                from ..vae.frozen import path_content_fingerprint
                 vae_content = path_content_fingerprint(vae_path, vae_version or m["vae"]["version"])
             if m["vae"].get("content") != vae_content:
                 diffs.append(f"VAE: the cache was encoded by a VAE with content fingerprint {m['vae'].get('content')} "

@@ -1,7 +1,6 @@
-"""The latent cache writer's VAE side: the cache format (version 2), the one plain + flipped encoding, and the
-shard / sidecar / manifest files. The images come from :mod:`usp_scale.data.cache_writer` (datasets, crops,
-DALI), which calls this module; the reader is :mod:`usp_scale.data.latents`. Nothing here imports
-``usp_scale.data`` (the data path depends on the VAE, not the other way round).
+"""The latent cache format (version 2), beside its writer (:mod:`usp_scale.data.cache_writer`, the images: datasets,
+crops, DALI) and its reader (:mod:`usp_scale.data.cache_reader`): the folder layout, the one plain + flipped
+encoding through the VAE, and the shard / sidecar / manifest files.
 
 Layout of a cache folder::
 
