@@ -48,7 +48,7 @@ def worker_fail(out: str, data: str) -> None:
 
     import usp_scale.eval.hook as EH
     import usp_scale.eval.metrics as EM  # the hook imports the metrics when it evaluates (no torch-fidelity before)
-    from usp_scale.eval import DistributedEvalError
+    from usp_scale.runtime import DistributedEvalError
     from usp_scale.training import run
 
     rank = dist.get_rank()

@@ -235,10 +235,12 @@ def measure_case(case: str, short: str, rank: int, world: int, out: str) -> list
 def worker(out: str, cases: list, models: list) -> None:
     import torch.distributed as dist
 
-    from usp_scale.runtime import detect, init_process_group
+    from usp_scale.config import JobConfig
+    from usp_scale.runtime import init_runtime
 
-    info = detect()
-    init_process_group(info, "gloo", 30, single_process_group=True)
+    base = JobConfig()
+    base.engine.name, base.engine.backend = "ddp", "gloo"  # the process group every case's engine runs on
+    info = init_runtime(base, device="cpu").info
     res = {"world": info.world_size, "cases": {}}
     for short in models:
         for case in cases:

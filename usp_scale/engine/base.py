@@ -132,6 +132,13 @@ class Weights:
         """Full fp32 model state dict on CPU (collective; meaningful on rank 0)."""
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
+    def full_ema_state_dict(self, ema_state: dict, model_sd: Optional[dict] = None) -> dict:
+        """The EMA's full state dict: ``model_sd`` (the full model state dict, gathered when not given) with the EMA's
+        gathered tensors over it, so buffers and frozen parameters the EMA does not follow come from the model.
+        Collective; complete on rank 0."""
+        model_sd = self.full_model_state_dict() if model_sd is None else model_sd
+        return {**model_sd, **self.gather_ema(ema_state)}
+
     def full_optimizer_state_dict(self) -> Optional[dict]:
         """Full optimizer state in torch's index-keyed format (rank 0)."""
         return self.optimizer.state_dict()

@@ -156,11 +156,9 @@ class FIDHook:
     @torch.no_grad()
     def _load_weights(self, engine, ema) -> str:
         """Full weights (EMA over the model's) into the private copy on every rank; collective."""
-        sd = engine.weights.full_model_state_dict()  # full on rank 0 at least
-        which = "model"
-        if ema is not None:
-            sd = {**sd, **engine.weights.gather_ema(ema.state_dict())}
-            which = "ema"
+        weights = engine.weights  # full on rank 0 at least
+        sd = weights.full_model_state_dict() if ema is None else weights.full_ema_state_dict(ema.state_dict())
+        which = "model" if ema is None else "ema"
         rank, world = D.get_rank(), D.get_world_size()
         err = None
         if rank == 0:

@@ -28,9 +28,7 @@ class Exporter:
         if not (cfg.checkpoint.export or cfg.checkpoint.export_official):
             return out
         model_sd = weights.full_model_state_dict()
-        ema_sd = None
-        if ema is not None:
-            ema_sd = {**model_sd, **weights.gather_ema(ema.state_dict())}
+        ema_sd = None if ema is None else weights.full_ema_state_dict(ema.state_dict(), model_sd)
         official = cfg.checkpoint.export_official
         opt_sd = weights.full_optimizer_state_dict() if official and "opt" in keys else None
         if self.is_main:
