@@ -172,3 +172,22 @@ def test_writer_refusals(caches, tmp_path):
     small.samples, small.root = ds.samples[:10], ds.root
     with pytest.raises(TeacherCacheError, match="has 10 images, latent cache .* from 48"):
         write_teacher_cache(small, caches["teacher"], str(tmp_path / "c"), lat, progress=False)
+
+
+def test_benchmark_script_runs_and_prices_both_modes(tmp_path, capsys):
+    """benchmarks/data/bench_teacher_cache.py at a toy size: the record size, the ImageNet total and the online
+    teacher's share of a SiT-XL/2 step (46.3 / 711.7 GFLOP) come out as docs/method.md §9.4 states them."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "data",
+                        "bench_teacher_cache.py")
+    spec = importlib.util.spec_from_file_location("bench_teacher_cache", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = str(tmp_path / "report.md")
+    mod.main(["--images", "6", "--shard-size", "4", "--repeats", "1", "--batch", "3", "--teacher-batch", "0",
+              "--dir", str(tmp_path), "--out", out])
+    text = open(out).read()
+    for want in ("| record: 256 tokens x 768 bf16 | 393,216 bytes |", "ImageNet-1k train (1,281,167 images), plain + "
+                 "flipped | 1.01 TB", "46.3 GFLOP/image", "237.2 / 711.7 GFLOP/image", "| online teacher / SiT-XL/2 "
+                 "step | 6.5 % (teacher + projector: 8.3 %) |", "verify=size"):
+        assert want in text, want
