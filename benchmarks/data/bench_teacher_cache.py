@@ -3,7 +3,8 @@
 (DINOv2-B forward GFLOP per image, its share of a SiT-XL/2 training step, and its measured forward time here).
 
 Writes a markdown report (machine, versions, date, settings, numbers). Example:
-    python benchmarks/data/bench_teacher_cache.py --images 1024 --out benchmarks/reports/teacher_cache_cpu_$(date +%F).md
+    python benchmarks/data/bench_teacher_cache.py --images 1024 \
+        --out benchmarks/reports/teacher_cache_cpu_$(date +%F).md
 
 The cache is written by the cache's own shard writer and manifest writer (usp_scale.data.teacher_cache) with
 random bf16 tokens of DINOv2-B's shape (256 x 768 per record, plain + flipped, one view, shards of 256 images):

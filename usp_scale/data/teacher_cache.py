@@ -168,9 +168,9 @@ def write_teacher_cache(dataset, teacher, out_dir: str, latent_cache: str, *, ba
             f = torch.stack(per_flip, 1).reshape(n, views, flips, teacher.num_tokens, teacher.dim)
             bad = _nonfinite_rows(store_np(f).reshape(n, -1), "bf16")
             if bad.any():
-                raise TeacherCacheError(f"teacher gave non-finite tokens for source image {int(index[pos + bad.argmax()])}"
-                                        f" ({dataset.samples[int(index[pos + bad.argmax()])].path}); nothing written "
-                                        f"for shard {s}")
+                i = int(index[pos + bad.argmax()])
+                raise TeacherCacheError(f"teacher gave non-finite tokens for source image {i} "
+                                        f"({dataset.samples[i].path}); nothing written for shard {s}")
             feats.append(f)
             pos += n
             if bar is not None:

@@ -11,6 +11,10 @@ tests/test_model_contract.py. The optimizer, the engine and the tasks use only t
 - ``set_kernels(mode)``: "auto", "triton" or "torch" for every fused op of the model (config ``model.kernels``).
 - ``flops_per_sample(mask_ratio)``: forward matmul FLOPs of one sample (2 per multiply-add, attention scores
   included); the MAE counts its encoder on the kept tokens, the others ignore ``mask_ratio``.
+
+The REPA models (``*-REPA``, usp_scale/models/repa.py) keep the same contract; their ``forward`` returns
+``(output, zs)`` (zs: the projected tokens, one (N, T, z_dim) tensor per teacher), their projectors are outside
+the blocks (layer ``num_layers``, the root of an FSDP/ZeRO-3 wrap) and ``flops_per_sample`` includes them.
 """
 from __future__ import annotations
 
