@@ -44,7 +44,8 @@ MAE_KEY = re.compile(r"^(cls_token|pos_embed|mask_token|decoder_pos_embed|patch_
 DIT_KEY = re.compile(r"^(pos_embed|x_embedder\.proj\.(weight|bias)|t_embedder\.mlp\.[02]\.(weight|bias)|"
                      r"y_embedder\.embedding_table\.weight|"
                      r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1)\."
-                     r"(weight|bias)|final_layer\.(linear|adaLN_modulation\.1)\.(weight|bias))$")
+                     r"(weight|bias)|final_layer\.(linear|adaLN_modulation\.1)\.(weight|bias)|"
+                     r"projectors\.\d+\.[024]\.(weight|bias)|blocks\.\d+\.attn\.[qk]_norm\.(weight|bias))$")
 VIT_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|"
                      r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)|"
                      r"(norm|fc_norm|head)\.(weight|bias))$")
@@ -62,11 +63,13 @@ def test_key_layout_on_meta(name):
     assert time.time() - start < 20
     if model_family(name) in ("dit", "sit"):
         has_affine = "blocks.0.norm1.weight" in keys
-        assert has_affine == name.endswith("VAE-simple")
+        assert has_affine == ("-VAE-simple" in name)
         assert m.y_embedder.embedding_table.weight.shape[0] == m.y_embedder.num_classes + 1
         p = int(name.split("/")[1].split("-")[0])
         assert m.x_embedder.proj.kernel_size == (p, p)
-        assert m.final_layer.linear.out_features == p * p * 8
+        repa_sit = name.endswith("/2-REPA")          # REPA's SiT: no learned sigma
+        assert m.final_layer.linear.out_features == p * p * (4 if repa_sit else 8)
+        assert any(k.startswith("projectors.") for k in keys) == name.endswith("-REPA")
 
 
 def test_xl_shapes():

@@ -70,14 +70,14 @@ def store_np(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def header_bytes(path: str) -> bytes:
+def header_bytes(path: str, what: str = "latent cache shard") -> bytes:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise LatentCacheError(f"latent cache shard {path} is truncated ({len(head)} bytes)")
+            raise LatentCacheError(f"{what} {path} is truncated ({len(head)} bytes)")
         (hlen,) = struct.unpack("<Q", head)
         if hlen > os.path.getsize(path) - 8 or hlen > 1 << 24:
-            raise LatentCacheError(f"latent cache shard {path}: header length {hlen} does not fit the file "
+            raise LatentCacheError(f"{what} {path}: header length {hlen} does not fit the file "
                                    f"({os.path.getsize(path)} bytes); the file is damaged")
         return head + f.read(hlen)
 

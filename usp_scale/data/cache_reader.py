@@ -47,28 +47,29 @@ def _nonfinite_rows(a: np.ndarray, dtype: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- reader
 
-def _open_safetensors(path: str, header: Optional[bytes] = None) -> Dict[str, np.ndarray]:
+def _open_safetensors(path: str, header: Optional[bytes] = None, what: str = "latent cache shard"
+                      ) -> Dict[str, np.ndarray]:
     """Memory-map a safetensors file once and view each tensor as a numpy array (bf16 as int16 bits).
 
     The header is validated as the safetensors format requires: known dtypes, each tensor's byte range matching
-    its shape, the ranges contiguous and covering the rest of the file exactly."""
-    header = header if header is not None else header_bytes(path)
+    its shape, the ranges contiguous and covering the rest of the file exactly. ``what`` names the file in errors."""
+    header = header if header is not None else header_bytes(path, what)
     hlen = len(header) - 8
     try:
         info = json.loads(header[8:])
     except ValueError as e:
-        raise LatentCacheError(f"latent cache shard {path}: damaged header ({e})") from e
+        raise LatentCacheError(f"{what} {path}: damaged header ({e})") from e
     size = os.path.getsize(path)
     entries = sorted((v["data_offsets"], k, v) for k, v in info.items() if k != "__metadata__")
     end = 0
     for (b, e), name, v in entries:
         if v.get("dtype") not in _ST_DTYPES or b != end or e < b or \
                 (e - b) != int(np.prod(v["shape"])) * np.dtype(_ST_DTYPES[v["dtype"]][0]).itemsize:
-            raise LatentCacheError(f"latent cache shard {path}: tensor {name!r} has an inconsistent header entry "
+            raise LatentCacheError(f"{what} {path}: tensor {name!r} has an inconsistent header entry "
                                    f"{v}; the file is damaged")
         end = e
     if 8 + hlen + end != size:
-        raise LatentCacheError(f"latent cache shard {path}: the header covers {8 + hlen + end} bytes, the file has "
+        raise LatentCacheError(f"{what} {path}: the header covers {8 + hlen + end} bytes, the file has "
                                f"{size}; the file is truncated or damaged")
     # one mapping (and descriptor) per shard, viewed as plain ndarrays (np.memmap's __getitem__ is slow)
     mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray) if size else None

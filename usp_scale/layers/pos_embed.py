@@ -47,12 +47,13 @@ def fill_sincos_(table: torch.Tensor, grid_size: int, cls_token: bool = False) -
     return table
 
 
-def resample_grid(table: torch.Tensor, new_grid: int, num_prefix: int = 0) -> torch.Tensor:
+def resample_grid(table: torch.Tensor, new_grid: int, num_prefix: int = 0, antialias: bool = False) -> torch.Tensor:
     """Resize a (1, prefix + G*G, D) table to new_grid x new_grid, bicubic, align_corners=False.
 
     The prefix (cls) rows are dropped. Interpolation runs in fp32 on the row-major [D, G, G]
     grid with PyTorch's bicubic (a = -0.75, half-pixel, clamped borders, no antialias): the
     transform the official USP code applies when moving a 14x14 table to a 16x16 DiT.
+    ``antialias=True``: timm's ``resample_abs_pos_embed`` default, which REPA applies to its teacher's table.
     """
     grid_tokens = table[:, num_prefix:]
     n = grid_tokens.shape[1]
@@ -63,5 +64,5 @@ def resample_grid(table: torch.Tensor, new_grid: int, num_prefix: int = 0) -> to
         return grid_tokens.clone()
     d = grid_tokens.shape[-1]
     x = grid_tokens.float().reshape(1, g, g, d).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    x = F.interpolate(x, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=antialias)
     return x.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d).to(table.dtype)

@@ -16,6 +16,10 @@ tests/test_model_contract.py. The optimizer, the engine and the tasks use only t
 - ``flops_per_sample()``: forward matmul FLOPs of one sample (2 per multiply-add, attention scores included); the
   MAE's takes the mask ratio (its encoder sees the kept tokens). What a training step costs (the backward, a frozen
   encoder, recomputation) is the task's to count (:meth:`usp_scale.training.tasks.Task.train_flops_per_sample`).
+
+The REPA models (``*-REPA``, usp_scale/models/repa.py) keep the same contract; their ``forward`` returns
+``(output, zs)`` (zs: the projected tokens, one (N, T, z_dim) tensor per teacher), their projectors are outside
+the blocks (layer ``num_layers``, the root of an FSDP/ZeRO-3 wrap) and ``flops_per_sample`` includes them.
 """
 from __future__ import annotations
 

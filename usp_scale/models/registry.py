@@ -4,6 +4,8 @@ Names are the official ones: ``vit_{base,large,xlarge,huge}_patch_vae`` (+ ``_2`
 variants) for the masked autoencoder, ``DiT-XL/2``, ``DiT-B/2-VAE-simple``, ``SiT-L/4`` ... for the
 diffusion transformers, ``vit_{base,large,xlarge}_patch16_vae`` for the latent classifiers (the
 "patch16" is the official misnomer: the patch is 2). ``tiny`` / ``S`` sizes exist for tests.
+REPA (usp_scale/models/repa.py): ``SiT-{B,L,XL}/2-REPA`` is REPA's SiT; ``SiT-*/2-VAE-simple-REPA`` and (ours)
+``DiT-*/2-VAE-simple-REPA`` the project's models with REPA's projector; all return (output, zs).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn as nn
 
 from .dit import DiT, SiT
 from .mae import MaskedAutoencoderViT
+from .repa import DiTWithProjectors, REPASiT, SiTWithProjectors
 from .vit import VisionTransformer
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
@@ -111,6 +114,25 @@ for _family, _cls in (("dit", DiT), ("sit", SiT)):
     # tiny sizes for tests and the CPU demo (128 wide, 2 deep, 4 heads: the shape of vit_tiny_patch_vae)
     register(f"{_prefix}-tiny/2", _family, partial(_dit_tiny, _cls, False))
     register(f"{_prefix}-tiny/2-VAE-simple", _family, partial(_dit_tiny, _cls, True))
+
+
+# ---------------------------------------------------------------------------- REPA (usp_scale/models/repa.py)
+def _repa_sit(size: str, **kwargs) -> REPASiT:
+    d, depth, heads = _DIT_SIZES[size]
+    return REPASiT(patch_size=2, hidden_size=d, depth=depth, num_heads=heads, **kwargs)
+
+
+# tiny sizes (tests, the CPU miniature): the tap after block 1 of 2, a 256-wide projector onto 64-wide tokens
+_REPA_TINY = dict(encoder_depth=1, projector_dim=256, z_dims=(64,))
+for _size in ("B", "L", "XL"):
+    register(f"SiT-{_size}/2-REPA", "sit", partial(_repa_sit, _size))
+register("SiT-tiny/2-REPA", "sit", partial(REPASiT, patch_size=2, hidden_size=128, depth=2, num_heads=4,
+                                          input_size=8, num_classes=10, **_REPA_TINY))
+for _family, _cls in (("dit", DiTWithProjectors), ("sit", SiTWithProjectors)):
+    _prefix = _family.replace("dit", "DiT").replace("sit", "SiT")
+    for _size in ("B", "L", "XL"):
+        register(f"{_prefix}-{_size}/2-VAE-simple-REPA", _family, partial(_dit, _cls, _size, 2, True))
+    register(f"{_prefix}-tiny/2-VAE-simple-REPA", _family, partial(_dit_tiny, _cls, True, **_REPA_TINY))
 
 
 # ---------------------------------------------------------------------------- classifiers

@@ -47,16 +47,23 @@ def infer_num_classes(model) -> int:
 def make_model_fn(model, *, num_classes: int, cfg_scale: float = 1.0, cfg_channels: int = 0,
                   interval: Optional[Tuple[float, float]] = None, precision: str = "fp32"):
     """``model(x, t, y)`` in ``precision`` (bf16 = autocast) returning float32, wrapped in CFG when
-    ``cfg_scale != 1`` (``cfg_channels`` 0 = all latent channels, 3 = official)."""
+    ``cfg_scale != 1`` (``cfg_channels`` 0 = all latent channels, 3 = official).
+
+    REPA models return ``(output, zs)``: the projected tokens are dropped. A model in REPA's time convention
+    (``time_reversed``: t = 0 data, v = eps - x; usp_scale/models/repa.py) is evaluated as ``-model(x, 1 - t)``,
+    the same field in the samplers' convention (t = 0 noise, v = x - eps); ``interval`` is in the samplers' t."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    reversed_time = bool(getattr(_unwrap(model), "time_reversed", False))
 
     def base(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16"
                else contextlib.nullcontext())
         with ctx:
-            out = model(x, t, y)
-        return out.float()
+            out = model(x, 1 - t if reversed_time else t, y)
+        if isinstance(out, tuple):   # REPA: (output, projected tokens)
+            out = out[0]
+        return -out.float() if reversed_time else out.float()
 
     if cfg_scale == 1.0:
         return base

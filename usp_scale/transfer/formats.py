@@ -35,23 +35,31 @@ def read_state_dict(path: str, which: str = "auto") -> StateDict:
         raise FileNotFoundError(f"checkpoint not found: {path} (give a local .pt/.pth/.safetensors file; "
                                 f"nothing is downloaded)")
     if path.endswith(".safetensors"):
-        sd = read_safetensors(path, what="checkpoint")
+        return _strip_module(read_safetensors(path, what="checkpoint"))
+    return select_state_dict(torch_load(path, what="checkpoint"), path, which)
+
+
+def select_state_dict(obj, path: str, which: str = "auto") -> StateDict:
+    """The weights inside a loaded ``torch.save`` object (``path`` names it in errors; ``which`` as in
+    :func:`read_state_dict`), ``module.`` prefix stripped."""
+    if which not in ("auto", "ema", "model"):
+        raise ValueError(f"which must be auto, ema or model, got {which!r}")
+    if _is_state_dict(obj):
+        if which == "ema":
+            raise KeyError(f"{path} is a bare state dict: it holds no 'ema' weights")
+        sd = obj
+    elif isinstance(obj, dict):
+        order = {"auto": ("ema", "model", "state_dict", "module"), "ema": ("ema",), "model": ("model",)}[which]
+        key = next((k for k in order if k in obj and isinstance(obj[k], dict)), None)
+        if key is None:
+            raise KeyError(f"{path}: no weights under {' / '.join(order)}; top-level keys: {sorted(obj)[:12]}")
+        sd = obj[key]
     else:
-        obj = torch_load(path, what="checkpoint")
-        if which not in ("auto", "ema", "model"):
-            raise ValueError(f"which must be auto, ema or model, got {which!r}")
-        if _is_state_dict(obj):
-            if which == "ema":
-                raise KeyError(f"{path} is a bare state dict: it holds no 'ema' weights")
-            sd = obj
-        elif isinstance(obj, dict):
-            order = {"auto": ("ema", "model", "state_dict", "module"), "ema": ("ema",), "model": ("model",)}[which]
-            key = next((k for k in order if k in obj and isinstance(obj[k], dict)), None)
-            if key is None:
-                raise KeyError(f"{path}: no weights under {' / '.join(order)}; top-level keys: {sorted(obj)[:12]}")
-            sd = obj[key]
-        else:
-            raise TypeError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+        raise TypeError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    return _strip_module(sd)
+
+
+def _strip_module(sd) -> StateDict:
     if any(k.startswith("module.") for k in sd):
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     return dict(sd)
