@@ -251,9 +251,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def transform_qkv(self, qkv: torch.Tensor, rope=None) -> torch.Tensor:
+        """Hook between the projection and the kernel, (B, N, 3, H, d) -> (B, N, 3, H, d): the identity here;
+        :class:`usp_scale.layers.rope.RoPEAttention` applies QK-norm and rotary embeddings (``rope``)."""
+        if rope is not None:
+            raise TypeError(f"{type(self).__name__} applies no rotary embedding; use layers.rope.RoPEAttention")
+        return qkv
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)    # (B, N, 3, H, d)
+        qkv = self.transform_qkv(qkv, rope)
         fused = use_fused_attn() if self.fused_attn is None else self.fused_attn
         x = attention_packed(qkv) if fused else _reference(qkv)              # (B, N, H, d)
         return self.proj(x.reshape(B, N, C))
