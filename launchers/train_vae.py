@@ -14,6 +14,8 @@ train on random 32 px crops (a quarter of the cost) and the last ``--full-steps`
 
     python launchers/train_vae.py                          # re-makes the shipped asset (about 10 min, 2 cores)
     python launchers/train_vae.py --out /tmp/vae --steps 100   # a quick try; then vae.path=/tmp/vae
+    python launchers/train_vae.py --out usp_scale/assets/vae/synthetic-f16 --blocks 16,32,32,64,64 \
+        --latent-channels 32 --layout vavae --full-steps 600   # the x16, 32-channel asset (VA-VAE's layout)
 """
 import argparse
 import json
@@ -40,6 +42,10 @@ def build_parser():
     p.add_argument("--blocks", default="16,32,64,64", help="block_out_channels; the number of blocks B gives "
                    "x2^(B-1) downsampling (default 16,32,64,64: x8)")
     p.add_argument("--layers", type=int, default=1, help="layers_per_block (default 1)")
+    p.add_argument("--layout", choices=("sd", "vavae"), default="sd",
+                   help="block types: sd = SD-VAE's (no attention in the down/up blocks; the default), vavae = "
+                        "VA-VAE's (LDM attention at the lowest resolution: after every res-block of the last down "
+                        "block and of the first up block, AttnDown/AttnUpDecoder blocks)")
     p.add_argument("--groups", type=int, default=16, help="GroupNorm groups (default 16)")
     p.add_argument("--latent-channels", type=int, default=4, help="latent channels (default 4, as SD-VAE)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
@@ -88,8 +94,11 @@ def main(argv=None):
 
     blocks = tuple(int(b) for b in a.blocks.split(","))
     torch.manual_seed(a.seed)
-    model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
-                          up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+    down, up = ["DownEncoderBlock2D"] * len(blocks), ["UpDecoderBlock2D"] * len(blocks)
+    if a.layout == "vavae":
+        down[-1], up[0] = "AttnDownEncoderBlock2D", "AttnUpDecoderBlock2D"
+    model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=tuple(down),
+                          up_block_types=tuple(up), block_out_channels=blocks,
                           layers_per_block=a.layers, latent_channels=a.latent_channels, norm_num_groups=a.groups)
     nparams = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -178,13 +187,16 @@ def readme(m: dict) -> str:
             ("training", f"{g['steps']} steps x {g['batch_size']} images ({g['crop']} px crops, whole images in the "
                          f"last {g['full_steps']}), {m['train_seconds']:.0f} s on {m['machine']}")]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    layout = ("VA-VAE's block layout (attention at the lowest resolution)" if g.get("layout") == "vavae"
+              else "SD-VAE's block layout")
+    real = "the VA-VAE" if g.get("layout") == "vavae" else "the SD-VAE"
     return f"""# {m['name']}: a small AutoencoderKL for the synthetic dataset
 
 A diffusers `AutoencoderKL` (x{m['downsample']} downsampling, {m['latent_channels']} latent channels,
-{m['params'] / 1e6:.2f} M parameters) trained by `launchers/train_vae.py` on the train split of the bundled
+{layout}, {m['params'] / 1e6:.2f} M parameters) trained by `launchers/train_vae.py` on the train split of the bundled
 synthetic dataset ({d['classes']} classes x {d['per_class']} images, {d['size']} px, dataset seed {d['seed']}).
 Use it with `vae.path={m['name']}` (or `--vae {m['name']}` / `--vae-path {m['name']}` in the launchers).
-It is for the CPU demo and the small benchmarks only: real data uses the SD-VAE.
+It is for the CPU demo and the small benchmarks only: real data uses {real}.
 
 {table}
 | seed | {m['seed']} |

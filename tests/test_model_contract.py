@@ -18,7 +18,8 @@ from usp_scale.training.optim import model_param_groups
 
 A = importlib.import_module("usp_scale.layers.attention")
 ALL = list_models()
-TINY = {"mae": "vit_tiny_patch_vae", "dit": "DiT-tiny/2-VAE-simple", "sit": "SiT-tiny/2", "vit": "vit_tiny_patch16_vae"}
+TINY = {"mae": "vit_tiny_patch_vae", "dit": "DiT-tiny/2-VAE-simple", "sit": "SiT-tiny/2", "vit": "vit_tiny_patch16_vae",
+        "lightningdit": "LightningDiT-tiny/1", "lightning_mae": "LightningMAE-tiny/1"}
 
 
 def _meta(name):
@@ -31,7 +32,7 @@ def _by_name(model, groups, keys=("weight_decay", "lr_scale")):
 
 
 def test_every_family_is_in_the_registry():
-    assert {model_family(n) for n in ALL} == {"mae", "dit", "sit", "vit"}
+    assert {model_family(n) for n in ALL} == {"mae", "dit", "sit", "vit", "lightningdit"}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -87,7 +88,7 @@ def test_optimizer_groups_are_the_official_ones(name):
     assert _by_name(m, ours) == _by_name(m, ref)
     if model_family(name) == "mae":
         wd = _by_name(m, ours, ("weight_decay",))
-        assert wd["cls_token"] == wd["mask_token"] == (0.05,) and "pos_embed" not in wd
+        assert wd.get("cls_token", (0.05,)) == wd["mask_token"] == (0.05,) and "pos_embed" not in wd
 
 
 # ------------------------------------------------------------------------------------------- tiny, real
@@ -95,11 +96,16 @@ def _inputs(family, g):
     if family in ("dit", "sit"):
         return (torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g) * 999,
                 torch.randint(0, 10, (2,), generator=g))
+    if family == "lightningdit":
+        return (torch.randn(2, 32, 4, 4, generator=g), torch.rand(2, generator=g),
+                torch.randint(0, 10, (2,), generator=g))
+    if family == "lightning_mae":
+        return (torch.randn(2, 32, 4, 4, generator=g),)
     return (torch.randn(2, 4, 28, 28, generator=g),)
 
 
 def _loss(family, m, inputs, mask_ratio=0.75):
-    if family == "mae":
+    if family in ("mae", "lightning_mae"):
         noise = torch.rand(2, m.num_patches, generator=torch.Generator().manual_seed(5))
         return m(inputs[0], mask_ratio=mask_ratio, noise=noise)[0]
     return m(*inputs).float().square().mean()
@@ -110,7 +116,7 @@ def test_flops_per_sample_equals_the_counted_forward(family):
     # attention "reference": plain matmuls, so every attention FLOP is counted
     m = create_model(TINY[family], kernels="torch", attn_backend="reference").eval()
     inputs = _inputs(family, torch.Generator().manual_seed(0))
-    for ratio in ((0.5, 0.75, 0.9) if family == "mae" else (0.75,)):
+    for ratio in ((0.5, 0.75, 0.9) if family in ("mae", "lightning_mae") else (0.75,)):
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             _loss(family, m, inputs, mask_ratio=ratio)

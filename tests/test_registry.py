@@ -51,12 +51,27 @@ VIT_KEY = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|"
                      r"(norm|fc_norm|head)\.(weight|bias))$")
 
 
+LIGHTNING_BLOCK = (r"blocks\.\d+\.(norm1\.weight|norm2\.weight|attn\.(qkv|proj)\.(weight|bias)|"
+                   r"mlp\.(w12|w3)\.(weight|bias))")
+LIGHTNINGDIT_KEY = re.compile(r"^(pos_embed|feat_rope\.freqs_(cos|sin)|x_embedder\.proj\.(weight|bias)|"
+                              r"t_embedder\.mlp\.[02]\.(weight|bias)|y_embedder\.embedding_table\.weight|"
+                              + LIGHTNING_BLOCK + r"|blocks\.\d+\.adaLN_modulation\.1\.(weight|bias)|"
+                              r"final_layer\.(norm_final\.weight|(linear|adaLN_modulation\.1)\.(weight|bias)))$")
+LIGHTNING_MAE_KEY = re.compile(r"^(pos_embed|mask_token|decoder_pos_embed|feat_rope\.freqs_(cos|sin)|"
+                               r"patch_embed\.proj\.(weight|bias)|" + LIGHTNING_BLOCK + r"|norm\.weight|"
+                               r"decoder_blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\."
+                               r"(weight|bias)|decoder_(norm|embed|pred)\.(weight|bias))$")
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_key_layout_on_meta(name):
     start = time.time()
     m = create_model(name, device="meta")
     keys = list(m.state_dict())
-    pattern = {"mae": MAE_KEY, "dit": DIT_KEY, "sit": DIT_KEY, "vit": VIT_KEY}[model_family(name)]
+    pattern = {"mae": MAE_KEY, "dit": DIT_KEY, "sit": DIT_KEY, "vit": VIT_KEY,
+               "lightningdit": LIGHTNINGDIT_KEY}[model_family(name)]
+    if name.startswith("LightningMAE-"):
+        pattern = LIGHTNING_MAE_KEY
     bad = [k for k in keys if not pattern.match(k)]
     assert not bad, bad
     assert all(p.device.type == "meta" for p in m.parameters())

@@ -284,8 +284,9 @@ def main(argv=None) -> int:
         import torch
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from usp_scale.engine.dist import init_distributed
-            init_distributed("auto")
+            from usp_scale.runtime import detect, init_process_group, pick_device, resolve_backend
+            info = detect()
+            init_process_group(info, resolve_backend("auto", pick_device(info)), 30)
         t0, load0 = time.time(), _load()
         paths = prepare(a)
         results = {}

@@ -156,8 +156,16 @@ class Attention(nn.Module):
         self.backend = spec
         self.fused_attn = spec != "reference"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def transform_qkv(self, qkv: torch.Tensor, rope=None) -> torch.Tensor:
+        """Hook between the projection and the kernel, (B, N, 3, H, d) -> (B, N, 3, H, d): the identity here;
+        :class:`usp_scale.layers.rope.RoPEAttention` applies QK-norm and rotary embeddings (``rope``)."""
+        if rope is not None:
+            raise TypeError(f"{type(self).__name__} applies no rotary embedding; use layers.rope.RoPEAttention")
+        return qkv
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)    # (B, N, 3, H, d)
+        qkv = self.transform_qkv(qkv, rope)
         x = self._kernel(qkv) if self.fused_attn else _reference(qkv)        # (B, N, H, d)
         return self.proj(x.reshape(B, N, C))

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from .dit import DiT, SiT
+from .lightning_mae import LightningMAE
+from .lightningdit import LightningDiT
 from .mae import MaskedAutoencoderViT
 from .repa import DiTWithProjectors, REPASiT, SiTWithProjectors
 from .vit import VisionTransformer
@@ -38,7 +40,7 @@ def list_models(family: str = "") -> List[str]:
 
 
 def model_family(name: str) -> str:
-    """"mae", "dit", "sit" or "vit"."""
+    """"mae", "dit", "sit", "lightningdit" or "vit"."""
     if name not in _FAMILY:
         raise KeyError(_unknown(name))
     return _FAMILY[name]
@@ -145,3 +147,35 @@ def _vit(size: str, **kwargs) -> VisionTransformer:
 
 for _size in ("tiny", "base", "large", "xlarge"):
     register(f"vit_{_size}_patch16_vae", "vit", partial(_vit, _size))
+
+
+# ---------------------------------------------------------------------------- LightningDiT and its USP MAE
+# (width, depth, heads) of hustvl/LightningDiT's sizes (its registry has no L/1; it is registered here too).
+_LIGHTNING_SIZES = {"B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16), "1p0B": (1536, 24, 24),
+                    "1p6B": (1792, 28, 28)}
+
+
+def _lightningdit(size: str, patch: int, **kwargs) -> LightningDiT:
+    if size == "tiny":  # tests and the CPU chain: 4x4 latents of the synthetic-f16 VAE, 10 classes
+        d, depth, heads = 128, 2, 4
+        kwargs = dict(dict(input_size=4, num_classes=10), **kwargs)
+    else:
+        d, depth, heads = _LIGHTNING_SIZES[size]
+    return LightningDiT(patch_size=patch, hidden_size=d, depth=depth, num_heads=heads, **kwargs)
+
+
+def _lightning_mae(size: str, patch: int, **kwargs) -> LightningMAE:
+    if size == "tiny":
+        d, depth, heads = 128, 2, 4
+        kwargs = dict(dict(img_size=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2), **kwargs)
+    else:
+        d, depth, heads = _LIGHTNING_SIZES[size]
+    return LightningMAE(patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, **kwargs)
+
+
+for _size in _LIGHTNING_SIZES:
+    for _p in (1, 2):
+        register(f"LightningDiT-{_size}/{_p}", "lightningdit", partial(_lightningdit, _size, _p))
+        register(f"LightningMAE-{_size}/{_p}", "mae", partial(_lightning_mae, _size, _p))
+register("LightningDiT-tiny/1", "lightningdit", partial(_lightningdit, "tiny", 1))
+register("LightningMAE-tiny/1", "mae", partial(_lightning_mae, "tiny", 1))

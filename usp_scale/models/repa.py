@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..layers.attention import Attention, attention_packed, attention_reference, use_fused_attn
+from ..layers.attention import Attention
 from .dit import DiT, SiT
 
 
@@ -65,17 +65,12 @@ class QKNormAttention(Attention):
         self.k_norm = nn.LayerNorm(self.head_dim)
         self.proj = proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)   # each (B, N, H, d)
-        qkv = torch.stack((self.q_norm(q), self.k_norm(k), v), dim=2)                      # (B, N, 3, H, d)
-        fused = use_fused_attn() if self.fused_attn is None else self.fused_attn
-        if fused:
-            out = attention_packed(qkv)                                                     # (B, N, H, d)
-        else:
-            qh, kh, vh = qkv.permute(2, 0, 3, 1, 4).unbind(0)                               # each (B, H, N, d)
-            out = attention_reference(qh, kh, vh).transpose(1, 2)
-        return self.proj(out.reshape(B, N, C))
+    def transform_qkv(self, qkv: torch.Tensor, rope=None) -> torch.Tensor:
+        """(B, N, 3, H, d) -> the same with q and k normalised per head; the module's kernel runs next."""
+        if rope is not None:
+            raise TypeError("REPA's attention applies no rotary embedding")
+        q, k, v = qkv.unbind(2)                                                              # each (B, N, H, d)
+        return torch.stack((self.q_norm(q), self.k_norm(k), v), dim=2)
 
 
 class _WithProjectors:

@@ -44,7 +44,8 @@ class Sampler:
                                            noise_fn=noise_fn, progress=progress)
         method = "dopri5" if self.kind == "ode" else self.kind
         return self.process.sample_ode(model, z, kwargs, method=method, steps=self.steps,
-                                       atol=o.get("atol", 1e-6), rtol=o.get("rtol", 1e-3))
+                                       atol=o.get("atol", 1e-6), rtol=o.get("rtol", 1e-3),
+                                       timestep_shift=o.get("timestep_shift", 0.0))
 
     def describe(self) -> dict:
         d = {"sampler": self.kind, "steps": self.steps if self.kind != "ode" else "adaptive"}
@@ -53,14 +54,19 @@ class Sampler:
 
 
 def build_sampler(kind: str, process, steps: int = 250, eta: float = 0.0, atol: float = 1e-6,
-                  rtol: float = 1e-3, last_step: float = 0.04) -> Sampler:
+                  rtol: float = 1e-3, last_step: float = 0.04, timestep_shift: float = 0.0) -> Sampler:
     """Sampler ``kind`` over a :class:`GaussianDiffusion` (ddpm/ddim) or a :class:`Transport` (sde/ode/heun/euler);
-    "auto": the process's default, ddpm for a diffusion (DiT), sde for a transport (SiT)."""
+    "auto": the process's default, ddpm for a diffusion (DiT), sde for a transport (SiT). ``timestep_shift`` > 0
+    (heun/euler only): LightningDiT's shifted grid s t / (1 + (s - 1) t), 0.3 in its recipe; its
+    ``num_sampling_steps`` N are N grid points, i.e. ``steps = N - 1`` Euler steps here."""
     kind = kind.lower()
     if kind == "auto":
         kind = "ddpm" if isinstance(process, GaussianDiffusion) else "sde"
     if kind not in KINDS:
         raise ValueError(f"sampler {kind!r}: expected one of {KINDS}")
+    if timestep_shift < 0 or (timestep_shift and kind not in ("heun", "euler")):
+        raise ValueError(f"timestep_shift={timestep_shift}: a shift >= 0 of the heun/euler grid; sampler {kind!r} "
+                         f"takes none")
     if kind in DIFFUSION_KINDS:
         if not isinstance(process, GaussianDiffusion):
             raise TypeError(f"sampler {kind!r} needs a GaussianDiffusion (DiT); got {type(process).__name__}. "
@@ -76,5 +82,5 @@ def build_sampler(kind: str, process, steps: int = 250, eta: float = 0.0, atol: 
     elif kind == "sde":
         opts = {"last_step": last_step}
     else:
-        opts = {}
+        opts = {"timestep_shift": float(timestep_shift)} if timestep_shift else {}
     return Sampler(kind, process, steps, opts)

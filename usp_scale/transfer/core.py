@@ -235,13 +235,20 @@ def looks_like_mae(sd: StateDict) -> bool:
 
 def transfer(model: nn.Module, path_or_sd, use_pretrain_layer: int = -1, skip_patch_embed: bool = False,
              which: str = "model", source: str = "<state dict>") -> TransferReport:
-    """Transfer a pretrained MAE checkpoint (path or state dict) into ``model`` (DiT/SiT or classifier)."""
+    """Transfer a pretrained MAE checkpoint (path or state dict) into ``model`` (DiT/SiT, LightningDiT or
+    classifier)."""
     if isinstance(path_or_sd, dict):
         sd = path_or_sd
     else:
         sd, source = read_state_dict(path_or_sd, which=which), str(path_or_sd)
     if isinstance(model, MaskedAutoencoderViT):
         raise TransferError("the target is itself a masked autoencoder: load it with load_weights instead")
+    from .lightning import LightningDiT, is_lightning_mae, mae_to_lightningdit  # transfer/lightning.py
+    if isinstance(model, LightningDiT):
+        return mae_to_lightningdit(model, sd, source, use_pretrain_layer, skip_patch_embed)
+    if is_lightning_mae(sd):
+        raise TransferError(f"{source} is a LightningMAE (LightningDiT blocks, no cls_token): it transfers into "
+                            f"LightningDiT-* only, not into {type(model).__name__}")
     if isinstance(model, DiT):
         return mae_to_dit(model, sd, source, use_pretrain_layer, skip_patch_embed)
     if isinstance(model, VisionTransformer):

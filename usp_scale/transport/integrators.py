@@ -107,10 +107,25 @@ def dopri5(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, atol: fl
     return x
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """LightningDiT's timestep shift of a sampling grid (transport/integrators.py there): s t / (1 + (s - 1) t).
+    ``shift`` 0 leaves the grid alone (its default); s < 1 (0.3 in its recipe) crowds the steps toward t = 0,
+    the noise end; the ends 0 and 1 stay."""
+    if shift < 0:
+        raise ValueError(f"timestep shift must be >= 0 (0 = none), got {shift}")
+    return t if shift == 0 else shift * t / (1 + (shift - 1) * t)
+
+
+def time_grid(t0: float, t1: float, steps: int, shift: float = 0.0) -> torch.Tensor:
+    """The steps + 1 times of a fixed-step integration (float64): uniform, then :func:`shift_time`."""
+    return shift_time(torch.linspace(t0, t1, steps + 1, dtype=torch.float64), shift)
+
+
 @torch.no_grad()
-def heun(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, steps: int = 50) -> torch.Tensor:
-    """Fixed-step Heun (explicit trapezoid), 2 calls per step on a uniform grid."""
-    ts = torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
+def heun(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, steps: int = 50,
+         shift: float = 0.0) -> torch.Tensor:
+    """Fixed-step Heun (explicit trapezoid), 2 calls per step on a uniform grid (``shift``: :func:`time_grid`)."""
+    ts = time_grid(t0, t1, steps, shift)
     x = x.float().clone()
     N = x.shape[0]
     for i in range(steps):
@@ -124,9 +139,11 @@ def heun(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, steps: int
 
 
 @torch.no_grad()
-def euler(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, steps: int = 50) -> torch.Tensor:
-    """Fixed-step explicit Euler on a uniform grid (1 call per step)."""
-    ts = torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
+def euler(f: Field, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, steps: int = 50,
+          shift: float = 0.0) -> torch.Tensor:
+    """Fixed-step explicit Euler on a uniform grid (1 call per step, at the start of the step; ``shift``:
+    :func:`time_grid`). LightningDiT's ``num_sampling_steps`` N is N grid points: ``steps = N - 1`` here."""
+    ts = time_grid(t0, t1, steps, shift)
     x = x.float().clone()
     for i in range(steps):
         h = float(ts[i + 1] - ts[i])

@@ -19,16 +19,19 @@ import torch.nn as nn
 from ..checkpoint.safe_load import CheckpointFileError, UnsafeCheckpointError, read_safetensors, torch_load
 from .named import resolve_vae_path, shipped_scale
 
-SCALE = {"d8": 0.18215, "d16": 0.2325}
+# Latent scale per VAE version. f16d32 (VA-VAE) is 1.0: LightningDiT normalises its latents per channel
+# ((z - mean) / std, latent_multiplier 1.0) with statistics of the latents themselves, not with one factor.
+SCALE = {"d8": 0.18215, "d16": 0.2325, "f16d32": 1.0}
+VERSIONS = "'d8' (SD-VAE), 'd16' (KL-16) or 'f16d32' (VA-VAE)"
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-PREFIXES = ("first_stage_model.", "vae.", "module.", "model.")
 
 WHERE = ("Put the weights there: for d8 a diffusers folder with config.json and diffusion_pytorch_model.safetensors "
          "(the files of stabilityai/sd-vae-ft-ema, e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema "
          "--local-dir DIR` on a machine with network), or a single .safetensors/.ckpt file of the same VAE; for d16 "
-         "MAR's kl16.ckpt. Set vae.path=DIR_OR_FILE, or vae.path=tiny-random for a small random VAE (tests/demo). "
+         "MAR's kl16.ckpt; for f16d32 the VA-VAE .pt (hustvl/vavae-imagenet256-f16d32-dinov2). "
+         "Set vae.path=DIR_OR_FILE, or vae.path=tiny-random for a small random VAE (tests/demo). "
          "Nothing is downloaded at run time.")
 
 
@@ -42,76 +45,57 @@ RANDOM_PATHS = ("tiny-random", "sd-random")
 
 
 def _random_vae(version: str, seed: int = 0, full: bool = False):
-    """A seeded random AutoencoderKL with the d8 (x8, 4 ch) or d16 (x16, 16 ch, attention at the lowest level)
-    layout: small ("tiny-random", tests and the CPU demo) or the real sizes ("sd-random", for benchmarks)."""
+    """A seeded random AutoencoderKL with the d8 (x8, 4 ch), d16 (x16, 16 ch, attention at the lowest level of the
+    encoder) or f16d32 (VA-VAE: x16, 32 ch, attention at the lowest level of encoder and decoder) layout: small
+    ("tiny-random", tests and the CPU demo) or the real sizes ("sd-random", for benchmarks)."""
     from diffusers import AutoencoderKL
+    up = ("UpDecoderBlock2D",) * 5
     if version == "d8":
         blocks = (128, 256, 512, 512) if full else (32, 32, 64, 64)
-        down, latent = ("DownEncoderBlock2D",) * 4, 4
-    else:
+        down, latent, up = ("DownEncoderBlock2D",) * 4, 4, up[:4]
+    elif version == "d16":
         blocks = (128, 128, 256, 256, 512) if full else (32, 32, 64, 64, 64)
         down, latent = ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",), 16
+    else:
+        blocks = (128, 128, 256, 256, 512) if full else (32, 32, 64, 64, 64)
+        down, latent = ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",), 32
+        up = ("AttnUpDecoderBlock2D",) + up[1:]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=down,
-                             up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                             up_block_types=up, block_out_channels=blocks,
                              layers_per_block=2 if full else 1, latent_channels=latent, norm_num_groups=32,
                              scaling_factor=SCALE[version])
 
 
 def _unwrap_state_dict(sd: dict, path: str) -> Dict[str, torch.Tensor]:
+    """The autoencoder's tensors of a checkpoint (usp_scale/vae/ldm.py: training-only families dropped by name and
+    logged, any other key an error naming the file)."""
+    from .ldm import LDMLayoutError, split_autoencoder
     for k in ("state_dict", "model", "vae"):
         if k in sd and isinstance(sd[k], dict) and not torch.is_tensor(sd[k]):
             sd = sd[k]
-    out = {}
-    for k, v in sd.items():
-        if not torch.is_tensor(v):
-            continue
-        for p in PREFIXES:
-            if k.startswith(p) and (k[len(p):].startswith(("encoder.", "decoder.", "quant_conv", "post_quant_conv"))):
-                k = k[len(p):]
-                break
-        if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
-            out[k] = v
-    if not out:
-        raise VAELoadError(f"{path} holds no VAE weights (no encoder.*/decoder.* keys, also after removing the "
-                           f"prefixes {PREFIXES}). {WHERE}")
-    return out
+    try:
+        return split_autoencoder({k: v for k, v in sd.items() if torch.is_tensor(v)}, path)[0]
+    except LDMLayoutError as e:
+        raise VAELoadError(f"{e}. {WHERE}") from e
+
+
+def _ldm_to_diffusers(sd: Dict[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Original LDM/MAR/VA-VAE key layout (encoder.down.i.block.j) -> diffusers layout, plus the inferred config
+    (usp_scale/vae/ldm.py)."""
+    from .ldm import LDMLayoutError, ldm_to_diffusers
+    try:
+        new, cfg = ldm_to_diffusers(sd, path)
+    except LDMLayoutError as e:
+        raise VAELoadError(str(e)) from e
+    return new, {k: cfg[k] for k in ("down_block_types", "up_block_types", "block_out_channels",
+                                     "layers_per_block", "norm_num_groups", "in_channels", "out_channels")}
 
 
 def _count(sd, pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
-
-
-def _ldm_to_diffusers(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Original LDM/MAR key layout (encoder.down.i.block.j) -> diffusers layout, plus the inferred config."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    n = _count(sd, r"encoder\.down\.(\d+)\.")
-    blocks = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(n))
-    layers = _count(sd, r"encoder\.down\.0\.block\.(\d+)\.")
-    attn_levels = [i for i in range(n) if f"encoder.down.{i}.attn.0.q.weight" in sd]
-    if _count(sd, r"decoder\.up\.\d+\.attn\.(\d+)\."):
-        raise VAELoadError("the checkpoint's decoder has attention inside its up blocks, which diffusers' "
-                           "AutoencoderKL (UpDecoderBlock2D) cannot hold")
-    # Down-block attentions (KL-16 has them at the 16x16 level): convert them here; diffusers' converter does not.
-    extra, rest = {}, {}
-    for k, v in sd.items():
-        m = re.match(r"encoder\.down\.(\d+)\.attn\.(\d+)\.(norm|q|k|v|proj_out)\.(weight|bias)$", k)
-        if not m:
-            rest[k] = v
-            continue
-        i, j, name, kind = m.groups()
-        new = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[name]
-        if name != "norm" and kind == "weight":
-            v = v.reshape(v.shape[0], v.shape[1])  # 1x1 conv -> linear
-        extra[f"encoder.down_blocks.{i}.attentions.{j}.{new}.{kind}"] = v
-    down = tuple("AttnDownEncoderBlock2D" if i in attn_levels else "DownEncoderBlock2D" for i in range(n))
-    cfg = {"down_block_types": down, "up_block_types": ("UpDecoderBlock2D",) * n, "block_out_channels": blocks,
-           "layers_per_block": layers}
-    new = convert_ldm_vae_checkpoint(rest, cfg)
-    new.update(extra)
-    return new, cfg
 
 
 def _config_from_diffusers_sd(sd: Dict[str, torch.Tensor]) -> dict:
@@ -120,7 +104,9 @@ def _config_from_diffusers_sd(sd: Dict[str, torch.Tensor]) -> dict:
     layers = _count(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
     down = tuple("AttnDownEncoderBlock2D" if any(k.startswith(f"encoder.down_blocks.{i}.attentions.") for k in sd)
                  else "DownEncoderBlock2D" for i in range(n))
-    return {"down_block_types": down, "up_block_types": ("UpDecoderBlock2D",) * n, "block_out_channels": blocks,
+    up = tuple("AttnUpDecoderBlock2D" if any(k.startswith(f"decoder.up_blocks.{i}.attentions.") for k in sd)
+               else "UpDecoderBlock2D" for i in range(n))
+    return {"down_block_types": down, "up_block_types": up, "block_out_channels": blocks,
             "layers_per_block": layers}
 
 
@@ -139,7 +125,7 @@ def _from_single_file(path: str, version: str):
         raise VAELoadError(f"VAE weights file {path} holds a {type(raw).__name__}, not a state dict. {WHERE}")
     sd = _unwrap_state_dict(raw, path)
     if any(k.startswith("encoder.down.") for k in sd):
-        sd, cfg = _ldm_to_diffusers(sd)
+        sd, cfg = _ldm_to_diffusers(sd, path)
     else:
         cfg = _config_from_diffusers_sd(sd)
     latent = sd["encoder.conv_out.weight"].shape[0] // 2
@@ -160,7 +146,7 @@ def load_autoencoder(path: str, version: str = "d8", seed: int = 0):
     .safetensors/.ckpt/.pt/.pth file."""
     from diffusers import AutoencoderKL
     if version not in SCALE:
-        raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
+        raise VAELoadError(f"vae.version={version!r} is unknown; use {VERSIONS}")
     if path in RANDOM_PATHS:
         return _random_vae(version, seed, full=path == "sd-random")
     path = resolve_vae_path(path)  # a shipped VAE's short name (usp_scale/assets/vae/) -> its folder
@@ -247,7 +233,7 @@ class FrozenVAE:
                  device="cpu", channels_last: bool = True, compile: bool = False, posterior: str = "mean",
                  seed: int = 0, autocast: bool = False, compile_mode: str = "default"):
         if version not in SCALE:
-            raise VAELoadError(f"vae.version={version!r} is unknown; use 'd8' (SD-VAE) or 'd16' (KL-16)")
+            raise VAELoadError(f"vae.version={version!r} is unknown; use {VERSIONS}")
         if dtype not in DTYPES:
             raise VAELoadError(f"vae.dtype={dtype!r} is unknown; use one of {sorted(DTYPES)}")
         if posterior not in ("mean", "sample"):
