@@ -101,11 +101,9 @@ def test_fp32_bf16_and_the_attention_backends():
     x, t, y = _inputs()
     with torch.no_grad():
         ref = ref_forward(copy.deepcopy(m).double(), x.double(), t.double(), y).float()
-        A.configure_attention("reference", "cpu")
-        try:
-            explicit = m(x, t, y)
-        finally:
-            A.reset_attention()
+        explicit_m = copy.deepcopy(m)
+        assert A.set_attention_backend(explicit_m, "reference") > 0
+        explicit = explicit_m(x, t, y)
         fused = m(x, t, y)     # SDPA
         with torch.autocast("cpu", dtype=torch.bfloat16):
             half = m(x, t, y)

@@ -22,9 +22,11 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=6e-2
 
 @pytest.fixture
 def reference_attention():
-    A.configure_attention("reference", "cpu")
-    yield
-    A.reset_attention()
+    """Sets the explicit reference attention on a model's attention modules; returns the model."""
+    def use(model):
+        assert A.set_attention_backend(model, "reference") > 0
+        return model
+    return use
 
 
 # ------------------------------------------------------------------------------------------- the reference
@@ -118,7 +120,7 @@ CASES = {
 def test_forward_and_gradients_equal_the_reference(case, dtype, reference_attention):
     make, kw = CASES[case]
     torch.manual_seed(0)
-    model = _perturb(make()).eval()
+    model = reference_attention(_perturb(make()).eval())
     g = torch.Generator().manual_seed(2)
     size = model.x_embedder.img_size
     x = torch.randn(3, 4, size, size, generator=g)
@@ -218,7 +220,7 @@ def test_registry_entries_and_families():
 
 @pytest.mark.parametrize("name", ["SiT-tiny/2-REPA", "SiT-tiny/2-VAE-simple-REPA", "DiT-tiny/2-VAE-simple-REPA"])
 def test_flops_include_the_projector(name, reference_attention):
-    m = create_model(name, kernels="torch").eval()
+    m = reference_attention(create_model(name, kernels="torch").eval())
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         m(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))

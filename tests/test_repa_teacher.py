@@ -35,9 +35,11 @@ HUB_KEYS = ([("cls_token", (1, 1, 768)), ("pos_embed", (1, 1370, 768)), ("mask_t
 
 @pytest.fixture
 def reference_attention():
-    A.configure_attention("reference", "cpu")
-    yield
-    A.reset_attention()
+    """Sets the explicit reference attention on a model's attention modules; returns the model."""
+    def use(model):
+        assert A.set_attention_backend(model, "reference") > 0
+        return model
+    return use
 
 
 def reference_dinov2(sd, x, heads, patch):
@@ -75,7 +77,7 @@ def _randomise(net, seed=0):
 def test_teacher_equals_the_reference_and_timm(grid, dtype, tol, reference_attention):
     from timm.models.vision_transformer import VisionTransformer
 
-    net = _randomise(DINOv2ViT(TINY, grid=grid)).eval()
+    net = reference_attention(_randomise(DINOv2ViT(TINY, grid=grid)).eval())
     x = torch.randn(3, 3, grid * 14, grid * 14, generator=torch.Generator().manual_seed(1))
     sd = net.state_dict()
     tm = VisionTransformer(img_size=grid * 14, patch_size=14, embed_dim=36, depth=2, num_heads=4, init_values=1e-5,
@@ -91,7 +93,7 @@ def test_teacher_equals_the_reference_and_timm(grid, dtype, tol, reference_atten
 
 
 def test_flops_per_image(reference_attention):
-    net = DINOv2ViT(TINY, grid=3).eval()
+    net = reference_attention(DINOv2ViT(TINY, grid=3).eval())
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         net(torch.randn(1, 3, 42, 42))

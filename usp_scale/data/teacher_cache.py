@@ -1,7 +1,7 @@
 """The teacher-feature cache: REPA's teacher targets (patch tokens of every cached crop, plain and flipped) written
 once **beside a latent cache** and read record for record with it -- the cached alternative to running the teacher
 online every step (docs/method.md §9 prices both). Same discipline as the latent cache
-(:mod:`usp_scale.vae.latent_cache`, :mod:`usp_scale.data.latents`): per-record CRC-32, shard sidecars, a manifest
+(:mod:`usp_scale.data.cache_format`, :mod:`usp_scale.data.cache_reader`): per-record CRC-32, shard sidecars, a manifest
 with its own hash, a resumable writer sharded over ranks, a memory-mapped reader that verifies what it reads.
 
 It is tied to its latent cache by content, not by path: the **crop set** (the latent cache's source count, shard
@@ -36,8 +36,8 @@ import torch
 
 from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, read_json, write_checked_json
 from ..fileio import atomic_write
-from ..vae.latent_cache import LatentCacheError, header_bytes, settings_sha, sha256_file, shard_name, store_np
-from .latents import VERIFY, LatentCache, _nonfinite_rows, _open_safetensors
+from .cache_format import LatentCacheError, header_bytes, settings_sha, sha256_file, shard_name, store_np
+from .cache_reader import VERIFY, LatentCache, _nonfinite_rows, _open_safetensors
 from .loaders import _BatchTask
 from .transforms import build_transform
 

@@ -135,6 +135,14 @@ def attention_kernel(spec: str) -> Callable:
     return run
 
 
+def set_attention_backend(module: nn.Module, spec: str) -> int:
+    """Attention spec ``spec`` for every :class:`Attention` inside ``module``; returns their number."""
+    mods = [m for m in module.modules() if isinstance(m, Attention)]
+    for m in mods:
+        m.set_backend(spec)
+    return len(mods)
+
+
 class Attention(nn.Module):
     """x (B, N, C) -> (B, N, C); C = heads * head_dim. ``backend``: the attention spec (:func:`attention_kernel`),
     captured at construction (``create_model(..., attn_backend=...)`` sets it on every module); ``fused_attn``

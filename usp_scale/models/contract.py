@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.attention import Attention
+from ..layers.attention import set_attention_backend
 from ..kernels.dispatch import IMPLS
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -104,10 +104,7 @@ class LatentTransformer(nn.Module):
     def set_attn_backend(self, spec: str) -> int:
         """Attention spec ``spec`` (:func:`usp_scale.layers.attention.attention_kernel`) for every attention module;
         returns their number."""
-        mods = [m for m in self.modules() if isinstance(m, Attention)]
-        for m in mods:
-            m.set_backend(spec)
-        return len(mods)
+        return set_attention_backend(self, spec)
 
     def flops_per_sample(self) -> float:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..kernels.dispatch import resolve_impl
 from ..layers import fused
 from ..layers.masking import gather_tokens, num_kept, random_masking
 from ..layers.patch import PatchEmbed, patchify, unpatchify
@@ -117,7 +118,7 @@ class LightningMAE(LatentTransformer):
     def forward_loss(self, latents: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return fused.masked_latent_loss(pred, latents, mask, self.patch_size, norm_pix=self.norm_pix_loss,
                                         per_image=self.norm_image,
-                                        impl=fused.resolve_impl(self.kernels, pred.device, "masked_latent_loss"))
+                                        impl=resolve_impl(self.kernels, pred.device, "masked_latent_loss"))
 
     def forward(self, latents: torch.Tensor, mask_ratio: float = 0.75, noise: Optional[torch.Tensor] = None,
                 target: Optional[torch.Tensor] = None):

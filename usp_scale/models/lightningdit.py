@@ -171,8 +171,8 @@ class LightningDiT(LatentTransformer):
             x = block(x, c, rope)
         return self.unpatchify(self.final_layer(x, c))                               # (N, C, H, W)
 
-    def flops_per_sample(self, mask_ratio: float = 0.75) -> float:
-        """Forward matmul FLOPs of one sample (``mask_ratio`` is ignored: every token is seen)."""
+    def flops_per_sample(self) -> float:
+        """Forward matmul FLOPs of one sample (every token is seen)."""
         T, D, p2 = self.num_patches, self.hidden_size, self.patch_size ** 2
         macs = T * p2 * self.in_channels * D
         macs += sum(lightning_block_macs(D, T, self.mlp_ratio, self.use_swiglu, 4 if self.wo_shift else 6)

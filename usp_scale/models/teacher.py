@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers.attention import Attention
+from ..layers.attention import Attention, set_attention_backend
 from ..layers.mlp import Mlp
 from ..layers.patch import PatchEmbed
 from .blocks import vit_block_macs
@@ -88,7 +88,7 @@ class TeacherBlock(nn.Module):
 class DINOv2ViT(nn.Module):
     """images (N, 3, S, S), S = grid * patch, normalised -> final-norm patch tokens (N, grid*grid, embed_dim)."""
 
-    def __init__(self, spec: TeacherSpec, grid: int = 16):
+    def __init__(self, spec: TeacherSpec, grid: int = 16, attn_backend: str = "sdpa"):
         super().__init__()
         self.spec, self.grid = spec, int(grid)
         d = spec.embed_dim
@@ -101,6 +101,11 @@ class DINOv2ViT(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)   # DINOv2's init (the weights are always loaded)
         nn.init.normal_(self.cls_token, std=1e-6)
+        set_attention_backend(self, attn_backend)
+
+    def set_attn_backend(self, spec: str) -> int:
+        """The attention spec of every attention module (the runtime's, as for the models)."""
+        return set_attention_backend(self, spec)
 
     @property
     def num_tokens(self) -> int:

@@ -6,100 +6,20 @@ expected to be new. Anything else is an error that names the keys and shapes tha
 """
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint.diff import diff_shapes
 from ..layers.pos_embed import resample_grid
 from ..models.dit import DiT
 from ..models.mae import MaskedAutoencoderViT
 from ..models.vit import VisionTransformer
+from ..models.lightningdit import LightningDiT
 from .formats import StateDict, load_weights, read_state_dict
-
-_MAE_ONLY = re.compile(r"^(mask_token|decoder_.*)$")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
-
-
-class TransferError(ValueError):
-    """The checkpoint does not fit the target model."""
-
-
-@dataclass
-class TransferReport:
-    source: str
-    target: str
-    copied: List[str] = field(default_factory=list)
-    resampled: Dict[str, str] = field(default_factory=dict)
-    dropped: List[str] = field(default_factory=list)
-    new: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        lines = [f"transfer {self.source} -> {self.target}",
-                 f"  copied    {len(self.copied):4d} tensors",
-                 *[f"  resampled {k}: {v}" for k, v in self.resampled.items()],
-                 f"  dropped   {len(self.dropped):4d}: {_compress(self.dropped)}",
-                 f"  new       {len(self.new):4d}: {_compress(self.new)}",
-                 *[f"  note: {n}" for n in self.notes]]
-        return "\n".join(lines)
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1)
-
-
-def _compress(keys: List[str]) -> str:
-    """blocks.0.x, blocks.1.x, ... -> blocks.*.x (for reports)."""
-    seen: List[str] = []
-    for k in keys:
-        k = _BLOCK.sub(lambda m: f"blocks.*.{m.group(2)}", k)
-        k = re.sub(r"^decoder_blocks\.\d+\.", "decoder_blocks.*.", k)
-        if k not in seen:
-            seen.append(k)
-    return ", ".join(seen)
-
-
-def _check_source(sd: StateDict, path: str) -> None:
-    needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight")
-    lacking = [k for k in needed if k not in sd]
-    if lacking:
-        raise TransferError(f"{path} is not a masked-autoencoder / ViT checkpoint: it lacks {', '.join(lacking)} "
-                            f"(first keys: {', '.join(sorted(sd)[:8])})")
-
-
-def _depth(sd: StateDict) -> int:
-    ids = {int(m.group(1)) for k in sd for m in [_BLOCK.match(k)] if m}
-    return max(ids) + 1 if ids else 0
-
-
-def _shape_errors(own: StateDict, mapped: StateDict) -> List[str]:
-    both = [k for k in mapped if k in own]
-    return diff_shapes({k: mapped[k] for k in both}, {k: own[k] for k in both}, limit=len(both))
-
-
-def _patch_embed(sd: StateDict, own_w: torch.Tensor, prefix: str, skip_on_mismatch: bool,
-                 report: TransferReport, mapped: StateDict) -> None:
-    src_w = sd["patch_embed.proj.weight"]
-    if tuple(src_w.shape[1:]) == tuple(own_w.shape[1:]) and src_w.shape[0] != own_w.shape[0]:
-        raise TransferError(f"width differs: checkpoint patch_embed.proj.weight {tuple(src_w.shape)} vs model "
-                            f"{prefix}.proj.weight {tuple(own_w.shape)}; pick the model size that matches the "
-                            f"pretrained encoder (B: 768, L: 1024, XL: 1152)")
-    if tuple(src_w.shape) == tuple(own_w.shape):
-        mapped[f"{prefix}.proj.weight"] = src_w
-        if "patch_embed.proj.bias" in sd:
-            mapped[f"{prefix}.proj.bias"] = sd["patch_embed.proj.bias"]
-        return
-    msg = (f"patch_embed.proj.weight has shape {tuple(src_w.shape)} but the target's {prefix}.proj.weight is "
-           f"{tuple(own_w.shape)} (in-channels / patch size differ: wrong VAE, or a pixel-space MAE?)")
-    if not skip_on_mismatch:
-        raise TransferError(msg + "; pass skip_patch_embed=True (--skip-patch-embed) to leave it at its init")
-    report.notes.append("skipped on request: " + msg)
-    report.dropped += [k for k in ("patch_embed.proj.weight", "patch_embed.proj.bias") if k in sd]
-
+from .lightning import is_lightning_mae, mae_to_lightningdit
+from .report import (_BLOCK, _MAE_ONLY, TransferError, TransferReport, _check_source, _depth, _patch_embed,
+                     _shape_errors)
 
 def mae_to_dit(model: DiT, sd: StateDict, source: str = "<state dict>", use_pretrain_layer: int = -1,
                skip_patch_embed: bool = False) -> TransferReport:
@@ -243,7 +163,6 @@ def transfer(model: nn.Module, path_or_sd, use_pretrain_layer: int = -1, skip_pa
         sd, source = read_state_dict(path_or_sd, which=which), str(path_or_sd)
     if isinstance(model, MaskedAutoencoderViT):
         raise TransferError("the target is itself a masked autoencoder: load it with load_weights instead")
-    from .lightning import LightningDiT, is_lightning_mae, mae_to_lightningdit  # transfer/lightning.py
     if isinstance(model, LightningDiT):
         return mae_to_lightningdit(model, sd, source, use_pretrain_layer, skip_patch_embed)
     if is_lightning_mae(sd):

@@ -1,4 +1,4 @@
-"""Pretrained LightningMAE (models/lightning_mae.py) -> LightningDiT, with the key accounting of transfer/core.py.
+"""Pretrained LightningMAE (models/lightning_mae.py) -> LightningDiT, with the key accounting of transfer/report.py.
 
 The MAE's encoder blocks are LightningDiT blocks without adaLN, so every transformer weight is copied unchanged:
 ``blocks.i.{norm1, attn.qkv, attn.proj, attn.q_norm, attn.k_norm, norm2, mlp.w12, mlp.w3}`` and the patch
@@ -16,8 +16,9 @@ import torch
 
 from ..layers.pos_embed import resample_grid
 from ..models.lightningdit import LightningDiT
-from .core import (_BLOCK, _MAE_ONLY, StateDict, TransferError, TransferReport, _check_source, _depth, _patch_embed,
-                   _shape_errors)
+from .formats import StateDict
+from .report import (_BLOCK, _MAE_ONLY, TransferError, TransferReport, _check_source, _depth, _patch_embed,
+                     _shape_errors)
 
 _FIXED = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
 

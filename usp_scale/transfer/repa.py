@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint.safe_load import torch_load
+from ..models import create_model
 from .formats import StateDict, load_weights, select_state_dict
 
 # REPA's --model names -> the registry's; "SiT-tiny/2" is the project's test/miniature size in REPA's format
@@ -88,8 +90,6 @@ def read_repa_checkpoint(path: str, which: str = "ema", encoder_depth: Optional[
 
     ``encoder_depth``: the tap (1-indexed); taken from ``args`` when the file has them (a different value given
     here is an error), else required for a legacy file and 8 (REPA's default and release) otherwise."""
-    from ..checkpoint.safe_load import torch_load
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"REPA checkpoint not found: {path} (a local file written by REPA's train.py, or its "
                                 "released SiT-XL/2 last.pt; nothing is downloaded)")
@@ -133,8 +133,6 @@ def load_repa_model(path: str, which: str = "ema", encoder_depth: Optional[int] 
                     device=None, **overrides) -> nn.Module:
     """Build the REPA SiT a checkpoint describes and load its weights strictly (errors list keys and shapes);
     ``overrides`` replace model keywords (e.g. ``kernels``)."""
-    from ..models import create_model
-
     ck = read_repa_checkpoint(path, which=which, encoder_depth=encoder_depth)
     model = create_model(ck.model_name, **{**ck.model_kwargs, **overrides})
     load_weights(model, path, state_dict=ck.state_dict)

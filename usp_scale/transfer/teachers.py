@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..checkpoint.safe_load import read_safetensors, torch_load
 from ..layers.pos_embed import resample_grid
 from ..models.teacher import TEACHERS, DINOv2ViT, FrozenTeacher, repa_input_size
 from .formats import StateDict
@@ -66,8 +67,6 @@ def expected_keys(name: str = "dinov2_vitb14", fmt: str = "timm") -> Dict[str, T
 
 
 def _read(path: str) -> StateDict:
-    from ..checkpoint.safe_load import read_safetensors, torch_load
-
     if path.endswith(".safetensors"):
         obj = read_safetensors(path, what="teacher weights")
     else:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..checkpoint.safe_load import CheckpointFileError, UnsafeCheckpointError, read_safetensors, torch_load
 from .named import resolve_vae_path, shipped_scale
+from .ldm import LDMLayoutError, ldm_to_diffusers, split_autoencoder
 
 # Latent scale per VAE version. f16d32 (VA-VAE) is 1.0: LightningDiT normalises its latents per channel
 # ((z - mean) / std, latent_multiplier 1.0) with statistics of the latents themselves, not with one factor.
@@ -71,7 +72,6 @@ def _random_vae(version: str, seed: int = 0, full: bool = False):
 def _unwrap_state_dict(sd: dict, path: str) -> Dict[str, torch.Tensor]:
     """The autoencoder's tensors of a checkpoint (usp_scale/vae/ldm.py: training-only families dropped by name and
     logged, any other key an error naming the file)."""
-    from .ldm import LDMLayoutError, split_autoencoder
     for k in ("state_dict", "model", "vae"):
         if k in sd and isinstance(sd[k], dict) and not torch.is_tensor(sd[k]):
             sd = sd[k]
@@ -84,7 +84,6 @@ def _unwrap_state_dict(sd: dict, path: str) -> Dict[str, torch.Tensor]:
 def _ldm_to_diffusers(sd: Dict[str, torch.Tensor], path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Original LDM/MAR/VA-VAE key layout (encoder.down.i.block.j) -> diffusers layout, plus the inferred config
     (usp_scale/vae/ldm.py)."""
-    from .ldm import LDMLayoutError, ldm_to_diffusers
     try:
         new, cfg = ldm_to_diffusers(sd, path)
     except LDMLayoutError as e:
