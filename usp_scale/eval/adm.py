@@ -81,9 +81,27 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, what=("first", "s
     return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, what=("samples", "reference")) -> float:
+def trace_sqrt_low_rank(features1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``tr sqrt(S1 @ sigma2)`` for ``S1`` = the covariance of ``features1`` (n x D, n <= D): the nonzero eigenvalues
+    of ``S1 sigma2 = X^T X sigma2 / (n - 1)`` are those of the n x n symmetric ``X sigma2 X^T / (n - 1)`` (X the
+    centred features), so a 2,023-d sFID of a few hundred samples costs an n x n eigenproblem."""
+    x = np.asarray(features1, np.float64)
+    x = x - x.mean(0)
+    m = (x @ sigma2 @ x.T) / (len(x) - 1)
+    m = (m + m.T) / 2
+    lam = np.linalg.eigvalsh(m)
+    tol = max(float(lam.max()), 0.0) * m.shape[0] * np.finfo(np.float64).eps * 100
+    if lam.min() < -max(tol, 1e-12):
+        raise MetricInputError(f"the covariance product has eigenvalue {lam.min():.4g} < 0: the reference sigma is "
+                               "not a covariance matrix")
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, what=("samples", "reference"), features1=None) -> float:
     """The Fréchet distance of two Gaussians (float64; see the module docstring for the method). ``what`` names
-    the two sides in errors (e.g. the files the statistics came from)."""
+    the two sides in errors (e.g. the files the statistics came from). ``features1``: the (n, D) features whose
+    statistics ``mu1``, ``sigma1`` are; with n <= D the trace comes from :func:`trace_sqrt_low_rank` (the same
+    number, at the cost of an n x n problem)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     for mu, s, name in ((mu1, s1, what[0]), (mu2, s2, what[1])):
@@ -96,7 +114,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, what=("samples", "reference")) ->
                                f"{mu2.shape[0]}-d (statistics from another network or layer?)")
     s1, s2 = _check_cov(s1, what[0]), _check_cov(s2, what[1])
     diff = mu1 - mu2
-    tr = trace_sqrt_product(s1, s2, what)
+    if features1 is not None and 1 < len(features1) <= len(mu1):
+        tr = trace_sqrt_low_rank(features1, s2)
+    else:
+        tr = trace_sqrt_product(s1, s2, what)
     fid = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr)
     if fid < 0:
         if fid < -1e-6 * max(1.0, float(np.trace(s1) + np.trace(s2))):

@@ -354,39 +354,60 @@ def _full_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def random_inception(seed: int, width: float = 1.0, calibrate_side: int = INPUT_SIZE,
-                     calibrate_images: int = 8) -> Inception2015:
-    """A seeded random network of the graph's structure (``width`` scales the channels) whose BatchNorm
-    statistics are calibrated on seeded random images, so every layer's activations are of unit scale (features
-    neither vanish nor explode through the 94 layers): the test network of the TF comparison."""
+def _calibration_images(g: torch.Generator, n: int, side: int) -> torch.Tensor:
+    """Blocky random images (8 x 8 px blocks of random colours plus noise) at ``side``: inputs the graph resizes,
+    as it resizes ADM's 256 x 256 samples."""
+    cells = max(1, side // 8)
+    x = torch.randint(0, 256, (n, 3, cells, cells), generator=g).float()
+    x = x.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :side, :side]
+    x = x + torch.randn(x.shape, generator=g) * 20
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def random_inception(seed: int, width: float = 1.0, calibrate_images: int = 8, calibrate_side: int = 256,
+                     pool_mean: float = 0.4, logit_std: float = 2.0) -> Inception2015:
+    """A seeded random network of the graph's structure (``width`` scales the channels), calibrated on seeded
+    random images so that it behaves like the real one where the metrics look: every BatchNorm's statistics set
+    to its input's (activations of unit scale through the 94 layers), the last block scaled so that pool_3
+    averages ``pool_mean`` (real pool_3 features are of that order), and ``softmax/weights`` orthogonal to the
+    mean pool_3 direction with logits of spread ``logit_std`` (so that the softmax differs between images and IS
+    is not 1). The test network of the TF comparison."""
     g = torch.Generator().manual_seed(int(seed))
     net = Inception2015(standard_channels(width))
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("conv.weight"):
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-            elif name.endswith("bn.weight"):
-                p.copy_(torch.rand(p.shape, generator=g) * 1.0 + 0.5)
-            elif name.endswith("bn.bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif name == "fc.weight":
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-            elif name == "fc.bias":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        images = torch.randint(0, 256, (calibrate_images, 3, calibrate_side, calibrate_side), generator=g,
-                               dtype=torch.uint8)
-        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-        for m in bns:                               # one pass in training mode: running stats = the batch's
-            m.reset_running_stats()
-            m.momentum = None
-        net.train()
-        net(images, (POOL,))
-        net.eval()
-        for m in bns:
-            m.momentum = 0.1
-            m.running_var.clamp_(min=1e-3)
-            m.num_batches_tracked.zero_()
+    for name, p in net.named_parameters():
+        if name.endswith("conv.weight"):
+            p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
+        elif name.endswith("bn.weight"):
+            p.copy_(torch.rand(p.shape, generator=g) * 1.0 + 0.5)
+        elif name.endswith("bn.bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    images = _calibration_images(g, calibrate_images, calibrate_side)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:                                   # one pass in training mode: running stats = the batch's
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    net(images, (POOL,))
+    net.eval()
+    for m in bns:
+        m.momentum = 0.1
+        m.running_var.clamp_(min=1e-3)
+        m.num_batches_tracked.zero_()
+    pool = net(images, (POOL,))[POOL].double()
+    f = pool_mean / float(pool.mean())              # ReLU(f z) = f ReLU(z): scales pool_3 by f
+    for spec, conv in iter_convs(net):
+        if spec.pt.startswith("Mixed_7c."):
+            conv.bn.weight.mul_(f)
+            conv.bn.bias.mul_(f)
+    pool = pool * f
+    mu = pool.mean(0)
+    u = mu / mu.norm()
+    w = torch.randn(net.fc.weight.shape, generator=g, dtype=torch.float64)
+    w -= (w @ u)[:, None] * u[None, :]              # no logit common to all images
+    spread = float((pool @ w.T).std())
+    net.fc.weight.copy_((w * (logit_std / max(spread, 1e-12))).float())
+    net.fc.bias.copy_(torch.randn(net.fc.bias.shape, generator=g) * 0.1)
     return net.requires_grad_(False)
 
 

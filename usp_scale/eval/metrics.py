@@ -263,7 +263,7 @@ def statistics(features: torch.Tensor) -> dict:
 
 
 def frechet_distance(stats1: dict, stats2: dict, protocol: str = "torch-fidelity",
-                     what=("samples", "reference")) -> float:
+                     what=("samples", "reference"), features1: Optional[torch.Tensor] = None) -> float:
     """The Fréchet distance between two {mu, sigma} (float64). ``protocol="adm"``: the symmetric-form trace of
     :mod:`usp_scale.eval.adm`; ``"torch-fidelity"``: torch-fidelity's formula (real parts of the square roots of
     the eigenvalues of sigma1 sigma2). Both refuse non-finite or mismatched statistics (naming ``what``) and
@@ -271,7 +271,8 @@ def frechet_distance(stats1: dict, stats2: dict, protocol: str = "torch-fidelity
     mu1, s1 = np.asarray(stats1["mu"], np.float64), np.asarray(stats1["sigma"], np.float64)
     mu2, s2 = np.asarray(stats2["mu"], np.float64), np.asarray(stats2["sigma"], np.float64)
     if protocol == "adm":
-        return A.frechet_distance(mu1, s1, mu2, s2, what)
+        f1 = None if features1 is None else features1.double().cpu().numpy()
+        return A.frechet_distance(mu1, s1, mu2, s2, what, features1=f1)
     from torch_fidelity.metric_fid import fid_statistics_to_metric
 
     for mu, s, name in ((mu1, s1, what[0]), (mu2, s2, what[1])):
@@ -549,7 +550,7 @@ def compute_metrics(generated, reference=None, metrics: Optional[Sequence[str]] 
             w = A.singular_warning(out["num_reference"], d, f"reference {m}")
             if w:
                 warn.append(w)
-        out[m] = frechet_distance(statistics(gen[layers[m]]), st, protocol, what)
+        out[m] = frechet_distance(statistics(gen[layers[m]]), st, protocol, what, features1=gen[layers[m]])
     if "kid" in metrics:
         out.update(kid(gen[layers["kid"]], ref_feats[layers["kid"]], subset_size=kid_subset_size))
     if "pr" in metrics:
