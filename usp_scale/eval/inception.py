@@ -354,22 +354,33 @@ def _full_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _calibration_images(g: torch.Generator, n: int, side: int) -> torch.Tensor:
-    """Blocky random images (8 x 8 px blocks of random colours plus noise) at ``side``: inputs the graph resizes,
-    as it resizes ADM's 256 x 256 samples."""
-    cells = max(1, side // 8)
-    x = torch.randint(0, 256, (n, 3, cells, cells), generator=g).float()
-    x = x.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :side, :side]
-    x = x + torch.randn(x.shape, generator=g) * 20
-    return x.clamp(0, 255).to(torch.uint8)
+def _calibration_images(g: torch.Generator, n: int) -> torch.Tensor:
+    """float32 (n, 3, 299, 299) in [0, 255]: a mixture of the inputs the tests feed, already through the graph's
+    resize: 8 px blocks of random colours plus noise at 256 and at 64 px, uniform noise at 299, smooth colour
+    fields (4 x 4 upsampled) at 128."""
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 2:
+            x = torch.randint(0, 256, (1, 3, INPUT_SIZE, INPUT_SIZE), generator=g).float()
+        else:
+            side, block, noise = ((256, 8, 20.0), (64, 8, 35.0), None, (128, 32, 5.0))[kind]
+            cells = -(-side // block)
+            x = torch.randint(0, 256, (1, 3, cells, cells), generator=g).float()
+            x = x.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :side, :side]
+            x = (x + torch.randn(x.shape, generator=g) * noise).clamp(0, 255).round()
+            x = resize_bilinear_tf1(x)
+        out.append(x)
+    return torch.cat(out)
 
 
 @torch.no_grad()
-def random_inception(seed: int, width: float = 1.0, calibrate_images: int = 8, calibrate_side: int = 256,
-                     pool_mean: float = 0.4, logit_std: float = 2.0) -> Inception2015:
+def random_inception(seed: int, width: float = 1.0, calibrate_images: int = 8, pool_mean: float = 0.4,
+                     logit_std: float = 2.0) -> Inception2015:
     """A seeded random network of the graph's structure (``width`` scales the channels), calibrated on seeded
-    random images so that it behaves like the real one where the metrics look: every BatchNorm's statistics set
-    to its input's (activations of unit scale through the 94 layers), the last block scaled so that pool_3
+    random images (a mixture of blocky, noisy and smooth ones, :func:`_calibration_images`) so that it behaves
+    like the real one where the metrics look: every BatchNorm's statistics set to its input's (activations of
+    unit scale through the 94 layers, for each kind of input), the last block scaled so that pool_3
     averages ``pool_mean`` (real pool_3 features are of that order), and ``softmax/weights`` orthogonal to the
     mean pool_3 direction with logits of spread ``logit_std`` (so that the softmax differs between images and IS
     is not 1). The test network of the TF comparison."""
@@ -382,7 +393,7 @@ def random_inception(seed: int, width: float = 1.0, calibrate_images: int = 8, c
             p.copy_(torch.rand(p.shape, generator=g) * 1.0 + 0.5)
         elif name.endswith("bn.bias"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    images = _calibration_images(g, calibrate_images, calibrate_side)
+    images = _calibration_images(g, max(4, calibrate_images))
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in bns:                                   # one pass in training mode: running stats = the batch's
         m.reset_running_stats()
