@@ -198,3 +198,23 @@ def test_records_never_hold_nan(tmp_path):
     with pytest.raises(A.MetricInputError, match="fill 10 splits"):
         from usp_scale.eval import inception_score
         inception_score(torch.zeros(5, 10))
+
+
+def test_in_training_fid_refuses_an_adm_reference_for_another_extractor_at_start_up(adm_setup, tmp_path):
+    """Issue 24: an ADM reference batch (Inception statistics) with eval.feature_extractor=usp-tiny was a
+    "feature sizes differ" traceback at the first evaluation; now a ConfigError when the hook is built."""
+    from usp_scale.config import ConfigError, load_config
+    from usp_scale.eval.hook import FIDHook
+
+    cfg = load_config(os.path.join(ROOT, "configs", "debug", "tiny_dit.yaml"), [
+        f"output_dir={tmp_path}", "eval.fid_every=2", f"eval.fid_reference={adm_setup['ref']}",
+        "eval.feature_extractor=usp-tiny", "eval.protocol=adm"])
+    with pytest.raises(ConfigError, match=r"eval\.feature_extractor='usp-tiny'.*VIRTUAL_ref\.npz: mu/sigma are "
+                                          r"128-d but feature extractor 'usp-tiny' gives 64-d"):
+        FIDHook(cfg, None, torch.nn.Linear(1, 1), None, "cpu")
+    # the ImageNet recipes' protocol, and auto for the Inception network against this reference
+    assert load_config(os.path.join(ROOT, "configs", "finetune", "dit_xl_256.yaml")).eval.protocol == "adm"
+    from usp_scale.eval import build_extractor
+    ext, layer = build_extractor({"feature_extractor": "inception-v3-compat", "inception_weights": adm_setup["graph"],
+                                  "fid_reference": adm_setup["ref"]}, "cpu")
+    assert layer == POOL and type(ext).__name__ == "AdmInceptionExtractor"

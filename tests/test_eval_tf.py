@@ -92,6 +92,7 @@ def blocky(rng, n, side, noise=20.0, shift=0.0):
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_tensorflow_runs_the_graph_and_our_evaluator_agrees(tf_python, graph, tmp_path, record_property):
     rng = np.random.RandomState(0)
     cases = {"256x256 batch 4": blocky(rng, 4, 256),

@@ -261,4 +261,4 @@ def singular_warning(n: int, d: int, metric: str) -> Optional[str]:
         return None
     return (f"{metric} from {n} images in {d} dimensions: the covariance is singular (rank <= {n - 1}); the value "
             "is exact for these statistics but biased upwards and not comparable with values from more images "
-            "(papers: 50,000 samples); ADM's sqrtm would retry with 1e-6 added to the diagonals here")
+            "(papers: 50,000 samples); ADM's sqrtm warns here and may retry with 1e-6 added to the diagonals")

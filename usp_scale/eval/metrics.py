@@ -547,7 +547,8 @@ def compute_metrics(generated, reference=None, metrics: Optional[Sequence[str]] 
         if w:
             warn.append(w)
         if ref_feats is not None and ((m == "fid" and ref_stats is None) or (m == "sfid" and ref_spatial_stats is None)):
-            w = A.singular_warning(out["num_reference"], d, f"reference {m}")
+            w = A.singular_warning(out["num_reference"], d, f"the reference's {m.upper() if m == 'fid' else 'sFID'}"
+                                   " statistics")
             if w:
                 warn.append(w)
         out[m] = frechet_distance(statistics(gen[layers[m]]), st, protocol, what, features1=gen[layers[m]])
