@@ -156,24 +156,26 @@ def _with_const(g, name, value):
     return G.encode_graph(out, g.producer)
 
 
-def test_command_line_tools(tmp_path):
+def test_command_line_tools(tmp_path, capsys):
     pb, pth, st = (str(tmp_path / f) for f in ("t.pb", "t.pth", "t.safetensors"))
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    run = [sys.executable, "-m", "usp_scale.eval.inception_graph"]
-    p = subprocess.run(run + ["write-test-graph", pb, "--seed", "1", "--width", str(WIDTH)], env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "usp_scale.eval.inception_graph", "write-test-graph", pb, "--seed", "1",
+                        "--width", str(WIDTH)], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0 and "pool_3 256-d" in p.stdout, p.stderr
     assert main(["convert", pb, pth]) == 0 and main(["convert", pb, st]) == 0
     from usp_scale.eval.features import load_inception_weights
     a, b, c = load_inception_weights(pth), load_inception_weights(st), convert_graph(pb)[0]
     assert all(torch.equal(a[k], c[k]) and torch.equal(b[k], c[k]) for k in c)
-    p = subprocess.run(run + ["convert", str(tmp_path / "missing.pb"), pth], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "missing.pb" in p.stderr
-    p = subprocess.run(run + ["info", pb], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "pool_dim: 256" in p.stdout and "sha256:" in p.stdout
-    p = subprocess.run(run + ["--help"], env=env, capture_output=True, text=True, timeout=600)
-    assert "write-test-graph" in p.stdout and "convert" in p.stdout
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "missing.pb"), pth]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "missing.pb" in err
+    assert main(["info", pb]) == 0
+    out = capsys.readouterr().out
+    assert "pool_dim: 256" in out and "sha256:" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "write-test-graph" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- weight files, safely

@@ -23,7 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-KEYS = (("IS", "is_mean"), ("FID", "fid"), ("sFID", "sfid"), ("precision", "precision"), ("recall", "recall"))
+KEYS = (("IS (adm: one chunk of N)", "is_mean"), ("IS (adm: 10 ordered chunks of N/10)", "is_tenth"), ("FID", "fid"),
+        ("sFID", "sfid"), ("precision", "precision"), ("recall", "recall"))
 
 
 def _train_images(data: str, n: int):
@@ -68,17 +69,24 @@ def main(argv=None) -> int:
             kw = dict(is_split_size=n) if protocol == "adm" else dict(is_splits=10)
             res[protocol] = compute_metrics(src, ref, ["is", "fid", "sfid", "pr"], ext, weights, "cpu",
                                             protocol=protocol, progress=False, **kw)
+        # the same split size as torch-fidelity's (N/10): what remains is ADM's order against the shuffle
+        res["adm"]["is_tenth"] = compute_metrics(src, None, ["is"], ext, weights, "cpu", protocol="adm",
+                                                 progress=False, is_split_size=n // 10)["is_mean"]
+        res["torch-fidelity"]["is_tenth"] = res["torch-fidelity"]["is_mean"]
         rows.append((name, ext, res))
     lines = [f"# The same samples under the ADM and torch-fidelity protocols ({datetime.date.today().isoformat()})",
              "", f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, load average "
              f"{os.getloadavg()[0]:.1f}. Reference: {ref} ({n_ref} images); {n} images per set. "
-             "ADM's IS: one ordered chunk of all samples (what ADM computes below 5,000); torch-fidelity's: 10 "
-             "shuffled splits. Command: `python benchmarks/eval/protocols.py "
+             "ADM's IS: one ordered chunk of all samples (what ADM computes below 5,000), and 10 ordered chunks "
+             "(torch-fidelity's split size); torch-fidelity's: 10 shuffled splits. Command: "
+             "`python benchmarks/eval/protocols.py "
              + " ".join(sys.argv[1:] if argv is None else argv) + "`", "",
              "| set | extractor | metric | adm | torch-fidelity | adm - torch-fidelity |", "|---|---|---|---|---|---|"]
     for name, ext, res in rows:
         for label, k in KEYS:
             x, y = res["adm"][k], res["torch-fidelity"][k]
+            if k in ("precision", "recall"):       # torch-fidelity returns a float32 fraction
+                y = round(y * n) / n if abs(y * n - round(y * n)) < 1e-3 else y
             lines.append(f"| {name} | {ext} | {label} | {x:.6g} | {y:.6g} | {x - y:+.3g} |")
     md = "\n".join(lines) + "\n"
     print(md)

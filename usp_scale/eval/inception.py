@@ -422,10 +422,6 @@ def random_inception(seed: int, width: float = 1.0, calibrate_images: int = 8, p
     return net.requires_grad_(False)
 
 
-def load_network(state_dict: Dict[str, torch.Tensor], source: str, device="cpu") -> Inception2015:
-    return Inception2015.from_state_dict(state_dict, source).to(device)
-
-
 def iter_convs(net: Inception2015) -> Iterable:
     """(ConvSpec, BasicConv) of every convolution, in graph order."""
     for spec in CONVS:

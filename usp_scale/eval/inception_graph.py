@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import graphdef as G
-from .inception import BLOCKS, BN_EPS, CONVS, INPUT_SIZE, random_inception
+from .inception import BLOCKS, BN_EPS, CONVS, INPUT_SIZE, iter_convs, random_inception
 
 # The node names the ADM evaluator reads (evaluations/evaluator.py): the input it maps its images to, the two
 # feature tensors and the MatMul whose weights give the IS logits.
@@ -241,7 +241,7 @@ def graph_nodes(net, scale_after_normalization: bool = True) -> list:
     const("Mul/y", np.array(0.0078125, np.float32))
     add("Mul", "Mul", ["Sub", "Mul/y"], T=FLOAT)
 
-    convs = {spec.tf: (spec, m) for spec, m in _iter_convs(net)}
+    convs = {spec.tf: (spec, m) for spec, m in iter_convs(net)}
 
     def conv(tf, inp):
         spec, m = convs[tf]
@@ -312,11 +312,6 @@ def graph_nodes(net, scale_after_normalization: bool = True) -> list:
     add("softmax/logits", "BiasAdd", ["softmax/logits/MatMul", "softmax/biases"], T=FLOAT)
     add("softmax", "Softmax", ["softmax/logits"], T=FLOAT)
     return nodes
-
-
-def _iter_convs(net):
-    from .inception import iter_convs
-    return iter_convs(net)
 
 
 def write_graph(net, path: str, scale_after_normalization: bool = True) -> str:
