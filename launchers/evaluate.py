@@ -129,9 +129,13 @@ def main(argv: Optional[list] = None) -> list:
     if not args.samples:
         raise ValueError("--samples is required (or use --save-stats)")
     meta = _sampling_meta(args.samples)
+    from usp_scale.eval import resolve_protocol
+    metrics = args.metrics
+    if metrics is None and resolve_protocol(args.protocol, args.feature_extractor, args.reference) != "adm":
+        metrics = ["fid", "is"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = compute_metrics(args.samples, args.reference, args.metrics, args.feature_extractor, weights,
+        results = compute_metrics(args.samples, args.reference, metrics, args.feature_extractor, weights,
                                   device, args.batch_size, args.cache_dir, kid_subset_size=args.kid_subset_size,
                                   pr_k=args.pr_k, is_splits=args.is_splits, progress=progress,
                                   protocol=args.protocol, is_split_size=args.is_split_size)

@@ -72,7 +72,8 @@ def test_the_papers_table_in_adms_order_and_format(adm_setup, tmp_path, capsys):
     ext = create_extractor("inception-v3-compat", [POOL, SPATIAL, LOGITS], "cpu", s["graph"], protocol="adm")
     fs, fr = extract_features(s["sample_ims"], ext, progress=False), extract_features(s["ref_ims"], ext, progress=False)
     with np.load(s["ref"]) as d:
-        fid = A.frechet_distance(*A.statistics(fs[POOL]).values(), d["mu"], d["sigma"])
+        fid = A.frechet_distance(*A.statistics(fs[POOL]).values(), d["mu"], d["sigma"],
+                                 features1=fs[POOL].double().numpy())      # n <= D: the n x n form, as evaluate.py
         sfid = A.frechet_distance(*A.statistics(fs[SPATIAL]).values(), d["mu_s"], d["sigma_s"],
                                   features1=fs[SPATIAL].double().numpy())
     pr = A.precision_recall(fs[POOL], fr[POOL])

@@ -455,11 +455,11 @@ def compute_metrics(generated, reference=None, metrics: Optional[Sequence[str]] 
                     progress: bool = True, protocol: str = "auto", is_split_size: int = A.SPLIT_SIZE) -> dict:
     """Metrics of ``generated`` against ``reference`` under ``protocol`` (module docstring); returns {name:
     value, ..., num_samples, num_reference, protocol, feature_extractor, warnings}. ``metrics`` default: ADM's
-    five (is, fid, sfid, pr) under ``adm``, fid and is under ``torch-fidelity``. ``is_splits``: torch-fidelity's
+    five (is, fid, sfid, pr) under ``adm``, fid under ``torch-fidelity``. ``is_splits``: torch-fidelity's
     number of IS splits; ``is_split_size``: ADM's IS chunk size. Every input is checked before features are
     computed; bad input raises :class:`MetricInputError` (or FileNotFoundError) naming the file."""
     protocol = resolve_protocol(protocol, feature_extractor, reference)
-    metrics = list(ADM_METRICS if protocol == "adm" else ("fid", "is")) if metrics is None else \
+    metrics = list(ADM_METRICS if protocol == "adm" else ("fid",)) if metrics is None else \
         [m.lower() for m in metrics]
     bad = [m for m in metrics if m not in METRICS]
     if bad:
