@@ -20,13 +20,18 @@ extras = {
     "deepspeed": ["deepspeed>=0.19.8,<0.20"],
     "dali": ["nvidia-dali-cuda130>=1.40"],
     "eval": ["torch-fidelity>=0.3", "scipy>=1.10"],
+    # the TF tier of the tests (tests/test_eval_tf.py: TensorFlow runs the Inception graph beside our evaluator);
+    # the CPU wheel (274 MB, 1.4 GB installed with its dependencies), the version tested beside torch 2.14.1 and
+    # numpy 2.4; not in "all" (CI installs it explicitly)
+    "tf": ["tensorflow-cpu>=2.21,<2.22; platform_system == 'Linux' and platform_machine == 'x86_64'",
+           "tensorflow>=2.21,<2.22; platform_system != 'Linux' or platform_machine != 'x86_64'"],
     "gpu": ["triton>=3.0"],
     "flash": ["flash-attn>=2.6"],
     "plot": ["matplotlib>=3.7"],
     # engine.fp8 (torchao float8 training); capped at the version tested with torch 2.14
     "fp8": ["torchao>=0.12,<0.19"],
 }
-extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash",) for d in v})
+extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash", "tf") for d in v})
 
 setup(
     name="usp_scale",

@@ -15,7 +15,12 @@ or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out
 * USP finetuning, DiT-XL/2: 400K steps x batch 256;
 * from-scratch DiT-XL/2 (the paper's baseline): 7M steps x 256;
 * optionally the latent cache (``--cache-img-per-s``: SD-VAE encode + DALI decode rate, ``--cache-views`` views
-  per image) and FID-50K sampling (``--sampling-json`` from ``sample/bench_sampling.py``).
+  per image) and FID-50K sampling (``--sampling-json`` from ``sample/bench_sampling.py``);
+* next to the sampling, the ADM evaluation of those 50,000 samples: 60,000 Inception forwards (the samples and the
+  reference batch's 10,000 images, which precision/recall need) of 11.43 GFLOP each (float32, TF32 off; counted
+  by ``eval/bench_eval.py``), the two Fréchet distances and precision/recall. Measured by ``eval/bench_eval.py``
+  (``--eval-json``) or a given rate (``--eval-img-per-s``); otherwise derived at 40 % of the card's fp32 peak
+  (labelled so).
 
 GPU-days are single-device days at the measured rate (perfect scaling assumed; weak-scaling losses come on
 top). They are also given as peak-FLOP-normalised H20-days (x peak of the card / 148 TFLOP/s), the unit of
@@ -47,16 +52,45 @@ IMAGENET_TRAIN = 1_281_167
 # dense bf16 peak (TFLOP/s) by card-name fragment; H20 is the paper's card
 PEAK_TFLOPS = {"H20": 148.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "B200": 2250.0}
 PAPER_H20_DAYS = {"usp_pipeline": 98.0, "scratch_dit": 622.0, "repa": 1904.0}
+# the evaluation: Inception forward FLOPs per image (conv + matmul at 299 x 299; eval/bench_eval.py counts them),
+# forwards per FID-50K evaluation (50,000 samples + the 10,000 reference images of precision/recall), fp32 peak
+# (TFLOP/s, non-tensor-core: the ADM protocol runs the network in float32 without TF32), assumed utilisation
+INCEPTION_GFLOP = 11.426
+EVAL_IMAGES = 60_000
+FP32_PEAK_TFLOPS = {"H20": 44.0, "H100": 66.9, "H200": 66.9, "A100": 19.5, "B200": 80.0}
+EVAL_DERIVED_UTIL = 0.4
 PAPER_H20_DAYS_PEAK = PEAK_TFLOPS["H20"]
 TARGET_H100_DAYS = 12.0
 
 
-def peak_of(card: str) -> Optional[float]:
+def peak_of(card: str, table: Optional[dict] = None) -> Optional[float]:
+    table = PEAK_TFLOPS if table is None else table
     up = card.upper()
-    for frag in sorted(PEAK_TFLOPS, key=len, reverse=True):   # "H200" before "H20"
+    for frag in sorted(table, key=len, reverse=True):   # "H200" before "H20"
         if frag in up:
-            return PEAK_TFLOPS[frag]
+            return table[frag]
     return None
+
+
+def eval_item(card: str, eval_json: Optional[dict] = None, eval_img_per_s: float = 0.0) -> Optional[dict]:
+    """The FID-50K evaluation's row: measured (bench_eval.py JSON or a given rate) or derived from its FLOPs."""
+    extra_s = 0.0
+    if eval_json:
+        rate = float(eval_json["inception_img_per_s"])
+        extra_s = sum(float(eval_json.get(k, 0.0)) for k in ("fid_seconds", "sfid_seconds", "pr_50k_seconds"))
+        setting = f"measured on {eval_json.get('device', '?')}"
+    elif eval_img_per_s > 0:
+        rate, setting = eval_img_per_s, "given"
+    else:
+        peak = peak_of(card, FP32_PEAK_TFLOPS)
+        if peak is None:
+            return None
+        rate = peak * 1e12 * EVAL_DERIVED_UTIL / (INCEPTION_GFLOP * 1e9)
+        setting = f"derived: {EVAL_DERIVED_UTIL:.0%} of {peak:g} TFLOP/s fp32"
+    return {"key": "fid50k_eval", "what": f"ADM evaluation of FID-50K ({EVAL_IMAGES:,} Inception forwards, "
+            f"{INCEPTION_GFLOP:.2f} GFLOP each)", "samples": EVAL_IMAGES, "rate": rate, "setting": setting,
+            "batch": eval_json.get("inception_batch", "") if eval_json else "",
+            "hours": (EVAL_IMAGES / rate + extra_s) / 3600}
 
 
 def load_rows(path: str) -> List[dict]:
@@ -120,7 +154,7 @@ def workloads(pretrain_epochs: int, finetune_steps: int, scratch_steps: int, bat
 def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[str, str]] = None,
            pretrain_epochs: int = 1600, finetune_steps: int = 400_000, scratch_steps: int = 7_000_000,
            batch: int = 256, cache_img_per_s: float = 0.0, cache_views: int = 1,
-           sampling: Optional[dict] = None) -> dict:
+           sampling: Optional[dict] = None, eval_json: Optional[dict] = None, eval_img_per_s: float = 0.0) -> dict:
     """All numbers of the report (hours per item, GPU-days, H20-normalised days, the pipeline total)."""
     pins = pins or {}
     if card is None:
@@ -147,10 +181,15 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
         best = min(modes.items(), key=lambda kv: kv[1]["fid50k_gpu_hours"])
         items.append({"key": "fid50k", "what": "FID-50K sampling", "samples": 50_000, "rate": None,
                       "setting": best[0], "batch": sampling.get("batch", ""), "hours": best[1]["fid50k_gpu_hours"]})
+    if sampling or eval_json or eval_img_per_s > 0:
+        ev = eval_item(card, eval_json, eval_img_per_s)
+        if ev is not None:
+            items.append(ev)
     for it in items:
         it["gpu_days"] = it["hours"] / 24
         it["h20_days"] = it["gpu_days"] * peak / PAPER_H20_DAYS_PEAK if peak else None
-    pipeline = [it for it in items if it["key"] in ("usp_pretrain", "usp_finetune", "latent_cache", "fid50k")]
+    pipeline = [it for it in items if it["key"] in ("usp_pretrain", "usp_finetune", "latent_cache", "fid50k",
+                                                    "fid50k_eval")]
     total = sum(it["gpu_days"] for it in pipeline)
     out = {"card": card, "peak_tflops": peak, "items": items, "pipeline_gpu_days": total,
            "pipeline_h20_days": total * peak / PAPER_H20_DAYS_PEAK if peak else None,
@@ -175,7 +214,7 @@ def to_markdown(r: dict) -> str:
                      f"{it['gpu_days']:.2f} | {h20} |")
     has = {i["key"] for i in r["items"]}
     lines += ["", f"USP pipeline (pretrain + finetune{' + cache' if 'latent_cache' in has else ''}"
-              f"{' + FID-50K' if 'fid50k' in has else ''}): "
+              f"{' + FID-50K' if 'fid50k' in has else ''}{' + its evaluation' if 'fid50k_eval' in has else ''}): "
               f"**{r['pipeline_gpu_days']:.2f} GPU-days** on {r['card']}"]
     if r["pipeline_h20_days"] is not None:
         lines += [f"= {r['pipeline_h20_days']:.1f} H20-days at equal peak-FLOP use (paper: "
@@ -283,6 +322,10 @@ def main(argv=None) -> int:
                     help="latent-cache build rate (decode + SD-VAE encode, img/s); 0 = leave the cache out")
     ap.add_argument("--cache-views", type=int, default=1, help="augmented views cached per image")
     ap.add_argument("--sampling-json", default=None, help="output of benchmarks/sample/bench_sampling.py --out")
+    ap.add_argument("--eval-json", default=None, help="output of benchmarks/eval/bench_eval.py --out (the FID-50K "
+                    "evaluation's measured cost; without it the row is derived from the Inception FLOPs)")
+    ap.add_argument("--eval-img-per-s", type=float, default=0.0,
+                    help="measured Inception forwards per second on --card (instead of --eval-json)")
     ap.add_argument("--out", default=None, help="write the markdown report here as well")
     g = ap.add_argument_group("multi-node projection (--scaling)")
     g.add_argument("--scaling", action="store_true", help="add the multi-node projection per engine")
@@ -330,9 +373,16 @@ def main(argv=None) -> int:
     if a.sampling_json:
         with open(a.sampling_json) as f:
             sampling = json.load(f)
+    eval_json = None
+    if a.eval_json:
+        with open(a.eval_json) as f:
+            eval_json = json.load(f)
+        if "inception_img_per_s" not in eval_json:
+            raise SystemExit(f"{a.eval_json}: not a bench_eval.py output (no inception_img_per_s)")
     r = report(rows, card=a.card, pins=pins, pretrain_epochs=a.pretrain_epochs,
                finetune_steps=a.finetune_steps, scratch_steps=a.scratch_steps, batch=a.batch,
-               cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, sampling=sampling)
+               cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, sampling=sampling,
+               eval_json=eval_json, eval_img_per_s=a.eval_img_per_s)
     md = to_markdown(r)
     if a.scaling:
         md += "\n" + scaling_markdown(a, r, rows)

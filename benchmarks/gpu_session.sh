@@ -18,6 +18,8 @@
 #            all-Triton, eager and compiled (issue 4 goal: >= official compiled, 2,176 / 577 img/s on an
 #            H200); ~6-7 min, most of it compiling
 #   sample   DiT-XL/2 sampling throughput at batch 256 and the projected FID-50K GPU-hours
+#   eval     the ADM evaluation of FID-50K: Inception forward img/s (fp32, TF32 off), Fréchet distances, fp16
+#            precision/recall of 50,000 x 10,000 (~1-2 min; cost_report.py --eval-json reads eval.json)
 #   micro    kernel micro-benchmarks (forward / backward / both vs eager and compiled torch)
 #   fp8      the compiled step with engine.fp8=tensorwise, MAE-XL@256 and DiT-XL/2@128 (~3 min; needs torchao,
 #            which the device image lacks: carry the wheel, `pip download --no-deps torchao==0.18.0 -d .whl`,
@@ -60,6 +62,7 @@ for part in $PARTS; do
                --kernels torch,auto,triton --steps 15 --warmup 3 --csv "$OUT/train_step.csv" ;;
     sample)  run sample 180 $PY benchmarks/sample/bench_sampling.py --modes eager,compile --iters 10 --loop-steps 5 \
                --out "$OUT/sampling.json" ;;
+    eval)    run eval 180 $PY benchmarks/eval/bench_eval.py --out "$OUT/eval.json" ;;
     micro)   run micro 120 $PY benchmarks/kernels/run_all.py --quick --dtype bf16 --csv "$OUT/kernels.csv" ;;
     profile) run profile 240 $PY benchmarks/train/profile_step.py --models MAE-XL@256,DiT-XL/2@128 --kernels torch,auto \
                --compile "${PROFILE_COMPILE:-eager}" --out "$OUT/profile" ;;

@@ -61,7 +61,12 @@ def test_pins_cache_sampling_and_errors(tmp_path):
     assert items["latent_cache"]["hours"] == pytest.approx(8 * 1_281_167 / 1200 / 3600)
     assert items["fid50k"]["hours"] == 1.7 and items["fid50k"]["setting"] == "compile"
     assert r["pipeline_gpu_days"] == pytest.approx(sum(items[k]["gpu_days"] for k in
-                                                       ("usp_pretrain", "usp_finetune", "latent_cache", "fid50k")))
+                                                       ("usp_pretrain", "usp_finetune", "latent_cache", "fid50k",
+                                                        "fid50k_eval")))
+    # the evaluation next to the sampling, derived from its FLOPs without a measurement: 60,000 forwards of
+    # 11.426 GFLOP at 40 % of the H200's 66.9 TFLOP/s fp32
+    assert items["fid50k_eval"]["hours"] == pytest.approx(60000 * 11.426e9 / (0.4 * 66.9e12) / 3600)
+    assert items["fid50k_eval"]["setting"].startswith("derived")
     with pytest.raises(SystemExit, match="no SiT"):
         C.pick_rate(C.load_rows(path), "SiT", None, None)
     with pytest.raises(SystemExit, match="several cards"):
@@ -92,3 +97,24 @@ def test_given_rates_and_multi_node_projection(tmp_path):
         C.main(["--rate", "MAE-XL", "--card", "H200"])
     with pytest.raises(SystemExit, match="knows H100"):
         C.main(["--rate", "MAE-XL=1", "--rate", "DiT-XL/2=1", "--card", "A100", "--scaling"])
+
+
+def test_evaluation_row_measured_and_its_flops(tmp_path):
+    """--eval-json from eval/bench_eval.py: its rate and the Fréchet / precision-recall seconds; the FLOPs constant
+    is the network's own count."""
+    ev = {"device": "NVIDIA H100", "inception_img_per_s": 2000.0, "inception_batch": 200, "fid_seconds": 3.0,
+          "sfid_seconds": 3.0, "pr_50k_seconds": 14.0}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(ev))
+    out = tmp_path / "cost.md"
+    assert C.main(["--train-csv", _csv(tmp_path / "t.csv", ROWS), "--eval-json", str(path), "--out", str(out)]) == 0
+    r = C.report(C.load_rows(str(tmp_path / "t.csv")), eval_json=ev)
+    it = {i["key"]: i for i in r["items"]}["fid50k_eval"]
+    assert it["hours"] == pytest.approx((60000 / 2000 + 20) / 3600) and it["setting"] == "measured on NVIDIA H100"
+    assert "ADM evaluation of FID-50K" in out.read_text() and "+ its evaluation" in out.read_text()
+    sys.path.insert(0, os.path.join(os.path.dirname(C.__file__), "eval"))
+    try:
+        import bench_eval
+    finally:
+        sys.path.pop(0)
+    assert bench_eval.inception_flops() / 1e9 == pytest.approx(C.INCEPTION_GFLOP, rel=1e-4)

@@ -12,20 +12,21 @@ from usp_scale.eval.features import INCEPTION_NAME, INCEPTION_SPATIAL, default_l
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    """A weights file in the official layout with random values (the real file cannot be downloaded here)."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(TFI.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-    mp.setattr(TFI.torch, "load", lambda *a, **k: {})
+    """A weights file in torch-fidelity's layout with random values (the real file cannot be downloaded here);
+    no hash in its name (a name with torch-fidelity's hash must match the file's sha256)."""
+    from usp_scale.eval.inception import Inception2015
+
     torch.manual_seed(0)
-    net = TFI.FeatureExtractorInceptionV3("x", ["2048"], feature_extractor_weights_path="unused")
-    mp.undo()
+    net = Inception2015()
     with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.normal_(0, 0.05 if name.endswith("conv.weight") else 0.2)
         for name, b in net.named_buffers():                  # BN statistics off their identity defaults
             if name.endswith("running_mean"):
                 b.normal_(0, 0.1)
             elif name.endswith("running_var"):
                 b.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
     torch.save(net.state_dict(), path)
     return str(path)
 
@@ -45,6 +46,11 @@ def test_spatial_features_of_the_inception_extractor(random_inception_weights):
     # every other feature is the parent's, bit for bit
     plain = TFI.FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=random_inception_weights)
     assert torch.equal(plain(x)[0], pool)
+    # the adm protocol's implementation of the same network gives the same features to float rounding
+    adm = create_extractor(INCEPTION_NAME, ["2048", INCEPTION_SPATIAL], "cpu", random_inception_weights, protocol="adm")
+    pool_a, spatial_a = adm(x)
+    torch.testing.assert_close(pool_a, pool, rtol=1e-5, atol=1e-5 * pool.abs().max().item())
+    torch.testing.assert_close(spatial_a, spatial, rtol=1e-5, atol=1e-5 * spatial.abs().max().item())
     # spatial alone (the parent would stop before Mixed_6d for early features)
     only = create_extractor(INCEPTION_NAME, [INCEPTION_SPATIAL, "64"], "cpu", random_inception_weights)
     sp2, f64 = only(x)

@@ -125,8 +125,8 @@ def test_missing_inception_weights_error(tmp_path, monkeypatch):
 
 
 def test_records_carry_context(tmp_path):
-    ctx = {"sampler": "sde", "steps": 250, "cfg_scale": 1.0, "sampling_precision": "bf16",
-           "reference": "ref.npz", "feature_extractor": "usp-tiny"}
+    ctx = {"protocol": "torch-fidelity", "sampler": "sde", "steps": 250, "cfg_scale": 1.0,
+           "sampling_precision": "bf16", "reference": "ref.npz", "feature_extractor": "usp-tiny"}
     recs = make_records({"fid": 3.2, "precision": 0.7, "num_samples": 100}, ctx)
     assert {r["metric"] for r in recs} == {"fid", "precision"}
     for r in recs:
@@ -134,7 +134,8 @@ def test_records_carry_context(tmp_path):
     write_records(str(tmp_path / "m.jsonl"), recs)
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["value"] == 3.2
-    assert "fid=3.2 num_samples=100 sampler=sde steps=250" in (tmp_path / "m.txt").read_text()
+    assert "fid=3.2 protocol=torch-fidelity num_samples=100 sampler=sde steps=250" in (tmp_path / "m.txt").read_text()
+    assert json.loads(lines[0])["protocol"] == "torch-fidelity"
     with pytest.raises(ValueError, match="context"):
         make_records({"fid": 1.0}, {"sampler": "sde"})
 

@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"kind", "step", "epoch", "metric", "fid", "num_samples", "sampler", "sampling_steps", "cfg_scale",
-          "sampling_precision", "reference", "feature_extractor", "weights", "grid", "eval_seconds"}
+          "sampling_precision", "reference", "feature_extractor", "weights", "grid", "eval_seconds", "protocol"}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,7 @@ def test_dit_fid_every_n_steps_and_at_the_end_matches_the_exported_ema(tmp_path,
         assert (r["num_samples"], r["sampler"], r["sampling_steps"], r["cfg_scale"], r["sampling_precision"]) == \
             (16, "ddpm", 4, 1.0, "fp32")
         assert r["reference"] == f"{synthetic}/val" and r["feature_extractor"] == "usp-tiny" and r["weights"] == "ema"
+        assert r["protocol"] == "torch-fidelity"       # eval.protocol=auto with a folder reference
         assert r["grid"] == os.path.join(out, "samples", f"step_{r['step']:07d}.png") and os.path.isfile(r["grid"])
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_0000002.png", "step_0000003.png"]
     assert len(records(out, "train")) == 3

@@ -23,8 +23,8 @@ def test_truncate_eval_records_rewrites_the_txt_companion(tmp_path):
     from usp_scale.eval import make_records, write_records
     from usp_scale.eval.hook import truncate_eval_records
 
-    ctx = {"sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "sampling_precision": "fp32", "reference": "r",
-           "feature_extractor": "usp-tiny"}
+    ctx = {"protocol": "torch-fidelity", "sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "sampling_precision": "fp32",
+           "reference": "r", "feature_extractor": "usp-tiny"}
     path = str(tmp_path / "eval_metrics.jsonl")
     for step in (2, 4, 6):
         write_records(path, make_records({"fid": 10.0 + step, "num_samples": 8}, dict(ctx, step=step)))

@@ -242,7 +242,13 @@ class EvalConfig:
         'sigma).')
     feature_extractor: str = opt("inception-v3-compat", 'Feature extractor: "inception-v3-compat" (needs '
         'inception_weights) or a registered name.')
-    inception_weights: str = opt("", 'Local path of the Inception weights (weights-inception-2015-12-05-6726825d.pth).')
+    inception_weights: str = opt("", 'Local path of the Inception network: the ADM evaluator\'s graph '
+        'classify_image_graph_def.pb (converted on load), its conversion, or torch-fidelity\'s '
+        'weights-inception-2015-12-05-6726825d.pth (read with weights_only; a hash in the name must match).')
+    protocol: str = opt("auto", 'Metric protocol of in-training FID: "adm" (the ADM evaluator\'s, which papers '
+        'report; the ImageNet recipes), "torch-fidelity", or "auto" (adm for the Inception network against an '
+        'ADM-format reference .npz with mu_s/sigma_s, torch-fidelity otherwise). See docs/sampling.md.',
+        choices=('auto', 'adm', 'torch-fidelity'))
     sampler: str = opt("auto", 'Sampler: "auto" (ddpm for DiT, sde for SiT), "ddpm", "ddim" (DiT); "sde", "ode" '
         '(adaptive dopri5), "heun", "euler" (SiT).',
         choices=('auto', 'ddpm', 'ddim', 'sde', 'ode', 'heun', 'euler'))

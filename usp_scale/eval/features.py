@@ -1,11 +1,16 @@
-"""Feature extractors for the metrics, created through torch-fidelity's registry.
+"""Feature extractors for the metrics.
 
-* ``inception-v3-compat``: torch-fidelity's port of the TF Inception used by the ADM evaluator.
-  Its weights are never downloaded here: give the local file
-  ``weights-inception-2015-12-05-6726825d.pth`` (a path to the file or to its folder).
-  This module registers it with one more feature for sFID (``INCEPTION_SPATIAL``): the first 7 channels of
-  the 1x1-conv branch of the Mixed_6d block (ADM's ``mixed_6/conv``, 17x17), flattened in TF's (h, w, c)
-  order to 2,023 values, as the ADM evaluator computes its spatial features.
+* The Inception network (``inception-v3-compat``): the TF graph ``classify_image_graph_def.pb`` of the ADM
+  evaluator, in two implementations, one per protocol (:mod:`usp_scale.eval.metrics`):
+  ``protocol="adm"`` runs :class:`usp_scale.eval.inception.Inception2015` (the graph's ops in torch, checked against
+  TensorFlow running the graph); ``protocol="torch-fidelity"`` runs torch-fidelity's port of the same network
+  (``FeatureExtractorInceptionV3``), extended here with ADM's sFID features (:data:`INCEPTION_SPATIAL`: the first 7
+  channels of ``mixed_6/conv``, the 1x1 branch of Mixed_6d, in TF's (h, w, c) order, 2,023 values).
+  Weights are never downloaded: give the graph itself (``classify_image_graph_def.pb``, converted on load by
+  :mod:`usp_scale.eval.inception_graph`), its conversion, or torch-fidelity's
+  ``weights-inception-2015-12-05-6726825d.pth`` (a file or a folder holding one). A weights file is read with
+  ``weights_only`` (:func:`usp_scale.checkpoint.safe_load.torch_load`), never by torch-fidelity's own
+  ``torch.load(weights_only=False)``; a file whose name carries a hash prefix (``-6726825d.pth``) must match it.
 * ``usp-synthetic``: a small CNN classifier trained by the project on the train split of the bundled synthetic
   dataset (``launchers/train_extractor.py``; weights, hash and val accuracy in
   ``usp_scale/assets/extractor/synthetic-cnn/``). FID / IS / KID / precision-recall of the small runs use it;
@@ -15,8 +20,11 @@
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-from typing import Optional, Sequence
+import re
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,22 +48,76 @@ TINY_SPATIAL = "spatial"
 _METRIC_KEY = {"fid": "fid", "kid": "kid", "pr": "prc", "is": "isc"}
 
 
+GRAPH_FILE = "classify_image_graph_def.pb"
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(pth|pt)$")
+
+
+def _default_weights_path() -> str:
+    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    return os.path.join(torch_home, "hub", "checkpoints", INCEPTION_FILE)
+
+
 def resolve_inception_weights(path: Optional[str]) -> str:
-    """The local Inception weights file; searched at ``path`` (file or folder), then
-    ``$TORCH_HOME/hub/checkpoints``. Raises FileNotFoundError saying what to download and where."""
+    """The local Inception weights: ``path`` (the graph ``.pb``, a converted or torch-fidelity weights file, or a
+    folder holding torch-fidelity's file or the graph), then ``$TORCH_HOME/hub/checkpoints/`` + torch-fidelity's
+    file name. Raises FileNotFoundError saying what to download and where."""
     candidates = []
     if path:
-        candidates.append(os.path.join(path, INCEPTION_FILE) if os.path.isdir(path) else path)
-    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
-    candidates.append(os.path.join(torch_home, "hub", "checkpoints", INCEPTION_FILE))
+        if os.path.isdir(path):
+            candidates += [os.path.join(path, INCEPTION_FILE), os.path.join(path, GRAPH_FILE)]
+        else:
+            candidates.append(path)
+    candidates.append(_default_weights_path())
     for c in candidates:
         if os.path.isfile(c):
             return c
     raise FileNotFoundError(
         f"Inception weights not found (looked at: {', '.join(candidates)}). Nothing is downloaded at run time: "
-        f"fetch {INCEPTION_FILE} (91 MB, {INCEPTION_URL}) on a machine with network access and either pass its path "
-        f"(eval.inception_weights / --inception-weights) or put it in {os.path.dirname(candidates[-1])}/. "
-        f"For a quick check without it use the test extractor '{TINY_NAME}'.")
+        f"give the ADM evaluator's graph {GRAPH_FILE} (--inception-graph; converted on load) or torch-fidelity's "
+        f"{INCEPTION_FILE} (91 MB, {INCEPTION_URL}) as eval.inception_weights / --inception-weights, or put the "
+        f"latter in {os.path.dirname(candidates[-1])}/. For a quick check without them use the test extractor "
+        f"'{TINY_NAME}'.")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_inception_weights(path: str) -> Dict[str, torch.Tensor]:
+    """The Inception state dict (torch-fidelity's keys) from ``path``: the TF graph (``.pb``, converted without
+    TensorFlow), a ``.safetensors`` file, or a ``torch.save`` file read with ``weights_only`` (never unpickling
+    code); a hash prefix in the file name (``-6726825d.pth``) must match the file's sha256. Every tensor must be
+    finite. Errors name the file."""
+    from ..checkpoint.safe_load import CheckpointFileError, read_safetensors, torch_load
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights not found: {path}")
+    if path.endswith(".pb"):
+        from .inception_graph import convert_graph
+        sd, _info = convert_graph(path)
+        return sd
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path, what="Inception weights")
+    else:
+        m = _HASH_IN_NAME.search(os.path.basename(path))
+        if m:
+            digest = _sha256(path)
+            if not digest.startswith(m.group(1)):
+                raise CheckpointFileError(
+                    f"Inception weights {path}: sha256 {digest[:16]}... does not start with {m.group(1)}, the hash in "
+                    "its name; the file is damaged or not the file it is named after. Nothing from it was loaded.")
+        sd = torch_load(path, what="Inception weights")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointFileError(f"Inception weights {path}: expected a dict of tensors (torch-fidelity's layout), "
+                                  f"got {type(sd).__name__}")
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointFileError(f"Inception weights {path}: tensor {k!r} holds non-finite values (NaN/inf)")
+    return sd
 
 
 class _SmallExtractor(FeatureExtractorBase):
@@ -241,6 +303,49 @@ class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
         return tuple(feats[f] for f in want)
 
 
+class AdmInceptionExtractor(FeatureExtractorBase):
+    """The ADM protocol's Inception: :class:`usp_scale.eval.inception.Inception2015` behind torch-fidelity's
+    extractor interface. Features ``2048`` (pool_3), :data:`INCEPTION_SPATIAL` (mixed_6/conv[..., :7]) and
+    ``logits_unbiased`` (pool_3 x softmax/weights). ``state_dict``: torch-fidelity's layout
+    (:func:`load_inception_weights`); ``cache_tag`` keys cached reference features by these weights."""
+
+    def __init__(self, name: str, features_list: Sequence[str], state_dict: Dict[str, torch.Tensor],
+                 source: str = "Inception weights", **kwargs):
+        from .inception import FEATURES, Inception2015
+
+        super().__init__(name, list(features_list))
+        bad = [f for f in features_list if f not in FEATURES]
+        if bad:
+            raise KeyError(f"the ADM Inception provides {FEATURES}, not {bad}")
+        self.net = Inception2015.from_state_dict(state_dict, source)
+        self.cache_tag = _weights_tag(self.net)
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        from .inception import FEATURES
+        return FEATURES
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor):
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        out = self.net(x, self.features_list)
+        return tuple(out[k] for k in self.features_list)
+
+
 def register_extractor(name: str, cls) -> None:
     """Register ``cls`` (a torch-fidelity FeatureExtractorBase subclass) under ``name`` once."""
     if name in FEATURE_EXTRACTORS_REGISTRY:
@@ -272,16 +377,41 @@ def default_layer(name: str, metric: str) -> str:
     return FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric(_METRIC_KEY[metric])
 
 
+PROTOCOLS = ("adm", "torch-fidelity")
+
+
+def is_inception(name: str) -> bool:
+    return name in (INCEPTION_NAME, INCEPTION_SFID_NAME)
+
+
 def create_extractor(name: str, layers: Sequence[str], device: torch.device | str = "cpu",
-                     inception_weights: Optional[str] = None) -> FeatureExtractorBase:
-    """torch-fidelity extractor ``name`` producing ``layers``, on ``device``."""
+                     inception_weights: Optional[str] = None, protocol: str = "torch-fidelity") -> FeatureExtractorBase:
+    """Extractor ``name`` producing ``layers``, on ``device``. For the Inception network ``protocol`` picks the
+    implementation (module docstring) and ``inception_weights`` the weights (:func:`resolve_inception_weights`),
+    which are read safely here in both cases."""
     device = torch.device(device)
-    kwargs = {"verbose": False}
-    if name in (INCEPTION_NAME, INCEPTION_SFID_NAME):
-        kwargs["feature_extractor_weights_path"] = resolve_inception_weights(inception_weights)
-        # the same network and forward; the subclass adds the sFID features
-        name = INCEPTION_SFID_NAME
-    elif name not in FEATURE_EXTRACTORS_REGISTRY:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: choose from {PROTOCOLS}")
+    layers = list(dict.fromkeys(layers))
+    if is_inception(name):
+        path = resolve_inception_weights(inception_weights)
+        sd = load_inception_weights(path)
+        if protocol == "adm":
+            ext = AdmInceptionExtractor(f"{INCEPTION_NAME}@adm", layers, sd, source=path)
+        else:
+            # torch-fidelity's class reads its weights with torch.load(weights_only=False): hand it the tensors
+            # loaded safely above, re-serialised by us in memory, never the user's file
+            buf = io.BytesIO()
+            torch.save({k: v for k, v in sd.items()}, buf)
+            buf.seek(0)
+            try:
+                ext = create_feature_extractor(INCEPTION_SFID_NAME, layers, cuda=False, verbose=False,
+                                               feature_extractor_weights_path=buf)
+            except RuntimeError as e:
+                raise ValueError(f"Inception weights {path} do not fit torch-fidelity's network (the real graph's "
+                                 f"sizes): {str(e).splitlines()[0]}") from None
+        return ext.requires_grad_(False).eval().to(device)
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise KeyError(f"feature extractor {name!r} is not registered; known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
-    ext = create_feature_extractor(name, list(dict.fromkeys(layers)), cuda=False, **kwargs)
+    ext = create_feature_extractor(name, layers, cuda=False, verbose=False)
     return ext.to(device)

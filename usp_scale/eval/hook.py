@@ -58,12 +58,12 @@ def _interval(cfg):
 
 
 def build_extractor(cfg, device):
-    """(extractor, layer) for FID from ``cfg.feature_extractor`` / ``cfg.inception_weights`` (torch-fidelity)."""
-    from .features import create_extractor, default_layer
+    """(extractor, layer) for FID from ``cfg.feature_extractor`` / ``cfg.inception_weights`` under the protocol of
+    ``cfg.protocol`` (:func:`usp_scale.eval.metrics.fid_extractor`: also checks the reference statistics fit)."""
+    from .metrics import fid_extractor
 
-    name = _get(cfg, "feature_extractor")
-    layer = default_layer(name, "fid")
-    return create_extractor(name, [layer], device, _get(cfg, "inception_weights") or None), layer
+    return fid_extractor(_get(cfg, "feature_extractor"), _get(cfg, "inception_weights") or None, device,
+                         _get(cfg, "protocol"), _get(cfg, "fid_reference") or None)
 
 
 def truncate_eval_records(path: str, step: int) -> int:
@@ -125,7 +125,11 @@ class FIDHook:
         self.grid_num = grid_num
         # Built once, here (start-up), so that no evaluation constructs a module (which draws from the global
         # generator) in the middle of training; kept on the CPU between evaluations.
-        extractor, self.layer = build_extractor(cfg.eval, "cpu")
+        try:
+            extractor, self.layer = build_extractor(cfg.eval, "cpu")
+        except (ValueError, KeyError, OSError, RuntimeError) as err:   # bad weights, reference or protocol
+            raise ConfigError(f"eval.feature_extractor={cfg.eval.feature_extractor!r} / eval.inception_weights / "
+                              f"eval.fid_reference / eval.protocol: {err}") from None
         self.extractor = extractor.requires_grad_(False).eval()
         # A private, never-wrapped copy (CPU between evaluations): engines shard/wrap the training module. A model
         # built on the meta device (initialised after sharding) gets memory here; every evaluation loads the weights.
@@ -196,6 +200,7 @@ class FIDHook:
                     save_sample_grid(self.model, self.process, self.vae, e, grid, num=self.grid_num,
                                      device=self.device)
                 rec = {"kind": "eval", "step": step, "epoch": epoch, "metric": "fid", "fid": res["fid"],
+                       "protocol": res["protocol"],
                        "num_samples": res["num_samples"], "sampler": res["sampler"],
                        "sampling_steps": res["steps"], "cfg_scale": res["cfg_scale"],
                        "sampling_precision": res["sampling_precision"], "reference": res["reference"],
@@ -238,7 +243,8 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     cfg_channels, ddim_eta, batch_size, precision, seed, feature_extractor, inception_weights.
     ``vae`` decodes model-space latents (see :func:`usp_scale.sample.make_decoder`; None = pixel-space
     model). Returns {fid, num_samples, sampler, steps, cfg_scale, sampling_precision, reference,
-    feature_extractor, seconds} on every rank. The model is put in eval mode and restored after.
+    feature_extractor, protocol, seconds} on every rank (``protocol``: ``cfg.protocol`` resolved as
+    :func:`usp_scale.eval.metrics.resolve_protocol` does). The model is put in eval mode and restored after.
     With ``records_file`` rank 0 also appends the FID record (with ``step``) there (JSON lines + .txt).
     ``extractor``: a ``(extractor, layer)`` pair from :func:`build_extractor` to reuse (the hook builds it once);
     by default one is built from ``cfg``.
@@ -247,7 +253,8 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     rank (setup, sampling, reference or record writing on rank 0) raises :class:`DistributedEvalError` on
     every rank instead of leaving the others waiting in a collective (:func:`agree_on_success`)."""
     t0 = time.perf_counter()
-    from .metrics import frechet_distance, is_stats_file, make_records, reference_features, statistics, write_records
+    from .metrics import (frechet_distance, is_stats_file, make_records, read_reference_statistics, reference_features,
+                          resolve_protocol, statistics, write_records)
 
     reference = reference or _get(cfg, "fid_reference")
     if not reference:
@@ -264,6 +271,7 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     precision = _get(cfg, "precision")
     batch_size = int(_get(cfg, "batch_size"))
     extractor_name = _get(cfg, "feature_extractor")
+    protocol = resolve_protocol(_get(cfg, "protocol"), extractor_name, reference)
     what = f"FID ({num_samples} samples{f', step {step}' if step is not None else ''})"
 
     err = None
@@ -316,7 +324,7 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     desc = sampler.describe()
     out = {"fid": float("nan"), "num_samples": int(count.item()), "sampler": desc["sampler"],
            "steps": desc["steps"], "cfg_scale": cfg_scale, "sampling_precision": precision,
-           "reference": str(reference), "feature_extractor": extractor_name}
+           "reference": str(reference), "feature_extractor": extractor_name, "protocol": protocol}
     if step is not None:
         out["step"] = int(step)
     fid = torch.zeros(1, dtype=torch.float64, device=device)
@@ -326,13 +334,12 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
             mu = (s1 / N).cpu().numpy()
             sigma = ((s2 - N * torch.outer(s1 / N, s1 / N)) / (N - 1)).cpu().numpy()
             if isinstance(reference, str) and is_stats_file(reference):
-                with np.load(reference) as dref:
-                    ref_stats = {"mu": dref["mu"], "sigma": dref["sigma"]}
+                ref_stats = read_reference_statistics(reference)
             else:
                 ref = reference_features(reference, extractor, extractor_name, batch_size, device, cache_dir,
                                          progress=progress)
                 ref_stats = statistics(ref[layer])
-            fid[0] = frechet_distance({"mu": mu, "sigma": sigma}, ref_stats)
+            fid[0] = frechet_distance({"mu": mu, "sigma": sigma}, ref_stats, protocol, ("samples", str(reference)))
             if records_file:
                 context = {k: v for k, v in out.items() if k not in ("fid", "num_samples")}
                 context["seconds"] = time.perf_counter() - t0
