@@ -28,11 +28,12 @@ rounding only (identical sets give about -1e-8) is reported as 0.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Optional
 
 import numpy as np
 import torch
+
+from ..runtime import full_fp32
 
 SPLIT_SIZE = 5000          # IS chunk size
 PR_K = 3                   # neighbourhood size of the manifolds
@@ -152,19 +153,6 @@ def inception_score(logits: torch.Tensor, split_size: int = SPLIT_SIZE) -> float
 
 
 # --------------------------------------------------------------------------- precision / recall
-@contextlib.contextmanager
-def _no_tf32():
-    if not torch.cuda.is_available():
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _h(x: torch.Tensor) -> torch.Tensor:
     """Round float32 to fp16 precision (kept in float32)."""
     return x.half().float()
@@ -173,7 +161,7 @@ def _h(x: torch.Tensor) -> torch.Tensor:
 def distance_block(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """ADM's ``DistanceBlock``: squared distances (len(u), len(v)) in fp16 with fp32 accumulation, or in fp32 when
     any fp16 value is not finite; returned as float32. ``u``, ``v``: float32 features on one device."""
-    with _no_tf32():
+    with full_fp32():
         u16, v16 = _h(u), _h(v)
         nu = _h(_h(u16 * u16).sum(1))[:, None]
         nv = _h(_h(v16 * v16).sum(1))[None, :]

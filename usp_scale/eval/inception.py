@@ -24,13 +24,14 @@ so the small test graphs of :mod:`usp_scale.eval.inception_graph` (``--width``) 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..runtime import full_fp32
 
 INPUT_SIZE = 299
 BN_EPS = 1e-3
@@ -316,7 +317,7 @@ class Inception2015(nn.Module):
             raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
         want = set(features)
         out = {}
-        with _full_fp32():
+        with full_fp32():
             x = resize_bilinear_tf1(images.to(torch.float32))
             x = (x - 128.0) * 0.0078125                       # the graph's Sub and Mul
             x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -337,21 +338,6 @@ class Inception2015(nn.Module):
             if LOGITS in want:
                 out[LOGITS] = pool @ self.fc.weight.T                # softmax/logits/MatMul: no bias
         return {k: out[k] for k in features}
-
-
-@contextlib.contextmanager
-def _full_fp32():
-    """No TF32 inside the network on GPUs that have it (the features are compared with TF's float32)."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _calibration_images(g: torch.Generator, n: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..fileio import write_with
 from . import graphdef as G
 from .inception import BLOCKS, BN_EPS, CONVS, INPUT_SIZE, iter_convs, random_inception
 
@@ -198,8 +199,6 @@ def convert_graph(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
 def save_weights(sd: Dict[str, torch.Tensor], out: str) -> str:
     """Write the converted weights: ``.safetensors`` by extension, else a plain ``torch.save`` dict (the layout
     of torch-fidelity's weights file, loadable with ``weights_only``). Atomic."""
-    from ..fileio import write_with
-
     sd = {k: v.contiguous() for k, v in sd.items()}
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -289,7 +288,7 @@ def graph_nodes(net, scale_after_normalization: bool = True) -> list:
         elif kind == "D":
             t = conv(f"{b}/tower/conv_1", conv(f"{b}/tower/conv", x))
             t1 = conv(f"{b}/tower_1/conv", x)
-            for i in (1, 2, 3):
+            for i in range(1, 4):
                 t1 = conv(f"{b}/tower_1/conv_{i}", t1)
             parts = [t, t1, pool(f"{b}/pool", "MaxPool", x, 3, 2, "VALID")]
         else:
@@ -316,8 +315,6 @@ def graph_nodes(net, scale_after_normalization: bool = True) -> list:
 
 def write_graph(net, path: str, scale_after_normalization: bool = True) -> str:
     """Write ``net`` (an :class:`Inception2015`) as a frozen Inception GraphDef at ``path`` (atomic)."""
-    from ..fileio import write_with
-
     data = G.encode_graph(graph_nodes(net, scale_after_normalization), GRAPH_PRODUCER)
 
     def save(tmp: str) -> None:

@@ -12,6 +12,7 @@ The lowest floor of the package: it imports nothing of usp_scale but the cluster
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -59,6 +60,22 @@ def apply_tf32(enabled: bool) -> None:
     """TF32 for fp32 matmuls and cuDNN convolutions (on); off restores torch's defaults (matmul off, cuDNN on)."""
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """No TF32 in matmuls and convolutions inside the block, restored after (for computations compared with
+    float32 references: the evaluator's Inception network and its distances). A no-op without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def pick_device(info: DistInfo, device: Optional[str] = None) -> torch.device:
