@@ -28,6 +28,8 @@ def main(argv=None):
     p.add_argument("--kind", default="styles", choices=["styles", "shapes"],
                    help="styles: a shape, colour and texture per class (default); shapes: two shapes in an "
                         "arrangement per class, everything else random (usp_scale/data/shapes.py)")
+    p.add_argument("--max-rotation", type=float, default=180.0,
+                   help="shapes only: glyphs rotate by up to this many degrees either way (default 180: any angle)")
     p.add_argument("--labeled-per-class", type=int, default=10,
                    help="shapes only: images per class copied from the head of train/ to labeled/ (default 10)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (default 10; shapes: always 10)")
@@ -48,7 +50,8 @@ def main(argv=None):
             p.error(f"--kind shapes does not take {', '.join(bad)} (10 classes of square images, ImageFolder only)")
         from usp_scale.data.shapes import make_shapes
         vpc = max(1, a.per_class // 5) if a.val_per_class < 0 else a.val_per_class
-        s = make_shapes(a.out, a.per_class, vpc, a.labeled_per_class, a.size, a.seed, a.quality, progress=True)
+        s = make_shapes(a.out, a.per_class, vpc, a.labeled_per_class, a.size, a.seed, a.quality, progress=True,
+                        max_rotation=a.max_rotation)
         print(json.dumps({k: v for k, v in s.items() if k != "styles"}))
         return
     s = make_synthetic(a.out, a.classes, a.per_class, a.size, a.val_per_class, a.seed, a.max_aspect, a.tar_shards,

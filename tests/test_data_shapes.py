@@ -103,14 +103,19 @@ def test_colour_statistics_do_not_tell_the_classes_apart(tmp_path):
     assert styles > 0.8, styles
 
 
-def test_every_class_is_two_shapes_and_both_orders_appear():
-    from usp_scale.data.shapes import PAIRS, SHAPES, class_spec, render
+def test_glyphs_differ_by_shape_and_arrangement_and_render_inside_the_image():
+    from usp_scale.data.shapes import GLYPHS, _glyph_mask, class_spec, render
 
-    assert len(set(PAIRS)) == 10 and all(t != b for t, b in PAIRS)
-    assert all((b, t) in PAIRS for t, b in PAIRS)          # neither the shape set nor one position decides
-    assert {s for p in PAIRS for s in p} == set(SHAPES)
-    assert class_spec(3) == {"top": "bar", "bottom": "plus"}
+    assert len(set(GLYPHS)) == 10 and class_spec(7) == {"glyph": "tee"}
     with pytest.raises(ValueError, match="10 classes"):
         class_spec(10)
-    im = render(0, np.random.default_rng(0), 48)
-    assert im.size == (48, 48) and im.mode == "RGB"
+    # plus, tee and ell: the same two bars in three arrangements (equal area up to the overlap), all distinct
+    masks = {g: np.asarray(_glyph_mask(g, 64, 64, 32, 32, 20, 0.0, False)) > 0 for g in GLYPHS}
+    for a, b in (("plus", "tee"), ("tee", "ell"), ("disc", "ring"), ("square", "frame"), ("disc", "pair")):
+        assert (masks[a] != masks[b]).mean() > 0.02, (a, b)
+    assert masks["ring"].sum() < masks["disc"].sum() and masks["frame"].sum() < masks["square"].sum()
+    # a mirrored ell is a different mask (the class holds both, like the flips of training)
+    assert (np.asarray(_glyph_mask("ell", 64, 64, 32, 32, 20, 0.0, True)) != masks["ell"] * 255).any()
+    for c in range(10):
+        im = render(c, np.random.default_rng([5, c]), 48)
+        assert im.size == (48, 48) and im.mode == "RGB"

@@ -1,15 +1,16 @@
-"""A synthetic benchmark task where the representation matters by construction: classes are shapes in an arrangement.
+"""A synthetic benchmark task where the representation matters by construction: classes are shapes.
 
-Every image holds two class objects, one above the other, and clutter. The class is the ordered pair (the shape
-on top, the shape below) out of five shapes (disc, ring, plus, bar, triangle); the ten classes are five unordered
-pairs in both orders, so neither which shapes appear nor the shape at one position decides the class: the shapes
-*and* their arrangement do. Everything else is drawn independently of the class, per image: each object's colour
-and texture (plain, stripes, checker, in random colours), its size, its own rotation, the background (a random
-two-colour gradient, sometimes textured), the pair's position, spacing and tilt (up to 25 degrees from vertical),
-and the clutter (up to three strokes and dots, drawn behind or over the objects, so they occlude them). Colour and
-texture statistics therefore say nothing about the class (a classifier on them is at chance, see
-``tests/test_data_shapes.py``), which is what made the old set (``data/synthetic.py``, one colour and texture per
-class) easy for a random encoder.
+Every image holds one large object, the glyph, and clutter. The class is the glyph, and a glyph is a shape or a
+spatial arrangement of parts: disc, ring (a disc with a hole), square, frame (a square with a hole), triangle,
+bar, plus (two bars crossing at their middles), tee (one bar ending at the other's middle), ell (two bars meeting
+at their ends) and pair (two discs side by side). Plus, tee and ell are the same two bars arranged differently;
+disc and pair the same disc once or twice; ring and frame differ from disc and square by a hole. Everything else
+is drawn independently of the class, per image: the glyph's colour and texture (plain, stripes, checker, in random
+colours, kept apart from the background under it), its size, rotation (any angle, or up to ``max_rotation`` degrees), mirror image and position, the
+background (a random two-colour gradient, sometimes textured), and the clutter (up to three strokes and small
+squares, drawn behind or over the glyph, so they occlude it). Colour and texture statistics therefore say nothing
+about the class (a classifier on them is at chance, ``tests/test_data_shapes.py``), which is what made the old set
+(``data/synthetic.py``, one colour and texture per class) easy for a random encoder.
 
 Splits (ImageFolder, ``class_XXX`` folders, JPEG):
 
@@ -39,20 +40,15 @@ from PIL import Image, ImageDraw
 from ..fileio import write_json
 
 KIND = "shapes"
-SHAPES = ("disc", "ring", "plus", "bar", "triangle")
-# (shape on top, shape below): five unordered pairs in both orders; every shape appears in four classes.
-PAIRS = (("disc", "ring"), ("ring", "disc"), ("plus", "bar"), ("bar", "plus"), ("triangle", "disc"),
-         ("disc", "triangle"), ("ring", "plus"), ("plus", "ring"), ("bar", "triangle"), ("triangle", "bar"))
+GLYPHS = ("disc", "ring", "square", "frame", "triangle", "bar", "plus", "tee", "ell", "pair")
 SPLITS = ("train", "val")          # drawn splits; labeled/ copies the head of train/
-MAX_TILT_DEG = 25.0
 
 
 def class_spec(c: int) -> dict:
-    """What defines class ``c``: the shape on top and the shape below."""
-    if not 0 <= c < len(PAIRS):
-        raise ValueError(f"the shapes task has {len(PAIRS)} classes (0..{len(PAIRS) - 1}), not class {c}")
-    top, bottom = PAIRS[c]
-    return {"top": top, "bottom": bottom}
+    """What defines class ``c``: its glyph."""
+    if not 0 <= c < len(GLYPHS):
+        raise ValueError(f"the shapes task has {len(GLYPHS)} classes (0..{len(GLYPHS) - 1}), not class {c}")
+    return {"glyph": GLYPHS[c]}
 
 
 def _rgb(rng: np.random.Generator, s=(0.45, 1.0), v=(0.45, 1.0)) -> Tuple[int, int, int]:
@@ -84,37 +80,57 @@ def _texture(rng: np.random.Generator, w: int, h: int, base, kind: str) -> Image
     return tex
 
 
-def _shape_mask(shape: str, w: int, h: int, cx: float, cy: float, r: float, rot: float) -> Image.Image:
-    """An L mask of one object of radius ``r`` (its extent from the centre) rotated by ``rot``."""
+# Glyphs in their own frame (units of the radius r, centred on 0, y down): filled polygons and circles, then holes.
+def _bar(x0, y0, x1, y1, half_w):
+    """The rectangle of half-width ``half_w`` around the segment (x0, y0)-(x1, y1)."""
+    dx, dy = x1 - x0, y1 - y0
+    n = math.hypot(dx, dy) or 1.0
+    px, py = -dy / n * half_w, dx / n * half_w
+    return [(x0 + px, y0 + py), (x1 + px, y1 + py), (x1 - px, y1 - py), (x0 - px, y0 - py)]
+
+
+_W = 0.28   # half-width of the bars of bar / plus / tee / ell
+_PARTS = {  # glyph -> (polygons, circles (x, y, radius), holes: polygons, hole circles)
+    "disc": ([], [(0, 0, 1.0)], [], []),
+    "ring": ([], [(0, 0, 1.0)], [], [(0, 0, 0.5)]),
+    "square": ([[(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]], [], [], []),
+    "frame": ([[(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)]], [],
+              [[(-0.45, -0.45), (0.45, -0.45), (0.45, 0.45), (-0.45, 0.45)]], []),
+    "triangle": ([[(1.1 * math.cos(a), 1.1 * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]],
+                 [], [], []),
+    "bar": ([_bar(-1.05, 0, 1.05, 0, _W + 0.05)], [], [], []),
+    "plus": ([_bar(-1, 0, 1, 0, _W), _bar(0, -1, 0, 1, _W)], [], [], []),
+    "tee": ([_bar(-1, -0.7, 1, -0.7, _W), _bar(0, -0.7, 0, 1, _W)], [], [], []),
+    "ell": ([_bar(-0.6, -1, -0.6, 0.9, _W), _bar(-0.6, 0.9, 1, 0.9, _W)], [], [], []),
+    "pair": ([], [(-0.55, 0, 0.45), (0.55, 0, 0.45)], [], []),
+}
+
+
+def _glyph_mask(glyph: str, w: int, h: int, cx: float, cy: float, r: float, rot: float,
+                mirror: bool) -> Image.Image:
+    """An L mask of ``glyph`` of radius ``r`` (its extent from the centre) at (cx, cy), rotated by ``rot``."""
+    if glyph not in _PARTS:
+        raise ValueError(f"unknown glyph {glyph!r}; glyphs: {', '.join(GLYPHS)}")
+    polys, circles, holes, hole_circles = _PARTS[glyph]
+    cs, sn, fx = math.cos(rot), math.sin(rot), -1.0 if mirror else 1.0
+
+    def tf(x, y):
+        x *= fx
+        return cx + r * (x * cs - y * sn), cy + r * (x * sn + y * cs)
+
     m = Image.new("L", (w, h), 0)
     d = ImageDraw.Draw(m)
-
-    def rect(half_len, half_wid, a):
-        ux, uy = math.cos(a), math.sin(a)
-        vx, vy = -uy, ux
-        return [(cx + s1 * ux * half_len + s2 * vx * half_wid, cy + s1 * uy * half_len + s2 * vy * half_wid)
-                for s1, s2 in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
-
-    if shape == "disc":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    elif shape == "ring":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        d.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
-    elif shape == "plus":
-        for a in (rot, rot + math.pi / 2):
-            d.polygon(rect(r, 0.3 * r, a), fill=255)
-    elif shape == "bar":
-        d.polygon(rect(r * 1.1, 0.38 * r, rot), fill=255)
-    elif shape == "triangle":
-        d.polygon([(cx + 1.15 * r * math.cos(rot + k * 2 * math.pi / 3),
-                    cy + 1.15 * r * math.sin(rot + k * 2 * math.pi / 3)) for k in range(3)], fill=255)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+    for fill, ps, cl in ((255, polys, circles), (0, holes, hole_circles)):
+        for poly in ps:
+            d.polygon([tf(x, y) for x, y in poly], fill=fill)
+        for x, y, rr in cl:
+            ox, oy = tf(x, y)
+            d.ellipse([ox - rr * r, oy - rr * r, ox + rr * r, oy + rr * r], fill=fill)
     return m
 
 
 def _clutter(img: Image.Image, rng: np.random.Generator, n: int) -> None:
-    """``n`` distractors: strokes across the image and small dots, in random colours."""
+    """``n`` distractors: strokes across the image and small squares, in random colours."""
     w, h = img.size
     s = min(w, h)
     d = ImageDraw.Draw(img)
@@ -130,44 +146,37 @@ def _clutter(img: Image.Image, rng: np.random.Generator, n: int) -> None:
             d.rectangle([x0 - rr, y0 - rr, x0 + rr, y0 + rr], fill=col)
 
 
-def render(c: int, rng: np.random.Generator, size: int) -> Image.Image:
-    """One RGB image (size x size) of class ``c``."""
-    spec = class_spec(c)
+def render(c: int, rng: np.random.Generator, size: int, max_rotation: float = 180.0) -> Image.Image:
+    """One RGB image (size x size) of class ``c``, the glyph rotated by up to ``max_rotation`` degrees either way."""
+    glyph = class_spec(c)["glyph"]
     w = h = size
     # background: a gradient between two random colours, textured one time in three
     c0, c1 = np.array(_rgb(rng, v=(0.2, 0.9))), np.array(_rgb(rng, v=(0.2, 0.9)))
     ga = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:h, 0:w] / max(size - 1, 1)
     t = ((xx - 0.5) * math.cos(ga) + (yy - 0.5) * math.sin(ga)) / 1.42 + 0.5
-    bg = Image.fromarray((c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.uint8))
+    img = Image.fromarray((c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.uint8))
     if rng.uniform() < 1 / 3:
         kind = ("stripes", "checker")[int(rng.integers(0, 2))]
-        bg = Image.blend(bg, _texture(rng, w, h, _rgb(rng), kind), 0.25)
-    img = bg
+        img = Image.blend(img, _texture(rng, w, h, _rgb(rng), kind), 0.25)
     n_clutter = int(rng.integers(0, 4))
     n_behind = int(rng.integers(0, n_clutter + 1))
     _clutter(img, rng, n_behind)
-    # the pair: centre, tilt of its axis from vertical, spacing; each object its own size, rotation, look
-    r = size * rng.uniform(0.15, 0.2)
-    tilt = math.radians(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
-    sep = r * rng.uniform(2.1, 2.7)
-    ux, uy = math.sin(tilt), -math.cos(tilt)          # unit vector pointing "up" in image coordinates
-    half_x, half_y = abs(ux) * sep / 2 + 1.15 * r, abs(uy) * sep / 2 + 1.15 * r
-    cx = rng.uniform(min(half_x, w / 2), max(w - half_x, w / 2))
-    cy = rng.uniform(min(half_y, h / 2), max(h - half_y, h / 2))
-    for shape, sign in ((spec["top"], 1), (spec["bottom"], -1)):
-        ri = r * rng.uniform(0.85, 1.15)
-        ox, oy = cx + sign * ux * sep / 2, cy + sign * uy * sep / 2
-        mask = _shape_mask(shape, w, h, ox, oy, ri, rng.uniform(0, 2 * math.pi))
-        kind = ("plain", "plain", "stripes", "checker")[int(rng.integers(0, 4))]
-        # a colour that stands out from the background under the object (an object may still hide in clutter)
-        under = np.asarray(img.getpixel((int(min(max(ox, 0), w - 1)), int(min(max(oy, 0), h - 1)))), float)
+    # the glyph: size, position (inside the image), rotation, mirror image, colour (apart from the background
+    # under it) and texture
+    r = size * rng.uniform(0.24, 0.34)
+    ext = 1.1 * r
+    cx, cy = rng.uniform(ext, w - ext), rng.uniform(ext, h - ext)
+    rot = math.radians(rng.uniform(-max_rotation, max_rotation))
+    mask = _glyph_mask(glyph, w, h, cx, cy, r, rot, bool(rng.integers(0, 2)))
+    kind = ("plain", "plain", "stripes", "checker")[int(rng.integers(0, 4))]
+    under = np.asarray(img.getpixel((int(cx), int(cy))), float)
+    col = _rgb(rng)
+    for _ in range(8):
+        if np.linalg.norm(np.asarray(col, float) - under) >= 90:
+            break
         col = _rgb(rng)
-        for _ in range(8):
-            if np.linalg.norm(np.asarray(col, float) - under) >= 90:
-                break
-            col = _rgb(rng)
-        img.paste(_texture(rng, w, h, col, kind), (0, 0), mask)
+    img.paste(_texture(rng, w, h, col, kind), (0, 0), mask)
     _clutter(img, rng, n_clutter - n_behind)
     arr = np.asarray(img).astype(np.int16) + rng.normal(0, 5, (h, w, 1)).astype(np.int16)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -180,9 +189,10 @@ def labeled_split(k: int) -> str:
 
 def make_shapes(out: str, per_class: int = 1000, val_per_class: int = 50, labeled_per_class: int = 10,
                 size: int = 64, seed: int = 0, quality: int = 92, progress: bool = False,
-                labeled_sets: int = 1) -> Dict:
-    """Write ``out/{train,labeled,val}/class_XXX/*.jpg`` and ``out/synthetic.json`` (the summary, returned)."""
-    classes = len(PAIRS)
+                labeled_sets: int = 1, max_rotation: float = 180.0) -> Dict:
+    """Write ``out/{train,labeled,val}/class_XXX/*.jpg`` and ``out/synthetic.json`` (the summary, returned).
+    ``max_rotation``: glyphs are rotated by up to this many degrees either way (180: any angle)."""
+    classes = len(GLYPHS)
     if per_class < 1 or val_per_class < 1 or size < 16:
         raise ValueError("the shapes task needs per_class >= 1, val_per_class >= 1 and size >= 16")
     if labeled_sets < 1 or not 0 <= labeled_per_class * labeled_sets <= per_class:
@@ -190,7 +200,8 @@ def make_shapes(out: str, per_class: int = 1000, val_per_class: int = 50, labele
                          f"0..per_class={per_class} (the labelled sets are disjoint groups at the head of the train "
                          "pool)")
     summary = {"kind": KIND, "classes": classes, "per_class": per_class, "val_per_class": val_per_class,
-               "labeled_per_class": labeled_per_class, "labeled_sets": labeled_sets, "size": size, "seed": seed, "max_aspect": 1.0,
+               "labeled_per_class": labeled_per_class, "labeled_sets": labeled_sets, "max_rotation": max_rotation,
+               "size": size, "seed": seed, "max_aspect": 1.0,
                "quality": quality, "styles": [class_spec(c) for c in range(classes)]}
     files: Dict[str, List[Tuple[str, int]]] = {"train": [], "val": []}
     bar = None
@@ -203,7 +214,8 @@ def make_shapes(out: str, per_class: int = 1000, val_per_class: int = 50, labele
             os.makedirs(d, exist_ok=True)
             for i in range(n):
                 path = os.path.join(d, f"{split}_{c:03d}_{i:05d}.jpg")
-                render(c, np.random.default_rng([seed, si, c, i]), size).save(path, "JPEG", quality=quality)
+                render(c, np.random.default_rng([seed, si, c, i]), size, max_rotation).save(path, "JPEG",
+                                                                                          quality=quality)
                 files[split].append((path, c))
                 if bar is not None:
                     bar.update()
