@@ -26,7 +26,8 @@ pretraining's cost is reported beside it (CPU seconds), so a reader can also com
     python benchmarks/effect/run.py --out runs/effect --report benchmarks/reports     # about 2 h on 2 cores
 
 Every job (data, caches, MAE, each run) records the settings it ran with (OUT/stages/); a rerun reuses the jobs
-whose settings are unchanged and starts the others fresh, naming what changed. ``--jobs 2`` runs two jobs at a time
+whose settings are unchanged and starts the others fresh, naming what changed. Results: OUT/results.json, the report
+OUT/results.md and its plot OUT/results.png (``--report DIR`` copies them). ``--jobs 2`` runs two jobs at a time
 (one thread each): jobs that do not need the MAE (the baselines) run while it trains. Logs: OUT/logs/.
 ``benchmarks/effect/sweep.py`` varies the model size, the pretraining length and the pool size around this setup.
 """
@@ -61,6 +62,8 @@ def build_parser():
     p.add_argument("--only", nargs="+", default=["repr", "finetune", "gen"], choices=["repr", "finetune", "gen"],
                    help="comparisons to run (default all three; repr = linear probe + k-NN)")
     p.add_argument("--only-report", action="store_true", help="rebuild the report from OUT/results.json")
+    p.add_argument("--results", default="", help="results file (default OUT/results.json; the report's markdown and "
+                   "PNG go beside it with the same name)")
     p.add_argument("--fresh", action="store_true", help="redo every job, even those finished with the same "
                    "settings (a code change alone does not redo finished jobs)")
     p.add_argument("--data-dir", default="", help="where the dataset and the latent caches live, with their own "
@@ -105,9 +108,10 @@ def build_parser():
     g.add_argument("--families", nargs="+", default=["dit", "sit"], choices=["dit", "sit"], help="dit and/or sit")
     g.add_argument("--dit-model", default="DiT-tiny/2-VAE-simple", help="DiT (default DiT-tiny/2-VAE-simple)")
     g.add_argument("--sit-model", default="SiT-tiny/2-VAE-simple", help="SiT (default SiT-tiny/2-VAE-simple)")
-    g.add_argument("--gen-steps", type=int, default=3000, help="finetuning steps of every DiT/SiT run (default 3000)")
-    g.add_argument("--eval-every", type=int, default=500, help="FID every N steps (default 500)")
-    g.add_argument("--fid-samples", type=int, default=500, help="samples per FID (default 500)")
+    g.add_argument("--gen-steps", type=int, default=2000, help="finetuning steps of every DiT/SiT run (default 2000)")
+    g.add_argument("--eval-every", type=int, default=400, help="FID every N steps (default 400)")
+    g.add_argument("--fid-samples", type=int, default=300, help="samples per FID (default 300, against the 500 val "
+                   "images)")
     g.add_argument("--gen-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides of the DiT/SiT recipe (configs/debug/tiny_dit.yaml), for both initialisations")
     return p
@@ -616,7 +620,8 @@ def main(argv=None) -> int:
     P = paths_of(a)
     Stages.commit, Stages.fresh = _commit(), a.fresh
     stages = Stages(a.out)
-    res_path = os.path.join(a.out, "results.json")
+    res_path = a.results or os.path.join(a.out, "results.json")
+    stem = os.path.splitext(res_path)[0]
     if a.only_report:
         with open(res_path) as f:
             doc = json.load(f)
@@ -641,10 +646,10 @@ def main(argv=None) -> int:
         from usp_scale.fileio import write_json
         write_json(res_path, doc)
     m = doc["meta"]
-    png = plot(doc["results"], os.path.join(a.out, "effect.png"),
+    png = plot(doc["results"], stem + ".png",
                f"USP vs baselines on the shapes task; {m['mae_model']}; {m['machine']}, {m['date']}")
     md = markdown(doc["results"], m, png)
-    with open(os.path.join(a.out, "report.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(md)
     print(md)
     if a.report:

@@ -56,6 +56,9 @@ def build_parser():
     p.add_argument("--run-set", nargs="*", default=[], metavar="ARG",
                    help="more arguments for every run.py call (e.g. --gen-steps 2000)")
     p.add_argument("--only-report", action="store_true", help="rebuild the report from OUT/sweep.json")
+    p.add_argument("--base-out", default="", help="the OUT of an earlier benchmarks/effect/run.py run with the default "
+                   "setting: the sweep's default point reuses its runs and the 1,000-per-class points its data and "
+                   "caches (whatever finished with the same settings)")
     return p
 
 
@@ -73,7 +76,9 @@ def points(a) -> list:
 
 def run_args(a, s: dict) -> list:
     name = f"e{s['epochs']}_p{s['pool']}_{s['size']}"
-    args = ["--out", os.path.join(a.out, name), "--data-dir", os.path.join(a.out, f"data_p{s['pool']}"),
+    out = a.base_out if a.base_out and s == BASE else os.path.join(a.out, name)
+    data = a.base_out if a.base_out and s["pool"] == BASE["pool"] else os.path.join(a.out, f"data_p{s['pool']}")
+    args = ["--out", out, "--data-dir", data, "--results", os.path.join(a.out, name + ".json"),
             "--pool-per-class", str(s["pool"]), "--mae-epochs", str(s["epochs"]),
             "--mae-model", f"vit_{s['size']}_patch_vae", "--dit-model", f"DiT-{s['size']}/2-VAE-simple",
             "--sit-model", f"SiT-{s['size']}/2-VAE-simple", "--jobs", str(a.jobs),
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
             args = run_args(a, s)
             print(f"[sweep] {time.strftime('%H:%M:%S')} {axis}={value}: run.py {' '.join(args)}", flush=True)
             subprocess.run([sys.executable, os.path.join(HERE, "run.py"), *args], cwd=REPO, check=True)
-            with open(os.path.join(args[1], "results.json")) as f:
+            with open(args[args.index("--results") + 1]) as f:
                 res = json.load(f)["results"]
             secs = res.get("seconds", {})
             pts.append({"axis": axis, "value": value, "setting": s, "gains": gains(res),
