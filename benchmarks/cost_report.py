@@ -140,21 +140,26 @@ def pick_rate(rows: List[dict], model: str, card: Optional[str], pin: Optional[s
     return max(cand, key=lambda r: float(r["samples_per_s"]))
 
 
-def workloads(pretrain_epochs: int, finetune_steps: int, scratch_steps: int, batch: int) -> Dict[str, dict]:
+def workloads(pretrain_epochs: int, finetune_steps: int, scratch_steps: int, batch: int,
+              size: str = "XL") -> Dict[str, dict]:
+    """The method's runs at model size ``size`` (XL: the paper's; B / L: MAE-B + DiT-B/2, ...; the rates are
+    looked up under those names)."""
+    mae, dit = f"MAE-{size}", f"DiT-{size}/2"
     return {
-        "usp_pretrain": {"model": "MAE-XL", "samples": pretrain_epochs * IMAGENET_TRAIN,
-                         "what": f"USP pretraining, MAE-XL, {pretrain_epochs} epochs on cached latents"},
-        "usp_finetune": {"model": "DiT-XL/2", "samples": finetune_steps * batch,
-                         "what": f"DiT-XL/2 finetuning from USP, {finetune_steps // 1000}K steps x {batch}"},
-        "scratch_dit": {"model": "DiT-XL/2", "samples": scratch_steps * batch,
-                        "what": f"DiT-XL/2 from scratch, {scratch_steps / 1e6:g}M steps x {batch}"},
+        "usp_pretrain": {"model": mae, "samples": pretrain_epochs * IMAGENET_TRAIN,
+                         "what": f"USP pretraining, {mae}, {pretrain_epochs} epochs on cached latents"},
+        "usp_finetune": {"model": dit, "samples": finetune_steps * batch,
+                         "what": f"{dit} finetuning from USP, {finetune_steps / 1000:g}K steps x {batch}"},
+        "scratch_dit": {"model": dit, "samples": scratch_steps * batch,
+                        "what": f"{dit} from scratch, {scratch_steps / 1e6:g}M steps x {batch}"},
     }
 
 
 def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[str, str]] = None,
            pretrain_epochs: int = 1600, finetune_steps: int = 400_000, scratch_steps: int = 7_000_000,
            batch: int = 256, cache_img_per_s: float = 0.0, cache_views: int = 1,
-           sampling: Optional[dict] = None, eval_json: Optional[dict] = None, eval_img_per_s: float = 0.0) -> dict:
+           sampling: Optional[dict] = None, eval_json: Optional[dict] = None, eval_img_per_s: float = 0.0,
+           size: str = "XL") -> dict:
     """All numbers of the report (hours per item, GPU-days, H20-normalised days, the pipeline total)."""
     pins = pins or {}
     if card is None:
@@ -164,7 +169,7 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
         card = cards[0]
     peak = peak_of(card)
     items = []
-    for key, w in workloads(pretrain_epochs, finetune_steps, scratch_steps, batch).items():
+    for key, w in workloads(pretrain_epochs, finetune_steps, scratch_steps, batch, size).items():
         r = pick_rate(rows, w["model"], card, pins.get(w["model"]))
         rate = float(r["samples_per_s"])
         items.append({"key": key, "what": w["what"], "samples": w["samples"], "rate": rate,
@@ -191,7 +196,7 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
     pipeline = [it for it in items if it["key"] in ("usp_pretrain", "usp_finetune", "latent_cache", "fid50k",
                                                     "fid50k_eval")]
     total = sum(it["gpu_days"] for it in pipeline)
-    out = {"card": card, "peak_tflops": peak, "items": items, "pipeline_gpu_days": total,
+    out = {"card": card, "size": size, "peak_tflops": peak, "items": items, "pipeline_gpu_days": total,
            "pipeline_h20_days": total * peak / PAPER_H20_DAYS_PEAK if peak else None,
            "pipeline_h100_equiv_days": total * peak / PEAK_TFLOPS["H100"] if peak else None,
            "scratch_gpu_days": next(it["gpu_days"] for it in items if it["key"] == "scratch_dit")}
@@ -222,7 +227,7 @@ def to_markdown(r: dict) -> str:
                   f"REPA {PAPER_H20_DAYS['repa']:.0f})",
                   f"= {r['pipeline_h100_equiv_days']:.2f} H100-equivalent days (target <= {TARGET_H100_DAYS:g}: "
                   f"{'met' if r['pipeline_h100_equiv_days'] <= TARGET_H100_DAYS else 'NOT met'})"]
-    lines.append(f"From scratch DiT-XL/2 / USP (pretrain + finetune), both at these rates: "
+    lines.append(f"From scratch DiT-{r.get('size', 'XL')}/2 / USP (pretrain + finetune), both at these rates: "
                  f"{r['speedup_vs_scratch']:.1f}x fewer GPU-days")
     return "\n".join(lines) + "\n"
 
@@ -315,6 +320,8 @@ def main(argv=None) -> int:
                     help="MODEL=kernels/compile/fp8 to use that row instead of the fastest, e.g. "
                          "DiT-XL/2=torch/compiled/off (repeatable)")
     ap.add_argument("--pretrain-epochs", type=int, default=1600, help="USP pretraining epochs (paper: 800/1600)")
+    ap.add_argument("--size", default="XL", choices=["B", "L", "XL"], help="model size of the runs costed (default "
+                    "XL, the paper's headline; B: MAE-B + DiT-B/2, rates given as MAE-B=... DiT-B/2=...)")
     ap.add_argument("--finetune-steps", type=int, default=400_000, help="DiT-XL/2 finetuning steps")
     ap.add_argument("--scratch-steps", type=int, default=7_000_000, help="from-scratch DiT-XL/2 steps")
     ap.add_argument("--batch", type=int, default=256, help="global batch of the DiT runs")
@@ -382,9 +389,11 @@ def main(argv=None) -> int:
     r = report(rows, card=a.card, pins=pins, pretrain_epochs=a.pretrain_epochs,
                finetune_steps=a.finetune_steps, scratch_steps=a.scratch_steps, batch=a.batch,
                cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, sampling=sampling,
-               eval_json=eval_json, eval_img_per_s=a.eval_img_per_s)
+               eval_json=eval_json, eval_img_per_s=a.eval_img_per_s, size=a.size)
     md = to_markdown(r)
     if a.scaling:
+        if a.size != "XL":
+            raise SystemExit("--scaling projects the XL runs only; drop --size or --scaling")
         md += "\n" + scaling_markdown(a, r, rows)
     print(md)
     if a.out:

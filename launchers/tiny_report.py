@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""The main job's last step: what its FID / IS mean, next to reference values, and one summary file.
+"""The main job's last step: its numbers beside their baselines and reference values, and one summary file.
 
-Reads the samples' metrics (written by launchers/evaluate.py) and computes the same metrics, with the same
-feature extractor and reference (the val split), for three other image sets of the same size:
+Reads the metrics of the USP-initialised DiT's samples and of the same DiT trained from scratch for the same steps
+(``samples/`` and ``samples_scratch/``, written by launchers/evaluate.py), and computes the same metrics, with the
+same feature extractor and reference (the val split), for three other image sets of the same size:
 
 * ``real``: images of the train split (what a perfect generator would score: the floor of FID);
 * ``noise``: uniform random pixels (the ceiling);
 * ``vae_random_latents``: the VAE decoding N(0, 1) latents (what the decoder gives without a trained model).
 
-Prints a table, writes OUT/summary.json (these numbers, the linear probe's top-1, the losses' first and last
-values) and exits non-zero when the samples do not beat both baselines (FID lower than noise's and the random
-latents'), so a broken pipeline fails the main job.
+Prints a table and the linear probe of the pretrained encoder beside the same probe of the encoder randomly
+initialised, says in one line each whether USP beat its baseline, writes OUT/summary.json (these numbers, the
+losses' first and last values, the settings every stage ran with (OUT/stages/), the commit and the wall time) and
+exits non-zero when the samples do not beat the noise baselines (FID lower than noise's and the random latents'),
+so a broken pipeline fails the main job. Losing to a baseline is reported, not an error.
 
     python launchers/tiny_report.py --run runs/tiny --data runs/tiny/data
 """
@@ -32,6 +35,12 @@ def build_parser():
     p.add_argument("--metrics", nargs="+", default=["fid", "is", "kid", "pr"], help="metrics (default fid is kid pr)")
     p.add_argument("--seed", type=int, default=0, help="seed of the baselines' images")
     p.add_argument("--out", default=None, help="summary file (default RUN/summary.json)")
+    p.add_argument("--commit", default="unknown", help="the code's commit, recorded in the summary")
+    p.add_argument("--wall-seconds", type=float, default=None, help="the job's wall time, recorded in the summary")
+    p.add_argument("--stages-run", nargs="*", default=[], help="the stages this invocation ran (the others were "
+                   "reused), recorded in the summary")
+    p.add_argument("--benchmark", default="benchmarks/reports/effect_cpu_2026-12-07.md",
+                   help="where a reader sees what USP does at a scale where it helps (named when it loses here)")
     return p
 
 
@@ -59,35 +68,82 @@ def baselines(data: str, n: int, size: int, vae_path: str, seed: int):
     return {"real": real, "noise": noise, "vae_random_latents": dec}
 
 
+def _stage_settings(folder: str) -> dict:
+    """{stage: {key: value}} from the main job's OUT/stages/<stage>.done files (lines key=value)."""
+    out = {}
+    if os.path.isdir(folder):
+        for f in sorted(os.listdir(folder)):
+            if f.endswith(".done"):
+                with open(os.path.join(folder, f)) as fh:
+                    out[f[:-5]] = dict(line.rstrip("\n").split("=", 1) for line in fh if "=" in line)
+    return out
+
+
+def _probe_top1(path: str):
+    probe = [r for r in _jsonl(path) if r.get("kind") == "eval"] if os.path.isfile(path) else []
+    return probe[-1]["top1"] if probe else None
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     from usp_scale.eval import compute_metrics
 
     run = a.run
     val = os.path.join(a.data, "val")
-    rec = _jsonl(os.path.join(run, "samples", "metrics.jsonl"))
-    samples = {r["metric"]: r["value"] for r in rec}
-    n = int(rec[-1]["num_samples"])
     keys = ("fid", "is_mean", "kid_mean", "precision", "recall")
-    table = {"samples": {k: samples[k] for k in keys if k in samples}}
+    table, n = {}, None
+    for name, folder in (("samples", "samples"), ("samples_scratch", "samples_scratch")):
+        path = os.path.join(run, folder, "metrics.jsonl")
+        if not os.path.isfile(path):
+            if name == "samples":
+                raise FileNotFoundError(f"{path} is missing: the USP samples were not scored")
+            continue
+        rec = _jsonl(path)
+        table[name] = {k: v for k, v in {r["metric"]: r["value"] for r in rec}.items() if k in keys}
+        n = n or int(rec[-1]["num_samples"])
     for name, images in baselines(a.data, n, a.image_size, a.vae, a.seed).items():
         r = compute_metrics(images, val, a.metrics, a.feature_extractor, progress=False)
         table[name] = {k: r[k] for k in keys if k in r}
-    probe = [r for r in _jsonl(os.path.join(run, "linprobe", "metrics.jsonl")) if r.get("kind") == "eval"]
     summary = {"feature_extractor": a.feature_extractor, "num_images": n, "reference": val, "metrics": table,
-               "linprobe_top1": probe[-1]["top1"] if probe else None,
+               "linprobe_top1": _probe_top1(os.path.join(run, "linprobe", "metrics.jsonl")),
+               "linprobe_random_init_top1": _probe_top1(os.path.join(run, "linprobe_random", "metrics.jsonl")),
                "linprobe_chance": 100.0 / len(os.listdir(val))}
-    for stage in ("pretrain", "dit"):
-        losses = [r["loss"] for r in _jsonl(os.path.join(run, stage, "metrics.jsonl")) if r.get("kind") == "train"]
-        summary[f"{stage}_loss_first_last"] = [losses[0], losses[-1]]
+    for stage in ("pretrain", "dit", "dit_scratch"):
+        path = os.path.join(run, stage, "metrics.jsonl")
+        if os.path.isfile(path):
+            losses = [r["loss"] for r in _jsonl(path) if r.get("kind") == "train"]
+            summary[f"{stage}_loss_first_last"] = [losses[0], losses[-1]]
+    names = {"samples": "USP DiT samples", "samples_scratch": "DiT from scratch", "real": "real train images",
+             "vae_random_latents": "VAE(random latents)", "noise": "uniform noise"}
     print(f"\nFID / IS / KID / precision / recall vs the val split ({n} images each, extractor "
           f"{a.feature_extractor}: these numbers hold for this synthetic dataset only)")
     print(f"{'images':22s} {'FID':>8s} {'IS':>6s} {'KID':>8s} {'prec':>6s} {'recall':>6s}")
     for name, r in table.items():
-        print(f"{name:22s} {r.get('fid', float('nan')):8.3f} {r.get('is_mean', float('nan')):6.2f} "
+        print(f"{names.get(name, name):22s} {r.get('fid', float('nan')):8.3f} {r.get('is_mean', float('nan')):6.2f} "
               f"{r.get('kid_mean', float('nan')):8.4f} {r.get('precision', float('nan')):6.2f} "
               f"{r.get('recall', float('nan')):6.2f}")
-    print(f"linear probe top-1 on val: {summary['linprobe_top1']:.1f} % (chance {summary['linprobe_chance']:.0f} %)")
+    p_usp, p_rnd = summary["linprobe_top1"], summary["linprobe_random_init_top1"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f} %"
+    print(f"linear probe top-1 on val: pretrained encoder {fmt(p_usp)}, the same encoder randomly initialised "
+          f"{fmt(p_rnd)} (chance {summary['linprobe_chance']:.0f} %)")
+    verdict = {}
+    if "samples_scratch" in table:
+        fu, fs = table["samples"]["fid"], table["samples_scratch"]["fid"]
+        verdict["dit"] = "USP better" if fu < fs else "USP not better"
+        print(f"DiT: USP FID {fu:.2f} vs from scratch {fs:.2f} at the same steps: "
+              + ("USP is better here." if fu < fs else "USP does not beat training from scratch here."))
+    if p_usp is not None and p_rnd is not None:
+        verdict["linprobe"] = "USP better" if p_usp > p_rnd else "USP not better"
+        print(f"Linear probe: pretrained {p_usp:.1f} % vs random init {p_rnd:.1f} %: "
+              + ("USP is better here." if p_usp > p_rnd else "USP does not beat a random encoder here."))
+    if any(v != "USP better" for v in verdict.values()):
+        print(f"One seed, a tiny model and a short pretraining on an easy dataset: see {a.benchmark} for the "
+              "comparison with seeds and spreads, and the scale at which USP helps.")
+    summary["verdict"] = verdict
+    summary["settings"] = _stage_settings(os.path.join(run, "stages"))
+    summary["commit"] = a.commit
+    summary["wall_seconds"] = a.wall_seconds
+    summary["stages_run"] = [s for s in a.stages_run if s]
     out = a.out or os.path.join(run, "summary.json")
     from usp_scale.fileio import write_json
     write_json(out, summary)

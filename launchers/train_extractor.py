@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train the feature extractor shipped as ``usp-synthetic`` (usp_scale/assets/extractor/synthetic-cnn/).
+"""Train the feature extractor shipped as ``usp-synthetic`` (usp_scale/assets/extractor/synthetic-cnn/) or, with
+``--kind shapes``, as ``usp-shapes`` (usp_scale/assets/extractor/shapes-cnn/).
 
 A small CNN classifier (usp_scale.eval.features.SyntheticCNN) trained on the train split of the bundled
 synthetic dataset with flips, shifts and pixel noise, in a few minutes on a CPU. Its 64-d pooled features and
@@ -8,6 +9,7 @@ this dataset only. Writes model.safetensors, config.json, asset.json (command, s
 the val-vs-train FID floor) and README.md.
 
     python launchers/train_extractor.py                           # re-makes the shipped asset
+    python launchers/train_extractor.py --kind shapes ...         # shapes-cnn (usp-shapes): command in asset.json
     python launchers/train_extractor.py --out /tmp/ext --epochs 1   # a quick try (evaluate.py
                                                                   #   --feature-extractor usp-synthetic
                                                                   #   reads the shipped one only)
@@ -24,18 +26,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAME = "synthetic-cnn"
+# --kind -> (asset folder, the name torch-fidelity knows it by)
+NAMES = {"styles": ("synthetic-cnn", "usp-synthetic"), "shapes": ("shapes-cnn", "usp-shapes")}
 
 
 def build_parser():
     from usp_scale.data.synthetic import add_dataset_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(REPO, "usp_scale", "assets", "extractor", NAME),
-                   help=f"output folder (default: the shipped asset usp_scale/assets/extractor/{NAME})")
+    p.add_argument("--out", default="", help="output folder (default: the shipped asset of --kind, "
+                   "usp_scale/assets/extractor/synthetic-cnn for styles, .../shapes-cnn for shapes)")
     add_dataset_args(p)
     p.add_argument("--width", type=int, default=32, help="channels of the first conv (default 32)")
     p.add_argument("--dim", type=int, default=64, help="pooled feature size (default 64)")
+    p.add_argument("--extra", type=int, default=0, help="stride-2 conv layers after the 8x8 map, before the pooling "
+                   "(default 0; 2 lets a unit see the whole 64 px image, which the shapes task needs)")
     p.add_argument("--epochs", type=int, default=6, help="epochs over the train split (default 6)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate, cosine to 0 (default 3e-3)")
@@ -63,6 +68,7 @@ def augment(x, g):
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
+    a.out = a.out or os.path.join(REPO, "usp_scale", "assets", "extractor", NAMES[a.kind][0])
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -87,6 +93,8 @@ def main(argv=None):
 
     torch.manual_seed(a.seed)
     cfg = {"num_classes": classes, "width": a.width, "dim": a.dim}
+    if a.extra:
+        cfg["extra"] = a.extra
     net = SyntheticCNN(**cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(a.seed)
@@ -138,7 +146,7 @@ def main(argv=None):
     cmd = "python launchers/train_extractor.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None
                                                                                      else sys.argv[1:]))
     meta = {
-        "name": os.path.basename(os.path.normpath(a.out)), "kind": "extractor", "registered_as": "usp-synthetic",
+        "name": os.path.basename(os.path.normpath(a.out)), "kind": "extractor", "registered_as": NAMES[a.kind][1],
         "command": cmd.strip(), "seed": a.seed,
         "args": {k: v for k, v in vars(a).items() if k not in ("out", "data", "no_progress")}, "data": data_info,
         "params": sum(p.numel() for p in net.parameters()), "val_top1": val_top1, "val_images": len(xva),
@@ -158,11 +166,13 @@ def main(argv=None):
 def readme(m: dict) -> str:
     d, r = m["data"], m["reference_values"]
     rows = "\n".join(f"| {n} vs {n} | {v['fid_train_vs_val']:.3f} | {v['is_val']:.2f} |" for n, v in r.items())
-    return f"""# {m['name']}: the feature extractor of the small runs (`usp-synthetic`)
+    name = m["registered_as"]
+    return f"""# {m['name']}: the feature extractor of the small runs (`{name}`)
 
 A small CNN classifier ({m['params'] / 1e3:.0f} k parameters) trained by `launchers/train_extractor.py` on the train
-split of the bundled synthetic dataset ({d['classes']} classes x {d['per_class']} images, {d['size']} px, dataset
-seed {d['seed']}). torch-fidelity uses it as `--feature-extractor usp-synthetic` (eval.feature_extractor): FID,
+split of the generated `{d.get('kind', 'styles')}` dataset ({d['classes']} classes x {d['per_class']} images,
+{d['size']} px, dataset seed {d['seed']}). torch-fidelity uses it as `--feature-extractor {name}`
+(eval.feature_extractor): FID,
 KID and precision/recall on its 64-d pooled features, IS on its logits. **These numbers hold for this synthetic
 dataset only**; real data uses Inception (`inception-v3-compat`).
 

@@ -13,6 +13,7 @@ train on random 32 px crops (a quarter of the cost) and the last ``--full-steps`
   and a README.md.
 
     python launchers/train_vae.py                          # re-makes the shipped asset (about 10 min, 2 cores)
+    python launchers/train_vae.py --kind shapes ...        # shapes-f8: the full command is in its asset.json
     python launchers/train_vae.py --out /tmp/vae --steps 100   # a quick try; then vae.path=/tmp/vae
     python launchers/train_vae.py --out usp_scale/assets/vae/synthetic-f16 --blocks 16,32,32,64,64 \
         --latent-channels 32 --layout vavae --full-steps 600   # the x16, 32-channel asset (VA-VAE's layout)
@@ -29,15 +30,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAME = "synthetic-f8"
+NAMES = {"styles": "synthetic-f8", "shapes": "shapes-f8"}   # the shipped asset of each --kind
 
 
 def build_parser():
     from usp_scale.data.synthetic import add_dataset_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(REPO, "usp_scale", "assets", "vae", NAME),
-                   help=f"output folder (default: the shipped asset usp_scale/assets/vae/{NAME})")
+    p.add_argument("--out", default="", help="output folder (default: the shipped asset of --kind, "
+                   "usp_scale/assets/vae/synthetic-f8 for styles, usp_scale/assets/vae/shapes-f8 for shapes)")
     add_dataset_args(p)
     p.add_argument("--blocks", default="16,32,64,64", help="block_out_channels; the number of blocks B gives "
                    "x2^(B-1) downsampling (default 16,32,64,64: x8)")
@@ -76,6 +77,7 @@ def to_uint8(x):
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
+    a.out = a.out or os.path.join(REPO, "usp_scale", "assets", "vae", NAMES[a.kind])
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
@@ -193,8 +195,9 @@ def readme(m: dict) -> str:
     return f"""# {m['name']}: a small AutoencoderKL for the synthetic dataset
 
 A diffusers `AutoencoderKL` (x{m['downsample']} downsampling, {m['latent_channels']} latent channels,
-{layout}, {m['params'] / 1e6:.2f} M parameters) trained by `launchers/train_vae.py` on the train split of the bundled
-synthetic dataset ({d['classes']} classes x {d['per_class']} images, {d['size']} px, dataset seed {d['seed']}).
+{layout}, {m['params'] / 1e6:.2f} M parameters) trained by `launchers/train_vae.py` on the train split of the generated
+`{d.get('kind', 'styles')}` dataset ({d['classes']} classes x {d['per_class']} images, {d['size']} px, dataset seed
+{d['seed']}).
 Use it with `vae.path={m['name']}` (or `--vae {m['name']}` / `--vae-path {m['name']}` in the launchers).
 It is for the CPU demo and the small benchmarks only: real data uses {real}.
 

@@ -50,6 +50,10 @@ def build_parser():
     g.add_argument("--per-class", type=int, default=300, help="synthetic train images per class (default 300)")
     g.add_argument("--val-per-class", type=int, default=40, help="synthetic val images per class (default 40)")
     g.add_argument("--classes", type=int, default=10, help="classes (default 10)")
+    g.add_argument("--data-kind", default="styles", choices=["styles", "shapes"],
+                   help="the synthetic set made without --data: styles (a shape, colour and texture per class; "
+                        "default) or shapes (two shapes in an arrangement, everything else random: the effect "
+                        "benchmark's task, usp_scale/data/shapes.py)")
     g.add_argument("--image-size", type=int, default=64, help="image side (default 64)")
     g.add_argument("--vae", default="synthetic-f8", help="vae.path (default: the shipped synthetic-f8)")
     g.add_argument("--cache-pre", default="", help="existing pretraining latent cache (default: write OUT/cache_pre)")
@@ -64,6 +68,9 @@ def build_parser():
     g.add_argument("--dit-model", default="DiT-tiny/2-VAE-simple", help="DiT (default DiT-tiny/2-VAE-simple)")
     g.add_argument("--sit-model", default="SiT-tiny/2-VAE-simple", help="SiT (default SiT-tiny/2-VAE-simple)")
     g.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="dit and/or sit")
+    g.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS,
+                   help="usp and/or scratch (default both; the report needs both: run subsets in parallel "
+                        "processes, then once with both to collect)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     g.add_argument("--steps", type=int, default=1600, help="finetuning steps of every run (default 1600)")
     g.add_argument("--eval-every", type=int, default=200, help="FID every N steps (default 200)")
@@ -90,20 +97,68 @@ def _barrier():
         dist.barrier()
 
 
+SETTINGS = "SETTINGS.json"
+
+
+def _settings_match(folder: str, settings: dict, own: bool) -> bool:
+    """Whether ``folder`` holds a finished stage made with ``settings`` (recorded in folder/SETTINGS.json). One made
+    with other settings is removed when this script made it (``own``, it is started fresh and the change named) or
+    is refused (a folder the user passed: never deleted)."""
+    import shutil
+
+    path = os.path.join(folder, SETTINGS)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        old = json.load(f)
+    if old == settings:
+        return True
+    diff = "; ".join(f"{k}: {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
+                     if old.get(k) != settings.get(k))
+    if not own:
+        raise SystemExit(f"{folder} was made with other settings ({diff}); pass another folder or remove it")
+    print(f"[convergence] {folder}: settings changed ({diff}); making it fresh", flush=True)
+    shutil.rmtree(folder)
+    return False
+
+
+def _record_settings(folder: str, settings: dict) -> None:
+    from usp_scale.fileio import write_json
+    write_json(os.path.join(folder, SETTINGS), settings)
+
+
 def prepare(a) -> dict:
-    """Dataset, the two latent caches and the MAE export (rank 0 writes; everyone waits)."""
+    """Dataset, the two latent caches and the MAE export (rank 0 writes; everyone waits). Each records the settings
+    it was made with; a rerun with other settings remakes what this script made and refuses folders passed in."""
     from usp_scale.config import load_config
     from usp_scale.training import run
 
     paths = {"data": a.data or os.path.join(a.out, "data")}
     paths["cache_pre"] = a.cache_pre or os.path.join(a.out, "cache_pre")
     paths["cache_dit"] = a.cache_dit or os.path.join(a.out, "cache_dit")
+    data_settings = {"kind": a.data_kind, "classes": a.classes, "per_class": a.per_class,
+                     "val_per_class": a.val_per_class, "size": a.image_size, "seed": 0} if not a.data else \
+        {"data": os.path.abspath(a.data)}
     if _rank() == 0:
-        if not a.data and not os.path.isfile(os.path.join(paths["data"], "synthetic.json")):
-            from usp_scale.data.synthetic import make_synthetic
-            make_synthetic(paths["data"], a.classes, a.per_class, a.image_size, a.val_per_class, 0, progress=True)
+        if not a.data and not _settings_match(paths["data"], data_settings, own=True):
+            if a.data_kind == "shapes":
+                from usp_scale.data.shapes import make_shapes
+                make_shapes(paths["data"], a.per_class, a.val_per_class, 0, a.image_size, 0, progress=True)
+            else:
+                from usp_scale.data.synthetic import make_synthetic
+                make_synthetic(paths["data"], a.classes, a.per_class, a.image_size, a.val_per_class, 0,
+                               progress=True)
+            _record_settings(paths["data"], data_settings)
         for key, augment, views in (("cache_pre", "pretrain", a.views), ("cache_dit", "adm", 1)):
-            if not os.path.isfile(os.path.join(paths[key], "manifest.json")):
+            settings = {"data": data_settings, "vae": a.vae, "augment": augment, "views": views,
+                        "image_size": a.image_size}
+            own = not getattr(a, key)
+            if own:
+                ready = _settings_match(paths[key], settings, own=True)
+            else:   # a cache passed in: checked if it records its settings, never deleted
+                ready = not os.path.isfile(os.path.join(paths[key], SETTINGS)) or \
+                    _settings_match(paths[key], settings, own=False)
+            if not (ready and os.path.isfile(os.path.join(paths[key], "manifest.json"))):
                 import torch
 
                 from usp_scale.data import build_dataset, write_cache, write_manifest
@@ -113,45 +168,101 @@ def prepare(a) -> dict:
                             paths[key], image_size=a.image_size, augment=augment, views=views, seed=0,
                             shard_size=1000, batch_size=100, num_workers=0, progress=True)
                 write_manifest(paths[key])
+                _record_settings(paths[key], settings)
     _barrier()
     paths["mae"] = a.mae_ckpt or os.path.join(a.out, "mae", "export", "model.safetensors")
-    if not os.path.isfile(paths["mae"]):
+    if not a.mae_ckpt:
         latent = a.image_size // 8
-        cfg = load_config(os.path.join(REPO, "configs", "debug", "tiny.yaml"), [
+        overrides = [
             f"output_dir={os.path.join(a.out, 'mae')}", f"data.root={paths['data']}", "data.format=latents",
             f"data.latent_cache={paths['cache_pre']}", f"data.image_size={a.image_size}", f"vae.path={a.vae}",
             f"model.name={a.mae_model}", f"model.img_size={latent}", f"schedule.epochs={a.mae_epochs}",
-            "checkpoint.every_steps=0", "progress=false", "log_every=50", *a.mae_set])
-        run(cfg)
+            "checkpoint.every_steps=0", "progress=false", "log_every=50", *a.mae_set]
+        settings = {"overrides": overrides, "cache": _read_settings(paths["cache_pre"])}
+        mae_dir = os.path.join(a.out, "mae")
+        if _rank() == 0:
+            _settings_match(mae_dir, settings, own=True)
+        _barrier()
+        if not os.path.isfile(os.path.join(mae_dir, SETTINGS)):
+            run(load_config(os.path.join(REPO, "configs", "debug", "tiny.yaml"), overrides))
+            if _rank() == 0:
+                _record_settings(mae_dir, settings)
+            _barrier()
     return paths
 
 
+def _read_settings(folder: str):
+    try:
+        with open(os.path.join(folder, SETTINGS)) as f:
+            return json.load(f)
+    except OSError:
+        return None
+
+
+def _file_tag(path: str) -> str:
+    """The sha256 of ``path`` (an MAE export; its first 16 hex digits): a remade MAE makes its runs stale."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _done_settings(done: str):
+    """The overrides a finished run recorded in its DONE file (None for an older plain-text DONE)."""
+    try:
+        with open(done) as f:
+            return json.load(f).get("overrides")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def finetune(a, paths, family: str, init: str, seed: int) -> list:
-    """One run; returns [(step, fid)] from its metrics.jsonl (the run is skipped when it finished before)."""
+    """One run; returns [(step, fid)] from its metrics.jsonl. A run that finished before with the same settings is
+    reused; one that finished with other settings is started fresh, naming what changed (no stale results)."""
+    import shutil
+
     from usp_scale.config import load_config
     from usp_scale.training import run
 
     out = os.path.join(a.out, "runs", f"{family}_{init}_seed{seed}")
     metrics = os.path.join(out, "metrics.jsonl")
     done = os.path.join(out, "DONE")
+    sampler, steps = (a.dit_sampler if family == "dit" else a.sit_sampler).split(":")
+    overrides = [
+        f"task={family}", f"model.name={a.dit_model if family == 'dit' else a.sit_model}",
+        f"model.img_size={a.image_size // 8}", f"model.num_classes={a.classes}", f"output_dir={out}",
+        f"data.root={paths['data']}", "data.format=latents", f"data.latent_cache={paths['cache_dit']}",
+        f"data.image_size={a.image_size}", f"vae.path={a.vae}", f"seed={seed}",
+        f"checkpoint.init_from={paths['mae'] if init == 'usp' else ''}", f"schedule.max_steps={a.steps}",
+        "checkpoint.every_steps=0", "checkpoint.export=false", "checkpoint.export_official=false",
+        f"eval.fid_every={a.eval_every}", f"eval.fid_samples={a.fid_samples}",
+        f"eval.fid_reference={a.fid_reference or os.path.join(paths['data'], 'val')}",
+        f"eval.feature_extractor={a.feature_extractor}", f"eval.sampler={sampler}", f"eval.steps={steps}",
+        "eval.batch_size=100", "progress=false", "log_every=100", "plot=false", *a.set,
+        # not config keys: what the inputs were made with (a changed MAE or cache makes the run stale too)
+        f"#mae={_file_tag(paths['mae']) if init == 'usp' else '-'}",
+        f"#cache={json.dumps(_read_settings(paths['cache_dit']), sort_keys=True)}"]
+    if os.path.isfile(done):
+        old = _done_settings(done)
+        if old != overrides:
+            if _rank() == 0:
+                gone = sorted(set(old or []) - set(overrides))
+                new = sorted(set(overrides) - set(old or []))
+                print(f"[convergence] {out} finished with other settings ({'; '.join(gone) or 'not recorded'} -> "
+                      f"{'; '.join(new) or '-'}): starting it fresh", flush=True)
+                shutil.rmtree(out)
+            _barrier()
     if not os.path.isfile(done):
-        sampler, steps = (a.dit_sampler if family == "dit" else a.sit_sampler).split(":")
-        cfg = load_config(os.path.join(REPO, "configs", "debug", "tiny_dit.yaml"), [
-            f"task={family}", f"model.name={a.dit_model if family == 'dit' else a.sit_model}",
-            f"model.img_size={a.image_size // 8}", f"model.num_classes={a.classes}", f"output_dir={out}",
-            f"data.root={paths['data']}", "data.format=latents", f"data.latent_cache={paths['cache_dit']}",
-            f"data.image_size={a.image_size}", f"vae.path={a.vae}", f"seed={seed}",
-            f"checkpoint.init_from={paths['mae'] if init == 'usp' else ''}", f"schedule.max_steps={a.steps}",
-            "checkpoint.every_steps=0", "checkpoint.export=false", "checkpoint.export_official=false",
-            f"eval.fid_every={a.eval_every}", f"eval.fid_samples={a.fid_samples}",
-            f"eval.fid_reference={a.fid_reference or os.path.join(paths['data'], 'val')}",
-            f"eval.feature_extractor={a.feature_extractor}", f"eval.sampler={sampler}", f"eval.steps={steps}",
-            "eval.batch_size=100", "progress=false", "log_every=100", "plot=false", *a.set])
+        cfg = load_config(os.path.join(REPO, "configs", "debug", "tiny_dit.yaml"),
+                          [o for o in overrides if not o.startswith("#")])
         t0 = time.time()
         run(cfg)
         if _rank() == 0:
             with open(done, "w") as f:
-                f.write(f"{time.time() - t0:.1f}\n")
+                json.dump({"seconds": round(time.time() - t0, 1), "overrides": overrides}, f, indent=1)
         _barrier()
     with open(metrics) as f:
         recs = [json.loads(line) for line in f]
@@ -291,7 +402,7 @@ def main(argv=None) -> int:
         paths = prepare(a)
         results = {}
         for family in a.families:
-            for init in INITS:
+            for init in a.inits:
                 for seed in a.seeds:
                     results.setdefault(family, {}).setdefault(init, {})[str(seed)] = \
                         finetune(a, paths, family, init, seed)

@@ -100,7 +100,7 @@ def make_synthetic(out: str, classes: int = 10, per_class: int = 20, size: int =
     if classes < 1 or per_class < 1 or size < 8:
         raise ValueError("need --classes >= 1, --per-class >= 1 and --size >= 8")
     val_per_class = max(1, per_class // 5) if val_per_class < 0 else val_per_class
-    summary = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class, "size": size,
+    summary = {"kind": "styles", "classes": classes, "per_class": per_class, "val_per_class": val_per_class, "size": size,
                "seed": seed, "max_aspect": max_aspect, "styles": [class_style(c) for c in range(classes)]}
     files = {"train": [], "val": []}
     total = classes * (per_class + val_per_class)
@@ -157,10 +157,15 @@ def make_synthetic(out: str, classes: int = 10, per_class: int = 20, size: int =
 
 
 def add_dataset_args(p, per_class: int = 300, val_per_class: int = 40) -> None:
-    """The command-line flags of a launcher that trains on the synthetic set (made where it is missing)."""
-    p.add_argument("--data", default="", help="synthetic dataset root (made with --classes/--per-class/--size/"
+    """The command-line flags of a launcher that trains on a generated set (made where it is missing)."""
+    p.add_argument("--data", default="", help="generated dataset root (made with --kind/--classes/--per-class/--size/"
                    "--data-seed if it holds no synthetic.json; default: a temporary folder)")
-    p.add_argument("--classes", type=int, default=10, help="classes of the generated dataset (default 10)")
+    p.add_argument("--kind", default="styles", choices=["styles", "shapes"],
+                   help="which generated set: styles = this module's (a shape, colour and texture per class; the "
+                        "main job's), shapes = data/shapes.py's (shapes in an arrangement, colour and texture "
+                        "random; the effect benchmark's). Default styles")
+    p.add_argument("--classes", type=int, default=10, help="classes of the generated dataset (default 10; the shapes "
+                   "set always has 10)")
     p.add_argument("--per-class", type=int, default=per_class, help=f"train images per class (default {per_class})")
     p.add_argument("--val-per-class", type=int, default=val_per_class,
                    help=f"val images per class (default {val_per_class})")
@@ -178,10 +183,21 @@ def prepare_dataset(a, prefix: str, progress: bool = True):
     if not data:
         tmp = tempfile.TemporaryDirectory(prefix=prefix)
         data = tmp.name
+    kind = getattr(a, "kind", "styles")
+    if kind == "shapes" and a.classes != 10:
+        raise ValueError(f"--kind shapes has 10 classes; --classes {a.classes} cannot be made")
     if not os.path.isfile(os.path.join(data, "synthetic.json")):
-        make_synthetic(data, a.classes, a.per_class, a.size, a.val_per_class, a.data_seed, progress=progress)
+        if kind == "shapes":
+            from .shapes import make_shapes
+            make_shapes(data, a.per_class, a.val_per_class, 0, a.size, a.data_seed, progress=progress)
+        else:
+            make_synthetic(data, a.classes, a.per_class, a.size, a.val_per_class, a.data_seed, progress=progress)
     with open(os.path.join(data, "synthetic.json")) as f:
         info = {k: v for k, v in json.load(f).items() if k not in ("styles", "corrupt")}
+    got = info.get("kind", "styles")
+    if got != kind:
+        raise ValueError(f"{data}/synthetic.json describes a {got!r} set, not the --kind {kind} asked for; give "
+                         f"--kind {got} or another --data folder")
     return data, tmp, info
 
 def load_split(root: str, split: str) -> tuple:

@@ -15,6 +15,8 @@
   dataset (``launchers/train_extractor.py``; weights, hash and val accuracy in
   ``usp_scale/assets/extractor/synthetic-cnn/``). FID / IS / KID / precision-recall of the small runs use it;
   its numbers mean something for that dataset only (IS tops out at its 10 classes). Real data uses Inception.
+* ``usp-shapes``: the same network with a wider view (``extra=2``), trained on the shapes task of
+  ``usp_scale/data/shapes.py`` (``usp_scale/assets/extractor/shapes-cnn/``); the effect benchmark's FID.
 * ``usp-tiny``: a small fixed random conv net registered by this module for fast tests; its numbers are only
   comparable with other ``usp-tiny`` numbers and say nothing about image quality.
 """
@@ -40,6 +42,8 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 TINY_NAME = "usp-tiny"
 SYNTHETIC_NAME = "usp-synthetic"
 SYNTHETIC_ASSET = "synthetic-cnn"       # usp_scale/assets/extractor/<this>/
+SHAPES_NAME = "usp-shapes"
+SHAPES_ASSET = "shapes-cnn"
 # sFID features: ADM's mixed_6/conv, channels 0..6, (h, w, c) order
 INCEPTION_SPATIAL = "mixed_6_conv_7ch"
 TINY_SPATIAL = "spatial"
@@ -177,19 +181,26 @@ class TinyFeatureExtractor(_SmallExtractor):
 
 
 class SyntheticCNN(nn.Module):
-    """The classifier behind ``usp-synthetic``: images (N, 3, 64, 64) in [-1, 1] -> {"pool": (N, 64) after ReLU
-    and global average pooling, "logits": (N, classes), "spatial": (N, 8*8*7) = the first 7 channels of the last
-    8x8 map in (h, w, c) order, like the sFID features}. Conv-BN-ReLU, strides 1, 2, 2, 2."""
+    """The classifier behind ``usp-synthetic`` and ``usp-shapes``: images (N, 3, 64, 64) in [-1, 1] -> {"pool":
+    (N, dim) after ReLU and global average pooling, "logits": (N, classes), "spatial": (N, 8*8*7) = the first 7
+    channels of the 8x8 map in (h, w, c) order, like the sFID features}. Conv-BN-ReLU, strides 1, 2, 2, 2, then
+    ``extra`` more stride-2 layers (8x8 -> 4x4 -> ...) before the pooling: without them a unit sees 17 px, too
+    little to tell which of two objects is on top (``usp-shapes`` uses 2: 113 px, the whole image)."""
 
     SIZE = 64
 
-    def __init__(self, num_classes: int = 10, width: int = 32, dim: int = 64):
+    def __init__(self, num_classes: int = 10, width: int = 32, dim: int = 64, extra: int = 0):
         super().__init__()
         chans = [(3, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2), (4 * width, 4 * width, 2)]
         layers = []
         for cin, cout, s in chans:
             layers += [nn.Conv2d(cin, cout, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
         self.features = nn.Sequential(*layers)                     # (N, 4w, 8, 8)
+        more = []
+        for _ in range(extra):
+            more += [nn.Conv2d(4 * width, 4 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4 * width),
+                     nn.ReLU()]
+        self.extra = nn.Sequential(*more)                          # (N, 4w, 8/2^extra, 8/2^extra)
         self.proj = nn.Sequential(nn.Conv2d(4 * width, dim, 1), nn.ReLU())
         self.fc = nn.Linear(dim, num_classes)
 
@@ -197,14 +208,14 @@ class SyntheticCNN(nn.Module):
         if x.shape[-2:] != (self.SIZE, self.SIZE):
             x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False, antialias=True)
         h = self.features(x)
-        pool = self.proj(h).mean(dim=(2, 3))
+        pool = self.proj(self.extra(h)).mean(dim=(2, 3))
         return {"pool": pool, "logits": self.fc(pool),
                 TINY_SPATIAL: h[:, :7].permute(0, 2, 3, 1).reshape(len(h), -1)}
 
 
-def load_synthetic_cnn(path: Optional[str] = None) -> SyntheticCNN:
-    """The shipped ``usp-synthetic`` network (hash-checked), or the weights folder/file ``path`` written by
-    launchers/train_extractor.py; in eval mode."""
+def load_synthetic_cnn(path: Optional[str] = None, asset: str = SYNTHETIC_ASSET) -> SyntheticCNN:
+    """The shipped network ``asset`` (hash-checked; default ``usp-synthetic``'s), or the weights folder/file
+    ``path`` written by launchers/train_extractor.py; in eval mode."""
     import json
 
     from safetensors.torch import load_file
@@ -213,7 +224,7 @@ def load_synthetic_cnn(path: Optional[str] = None) -> SyntheticCNN:
 
     folder = path if path and os.path.isdir(path) else None
     if not path:
-        folder = assets.verified_dir("extractor", SYNTHETIC_ASSET)
+        folder = assets.verified_dir("extractor", asset)
     wfile = os.path.join(folder, "model.safetensors") if folder else path
     cfg = {}
     if folder and os.path.isfile(os.path.join(folder, "config.json")):
@@ -243,11 +254,12 @@ class SyntheticFeatureExtractor(_SmallExtractor):
     weights than the shipped ones (a folder or a .safetensors file from launchers/train_extractor.py)."""
 
     DUMMY_SIDE = 64
+    ASSET = SYNTHETIC_ASSET
 
     def __init__(self, name: str, features_list: Sequence[str], feature_extractor_weights_path: Optional[str] = None,
                  **kwargs):
         super().__init__(name, list(features_list))
-        self.net = load_synthetic_cnn(feature_extractor_weights_path)
+        self.net = load_synthetic_cnn(feature_extractor_weights_path, self.ASSET)
         # cached reference features are keyed by this too, so retrained weights never reuse stale features
         self.cache_tag = _weights_tag(self.net)
         self.requires_grad_(False)
@@ -258,6 +270,13 @@ class SyntheticFeatureExtractor(_SmallExtractor):
         out = self.net(x.float() / 127.5 - 1.0)
         out["logits_unbiased"] = out.pop("logits")
         return tuple(out[k] for k in self.features_list)
+
+
+class ShapesFeatureExtractor(SyntheticFeatureExtractor):
+    """``usp-shapes``: the same wrapper around the network trained on the shapes task (``data/shapes.py``: classes
+    are two shapes in an arrangement, colour and texture random), so its features see shape and arrangement."""
+
+    ASSET = SHAPES_ASSET
 
 
 class InceptionV3WithSpatial(FeatureExtractorInceptionV3):
@@ -357,11 +376,12 @@ def register_extractor(name: str, cls) -> None:
 
 register_extractor(TINY_NAME, TinyFeatureExtractor)
 register_extractor(SYNTHETIC_NAME, SyntheticFeatureExtractor)
+register_extractor(SHAPES_NAME, ShapesFeatureExtractor)
 # Registered under its own name: torch-fidelity keeps its plain extractor as INCEPTION_NAME.
 INCEPTION_SFID_NAME = INCEPTION_NAME + "+spatial"
 register_extractor(INCEPTION_SFID_NAME, InceptionV3WithSpatial)
 _SPATIAL_LAYER = {INCEPTION_NAME: INCEPTION_SPATIAL, INCEPTION_SFID_NAME: INCEPTION_SPATIAL, TINY_NAME: TINY_SPATIAL,
-                  SYNTHETIC_NAME: TINY_SPATIAL}
+                  SYNTHETIC_NAME: TINY_SPATIAL, SHAPES_NAME: TINY_SPATIAL}
 
 
 def default_layer(name: str, metric: str) -> str:

@@ -3,7 +3,8 @@
 Names are the official ones: ``vit_{base,large,xlarge,huge}_patch_vae`` (+ ``_2`` patch-4
 variants) for the masked autoencoder, ``DiT-XL/2``, ``DiT-B/2-VAE-simple``, ``SiT-L/4`` ... for the
 diffusion transformers, ``vit_{base,large,xlarge}_patch16_vae`` for the latent classifiers (the
-"patch16" is the official misnomer: the patch is 2). ``tiny`` / ``S`` sizes exist for tests.
+"patch16" is the official misnomer: the patch is 2). ``tiny`` / ``S`` sizes exist for tests; ``tiny`` and ``mini``
+are the CPU sizes of the main job and the effect benchmark.
 REPA (usp_scale/models/repa.py): ``SiT-{B,L,XL}/2-REPA`` is REPA's SiT; ``SiT-*/2-VAE-simple-REPA`` and (ours)
 ``DiT-*/2-VAE-simple-REPA`` the project's models with REPA's projector; all return (output, zs).
 """
@@ -65,9 +66,10 @@ def create_model(name: str, device=None, attn_backend: str = "sdpa", **kwargs) -
 
 
 # ---------------------------------------------------------------------------- masked autoencoders
-# (width, depth, heads); every size uses the 512-wide, 8-deep, 16-head decoder.
+# (width, depth, heads); every size uses the 512-wide, 8-deep, 16-head decoder but the CPU sizes (64 wide, 2 deep).
 _MAE_SIZES = {
     "tiny": (128, 2, 4),
+    "mini": (192, 4, 6),      # the next size up on a CPU (the effect benchmark's sweep, benchmarks/effect/)
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "xlarge": (1152, 28, 16),
@@ -75,10 +77,13 @@ _MAE_SIZES = {
 }
 
 
+_CPU_SIZES = ("tiny", "mini")
+
+
 def _mae(size: str, patch: int, **kwargs) -> MaskedAutoencoderViT:
     d, depth, heads = _MAE_SIZES[size]
     defaults = dict(img_size=28, in_chans=4, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-    if size == "tiny":
+    if size in _CPU_SIZES:
         defaults.update(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
     defaults.update(kwargs)
     return MaskedAutoencoderViT(patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=4.0,
@@ -100,10 +105,11 @@ def _dit(cls, size: str, patch: int, vae_simple: bool, **kwargs) -> DiT:
     return cls(patch_size=patch, hidden_size=d, depth=depth, num_heads=heads, vae_simple=vae_simple, **kwargs)
 
 
-def _dit_tiny(cls, vae_simple: bool, **kwargs) -> DiT:
+def _dit_tiny(cls, vae_simple: bool, size: str = "tiny", **kwargs) -> DiT:
+    d, depth, heads = _MAE_SIZES[size]
     defaults = dict(input_size=8, num_classes=10)
     defaults.update(kwargs)
-    return cls(patch_size=2, hidden_size=128, depth=2, num_heads=4, vae_simple=vae_simple, **defaults)
+    return cls(patch_size=2, hidden_size=d, depth=depth, num_heads=heads, vae_simple=vae_simple, **defaults)
 
 
 for _family, _cls in (("dit", DiT), ("sit", SiT)):
@@ -113,9 +119,11 @@ for _family, _cls in (("dit", DiT), ("sit", SiT)):
             register(f"{_prefix}-{_size}/{_p}", _family, partial(_dit, _cls, _size, _p, False))
         if _size != "S":
             register(f"{_prefix}-{_size}/2-VAE-simple", _family, partial(_dit, _cls, _size, 2, True))
-    # tiny sizes for tests and the CPU demo (128 wide, 2 deep, 4 heads: the shape of vit_tiny_patch_vae)
-    register(f"{_prefix}-tiny/2", _family, partial(_dit_tiny, _cls, False))
-    register(f"{_prefix}-tiny/2-VAE-simple", _family, partial(_dit_tiny, _cls, True))
+    # CPU sizes for tests, the CPU demo and the effect benchmark, each the shape of its MAE: tiny (128 wide,
+    # 2 deep, 4 heads: vit_tiny_patch_vae), mini (192, 4, 6: vit_mini_patch_vae)
+    for _size in _CPU_SIZES:
+        register(f"{_prefix}-{_size}/2", _family, partial(_dit_tiny, _cls, False, _size))
+        register(f"{_prefix}-{_size}/2-VAE-simple", _family, partial(_dit_tiny, _cls, True, _size))
 
 
 # ---------------------------------------------------------------------------- REPA (usp_scale/models/repa.py)
@@ -145,7 +153,7 @@ def _vit(size: str, **kwargs) -> VisionTransformer:
     return VisionTransformer(embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=4.0, **defaults)
 
 
-for _size in ("tiny", "base", "large", "xlarge"):
+for _size in ("tiny", "mini", "base", "large", "xlarge"):
     register(f"vit_{_size}_patch16_vae", "vit", partial(_vit, _size))
 
 

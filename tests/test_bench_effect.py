@@ -1,0 +1,99 @@
+"""benchmarks/effect/: the bookkeeping that keeps its results honest (settings records: reuse what is unchanged,
+restart what changed, never a stale result), its k-NN classifier and its statistics; the convergence script's
+settings records. The benchmark's numbers live in benchmarks/reports/, not here."""
+import json
+import os
+import sys
+
+import importlib.util
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name, *path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, *path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+effect = _load("bench_effect_run", "benchmarks", "effect", "run.py")
+
+
+def test_stages_reuse_unchanged_restart_changed_and_resume_interrupted(tmp_path, capsys):
+    st = effect.Stages(str(tmp_path))
+    out = tmp_path / "job_out"
+    out.mkdir()
+    (out / "result").write_text("old")
+    assert st.begin("job", {"steps": 10}, [str(out)])           # never ran: run
+    st.finish("job", seconds=1.0)
+    assert not st.begin("job", {"steps": 10}, [str(out)])       # same settings, finished: reuse
+    assert (out / "result").exists()
+    tag = st.tag("job")
+    assert st.begin("job", {"steps": 20}, [str(out)])           # changed: fresh, outputs gone, change named
+    assert not out.exists()
+    assert "steps: 10 -> 20" in capsys.readouterr().out
+    assert st.tag("job") != tag                                  # what depends on it sees the change
+    out.mkdir()
+    (out / "partial").write_text("x")
+    assert st.begin("job", {"steps": 20}, [str(out)])           # interrupted with the same settings: resumed
+    assert (out / "partial").exists()
+    st.finish("job")
+    effect.Stages.fresh = True
+    try:
+        assert st.begin("job", {"steps": 20}, [str(out)]) and not out.exists()   # --fresh redoes it
+    finally:
+        effect.Stages.fresh = False
+
+
+def test_run_jobs_orders_by_dependencies_and_recomputes_settings_after_them(tmp_path):
+    st = effect.Stages(str(tmp_path))
+    log = []
+    jobs = [effect.Job("b", lambda: {"a": st.tag("a")}, [], fn=lambda: log.append("b"), deps=["a"]),
+            effect.Job("a", {"x": 1}, [], fn=lambda: log.append("a"))]
+    effect.run_jobs(jobs, st, parallel=2)
+    assert log == ["a", "b"]
+    effect.run_jobs(jobs, st, parallel=2)                        # nothing changed: nothing runs
+    assert log == ["a", "b"]
+    jobs[1].settings = {"x": 2}                                  # a changes, so b (which names a's record) reruns
+    effect.run_jobs(jobs, st, parallel=2)
+    assert log == ["a", "b", "a", "b"]
+    cmd = effect.Job("c", {}, [], cmd=[sys.executable, "-c", "import sys; sys.exit(3)"],
+                     log=str(tmp_path / "logs" / "c.log"))
+    with pytest.raises(SystemExit, match="job c failed"):
+        effect.run_jobs([cmd], st, parallel=1)
+
+
+def test_knn_and_statistics():
+    import torch
+
+    ftr = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    ytr = torch.tensor([0, 0, 1, 1])
+    fva = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.2, 1.0]])
+    assert effect.knn_top1(ftr, ytr, fva, torch.tensor([0, 1, 1]), k=2, classes=2) == pytest.approx(100.0)
+    assert effect.knn_top1(ftr, ytr, fva, torch.tensor([1, 1, 1]), k=2, classes=2) == pytest.approx(200 / 3)
+    s = effect.stats([60.0, 62.0, 64.0], [50.0, 50.0, 66.0], higher_is_better=True)
+    assert s["gain_mean"] == pytest.approx(20 / 3) and s["wins"] == 2 and s["n"] == 3
+    f = effect.stats([20.0, 22.0], [25.0, 21.0], higher_is_better=False)   # FID: lower is better
+    assert f["gain_mean"] == pytest.approx(2.0) and f["wins"] == 1
+
+
+def test_convergence_runs_are_not_reused_with_other_settings(tmp_path):
+    conv = _load("bench_convergence_run", "benchmarks", "convergence", "run.py")
+    d = tmp_path / "stage"
+    d.mkdir()
+    conv._record_settings(str(d), {"epochs": 20})
+    assert conv._settings_match(str(d), {"epochs": 20}, own=True)
+    with pytest.raises(SystemExit, match="epochs: 20 -> 40"):
+        conv._settings_match(str(d), {"epochs": 40}, own=False)          # a folder passed in: refused, kept
+    assert d.exists()
+    assert not conv._settings_match(str(d), {"epochs": 40}, own=True)     # its own: removed, made fresh
+    assert not d.exists()
+    done = tmp_path / "DONE"
+    done.write_text(json.dumps({"seconds": 1, "overrides": ["a=1"]}))
+    assert conv._done_settings(str(done)) == ["a=1"]
+    done.write_text("12.5\n")                                             # the old plain-text DONE: unknown
+    assert conv._done_settings(str(done)) is None
+    assert conv.steps_to_reach([(100, 50.0), (200, 30.0), (300, 20.0)], 25.0) == pytest.approx(250.0)
