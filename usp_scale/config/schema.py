@@ -19,6 +19,7 @@ from ..data.build import BACKENDS as DATA_LOADERS
 from ..data.cache_reader import VERIFY as LATENT_VERIFY
 from ..data.transforms import AUGMENT_NAMES
 from ..kernels.dispatch import IMPLS as KERNEL_IMPLS
+from ..models.teacher import TEACHERS
 from ..runtime.attention import BACKENDS as ATTN_BACKENDS
 from ..vae.frozen import COMPILE_MODES
 
@@ -286,6 +287,33 @@ class DiTConfig:
 
 
 @dataclass
+class REPAConfig:
+    """REPA (representation alignment, docs/method.md §9): read by ``task=dit`` and ``task=sit`` with a ``*-REPA``
+    model (usp_scale/training/repa.py)."""
+
+    enabled: bool = opt(False, 'Train with REPA\'s alignment loss: model.name is a *-REPA model (SiT-*/2-REPA, REPA\'s '
+        'SiT in its time convention; SiT-*/2-VAE-simple-REPA for USP + REPA; DiT-*/2-VAE-simple-REPA, ours) and the '
+        'loss is the diffusion loss + repa.proj_coeff x the projection loss on the teacher\'s tokens of the same crop.')
+    encoder_depth: int = opt(8, 'The projector reads the hidden state after this block (1-indexed; REPA: 8 for '
+        'SiT-L/XL, 4 common for B); 1..model depth.')
+    proj_coeff: float = opt(0.5, 'Weight of the projection (alignment) loss in the total loss (REPA: 0.5).')
+    teacher: str = opt("dinov2_vitb14", 'Teacher architecture: "dinov2_vitb14" (DINOv2 ViT-B/14 without registers, '
+        'REPA\'s) or "dinov2_tiny_test" (a 2-block, 32-wide DINOv2-shaped ViT for tests and CPU runs).',
+        choices=tuple(TEACHERS))
+    teacher_path: str = opt("", 'Local teacher weights: the official torch.hub dinov2_vitb14_pretrain.pth or timm\'s '
+        'vit_base_patch14_dinov2 model.safetensors (nothing is downloaded). Read with features=online to run the '
+        'teacher and with features=cache to check that the cache holds this teacher\'s tokens.')
+    teacher_input_size: int = opt(0, 'Teacher input side in pixels; 0 = REPA\'s 224 x (data.image_size // 256): 224 '
+        'at 256 px (16x16 tokens), 448 at 512 px. The teacher\'s token grid must equal the model\'s.')
+    projector_dim: int = opt(2048, 'Hidden width of the projector MLP (REPA: 2048).')
+    features: str = opt("cache", 'Where the teacher tokens come from: "cache" (a teacher-feature cache written '
+        'beside the latent cache, repa.teacher_cache; data.format=latents) or "online" (the teacher runs on each '
+        'batch\'s pixel crops; data.format folder or wds).', choices=("cache", "online"))
+    teacher_cache: str = opt("", 'Teacher-feature cache folder (usp_scale.data.teacher_cache) written beside '
+        'data.latent_cache from the same crops; used with repa.features=cache.')
+
+
+@dataclass
 class JobConfig:
     task: str = opt("pretrain", 'Task: "pretrain", "dit", "sit", "cls" or "linprobe".',
         choices=('pretrain', 'dit', 'sit', 'cls', 'linprobe'))
@@ -318,6 +346,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cls: ClsConfig = field(default_factory=ClsConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    repa: REPAConfig = field(default_factory=REPAConfig)
 
 
 

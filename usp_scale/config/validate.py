@@ -15,11 +15,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..models import list_models, model_family
+import torch
+
+from ..models import create_model, list_models, model_family
+from ..models.teacher import TEACHERS
 from .errors import ConfigError
 from .schema import OFFICIAL_PRECISION, CacheJob, JobConfig, SampleJob, TransferJob
 
@@ -419,6 +423,140 @@ def _cfg_null(cfg):
     if cfg.eval.fid_every > 0 and cfg.eval.cfg_scale != 1.0 and cfg.model.class_dropout_prob == 0:
         return "the model has no null class to guide against"
     return None
+
+
+# --------------------------------------------------------------------------- REPA (repa.*; usp_scale/training/repa.py)
+
+RULES.extend(_range_rule(*r) for r in (
+    ("repa.encoder_depth", 1, None, False, False, "a block number (1-indexed)"),
+    ("repa.proj_coeff", 0, None, False, False, "a loss weight"),
+    ("repa.projector_dim", 1, None, False, False, "a width"),
+    ("repa.teacher_input_size", 0, None, False, False, "pixels (0 = REPA's 224 x (data.image_size // 256))"),
+))
+REPA_TASKS = ("dit", "sit")
+
+
+def is_repa_model(name: str) -> bool:
+    """A registered model with REPA's projector (forward -> (output, zs))."""
+    return name in list_models() and name.endswith("-REPA")
+
+
+def model_depth(name: str) -> Optional[int]:
+    """Number of blocks of a registered model (built on the meta device: nothing allocated); None if unknown."""
+    if name not in list_models():
+        return None
+    return len(getattr(create_model(name, device=torch.device("meta")), "blocks", ()))
+
+
+def repa_teacher_input(cfg) -> int:
+    """The teacher's input side: repa.teacher_input_size, or REPA's 224 x (data.image_size // 256)."""
+    return cfg.repa.teacher_input_size or 224 * (cfg.data.image_size // 256)
+
+
+@rule("repa.enabled", "task", "model.name",
+      text="repa.enabled runs with task dit or sit and a *-REPA model (SiT-*/2-REPA, SiT-*/2-VAE-simple-REPA, "
+           "DiT-*/2-VAE-simple-REPA); a *-REPA model trains only with repa.enabled")
+def _repa_model(cfg):
+    r, repa_model = cfg.repa, is_repa_model(cfg.model.name)
+    if r.enabled and cfg.task not in REPA_TASKS:
+        return f"REPA is defined for the diffusion tasks (dit, sit), not task={cfg.task}"
+    if r.enabled and cfg.model.name in list_models() and not repa_model:
+        return (f"{cfg.model.name} has no REPA projector: use its -REPA variant (e.g. SiT-XL/2-REPA, "
+                f"SiT-XL/2-VAE-simple-REPA)")
+    if repa_model and not r.enabled and cfg.task in REPA_TASKS:
+        return f"{cfg.model.name} returns (output, projected tokens): set repa.enabled=true to train it"
+    return None
+
+
+@rule("model.learn_sigma", "model.name",
+      text="REPA's SiT (SiT-*/2-REPA) predicts the velocity only: model.learn_sigma=false")
+def _repa_sigma(cfg):
+    n = cfg.model.name
+    if cfg.model.learn_sigma and is_repa_model(n) and n.startswith("SiT-") and n.endswith("/2-REPA"):
+        return f"{n} has no learned-sigma output (REPA's SiT: out channels = in channels)"
+    return None
+
+
+@rule("repa.encoder_depth", "model.name", "repa.enabled",
+      text="with repa.enabled: repa.encoder_depth lies in 1..the model's depth")
+def _repa_depth(cfg):
+    if not cfg.repa.enabled or not is_repa_model(cfg.model.name):
+        return None
+    depth = model_depth(cfg.model.name)
+    if depth and not 1 <= cfg.repa.encoder_depth <= depth:
+        return (f"{cfg.model.name} has {depth} blocks: the projector reads the output of block 1..{depth} "
+                "(REPA: 8 for SiT-L/XL, 4 for B)")
+    return None
+
+
+@rule("repa.teacher_path", "repa.enabled",
+      text="with repa.enabled: repa.teacher_path names the teacher's local weights (nothing is downloaded)")
+def _repa_teacher_path(cfg):
+    if cfg.repa.enabled and not cfg.repa.teacher_path.strip():
+        return ("set repa.teacher_path to the local dinov2_vitb14_pretrain.pth (torch.hub's file) or timm's "
+                "vit_base_patch14_dinov2 model.safetensors, e.g. weights/dinov2_vitb14_pretrain.pth")
+    return None
+
+
+@rule("repa.features", "data.format", "repa.teacher_cache", "repa.enabled",
+      text="with repa.enabled: repa.features=cache reads data.format=latents and a repa.teacher_cache; "
+           "repa.features=online needs the pixels, data.format folder or wds")
+def _repa_features(cfg):
+    r = cfg.repa
+    if not r.enabled:
+        return None
+    if r.features == "cache":
+        if cfg.data.format != "latents":
+            return (f"cached teacher tokens are read beside a latent cache: set data.format=latents (with "
+                    f"data.latent_cache), or repa.features=online to run the teacher on data.format={cfg.data.format}")
+        if not r.teacher_cache.strip():
+            return ("set repa.teacher_cache to the teacher-feature cache written beside data.latent_cache "
+                    "(usp_scale.data.teacher_cache), or use repa.features=online")
+    elif cfg.data.format not in ("folder", "wds"):
+        return (f"the online teacher runs on the batch's pixels, data.format={cfg.data.format} has none: use a "
+                "folder or wds dataset, or repa.features=cache with a teacher-feature cache")
+    return None
+
+
+@rule("repa.teacher", "repa.teacher_input_size", "data.image_size", "model.img_size", "model.name", "repa.enabled",
+      text="with repa.enabled: the teacher's token grid (repa.teacher_input_size, 0 = 224 x (data.image_size // "
+           "256), over the teacher's patch size) equals the model's (model.img_size / patch size)")
+def _repa_tokens(cfg):
+    r = cfg.repa
+    p = model_patch_size(cfg.model.name)
+    if not r.enabled or p is None or r.teacher not in TEACHERS or cfg.model.img_size % p:
+        return None
+    size, tp = repa_teacher_input(cfg), TEACHERS[r.teacher].patch_size
+    grid = cfg.model.img_size // p
+    if size < 1 or size % tp or size // tp != grid:
+        want = grid * tp
+        have = ("is empty" if size < 1 else f"is {size} px = {size / tp:g} patches of {tp} px")
+        return (f"the teacher input {have}, the model has a {grid}x{grid} token grid: set "
+                f"repa.teacher_input_size={want} ({grid} x {tp} px)")
+    return None
+
+
+@rule("repa.teacher_path", "repa.enabled", text="with repa.enabled: the file repa.teacher_path exists",
+      runtime=True)
+def _repa_teacher_exists(cfg, world):
+    p = cfg.repa.teacher_path
+    if not cfg.repa.enabled or not p.strip() or os.path.isfile(p):
+        return None
+    return ("file not found; nothing is downloaded at run time: put the official torch.hub "
+            "dinov2_vitb14_pretrain.pth (or timm's vit_base_patch14_dinov2 model.safetensors) there")
+
+
+@rule("repa.teacher_cache", "repa.features", "repa.enabled",
+      text="with repa.enabled and repa.features=cache: repa.teacher_cache is a finished cache folder (manifest.json)",
+      runtime=True)
+def _repa_cache_exists(cfg, world):
+    r = cfg.repa
+    if not r.enabled or r.features != "cache" or not r.teacher_cache.strip():
+        return None
+    if os.path.isfile(os.path.join(r.teacher_cache, "manifest.json")):
+        return None
+    return ("no manifest.json there: write the cache beside data.latent_cache with "
+            "usp_scale.data.teacher_cache.write_teacher_cache and write_teacher_manifest")
 
 
 # --------------------------------------------------------------------------- the tool launchers' own rules

@@ -270,6 +270,9 @@ class LatentCacheLoader(ResumableLoader):
         super().__init__(sampler)
         self.cache, self.scale, self.sample, self.device = cache, scale, sample, torch.device(device)
         self._choice_epoch, self._choice = None, None
+        # batch key -> a reader with gather(positions, views, flips) -> (n, ...) over this cache's records (REPA's
+        # teacher-feature cache: usp_scale.data.teacher_cache); each batch gets the records of its latents' crops
+        self.record_features: dict = {}
 
     def _choices(self) -> np.ndarray:
         if self._choice_epoch != self.epoch:
@@ -295,6 +298,9 @@ class LatentCacheLoader(ResumableLoader):
                 gen = torch.Generator(device=self.device).manual_seed(
                     sample_seed(self.sampler.seed, self.epoch, self.sampler.rank, b))
             z = posterior_latents(mean, logvar, self.scale, sample=self.sample, generator=gen)  # (N,C,h,w)
-            yield {"latents": z, "labels": labels.to(self.device, non_blocking=pin),
-                   "index": index.to(self.device, non_blocking=pin),
-                   "view": torch.from_numpy(c // 2).to(self.device), "flip": torch.from_numpy(c % 2).to(self.device)}
+            batch = {"latents": z, "labels": labels.to(self.device, non_blocking=pin),
+                     "index": index.to(self.device, non_blocking=pin),
+                     "view": torch.from_numpy(c // 2).to(self.device), "flip": torch.from_numpy(c % 2).to(self.device)}
+            for key, reader in self.record_features.items():
+                batch[key] = reader.gather(idx, c // 2, c % 2).to(self.device, non_blocking=pin)
+            yield batch

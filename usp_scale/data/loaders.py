@@ -164,6 +164,7 @@ class OnlineLatentLoader(ResumableLoader):
     def __init__(self, image_loader: ResumableLoader, vae, posterior: str = "mean"):
         super().__init__(image_loader.sampler)
         self.images, self.vae, self.posterior = image_loader, vae, posterior
+        self.keep_images = False   # True: batches also carry the [-1, 1] crops (REPA's online teacher reads them)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -179,7 +180,10 @@ class OnlineLatentLoader(ResumableLoader):
             gen = torch.Generator(device=self.vae.device).manual_seed(
                 sample_seed(self.sampler.seed, self.epoch, self.sampler.rank, b))
         z = self.vae.encode(batch["images"], posterior=self.posterior, generator=gen)  # (N,C,h,w)
-        return {"latents": z, "labels": batch["labels"], "index": batch["index"]}
+        out = {"latents": z, "labels": batch["labels"], "index": batch["index"]}
+        if self.keep_images:
+            out["images"] = batch["images"]
+        return out
 
     def _iter_from(self, start: int):
         self.images.epoch, self.images.position = self.epoch, start

@@ -54,6 +54,8 @@ class TeacherSpec:
 TEACHERS = {
     # dinov2_vitb14 (no registers): what REPA's --enc-type dinov2-vit-b loads from torch.hub
     "dinov2_vitb14": TeacherSpec(embed_dim=768, depth=12, num_heads=12, patch_size=14),
+    # the same architecture at CPU size (tests, tiny runs): 64-wide tokens as the tiny REPA models' projectors
+    "dinov2_tiny_test": TeacherSpec(embed_dim=64, depth=2, num_heads=2, patch_size=14),
 }
 
 

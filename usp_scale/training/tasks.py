@@ -27,6 +27,7 @@ from ..runtime import seed_all
 from ..transfer import load_pretrained
 from ..transport import create_transport
 from . import optim as O
+from .repa import REPAObjective
 
 
 def load_init(model: nn.Module, path: str, use_pretrain_layer: int = -1) -> None:
@@ -93,6 +94,14 @@ class Task:
         return 4.0 if self.cfg.engine.activation_checkpointing else 3.0
 
     def evaluate(self, engine, loader) -> dict:
+        return {}
+
+    def prepare_loader(self, loader, device):
+        """The training loader as the task needs it (REPA attaches its teacher tokens); returns it."""
+        return loader
+
+    def window_metrics(self, world: int) -> dict:
+        """Task-specific means over the log window, merged into the metrics record (collective); reset on call."""
         return {}
 
 
@@ -270,7 +279,54 @@ class LinprobeTask(ClsTask):
 TASKS = {"pretrain": PretrainTask, "dit": DiTTask, "sit": SiTTask, "cls": ClsTask, "linprobe": LinprobeTask}
 
 
+# ---------------------------------------------------------------------------- REPA (usp_scale/training/repa.py)
+class _REPAMixin:
+    """``repa.enabled``: the task's diffusion loss on a ``*-REPA`` model + proj_coeff x REPA's projection loss
+    (:class:`usp_scale.training.repa.REPAObjective` holds the teacher tokens, the loss and the time convention)."""
+
+    def _init_repa(self):
+        self.repa = REPAObjective(self.cfg)
+
+    def model_kwargs(self):
+        return self.repa.model_kwargs(super().model_kwargs())
+
+    def prepare_loader(self, loader, device):
+        return self.repa.attach(loader, device)
+
+    def loss(self, engine, batch, generator=None):
+        cap = self.repa.capture(engine)
+        return self.repa.total(super().loss(cap, batch, generator), cap, batch)
+
+    def train_flops_per_sample(self, model: nn.Module) -> float:
+        return self.repa.train_flops_per_sample(super().train_flops_per_sample(model))
+
+    def window_metrics(self, world: int) -> dict:
+        return self.repa.window_metrics(world)
+
+
+class REPADiTTask(_REPAMixin, DiTTask):
+    """DDPM finetuning with REPA's projector and loss -- ours: REPA defines the method on SiT only."""
+
+    def __init__(self, cfg, diffusion=None):
+        super().__init__(cfg, diffusion)
+        self._init_repa()
+
+
+class REPASiTTask(_REPAMixin, SiTTask):
+    """Flow finetuning with REPA (the paper's USP + REPA row with SiT-*/2-VAE-simple-REPA; REPA alone with REPA's
+    SiT-*/2-REPA in REPA's time convention)."""
+
+    def __init__(self, cfg, transport=None):
+        super().__init__(cfg, transport)
+        self._init_repa()
+
+
+REPA_TASKS = {"dit": REPADiTTask, "sit": REPASiTTask}
+
+
 def build_task(cfg, **kwargs) -> Task:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r}: use one of {', '.join(TASKS)}")
+    if cfg.repa.enabled:   # the rules (config/validate.py) allow it for dit and sit only
+        return REPA_TASKS[cfg.task](cfg, **kwargs)
     return TASKS[cfg.task](cfg, **kwargs)

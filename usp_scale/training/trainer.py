@@ -84,7 +84,8 @@ class Trainer:
         self.signature = model_signature(model)
         self.train_flops = self.task.train_flops_per_sample(model)  # before any engine partitions the parameters
         seed_all(cfg.seed + self.rank)  # training draws use explicit generators; anything else differs per rank
-        self.loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device, train=True)
+        loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device, train=True)
+        self.loader = self.task.prepare_loader(loader, self.device)   # e.g. REPA's teacher tokens
         self.accum = accum = cfg.schedule.accum_iter
         self.steps_per_epoch = len(self.loader) // accum
         if self.steps_per_epoch == 0:
@@ -110,8 +111,7 @@ class Trainer:
             states={"train": self.state, "loader": LoaderPosition(self.loader, cfg.data.batch_size * self.world)})
         self.logger = MetricsLogger(out, self.is_main, cfg.tensorboard)
         self.window = LogWindow(self.device, self.world, self.train_flops, cfg.peak_flops)
-        self.nonfinite = NonFinitePolicy(cfg, self.state)
-        self.stop = StopRequests(out, self.is_main)
+        self.nonfinite, self.stop = NonFinitePolicy(cfg, self.state), StopRequests(out, self.is_main)
         self.exporter = Exporter(cfg, self.task, self.is_main)
         self.resumed_from = self._resume()
         self.val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
@@ -167,7 +167,7 @@ class Trainer:
 
     def _log(self) -> None:
         """Write the metrics record of the window (collective: the loss is averaged over ranks), start a new one."""
-        rec = self.window.record(self.state, self._lr)
+        rec = {**self.window.record(self.state, self._lr), **self.task.window_metrics(self.world)}
         self.logger.log(rec)
         if self.is_main:
             self.nonfinite.warn(self.window)
