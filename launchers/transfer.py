@@ -34,7 +34,8 @@ from usp_scale.runtime import init_runtime  # noqa: E402
 from usp_scale.training.tasks import build_task  # noqa: E402
 from usp_scale.transfer import TransferError, transfer  # noqa: E402
 
-SECTIONS = ("task", "seed", "model", "dit.use_pretrain_layer", "transfer")
+SECTIONS = ("task", "seed", "model", "dit.use_pretrain_layer", "transfer",
+            "repa.encoder_depth", "repa.projector_dim", "repa.teacher")   # the shapes of a *-REPA target
 ALIASES = (
     Alias(("--src",), "transfer.src", "FILE"),
     Alias(("--model",), "model.name", "NAME"),

@@ -184,3 +184,39 @@ def test_one_state_dict_diff_for_resume_and_loading():
     assert diff_shapes(model, model) == []
     many = diff_shapes({}, {f"k{i:02d}": [1] for i in range(12)}, limit=3)
     assert many == ["missing (12): k00, k01, k02 ..."]
+
+
+@pytest.mark.parametrize("name", ["SiT-tiny/2-VAE-simple-REPA", "DiT-tiny/2-VAE-simple-REPA", "SiT-tiny/2-REPA"])
+def test_mae_into_repa_models_projectors_fresh(mae_ckpt, name):
+    """USP + REPA: the transformer comes from the MAE as for the model without projector (same copies, same
+    resampling); REPA's projector is the only addition, listed as initialised fresh, at REPA's init."""
+    path, mae = mae_ckpt
+    torch.manual_seed(0)
+    repa = create_model(name, input_size=32)
+    plain_name = name.replace("-REPA", "") if "VAE-simple" in name else "SiT-tiny/2"
+    plain = create_model(plain_name, input_size=32, **({"learn_sigma": False} if name == "SiT-tiny/2-REPA" else {}))
+    rep, ref = transfer(repa, path), transfer(plain, path)
+    proj = {k for k in repa.state_dict() if k.startswith("projectors.")}
+    assert proj and set(rep.new) == set(ref.new) | proj
+    assert rep.copied == ref.copied and rep.resampled == ref.resampled and rep.dropped == ref.dropped
+    assert list(rep.fresh) == ["projectors.*"] and "initialised fresh" in rep.fresh["projectors.*"]
+    assert "initialised fresh projectors.*" in rep.summary() and '"fresh"' in rep.to_json()
+    sd, own = repa.state_dict(), plain.state_dict()
+    for k in ref.copied:
+        assert torch.equal(sd[k], own[k]), k
+    assert all(torch.count_nonzero(sd[k]) == 0 for k in proj if k.endswith(".bias"))
+    w = sd["projectors.0.0.weight"]     # xavier-uniform: |w| <= sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max() <= (6 / sum(w.shape)) ** 0.5 and w.std() > 0
+
+
+def test_transfer_launcher_into_a_repa_model(mae_ckpt, tmp_path):
+    path, _ = mae_ckpt
+    out = tmp_path / "sit_repa.safetensors"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "transfer.py"), "--src", path, "--model",
+                        "SiT-tiny/2-VAE-simple-REPA", "--input-size", "32", "--num-classes", "10", "--out", str(out),
+                        "repa.encoder_depth=2", "repa.projector_dim=32", "repa.teacher=dinov2_tiny_test"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "initialised fresh projectors.*: REPA projector after block 2" in r.stdout
+    m = create_model("SiT-tiny/2-VAE-simple-REPA", input_size=32, encoder_depth=2, projector_dim=32, z_dims=(64,))
+    load_weights(m, str(out))

@@ -20,6 +20,7 @@ from timm.data import Mixup
 
 from .. import runtime as D
 from ..config import ConfigError
+from ..config.validate import is_repa_model
 from ..diffusion import create_diffusion
 from ..fileio import CONTENT_KEY
 from ..models import create_model
@@ -327,6 +328,8 @@ REPA_TASKS = {"dit": REPADiTTask, "sit": REPASiTTask}
 def build_task(cfg, **kwargs) -> Task:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r}: use one of {', '.join(TASKS)}")
-    if cfg.repa.enabled:   # the rules (config/validate.py) allow it for dit and sit only
+    # the rules (config/validate.py) tie repa.enabled to a *-REPA model and task dit/sit; a tool that reads no repa
+    # switch (launchers/transfer.py) builds a *-REPA model with the repa.* shapes too
+    if cfg.task in REPA_TASKS and (cfg.repa.enabled or is_repa_model(cfg.model.name)):
         return REPA_TASKS[cfg.task](cfg, **kwargs)
     return TASKS[cfg.task](cfg, **kwargs)

@@ -74,6 +74,8 @@ def mae_to_dit(model: DiT, sd: StateDict, source: str = "<state dict>", use_pret
     expected_new = {k for k in own if k.startswith(("t_embedder.", "y_embedder.", "final_layer."))
                     or ".adaLN_modulation." in k}
     expected_new |= {k for k in own if (m := _BLOCK.match(k)) and int(m.group(1)) >= keep}
+    projectors = sorted(k for k in own if k.startswith("projectors."))   # REPA's projector (models/repa.py)
+    expected_new |= set(projectors)
     if "x_embedder.proj.weight" not in mapped:
         expected_new |= {"x_embedder.proj.weight", "x_embedder.proj.bias"}
     missing = set(own) - set(mapped)
@@ -93,6 +95,9 @@ def mae_to_dit(model: DiT, sd: StateDict, source: str = "<state dict>", use_pret
     report.new = sorted(missing)
     if use_pretrain_layer >= 0:
         report.notes.append(f"use_pretrain_layer={use_pretrain_layer}: blocks >= {keep} keep their init")
+    if projectors:
+        report.fresh["projectors.*"] = (f"REPA projector after block {model.encoder_depth} ({len(projectors)} "
+                                        "tensors): initialised fresh (xavier-uniform weights, zero biases)")
     return report
 
 

@@ -30,6 +30,8 @@ class TransferReport:
     dropped: List[str] = field(default_factory=list)
     new: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # parts no checkpoint provides, by design (REPA's projector): name -> how they start; their keys are in ``new``
+    fresh: Dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"transfer {self.source} -> {self.target}",
@@ -37,6 +39,7 @@ class TransferReport:
                  *[f"  resampled {k}: {v}" for k, v in self.resampled.items()],
                  f"  dropped   {len(self.dropped):4d}: {_compress(self.dropped)}",
                  f"  new       {len(self.new):4d}: {_compress(self.new)}",
+                 *[f"  initialised fresh {k}: {v}" for k, v in self.fresh.items()],
                  *[f"  note: {n}" for n in self.notes]]
         return "\n".join(lines)
 
