@@ -71,3 +71,97 @@ def repa_cfg(d: dict, out: str, *extra, model: str = "SiT-tiny/2-REPA", features
 
     return load_config(os.path.join(REPO, "configs", "debug", "tiny_dit.yaml"),
                        repa_overrides(d, model, features) + [f"output_dir={out}", *extra])
+
+
+# ---------------------------------------------------------------------------------------- engine equivalence
+
+def repa_job():
+    """The config of a tiny REPA SiT job (REPA's SiT-tiny/2-REPA, the tiny teacher's 4x4 grid of 64-wide tokens)."""
+    from usp_scale.config import JobConfig
+
+    cfg = JobConfig()
+    cfg.task, cfg.model.name, cfg.model.learn_sigma, cfg.model.num_classes = "sit", "SiT-tiny/2-REPA", False, 10
+    cfg.model.img_size, cfg.data.image_size, cfg.data.num_classes = 8, 64, 10
+    r = cfg.repa
+    r.enabled, r.teacher, r.teacher_input_size, r.encoder_depth, r.projector_dim = \
+        True, "dinov2_tiny_test", 56, 1, 64
+    return cfg
+
+
+def repa_engine_losses(engine_cfg, *, steps=3, accum=2, global_batch=8, rank=0, world=1, clip=1.0):
+    """The REPA task's loss pieces (its transport, its projection capture and total) under ``engine_cfg`` with the
+    task's random draws (t, noise, dropped labels) fixed per sample, so that the global mean is the same for any
+    split of the batch over ranks; returns per-step global losses and the final full weights."""
+    import torch.distributed as dist
+
+    from usp_scale.config import OptimConfig
+    from usp_scale.engine import build_engine
+    from usp_scale.training import build_task
+    from usp_scale.training.optim import build_optimizer, param_groups
+
+    task = build_task(repa_job())
+    torch.manual_seed(0)
+    model = task.build_model()
+    ocfg = OptimConfig(lr=1e-3, weight_decay=0.0, eps=1e-4, fused=False)
+    per = global_batch // world
+    eng = build_engine(engine_cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.0), torch.device("cpu")),
+                       accum_iter=accum, clip_grad=clip, micro_batch=per)
+    g = torch.Generator().manual_seed(11)
+    m = steps * accum
+    x = torch.randn(m, global_batch, 4, 8, 8, generator=g)
+    y = torch.randint(0, 10, (m, global_batch), generator=g)
+    tok = torch.randn(m, global_batch, 16, 64, generator=g).to(torch.bfloat16)
+    t = torch.rand(m, global_batch, generator=g)
+    noise = torch.randn(m, global_batch, 4, 8, 8, generator=g)
+    drop = (torch.rand(m, global_batch, generator=g) < 0.1).long()
+    losses, acc = [], 0.0
+    for i in range(m):
+        s = slice(rank * per, (rank + 1) * per)
+        with eng.sync_context(), eng.autocast():
+            cap = task.repa.capture(eng)
+            diff = task.transport.training_losses(cap, x[i, s], {"y": y[i, s], "force_drop_ids": drop[i, s]},
+                                                  t=t[i, s], noise=noise[i, s])["loss"].mean()
+            loss = task.repa.total(diff, cap, {"teacher_tokens": tok[i, s]})
+        eng.backward(loss)
+        acc += float(loss.detach()) / accum
+        if eng.step() is None:
+            continue
+        v = torch.tensor([acc], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(v)
+        losses.append(float(v) / world)
+        acc = 0.0
+    sd = eng.weights.full_model_state_dict()
+    return losses, {k: v.tolist() for k, v in sd.items()}
+
+
+REPA_CASES = {"ddp": dict(name="ddp"), "fsdp2": dict(name="fsdp2"), "ds1": dict(name="deepspeed", zero_stage=1),
+              "ds2": dict(name="deepspeed", zero_stage=2), "ds3": dict(name="deepspeed", zero_stage=3)}
+
+
+def worker_repa_equiv(out: str, cases: list) -> None:
+    import _helpers_train as H
+
+    info = H.init_group()
+    results = {}
+    for case in cases:
+        kw = dict(REPA_CASES[case])
+        losses, sd = repa_engine_losses(H.engine_cfg(kw.pop("name"), **kw), rank=info.rank, world=info.world_size)
+        results[case] = {"losses": losses, "state": sd}
+    H.finish(out, "repa_equiv.json", results, info.rank)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    sys.path.insert(0, REPO)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", nargs="*", default=["ddp", "fsdp2"])
+    ap.add_argument("--local_rank", type=int, default=-1)
+    a = ap.parse_args()
+    worker_repa_equiv(a.out, a.cases)
+    sys.stdout.flush()

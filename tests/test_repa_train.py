@@ -200,3 +200,29 @@ def test_ddp_fsdp2_exact_resume_and_agreement(repa_data, tmp_path):
         assert len(res[spec]["full"]) == 10 and res[spec]["full"] == res[spec]["split"], spec
         assert res[spec]["model_equal"] and res[spec]["ema_equal"], spec
     assert res["ddp"]["full"] == pytest.approx(res["fsdp2"]["full"], rel=1e-5)
+
+
+def _check_repa_equiv(path, cases, tol_w=1e-5):
+    ref_l, ref_sd = R.repa_engine_losses(H.engine_cfg("local"))
+    res = json.load(open(path))
+    for case in cases:
+        assert res[case]["losses"] == pytest.approx(ref_l, rel=1e-6), case
+        for k, v in ref_sd.items():
+            assert torch.allclose(torch.tensor(res[case]["state"][k]), torch.tensor(v), atol=tol_w, rtol=0), (case, k)
+    assert len(ref_l) == 3
+
+
+def test_repa_losses_local_equal_ddp_fsdp2(tmp_path):
+    """The REPA loss (transport + projection capture + total, the task's own pieces, draws fixed per sample) on the
+    global batch in one process == ddp and fsdp2 on 2 gloo ranks: per-step losses and final weights."""
+    p = H.torchrun(["tests/_helpers_repa.py", "--out", str(tmp_path), "--cases", "ddp", "fsdp2"])
+    assert p.stdout.count(H.OK) == 2, (p.stdout + p.stderr)[-6000:]
+    _check_repa_equiv(tmp_path / "repa_equiv.json", ["ddp", "fsdp2"])
+
+
+@pytest.mark.slow
+def test_repa_losses_local_equal_deepspeed_zero123(tmp_path):
+    cases = ["ds1", "ds2", "ds3"]
+    p = H.torchrun(["tests/_helpers_repa.py", "--out", str(tmp_path), "--cases", *cases], timeout=600)
+    assert p.stdout.count(H.OK) == 2, (p.stdout + p.stderr)[-6000:]
+    _check_repa_equiv(tmp_path / "repa_equiv.json", cases)
