@@ -13,6 +13,7 @@ from usp_scale.data.transforms import RANDAUG_FILL, OneDrawRandomResizedCrop, bu
 from usp_scale.training.schedule import absolute_lr
 from usp_scale.config.resolve import plan_batch, resolve_job
 from usp_scale.config.schema import OFFICIAL_PRECISION
+from usp_scale.config.validate import repa_teacher_input
 
 ROOT = H.REPO
 
@@ -63,6 +64,20 @@ TABLE = [(f"pretrain/usp_{s}_224.yaml", PRETRAIN) for s in ("base", "large", "xl
     [(f"finetune/vit_{s}_linprobe.yaml", LINPROBE) for s in ("base", "large", "xlarge")]
 
 
+# REPA (docs/method.md §9): REPA's train.py defaults for REPA alone (its SiT, VAE ft-mse, fp16 + TF32, clipping 1.0);
+# USP + REPA: the USP SiT recipe with REPA's projector, loss and clipping.
+REPA = {"repa.enabled": True, "repa.encoder_depth": 8, "repa.proj_coeff": 0.5, "repa.teacher": "dinov2_vitb14",
+        "repa.projector_dim": 2048, "optim.clip_grad": 1.0, "teacher_input": 224}
+REPA_TABLE = [("finetune/sit_xl_256_repa.yaml", {**DIT, **REPA, "task": "sit", "model.name": "SiT-XL/2-REPA",
+                                                 "model.learn_sigma": False, "vae.path": "weights/sd-vae-ft-mse",
+                                                 "engine.precision": "fp16", "engine.tf32": True,
+                                                 "checkpoint.init_from": ""}),
+              ("finetune/sit_xl_256_usp_repa.yaml", {**DIT, **REPA, "task": "sit",
+                                                     "model.name": "SiT-XL/2-VAE-simple-REPA",
+                                                     "vae.path": "weights/sd-vae-ft-ema"})]
+TABLE += REPA_TABLE
+
+
 def value(cfg, plan, key):
     if key == "global_batch":
         return plan.global_batch
@@ -70,6 +85,8 @@ def value(cfg, plan, key):
         return absolute_lr(cfg.optim, plan.global_batch)
     if key == "backend":
         return resolve_loader_backend(cfg.data.loader, cfg.data.augment)
+    if key == "teacher_input":
+        return repa_teacher_input(cfg)
     obj = cfg
     for part in key.split("."):
         obj = getattr(obj, part)

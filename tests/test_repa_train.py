@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _helpers_repa as R  # noqa: E402
 import _helpers_train as H  # noqa: E402
 
-from usp_scale.config import ConfigError, resolve_job  # noqa: E402
+from usp_scale.config import ConfigError  # noqa: E402
 from usp_scale.training import Trainer, build_task, run  # noqa: E402
 
 
@@ -168,10 +168,13 @@ def test_refusals(repa_data, tmp_path):
     cfg = R.repa_cfg(repa_data, str(tmp_path / "a"), f"repa.teacher_path={other}")
     with pytest.raises(Exception, match=r"teacher-feature cache .*does not match the job: teacher"):
         Trainer(cfg)
-    # the teacher file missing: refused at start-up naming the key
+    # the teacher file missing, the cache folder unfinished: refused where read, naming the key, file and remedy
     cfg = R.repa_cfg(repa_data, str(tmp_path / "b"), f"repa.teacher_path={tmp_path}/nope.pth")
-    with pytest.raises(ConfigError, match=r"repa.teacher_path=.*nope.pth.*file not found; nothing is downloaded"):
-        resolve_job(cfg, 1)
+    with pytest.raises(FileNotFoundError, match=r"repa.teacher_path=.*nope.pth.*not found.*Nothing is downloaded"):
+        Trainer(cfg)
+    cfg = R.repa_cfg(repa_data, str(tmp_path / "b2"), f"repa.teacher_cache={tmp_path}")
+    with pytest.raises(Exception, match=r"repa.teacher_cache=.*no manifest.json"):
+        Trainer(cfg)
     # a token grid that differs from the model's
     with pytest.raises(ConfigError, match=r"repa.teacher_input_size=112 .*set repa.teacher_input_size=56"):
         R.repa_cfg(repa_data, str(tmp_path / "c"), "repa.teacher_input_size=112")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -534,29 +533,6 @@ def _repa_tokens(cfg):
         return (f"the teacher input {have}, the model has a {grid}x{grid} token grid: set "
                 f"repa.teacher_input_size={want} ({grid} x {tp} px)")
     return None
-
-
-@rule("repa.teacher_path", "repa.enabled", text="with repa.enabled: the file repa.teacher_path exists",
-      runtime=True)
-def _repa_teacher_exists(cfg, world):
-    p = cfg.repa.teacher_path
-    if not cfg.repa.enabled or not p.strip() or os.path.isfile(p):
-        return None
-    return ("file not found; nothing is downloaded at run time: put the official torch.hub "
-            "dinov2_vitb14_pretrain.pth (or timm's vit_base_patch14_dinov2 model.safetensors) there")
-
-
-@rule("repa.teacher_cache", "repa.features", "repa.enabled",
-      text="with repa.enabled and repa.features=cache: repa.teacher_cache is a finished cache folder (manifest.json)",
-      runtime=True)
-def _repa_cache_exists(cfg, world):
-    r = cfg.repa
-    if not r.enabled or r.features != "cache" or not r.teacher_cache.strip():
-        return None
-    if os.path.isfile(os.path.join(r.teacher_cache, "manifest.json")):
-        return None
-    return ("no manifest.json there: write the cache beside data.latent_cache with "
-            "usp_scale.data.teacher_cache.write_teacher_cache and write_teacher_manifest")
 
 
 # --------------------------------------------------------------------------- the tool launchers' own rules

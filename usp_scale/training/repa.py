@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..config.validate import repa_teacher_input
 from ..data import LatentCacheLoader, OnlineLatentLoader
-from ..data.teacher_cache import TeacherFeatureCache
+from ..data.teacher_cache import TeacherCacheError, TeacherFeatureCache
 from ..layers.projection_loss import projection_loss, repa_total_loss
 from ..models.teacher import TEACHERS, DINOv2ViT
 from ..transfer.teachers import load_teacher
@@ -93,9 +93,15 @@ class REPAObjective:
 
     # ------------------------------------------------------------------ data
     def load_teacher(self, device):
+        """The frozen teacher from ``repa.teacher_path`` (checked where it is read: a missing file or one that does
+        not fit the architecture is an error naming the key, the file and what to put there)."""
         if self.teacher is None:
-            self.teacher = load_teacher(self.r.teacher_path, name=self.r.teacher, image_size=self.cfg.data.image_size,
-                                        input_size=self.input_size, device=device)
+            try:
+                self.teacher = load_teacher(self.r.teacher_path, name=self.r.teacher,
+                                            image_size=self.cfg.data.image_size, input_size=self.input_size,
+                                            device=device)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"repa.teacher_path={self.r.teacher_path!r}: {e}") from e
         return self.teacher
 
     def attach(self, loader, device):
@@ -106,9 +112,12 @@ class REPAObjective:
                 raise ConfigError(f"repa.features=cache reads the teacher tokens beside a latent cache, but the "
                                   f"loader is a {type(loader).__name__}: set data.format=latents")
             teacher = self.load_teacher("cpu")   # only its content fingerprint is needed
-            cache = TeacherFeatureCache(r.teacher_cache, verify=self.cfg.data.latent_verify)
-            cache.check(latent_cache=loader.cache, teacher_content=teacher.content_fingerprint(),
-                        tokens=self.grid * self.grid)
+            try:
+                cache = TeacherFeatureCache(r.teacher_cache, verify=self.cfg.data.latent_verify)
+                cache.check(latent_cache=loader.cache, teacher_content=teacher.content_fingerprint(),
+                            tokens=self.grid * self.grid)
+            except TeacherCacheError as e:
+                raise TeacherCacheError(f"repa.teacher_cache={r.teacher_cache!r}: {e}") from e
             self.teacher = None          # not kept: the cached tokens are the teacher's output
             loader.record_features[FEATURE_KEY] = cache
         else:
