@@ -15,8 +15,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "debug", "tiny.yaml")          # pretrain, folder data, 64 px -> 8x8 latents
 TINY_DIT = os.path.join(ROOT, "configs", "debug", "tiny_dit.yaml")  # dit, EMA, 60 steps
 
+# a valid REPA job on the tiny recipe (the files are checked where they are read, not here)
+REPA_OK = ["task=sit", "model.name=SiT-tiny/2-REPA", "model.learn_sigma=false", "repa.enabled=true",
+           "repa.teacher=dinov2_tiny_test", "repa.teacher_path=t.pth", "repa.teacher_input_size=56",
+           "repa.encoder_depth=1", "data.format=latents", "data.latent_cache=lat", "repa.teacher_cache=tc"]
+
 # rule id -> (recipe, overrides that break the rule, world size for the rules checked at trainer start)
 CROSS = {
+    # REPA (repa.*)
+    "repa.enabled+task+model.name": (TINY_DIT, REPA_OK + ["model.name=SiT-tiny/2-VAE-simple"], None),
+    "model.learn_sigma+model.name": (TINY_DIT, REPA_OK + ["model.learn_sigma=true"], None),
+    "repa.encoder_depth+model.name+repa.enabled": (TINY_DIT, REPA_OK + ["repa.encoder_depth=3"], None),
+    "repa.teacher_path+repa.enabled": (TINY_DIT, REPA_OK + ["repa.teacher_path="], None),
+    "repa.features+data.format+repa.teacher_cache+repa.enabled": (TINY_DIT, REPA_OK + ["repa.teacher_cache="], None),
+    "repa.teacher+repa.teacher_input_size+data.image_size+model.img_size+model.name+repa.enabled":
+        (TINY_DIT, REPA_OK + ["repa.teacher_input_size=112"], None),
     "model.name": (TINY, ["model.name=vit_nope_patch_vae"], None),
     "task+model.name": (TINY, ["task=dit"], None),
     "model.img_size+model.name": (TINY, ["model.img_size=9", "data.image_size=72"], None),
@@ -122,6 +135,12 @@ def test_every_rule_has_a_case_and_ids_are_unique():
 def test_bases_are_valid(path):
     cfg = _load(path, [])
     validate_runtime(cfg, 1)
+
+
+def test_repa_base_is_valid():
+    validate_runtime(_load(TINY_DIT, REPA_OK), 1)
+    _load(TINY_DIT, [o for o in REPA_OK if not o.startswith(("data.", "repa.teacher_cache"))] +
+          ["repa.features=online"])     # online: the images of the tiny recipe's folder
 
 
 def test_a_tool_runs_only_the_rules_of_its_sections():

@@ -117,6 +117,11 @@ RANGES: Tuple[tuple, ...] = (
     ("cache.shard_size", 1, None, False, False, "an image count"),
     ("cache.batch_size", 1, None, False, False, "an image count"),
     ("cache.stop_after_shards", 0, None, False, False, "a shard count (0 = off)"),
+    # REPA (the repa.* rules: the REPA block below)
+    ("repa.encoder_depth", 1, None, False, False, "a block number (1-indexed)"),
+    ("repa.proj_coeff", 0, None, False, False, "a loss weight"),
+    ("repa.projector_dim", 1, None, False, False, "a width"),
+    ("repa.teacher_input_size", 0, None, False, False, "pixels (0 = REPA's 224 x (data.image_size // 256))"),
 )
 REQUIRED_STRINGS = ("output_dir", "eval.metrics_file")
 
@@ -426,12 +431,6 @@ def _cfg_null(cfg):
 
 # --------------------------------------------------------------------------- REPA (repa.*; usp_scale/training/repa.py)
 
-RULES.extend(_range_rule(*r) for r in (
-    ("repa.encoder_depth", 1, None, False, False, "a block number (1-indexed)"),
-    ("repa.proj_coeff", 0, None, False, False, "a loss weight"),
-    ("repa.projector_dim", 1, None, False, False, "a width"),
-    ("repa.teacher_input_size", 0, None, False, False, "pixels (0 = REPA's 224 x (data.image_size // 256))"),
-))
 REPA_TASKS = ("dit", "sit")
 
 
