@@ -113,7 +113,8 @@ def encoder_rows(a, device) -> list:
 
 # --------------------------------------------------------------------------------------------- end to end
 
-def e2e_rows(a, device, root) -> list:
+def e2e_rows(a, runtime, root) -> list:
+    device = runtime.device
     from bench_step import make_step
 
     from usp_scale.config import DataConfig, JobConfig
@@ -124,7 +125,7 @@ def e2e_rows(a, device, root) -> list:
 
     rows = []
     step, eng, _, _ = make_step(a.mae, batch=a.batch, compile_=a.compile, kernels="torch", precision=a.precision,
-                                device=device, ac=False)
+                                runtime=runtime, ac=False)
     r = rate(step, a.batch, a.steps, a.warmup, device)
     rows.append({"part": "e2e", "name": f"cached: {a.mae} step, latents on the device", "img_per_s": round(r, 1)})
     print(rows[-1], flush=True)
@@ -211,7 +212,12 @@ def main(argv=None) -> int:
         a.vae, a.mae, a.size, a.batch, a.steps, a.warmup, a.compile = "tiny-random", "MAE-tiny", 64, 4, 2, 1, False
         a.images, a.src_size, a.workers = 16, 80, 0
     warnings.filterwarnings("ignore")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from usp_scale.config import JobConfig
+    from usp_scale.runtime import init_runtime
+    base = JobConfig()
+    base.engine.tf32 = torch.cuda.is_available()
+    runtime = init_runtime(base)   # one process: device, TF32, the attention kernel (as bench_step.py)
+    device = runtime.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     parts = [p for p in a.parts.split(",") if p]
@@ -229,7 +235,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             make_synthetic(tmp, classes=16, per_class=max(1, a.images // 16), size=a.src_size, val_per_class=1,
                            seed=0, max_aspect=4 / 3)
-            rows += e2e_rows(a, device, tmp)
+            rows += e2e_rows(a, runtime, tmp)
     lines = ["# Online pretraining inputs: encoder and end-to-end throughput", "", "| item | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in meta.items()]
     lines += ["", f"Command: `bench_online.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..fileio import write_json
+from .shapes import make_shapes
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
 TEXTURES = ("plain", "stripes", "checker")
@@ -188,7 +189,6 @@ def prepare_dataset(a, prefix: str, progress: bool = True):
         raise ValueError(f"--kind shapes has 10 classes; --classes {a.classes} cannot be made")
     if not os.path.isfile(os.path.join(data, "synthetic.json")):
         if kind == "shapes":
-            from .shapes import make_shapes
             make_shapes(data, a.per_class, a.val_per_class, 0, a.size, a.data_seed, progress=progress)
         else:
             make_synthetic(data, a.classes, a.per_class, a.size, a.val_per_class, a.data_seed, progress=progress)
