@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from ..checkpoint.safe_load import write_checked_json
+from ..checkpoint.safe_load import read_json, write_checked_json
 from ..vae.latent_norm import STATS_FILE, STATS_FORMAT, STATS_KEY, STATS_VERSION
 from .cache_reader import LatentCache
 
@@ -80,9 +80,10 @@ def write_latent_stats(cache_dir: str, num_samples: int = DEFAULT_SAMPLES, seed:
     cache = LatentCache(cache_dir, verify=verify)
     stats = compute_latent_stats(cache, num_samples, seed, progress=progress)
     m = cache.manifest
+    man_sha = read_json(os.path.join(cache_dir, "manifest.json"), what="latent cache manifest").get("manifest_sha256")
     body = {"format": STATS_FORMAT, "version": STATS_VERSION, "channels": int(cache.latent_shape[0]),
             "what": "posterior sample: mean = E[mean], var = Var[mean] + E[exp(logvar)], per channel, fp64",
-            **stats, "latent_shape": list(cache.latent_shape), "cache_manifest_sha256": m.get("manifest_sha256"),
+            **stats, "latent_shape": list(cache.latent_shape), "cache_manifest_sha256": man_sha,
             "vae": m["vae"]}
     return write_checked_json(os.path.join(cache_dir, STATS_FILE), body, key=STATS_KEY)
 
