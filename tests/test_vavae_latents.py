@@ -115,6 +115,10 @@ def test_encode_decode_use_the_same_normalisation(vcache):
     z_raw, z = plain.encode(x), normed.encode(x)
     torch.testing.assert_close(z, (z_raw - m) / s * 2.0)
     torch.testing.assert_close(normed.decode(z), plain.decode(z_raw), rtol=1e-4, atol=1e-4)
+    # the config path (the online loader and the in-training FID build their VAE this way) carries the statistics
+    from_cfg = FrozenVAE.from_config(VAEConfig(path="tiny-random", version="f16d32", latent_stats=vcache["path"],
+                                               latent_multiplier=2.0))
+    torch.testing.assert_close(from_cfg.encode(x), z)
     # sampling the posterior: the same noise, the same normalisation
     za = normed.encode(x, posterior="sample", generator=torch.Generator().manual_seed(1))
     zb = plain.encode(x, posterior="sample", generator=torch.Generator().manual_seed(1))
