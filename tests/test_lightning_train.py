@@ -65,6 +65,12 @@ def test_tiny_vavae_lightningdit_chain(tmp_path):
     report = json.load(open(init + ".report.json"))
     # + the patch embedding's weight and bias (into x_embedder) and the fixed sin-cos table (the same 4x4 grid)
     assert set(blocks) < set(report["copied"]) and len(report["copied"]) == len(blocks) + 3
+    # checkpoint.init_from with the MAE export itself transfers on the fly: the same weights as the launcher's
+    from usp_scale.config import load_config
+    from usp_scale.training.tasks import build_task
+    direct = build_task(load_config(recipe, ["task=sit", "model.name=LightningDiT-tiny/1", "model.learn_sigma=false",
+                                             f"checkpoint.init_from={mae}", *common])).build_model().state_dict()
+    assert all(torch.equal(direct[k], dst[k]) for k in report["copied"])
     # 3. LightningDiT finetuning: task=sit, logit-normal t, cosine loss, EMA, from the transfer
     dit_out = str(tmp_path / "dit")
     assert train(["--task", "sit", "--config", recipe, f"output_dir={dit_out}", "model.name=LightningDiT-tiny/1",
@@ -168,7 +174,8 @@ def test_lightningdit_recipes_are_the_reference_configuration(recipe):
         assert get(cfg, key) == want, (recipe, key)
     assert cfg.vae.path.endswith(".pt") and cfg.vae.latent_stats  # names its VAE and its statistics
     for world in (8, 16, 64):  # global batch 1024 on any of these
-        assert resolve_job(cfg, world).global_batch == 1024
+        fresh = load_config(os.path.join(H.REPO, "configs", "finetune", recipe))
+        assert resolve_job(fresh, world).global_batch == 1024
     assert bool(cfg.checkpoint.init_from) == recipe.endswith("_usp.yaml")
 
 
