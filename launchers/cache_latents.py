@@ -32,6 +32,7 @@ from usp_scale.data.datasets import CorruptImageError, DatasetError  # noqa: E40
 from usp_scale.fileio import DiskFullError  # noqa: E402
 from usp_scale.runtime import barrier, cleanup, init_runtime  # noqa: E402
 from usp_scale.vae import FrozenVAE, VAELoadError  # noqa: E402
+from usp_scale.vae.latent_norm import LatentStatsError  # noqa: E402
 
 SECTIONS = ("data", "vae", "seed", "progress", "cache")
 ALIASES = (
@@ -108,7 +109,7 @@ if __name__ == "__main__":
         main()
     except Exception as e:  # a bad input file, argument or config value: its message (naming it), not a traceback
         errors = (ConfigError, CheckpointFileError, DiskFullError, FileNotFoundError, CorruptImageError, DatasetError,
-                  LatentCacheError, VAELoadError)
+                  LatentCacheError, VAELoadError, LatentStatsError)
         if not isinstance(e, errors):
             raise
         print(f"error: {e}", file=sys.stderr)

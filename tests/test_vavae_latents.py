@@ -185,3 +185,19 @@ def test_cache_launcher_writes_the_statistics(vcache, tmp_path):
     d = read_latent_stats(out)
     assert d["meta"]["samples"] == 7 and d["meta"]["seed"] == 5 and d["meta"]["records_total"] == 24
     assert d["mean"].shape == (32,)
+
+
+def test_trainer_refuses_statistics_that_do_not_fit(vcache, tmp_path, capsys):
+    """A latents_stats.pt of 16 channels for a 32-channel cache: the trainer stops with the message, nothing trains."""
+    from usp_scale.training.cli import main
+
+    p = str(tmp_path / "latents_stats.pt")
+    torch.save({"mean": torch.zeros(1, 16, 1, 1), "std": torch.ones(1, 16, 1, 1)}, p)
+    rc = main(["--config", os.path.join(REPO, "configs", "debug", "synthetic_pretrain.yaml"),
+               f"output_dir={tmp_path / 'run'}", "model.name=LightningMAE-tiny/1", "data.format=latents",
+               f"data.latent_cache={vcache['path']}", f"data.image_size={SIZE}", "vae.path=tiny-random",
+               "vae.version=f16d32", f"vae.latent_stats={p}", "model.img_size=4", "model.in_chans=32",
+               "schedule.max_steps=1", "engine.precision=fp32"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "vae.latent_stats" in err and "16 channels" in err and "have 32" in err
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
