@@ -14,6 +14,8 @@ or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out
   the paper's default) x 1,281,167 images;
 * USP finetuning, DiT-XL/2: 400K steps x batch 256;
 * from-scratch DiT-XL/2 (the paper's baseline): 7M steps x 256;
+* LightningDiT-XL/1 on VA-VAE latents (issue 21), when a ``LightningDiT-XL/1`` rate is given or measured:
+  LightningDiT's 64-epoch recipe, 80K steps x 1024 (about 64 epochs of ImageNet); not part of the USP DiT total;
 * optionally the latent cache (``--cache-img-per-s``: SD-VAE encode + DALI decode rate, ``--cache-views`` views
   per image) and FID-50K sampling (``--sampling-json`` from ``sample/bench_sampling.py``);
 * next to the sampling, the ADM evaluation of those 50,000 samples: 60,000 Inception forwards (the samples and the
@@ -60,6 +62,8 @@ EVAL_IMAGES = 60_000
 FP32_PEAK_TFLOPS = {"H20": 44.0, "H100": 66.9, "H200": 66.9, "A100": 19.5, "B200": 80.0}
 EVAL_DERIVED_UTIL = 0.4
 PAPER_H20_DAYS_PEAK = PEAK_TFLOPS["H20"]
+# LightningDiT's 64-epoch recipe (configs/finetune/lightningdit_xl1_256_vavae.yaml): steps x global batch
+LIGHTNINGDIT_MODEL, LIGHTNINGDIT_STEPS, LIGHTNINGDIT_BATCH = "LightningDiT-XL/1", 80_000, 1024
 TARGET_H100_DAYS = 12.0
 
 
@@ -174,6 +178,14 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
         rate = float(r["samples_per_s"])
         items.append({"key": key, "what": w["what"], "samples": w["samples"], "rate": rate,
                       "setting": _setting(r), "batch": r.get("batch", ""), "hours": w["samples"] / rate / 3600})
+    light = [r for r in rows if r["model"] == LIGHTNINGDIT_MODEL and r["device"] == card]
+    if light:   # the VA-VAE + LightningDiT row (its own run, outside the USP DiT pipeline total)
+        r = pick_rate(rows, LIGHTNINGDIT_MODEL, card, pins.get(LIGHTNINGDIT_MODEL))
+        n = LIGHTNINGDIT_STEPS * LIGHTNINGDIT_BATCH
+        items.append({"key": "lightningdit_64ep", "what": f"{LIGHTNINGDIT_MODEL} on VA-VAE latents, LightningDiT's "
+                      f"64-epoch recipe, {LIGHTNINGDIT_STEPS / 1000:g}K steps x {LIGHTNINGDIT_BATCH}", "samples": n,
+                      "rate": float(r["samples_per_s"]), "setting": _setting(r), "batch": r.get("batch", ""),
+                      "hours": n / float(r["samples_per_s"]) / 3600})
     if cache_img_per_s > 0:
         n = IMAGENET_TRAIN * cache_views
         items.append({"key": "latent_cache", "what": f"latent cache, {cache_views} view(s) per image", "samples": n,

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Encode an image dataset into a sharded, multi-view latent cache (posterior mean + logvar, plain + flipped).
+"""Encode an image dataset into a sharded, multi-view latent cache (posterior mean + logvar, plain + flipped), and
+its channel statistics (latent_stats.json: cache.stats_samples random latents, fp64; what vae.latent_stats reads for
+VA-VAE's per-channel normalisation).
 
 The config is the trainer's (docs/architecture.md, "Configuration"): --config RECIPE and key=value overrides of the
 sections data (what is encoded and how it is cropped), vae (which VAE: no default), seed and cache (this tool's own:
@@ -25,10 +27,12 @@ from usp_scale.config.cli import Alias, help_config, parse_tool_args, tool_confi
 from usp_scale.config.schema import CacheJob  # noqa: E402
 from usp_scale.data import build_dataset, write_cache, write_manifest  # noqa: E402
 from usp_scale.data.cache_reader import LatentCacheError  # noqa: E402
+from usp_scale.data.latent_stats import write_latent_stats  # noqa: E402
 from usp_scale.data.datasets import CorruptImageError, DatasetError  # noqa: E402
 from usp_scale.fileio import DiskFullError  # noqa: E402
 from usp_scale.runtime import barrier, cleanup, init_runtime  # noqa: E402
 from usp_scale.vae import FrozenVAE, VAELoadError  # noqa: E402
+from usp_scale.vae.latent_norm import LatentStatsError  # noqa: E402
 
 SECTIONS = ("data", "vae", "seed", "progress", "cache")
 ALIASES = (
@@ -54,6 +58,7 @@ ALIASES = (
     Alias(("--device",), "cache.device", "DEVICE"),
     Alias(("--no-progress",), "progress", const=False),
     Alias(("--stop-after-shards",), "cache.stop_after_shards", "N"),
+    Alias(("--stats-samples",), "cache.stats_samples", "N"),
 )
 
 
@@ -90,6 +95,9 @@ def main(argv=None):
         m = write_manifest(c.out)
         print(json.dumps({k: m[k] for k in ("num_images", "num_corrupt", "views", "dtype", "resolution",
                                             "latent_shape")}), flush=True)
+        st = write_latent_stats(c.out, c.stats_samples, cfg.seed, verify=d.latent_verify, progress=cfg.progress)
+        print(f"latent statistics: {st['samples']} of {st['records_total']} latents (seed {st['seed']}) -> "
+              f"{os.path.join(c.out, 'latent_stats.json')}", flush=True)
     if world > 1:
         barrier()
         cleanup()
@@ -101,7 +109,7 @@ if __name__ == "__main__":
         main()
     except Exception as e:  # a bad input file, argument or config value: its message (naming it), not a traceback
         errors = (ConfigError, CheckpointFileError, DiskFullError, FileNotFoundError, CorruptImageError, DatasetError,
-                  LatentCacheError, VAELoadError)
+                  LatentCacheError, VAELoadError, LatentStatsError)
         if not isinstance(e, errors):
             raise
         print(f"error: {e}", file=sys.stderr)

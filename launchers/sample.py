@@ -53,6 +53,8 @@ ALIASES = (
     Alias(("--vae",), "vae.path", "PATH"),
     Alias(("--vae-version",), "vae.version", "VERSION"),
     Alias(("--vae-scale",), "vae.scale", "SCALE"),
+    Alias(("--latent-stats",), "vae.latent_stats", "PATH"),
+    Alias(("--timestep-shift",), "eval.timestep_shift", "S"),
     Alias(("--vae-dtype",), "vae.dtype", "DTYPE"),
     Alias(("--sampler",), "eval.sampler", "KIND"),
     Alias(("--steps",), "eval.steps", "N"),
@@ -121,7 +123,8 @@ def build_vae(cfg, device: torch.device):
     v = cfg.vae
     if v.path.lower() == "none":
         return None
-    vae = FrozenVAE(path=v.path, version=v.version, scale=v.scale, dtype=v.dtype, device=device)
+    vae = FrozenVAE(path=v.path, version=v.version, scale=v.scale, dtype=v.dtype, device=device,
+                    latent_stats=v.latent_stats, latent_multiplier=v.latent_multiplier)
     ds = VAE_GEOMETRY[v.version][1]
     if vae.downsample != ds:
         raise ConfigError(f"vae.path={v.path}: the VAE downsamples by {vae.downsample}, vae.version={v.version} by "
@@ -139,18 +142,20 @@ def main(argv: Optional[list] = None) -> dict:
     vae = build_vae(cfg, device)
     model = build_model(cfg, device, rt.attn_backend)
     num_classes = infer_num_classes(model)
-    process = create_transport() if family == "sit" else create_diffusion("", learn_sigma=model.learn_sigma)
+    process = create_transport() if family in ("sit", "lightningdit") else \
+        create_diffusion("", learn_sigma=model.learn_sigma)
     net = torch.compile(model) if cfg.engine.compile else model
     interval = (e.cfg_interval_low, e.cfg_interval_high) if e.cfg_interval_low <= e.cfg_interval_high else None
     model_fn = make_model_fn(net, num_classes=num_classes, cfg_scale=e.cfg_scale, cfg_channels=e.cfg_channels,
                              interval=interval, precision=e.precision)
     sampler = build_sampler(e.sampler, process, e.steps, eta=e.ddim_eta, atol=s.atol, rtol=s.rtol,
-                            last_step=s.sde_last_step)
+                            last_step=s.sde_last_step, timestep_shift=e.timestep_shift)
     decode = make_decoder(vae)
     meta = {"model": cfg.model.name, "ckpt": os.path.abspath(s.ckpt), "weights": s.weights,
             "sampling_precision": e.precision, "cfg_scale": e.cfg_scale,
             "cfg_interval": list(interval) if interval else None, "cfg_channels": e.cfg_channels,
-            "vae": cfg.vae.path, "vae_scale": getattr(vae, "scale", None)}
+            "vae": cfg.vae.path, "vae_scale": getattr(vae, "scale", None),
+            "latent_norm": vae.norm.describe() if vae is not None else None}
     meta.update(sampler.describe())
     side = cfg.model.img_size
     res = run_sampling(model_fn, sampler, decode, num_samples=s.num_samples, out_dir=s.out_dir,

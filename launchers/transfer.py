@@ -27,7 +27,7 @@ from usp_scale.checkpoint.safe_load import CheckpointFileError  # noqa: E402
 from usp_scale.config import ConfigError  # noqa: E402
 from usp_scale.config.cli import Alias, help_config, parse_tool_args, tool_config, tool_parser  # noqa: E402
 from usp_scale.config.schema import TransferJob  # noqa: E402
-from usp_scale.config.validate import FAMILY_OF_TASK  # noqa: E402
+from usp_scale.config.validate import EXTRA_FAMILIES_OF_TASK, FAMILY_OF_TASK  # noqa: E402
 from usp_scale.fileio import DiskFullError, save_safetensors, write_text  # noqa: E402
 from usp_scale.models import list_models, model_family  # noqa: E402
 from usp_scale.runtime import init_runtime  # noqa: E402
@@ -56,7 +56,8 @@ def target_task(model_name: str, global_pool: str) -> str:
     """The finetuning task of a transfer target: the task of its family (config.validate.FAMILY_OF_TASK; of the
     classifier's two, the probe with token pooling)."""
     family = model_family(model_name)
-    tasks = [t for t, f in FAMILY_OF_TASK.items() if f == family and t != "pretrain"]
+    tasks = [t for t, f in FAMILY_OF_TASK.items()
+             if (f == family or family in EXTRA_FAMILIES_OF_TASK.get(t, ())) and t != "pretrain"]
     if not tasks:
         raise ConfigError(f"model.name={model_name} is a masked autoencoder; transfer targets are DiT/SiT or "
                           "classifiers")

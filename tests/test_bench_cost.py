@@ -118,3 +118,14 @@ def test_evaluation_row_measured_and_its_flops(tmp_path):
     finally:
         sys.path.pop(0)
     assert bench_eval.inception_flops() / 1e9 == pytest.approx(C.INCEPTION_GFLOP, rel=1e-4)
+
+
+def test_lightningdit_64_epoch_row_is_outside_the_usp_total(tmp_path):
+    rows = C.load_rows(_csv(tmp_path / "t.csv", ROWS)) + C.given_rows({"LightningDiT-XL/1": 512.0}, "NVIDIA H200")
+    r = C.report(rows, card="NVIDIA H200")
+    items = {it["key"]: it for it in r["items"]}
+    assert items["lightningdit_64ep"]["gpu_days"] == pytest.approx(80_000 * 1024 / 512.0 / 86400)   # 1.85
+    base = C.report(C.load_rows(_csv(tmp_path / "u.csv", ROWS)))
+    assert "lightningdit_64ep" not in {it["key"] for it in base["items"]}
+    assert r["pipeline_gpu_days"] == pytest.approx(base["pipeline_gpu_days"])
+    assert "LightningDiT-XL/1 on VA-VAE latents" in C.to_markdown(r)

@@ -73,6 +73,17 @@ CROSS = {
     "data.format+cache.out": ("cache", ["data.format=latents"], None),
     "data.root+cache.out": ("cache", ["data.root="], None),
 }
+# VA-VAE latents and LightningDiT (issue 21)
+CROSS.update({
+    "vae.latent_stats+vae.version+data.format+eval.fid_every": (TINY, ["vae.version=f16d32", "model.in_chans=32",
+                                                                        "data.image_size=128"], None),
+    "vae.latent_stats+vae.version+sample.out_dir": ("sample", ["vae.version=f16d32"], None),
+    "vae.latent_stats+vae.scale": (TINY, ["vae.latent_stats=stats.json", "vae.scale=0.5"], None),
+    "vae.latent_multiplier+vae.latent_stats": (TINY, ["vae.latent_multiplier=2.0"], None),
+    "dit.time_sampling+dit.cosine_loss+task": (TINY_DIT, ["dit.cosine_loss=true"], None),
+    "eval.timestep_shift+eval.sampler": (TINY_DIT, ["eval.timestep_shift=0.3"], None),
+    "model.learn_sigma+model.name": (TINY_DIT, ["task=sit", "model.name=LightningDiT-tiny/1"], None),
+})
 
 
 def _violation(key: str, lo, hi, lo_open, hi_open):

@@ -21,7 +21,8 @@ from ..data.transforms import AUGMENT_NAMES
 from ..kernels.dispatch import IMPLS as KERNEL_IMPLS
 from ..models.teacher import TEACHERS
 from ..runtime.attention import BACKENDS as ATTN_BACKENDS
-from ..vae.frozen import COMPILE_MODES
+from ..transport.transport import TIME_SAMPLING
+from ..vae.frozen import COMPILE_MODES, VAE_VERSIONS
 
 # Sentinel for required values: a field whose value is still MISSING after loading is an error.
 MISSING = "???"
@@ -99,11 +100,19 @@ class DataConfig:
 
 @dataclass
 class VAEConfig:
-    version: str = opt("d8", '"d8" (SD-VAE, 4 channels, x8) or "d16" (KL-16, 16 channels, x16).', choices=('d8', 'd16'))
+    version: str = opt("d8", '"d8" (SD-VAE, 4 channels, x8), "d16" (KL-16, 16 channels, x16) or "f16d32" (VA-VAE, '
+        '32 channels, x16; needs vae.latent_stats).', choices=VAE_VERSIONS)
     path: str = opt("", 'Local path: a diffusers folder (config.json + weights), a .safetensors/.ckpt file, or the '
         'name of a shipped VAE ("synthetic-f8"; "tiny-random", a small seeded random AutoencoderKL, for tests). No '
         'default: a job that encodes or decodes images must name its VAE.')
-    scale: float = opt(0.0, "Latent scale factor; 0 means the version's default (0.18215 for d8, 0.2325 for d16).")
+    scale: float = opt(0.0, "Latent scale factor; 0 means the version's default (0.18215 for d8, 0.2325 for d16). "
+        'Not used with vae.latent_stats (must stay 0 then).')
+    latent_stats: str = opt("", 'Channel statistics that normalise the latents as (z - mean) / std * '
+        'vae.latent_multiplier (LightningDiT on VA-VAE) instead of the scale factor, in training and in decoding: a '
+        'latent cache folder (its latent_stats.json, written by launchers/cache_latents.py), that file, or '
+        'LightningDiT\'s latents_stats.pt. "" = the scale factor (SD-VAE). Required for vae.version=f16d32.')
+    latent_multiplier: float = opt(1.0, 'With vae.latent_stats: the factor after the channel normalisation '
+        "(LightningDiT's latent_multiplier, 1.0 for VA-VAE).")
     posterior: str = opt("mean", '"mean" (posterior mean, used by USP pretraining) or "sample" (DiT/SiT finetuning).',
         choices=('mean', 'sample'))
     dtype: str = opt("fp32", 'Encoding precision: "fp32", "bf16" or "fp16".', choices=('fp32', 'bf16', 'fp16'))
@@ -261,6 +270,8 @@ class EvalConfig:
     cfg_channels: int = opt(0, 'Output channels guided by CFG: 0 = all latent channels, 3 = the official DiT/SiT '
         'behaviour.')
     ddim_eta: float = opt(0.0, 'DDIM stochasticity (sampler "ddim" only; 0 = deterministic).')
+    timestep_shift: float = opt(0.0, 'Samplers heun/euler: move the time grid to s t / (1 + (s - 1) t) '
+        "(LightningDiT's timestep shift, 0.3 in its recipe); 0 = the uniform grid.")
     batch_size: int = opt(64, 'Sampling and feature-extraction batch per rank for in-training FID.')
     precision: str = opt("fp32", 'Sampling precision for in-training FID: "fp32" or "bf16" (autocast).',
         choices=('fp32', 'bf16'))
@@ -284,6 +295,11 @@ class DiTConfig:
 
     use_pretrain_layer: int = opt(-1, 'Transfer from an MAE checkpoint (checkpoint.init_from): number of pretrained '
                                       'blocks to load (-1 = all).')
+    # LightningDiT's flow-matching options (task=sit; docs/method.md §10)
+    time_sampling: str = opt("uniform", 'task=sit: training times "uniform" on [0, 1) (SiT) or "logit_normal" '
+        "(sigmoid of N(0, 1), LightningDiT's use_lognorm).", choices=TIME_SAMPLING)
+    cosine_loss: bool = opt(False, "task=sit: add 1 - cos(v, u) over the channels to the MSE (LightningDiT's "
+        'use_cosine_loss).')
 
 
 @dataclass
@@ -397,6 +413,9 @@ class CacheConfig:
         '(ImageFolder only; decodes on the GPU when the VAE runs on one).', choices=('torchvision', 'dali'))
     device: str = opt("auto", 'Device: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda:N".')
     stop_after_shards: int = opt(0, 'Testing: stop this rank after writing N shards, as a crash would (0 = off).')
+    stats_samples: int = opt(10000, 'Channel statistics (latent_stats.json, for vae.latent_stats) estimated in fp64 '
+        "from this many random stored latents drawn with the job's seed (LightningDiT's 10,000); 0 = every latent of "
+        'the cache.')
 
 
 @dataclass

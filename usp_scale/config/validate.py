@@ -23,6 +23,7 @@ import torch
 
 from ..models import create_model, list_models, model_family
 from ..models.teacher import TEACHERS
+from ..vae.frozen import GEOMETRY as _VAE_GEOMETRY
 from .errors import ConfigError
 from .schema import OFFICIAL_PRECISION, CacheJob, JobConfig, SampleJob, TransferJob
 
@@ -71,6 +72,7 @@ RANGES: Tuple[tuple, ...] = (
     ("data.num_classes", 1, None, False, False, "a class count"),
     ("data.synthetic_samples", 1, None, False, False, "a sample count"),
     ("vae.scale", 0, None, False, False, "a scale factor (0 = the version's default)"),
+    ("vae.latent_multiplier", 0, None, True, False, "a factor"),
     ("model.img_size", 1, None, False, False, "a latent side"),
     ("model.in_chans", 1, None, False, False, "a channel count"),
     ("model.num_classes", 1, None, False, False, "a class count"),
@@ -105,6 +107,7 @@ RANGES: Tuple[tuple, ...] = (
     ("eval.cfg_scale", 0, None, False, False, "a guidance scale (1 = off)"),
     ("eval.cfg_channels", 0, None, False, False, "a channel count (0 = all)"),
     ("eval.ddim_eta", 0, None, False, False, "a DDIM eta"),
+    ("eval.timestep_shift", 0, None, False, False, "a shift (0 = the uniform grid)"),
     ("eval.batch_size", 1, None, False, False, "samples per rank"),
     ("eval.seed", 0, None, False, False, "a seed"),
     ("sample.num_samples", 1, None, False, False, "an image count"),
@@ -122,11 +125,12 @@ RANGES: Tuple[tuple, ...] = (
     ("repa.proj_coeff", 0, None, False, False, "a loss weight"),
     ("repa.projector_dim", 1, None, False, False, "a width"),
     ("repa.teacher_input_size", 0, None, False, False, "pixels (0 = REPA's 224 x (data.image_size // 256))"),
+    ("cache.stats_samples", 0, None, False, False, "a latent count (0 = every latent of the cache)"),
 )
 REQUIRED_STRINGS = ("output_dir", "eval.metrics_file")
 
-# Latent geometry of the VAE versions: (channels, downsampling).
-VAE_GEOMETRY = {"d8": (4, 8), "d16": (16, 16)}
+# Latent geometry of the VAE versions: (channels, downsampling) (usp_scale.vae.frozen owns it).
+VAE_GEOMETRY = dict(_VAE_GEOMETRY)
 LABELLED_TASKS = ("dit", "sit", "cls", "linprobe")
 FAMILY_OF_TASK = {"pretrain": "mae", "dit": "dit", "sit": "sit", "cls": "vit", "linprobe": "vit"}
 SAMPLERS = {"dit": ("auto", "ddpm", "ddim"), "sit": ("auto", "sde", "ode", "heun", "euler")}
@@ -223,7 +227,9 @@ def _model_family(cfg):
     if cfg.model.name not in list_models() or cfg.task not in FAMILY_OF_TASK:
         return None
     fam, want = model_family(cfg.model.name), FAMILY_OF_TASK[cfg.task]
-    return None if fam == want else f"task={cfg.task} needs a {want} model, {cfg.model.name} is a {fam} model"
+    if fam == want or fam in EXTRA_FAMILIES_OF_TASK.get(cfg.task, ()):
+        return None
+    return f"task={cfg.task} needs a {want} model, {cfg.model.name} is a {fam} model"
 
 
 @rule("model.img_size", "model.name", text="model.img_size is a multiple of the model's patch size")
@@ -235,7 +241,8 @@ def _patch(cfg):
 
 
 @rule("data.image_size", "vae.version", "model.img_size", "data.format",
-      text="unless data.format=synthetic: data.image_size is a multiple of the VAE downsampling (8 for d8, 16 for d16) "
+      text="unless data.format=synthetic: data.image_size is a multiple of the VAE downsampling (8 for d8, 16 for d16 "
+           "and f16d32) "
            "and model.img_size = data.image_size / downsampling")
 def _latent_side(cfg):
     if cfg.data.format == "synthetic" or cfg.vae.version not in VAE_GEOMETRY:
@@ -251,7 +258,8 @@ def _latent_side(cfg):
 
 
 @rule("model.in_chans", "vae.version", "data.format",
-      text="unless data.format=synthetic: model.in_chans is the VAE's latent channels (4 for d8, 16 for d16)")
+      text="unless data.format=synthetic: model.in_chans is the VAE's latent channels (4 for d8, 16 for d16, 32 for "
+           "f16d32)")
 def _latent_channels(cfg):
     if cfg.data.format == "synthetic" or cfg.vae.version not in VAE_GEOMETRY:
         return None
@@ -575,6 +583,72 @@ def _cache_format(cfg):
 @rule("data.root", "cache.out", text="launchers/cache_latents.py: data.root is set")
 def _cache_root(cfg):
     return None if cfg.data.root.strip() else "the dataset to encode (--data-root) is needed"
+
+
+# --------------------------------------------------------------------------- VA-VAE latents and LightningDiT (issue 21)
+# task=sit also trains LightningDiT (the same transport, LightningDiT's options in the dit section); sampling a
+# LightningDiT uses the SiT samplers.
+EXTRA_FAMILIES_OF_TASK = {"sit": ("lightningdit",)}
+FAMILY_SAMPLERS["lightningdit"] = SAMPLERS["sit"]
+
+
+def _needs_stats(cfg) -> Optional[str]:
+    if cfg.vae.version == "f16d32" and not cfg.vae.latent_stats.strip():
+        return ("VA-VAE latents are normalised per channel (LightningDiT does not train on them without it): set "
+                "vae.latent_stats to the latent cache folder (launchers/cache_latents.py writes its "
+                "latent_stats.json) or to LightningDiT's latents_stats.pt")
+    return None
+
+
+@rule("vae.latent_stats", "vae.version", "data.format", "eval.fid_every",
+      text="vae.version=f16d32 names its channel statistics in vae.latent_stats, unless data.format=synthetic and "
+           "eval.fid_every=0 (nothing encoded or decoded)")
+def _vavae_stats(cfg):
+    return None if cfg.data.format == "synthetic" and cfg.eval.fid_every == 0 else _needs_stats(cfg)
+
+
+@rule("vae.latent_stats", "vae.version", "sample.out_dir",
+      text="launchers/sample.py: vae.version=f16d32 names its channel statistics in vae.latent_stats (the decoder "
+           "inverts the training normalisation)")
+def _sample_vavae_stats(cfg):
+    return None if cfg.vae.path.strip().lower() == "none" else _needs_stats(cfg)
+
+
+@rule("vae.latent_stats", "vae.scale",
+      text="with vae.latent_stats: vae.scale is 0 (the statistics replace the scale factor)")
+def _stats_scale(cfg):
+    return "the channel statistics replace the scale factor: drop vae.scale or vae.latent_stats" \
+        if cfg.vae.latent_stats.strip() and cfg.vae.scale != 0 else None
+
+
+@rule("vae.latent_multiplier", "vae.latent_stats",
+      text="vae.latent_multiplier != 1 only with vae.latent_stats (it multiplies the normalised latents)")
+def _multiplier(cfg):
+    return "the multiplier applies after the channel normalisation: set vae.latent_stats (or vae.scale instead)" \
+        if cfg.vae.latent_multiplier != 1.0 and not cfg.vae.latent_stats.strip() else None
+
+
+@rule("dit.time_sampling", "dit.cosine_loss", "task",
+      text="dit.time_sampling=logit_normal and dit.cosine_loss are options of task=sit (the flow transport)")
+def _flow_options(cfg):
+    if cfg.task != "sit" and (cfg.dit.time_sampling != "uniform" or cfg.dit.cosine_loss):
+        return f"task={cfg.task} has no flow transport: use task=sit, or the defaults (uniform, no cosine loss)"
+    return None
+
+
+@rule("eval.timestep_shift", "eval.sampler",
+      text="eval.timestep_shift > 0 only with eval.sampler heun or euler (a fixed time grid)")
+def _shift_sampler(cfg):
+    return f"eval.sampler={cfg.eval.sampler} has no fixed time grid to shift: use euler or heun" \
+        if cfg.eval.timestep_shift > 0 and cfg.eval.sampler not in ("heun", "euler") else None
+
+
+@rule("model.learn_sigma", "model.name", text="a LightningDiT model has model.learn_sigma=false (it predicts the "
+      "velocity only)")
+def _lightning_sigma(cfg):
+    if cfg.model.name in list_models() and model_family(cfg.model.name) == "lightningdit" and cfg.model.learn_sigma:
+        return f"{cfg.model.name} has no learned sigma: set model.learn_sigma=false"
+    return None
 
 
 # --------------------------------------------------------------------------- rules that need the world size

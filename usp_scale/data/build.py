@@ -7,6 +7,8 @@ import dataclasses
 import torch
 
 from ..vae import SCALE, FrozenVAE
+from ..vae.frozen import GEOMETRY
+from ..vae.latent_norm import build_latent_norm
 from ..vae.named import shipped_scale
 from .cache_reader import LatentCache, LatentCacheLoader
 from .datasets import build_dataset
@@ -84,7 +86,7 @@ def build_image_loader(data_cfg, *, rank: int = 0, world_size: int = 1, seed: in
 
 
 def _expected_latent_shape(vae_cfg, image_size: int):
-    ch, ds = (4, 8) if vae_cfg.version == "d8" else (16, 16)
+    ch, ds = GEOMETRY[vae_cfg.version]
     return (ch, image_size // ds, image_size // ds)
 
 
@@ -112,7 +114,10 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
         sampler = ShardSampler(len(cache), rank, world_size, seed, shuffle=train, even=train,
                                batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
         scale = vae_cfg.scale or shipped_scale(vae_cfg.path) or SCALE[vae_cfg.version]
-        return LatentCacheLoader(cache, sampler, scale=scale, sample=data_cfg.latent_sample, device=device)
+        # the scale factor, or the channel statistics (checked against the cache's channels and VAE content)
+        norm = build_latent_norm(scale, vae_cfg.latent_stats, vae_cfg.latent_multiplier,
+                                 channels=cache.latent_shape[0], vae_content=cache.manifest["vae"].get("content"))
+        return LatentCacheLoader(cache, sampler, scale=norm, sample=data_cfg.latent_sample, device=device)
     if data_cfg.format == "latents" and train:
         raise ValueError("data.format=latents needs data.latent_cache (a folder written by launchers/cache_latents.py)")
     if data_cfg.format == "latents":

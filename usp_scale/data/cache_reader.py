@@ -263,6 +263,8 @@ class LatentCacheLoader(ResumableLoader):
     Per epoch each image gets one random view and flip (same draw on every rank, seeded by seed and
     epoch); the posterior is sampled (logvar clamped to [-30, 20]) with noise seeded by
     (seed, epoch, rank, batch), or the mean is taken. Sharded over the global rank by :class:`ShardSampler`.
+    ``scale``: the latent scale factor, or a :class:`~usp_scale.vae.latent_norm.LatentNorm` (VA-VAE's channel
+    statistics).
     """
 
     def __init__(self, cache: LatentCache, sampler: ShardSampler, *, scale: float, sample: bool = True,

@@ -102,7 +102,7 @@ def check_eval_config(cfg, process) -> None:
         except KeyError as err:
             raise ConfigError(f"eval.feature_extractor={e.feature_extractor!r}: {err.args[0]}") from None
     try:
-        build_sampler(e.sampler, process, e.steps, eta=e.ddim_eta)
+        build_sampler(e.sampler, process, e.steps, eta=e.ddim_eta, timestep_shift=e.timestep_shift)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"eval.sampler={e.sampler!r} for task={cfg.task}: {err}") from None
 
@@ -278,7 +278,8 @@ def evaluate_fid(model, diffusion_or_transport, vae, cfg, num_samples: int, *, r
     try:  # set-up (may fail on one rank only, e.g. out of memory)
         latent_shape = tuple(latent_shape or infer_latent_shape(model))
         num_classes = int(num_classes if num_classes is not None else infer_num_classes(model))
-        sampler = build_sampler(sampler_kind, diffusion_or_transport, steps, eta=float(_get(cfg, "ddim_eta")))
+        sampler = build_sampler(sampler_kind, diffusion_or_transport, steps, eta=float(_get(cfg, "ddim_eta")),
+                                timestep_shift=float(_get(cfg, "timestep_shift")))
         model_fn = make_model_fn(model, num_classes=num_classes, cfg_scale=cfg_scale,
                                  cfg_channels=int(_get(cfg, "cfg_channels")), interval=interval,
                                  precision=precision)
@@ -366,7 +367,7 @@ def save_sample_grid(model, diffusion_or_transport, vae, cfg, path: str, num: in
     latent_shape = tuple(latent_shape or infer_latent_shape(model))
     num_classes = int(num_classes if num_classes is not None else infer_num_classes(model))
     sampler = build_sampler(_get(cfg, "sampler"), diffusion_or_transport, int(_get(cfg, "steps")),
-                            eta=float(_get(cfg, "ddim_eta")))
+                            eta=float(_get(cfg, "ddim_eta")), timestep_shift=float(_get(cfg, "timestep_shift")))
     model_fn = make_model_fn(model, num_classes=num_classes, cfg_scale=float(_get(cfg, "cfg_scale")),
                              cfg_channels=int(_get(cfg, "cfg_channels")), interval=_interval(cfg),
                              precision=_get(cfg, "precision"))

@@ -158,7 +158,10 @@ class LightningDiT(LatentTransformer):
         return set()
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        return unpatchify(x, self.patch_size, self.out_channels)
+        # with patch 1 the unpatchify is a pure permutation, i.e. a view of the final layer's output; a copy keeps
+        # the model's output a tensor of its own (FSDP2 warns that an in-place op on a returned view would skip its
+        # pre-backward hook)
+        return unpatchify(x, self.patch_size, self.out_channels).contiguous()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

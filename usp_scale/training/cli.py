@@ -18,6 +18,7 @@ from ..checkpoint.safe_load import CheckpointFileError
 from ..fileio import DiskFullError
 from ..config import ConfigError, format_help, load_config, to_dict
 from ..data.cache_reader import LatentCacheError
+from ..vae.latent_norm import LatentStatsError
 from .nonfinite import NonFiniteError
 from .stop import EXIT_DONE, clear_stale_stop_files, stop_exit_code, write_stopped
 from .trainer import Trainer
@@ -98,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         result = trainer.fit()
     except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
         if not isinstance(e, (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
-                              FileNotFoundError)):
+                              LatentStatsError, FileNotFoundError)):
             raise
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR

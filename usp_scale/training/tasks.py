@@ -173,13 +173,15 @@ class DiTTask(Task):
 
 
 class SiTTask(DiTTask):
-    """Flow finetuning (docs/method.md §4.3): linear path, velocity prediction, t ~ U[0, 1)."""
+    """Flow finetuning (docs/method.md §4.3): linear path, velocity prediction, t ~ U[0, 1); SiT or LightningDiT
+    (docs/method.md §10: ``dit.time_sampling=logit_normal``, ``dit.cosine_loss``)."""
 
     name = "sit"
 
     def __init__(self, cfg, transport=None):
         Task.__init__(self, cfg)
-        self.transport = self.process = transport or create_transport()
+        self.transport = self.process = transport or create_transport(time_sampling=cfg.dit.time_sampling,
+                                                                      cosine_loss=cfg.dit.cosine_loss)
 
     def loss(self, engine, batch, generator=None):
         kw = self.model_kwargs_for(batch["labels"], generator)

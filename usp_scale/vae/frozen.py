@@ -18,11 +18,15 @@ import torch.nn as nn
 
 from ..checkpoint.safe_load import CheckpointFileError, UnsafeCheckpointError, read_safetensors, torch_load
 from .named import resolve_vae_path, shipped_scale
+from .latent_norm import LatentNorm, build_latent_norm
 from .ldm import LDMLayoutError, ldm_to_diffusers, split_autoencoder
 
 # Latent scale per VAE version. f16d32 (VA-VAE) is 1.0: LightningDiT normalises its latents per channel
 # ((z - mean) / std, latent_multiplier 1.0) with statistics of the latents themselves, not with one factor.
 SCALE = {"d8": 0.18215, "d16": 0.2325, "f16d32": 1.0}
+VAE_VERSIONS = tuple(SCALE)  # vae.version's choices
+# Latent geometry of each version: (channels, downsampling).
+GEOMETRY = {"d8": (4, 8), "d16": (16, 16), "f16d32": (32, 16)}
 VERSIONS = "'d8' (SD-VAE), 'd16' (KL-16) or 'f16d32' (VA-VAE)"
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -230,7 +234,8 @@ class FrozenVAE:
 
     def __init__(self, path: str = "tiny-random", version: str = "d8", scale: float = 0.0, dtype: str = "fp32",
                  device="cpu", channels_last: bool = True, compile: bool = False, posterior: str = "mean",
-                 seed: int = 0, autocast: bool = False, compile_mode: str = "default"):
+                 seed: int = 0, autocast: bool = False, compile_mode: str = "default", latent_stats: str = "",
+                 latent_multiplier: float = 1.0):
         if version not in SCALE:
             raise VAELoadError(f"vae.version={version!r} is unknown; use {VERSIONS}")
         if dtype not in DTYPES:
@@ -259,13 +264,19 @@ class FrozenVAE:
         self._autocast = autocast and self.dtype != torch.float32
         self._graphs = EncodeGraphs(model, compile=compile, mode=compile_mode)
         self._fingerprint: Optional[str] = None
+        # raw latents <-> model space: the scale, or channel statistics (vae.latent_stats; checked against this
+        # VAE's channels and content fingerprint when the statistics file records it)
+        self.norm: LatentNorm = build_latent_norm(
+            self.scale, latent_stats, latent_multiplier, channels=self.latent_channels,
+            vae_content=self.content_fingerprint if latent_stats else None)
 
     @classmethod
     def from_config(cls, cfg, device="cpu") -> "FrozenVAE":
         """From a :class:`~usp_scale.config.schema.VAEConfig`."""
         return cls(path=cfg.path, version=cfg.version, scale=cfg.scale, dtype=cfg.dtype, device=device,
                    channels_last=cfg.channels_last, compile=cfg.compile, posterior=cfg.posterior,
-                   autocast=cfg.autocast, compile_mode=cfg.compile_mode)
+                   autocast=cfg.autocast, compile_mode=cfg.compile_mode, latent_stats=cfg.latent_stats,
+                   latent_multiplier=cfg.latent_multiplier)
 
     # -- info
     def latent_shape(self, image_size: int) -> Tuple[int, int, int]:
@@ -290,6 +301,7 @@ class FrozenVAE:
     def identity(self) -> dict:
         """What a latent cache records about the VAE that produced it (``content`` decides; path and name are
         for people)."""
+        # the normalisation is not part of it: a cache stores raw moments, the reader applies vae.latent_stats
         return {"version": self.version, "path": self.path, "name": os.path.basename(os.path.normpath(self.path)),
                 "scale": self.scale, "dtype": self.dtype_name + ("-autocast" if self._autocast else ""),
                 "latent_channels": self.latent_channels,
@@ -321,23 +333,27 @@ class FrozenVAE:
         a sample needs both moments."""
         if (posterior or self.posterior) == "sample":
             mean, logvar = self.encode_moments(images)
-            return posterior_latents(mean, logvar, self.scale, sample=True, generator=generator)
+            return posterior_latents(mean, logvar, self.norm, sample=True, generator=generator)
         with self._precision():
             mean = self._graphs.run("mean", self._prep(images))
-        return mean.mul_(self.scale)
+        return self.norm.apply(mean)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (N,C,h,w) -> images (N,3,H,W) fp32 in [-1, 1]."""
-        z = self._prep(latents / self.scale)
+        """Model-space latents (N,C,h,w) -> images (N,3,H,W) fp32 in [-1, 1] (the inverse of the encoder's
+        normalisation, :attr:`norm`)."""
+        z = self._prep(self.norm.invert(latents))
         if self.model.post_quant_conv is not None:
             z = self.model.post_quant_conv(z)
         return self.model.decoder(z).float().clamp_(-1, 1)
 
 
-def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, scale: float, sample: bool = True,
+def posterior_latents(mean: torch.Tensor, logvar: torch.Tensor, scale, sample: bool = True,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """scale * mean, or scale * (mean + exp(0.5*clamp(logvar, -30, 20)) * eps) in fp32."""
+    """scale * mean, or scale * (mean + exp(0.5*clamp(logvar, -30, 20)) * eps) in fp32; ``scale`` a float or a
+    :class:`~usp_scale.vae.latent_norm.LatentNorm` (then its :meth:`~LatentNorm.apply` replaces the factor)."""
+    if isinstance(scale, LatentNorm):
+        return scale.apply(posterior_latents(mean, logvar, 1.0, sample, generator))
     if not sample:
         return mean.to(torch.float32, copy=True).mul_(scale)
     std = logvar.to(torch.float32, copy=True).clamp_(-30.0, 20.0).mul_(0.5).exp_()
