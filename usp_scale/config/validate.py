@@ -475,11 +475,16 @@ def _repa_model(cfg):
 
 
 @rule("model.learn_sigma", "model.name",
-      text="REPA's SiT (SiT-*/2-REPA) predicts the velocity only: model.learn_sigma=false")
-def _repa_sigma(cfg):
+      text="a model without a learned-sigma output (REPA's SiT SiT-*/2-REPA, LightningDiT-*) has "
+           "model.learn_sigma=false: it predicts the velocity only")
+def _no_sigma_output(cfg):
     n = cfg.model.name
-    if cfg.model.learn_sigma and is_repa_model(n) and n.startswith("SiT-") and n.endswith("/2-REPA"):
-        return f"{n} has no learned-sigma output (REPA's SiT: out channels = in channels)"
+    if not cfg.model.learn_sigma:
+        return None
+    if is_repa_model(n) and n.startswith("SiT-") and n.endswith("/2-REPA"):
+        return f"{n} has no learned-sigma output (REPA's SiT: out channels = in channels): set model.learn_sigma=false"
+    if n in list_models() and model_family(n) == "lightningdit":
+        return f"{n} has no learned sigma: set model.learn_sigma=false"
     return None
 
 
@@ -641,14 +646,6 @@ def _flow_options(cfg):
 def _shift_sampler(cfg):
     return f"eval.sampler={cfg.eval.sampler} has no fixed time grid to shift: use euler or heun" \
         if cfg.eval.timestep_shift > 0 and cfg.eval.sampler not in ("heun", "euler") else None
-
-
-@rule("model.learn_sigma", "model.name", text="a LightningDiT model has model.learn_sigma=false (it predicts the "
-      "velocity only)")
-def _lightning_sigma(cfg):
-    if cfg.model.name in list_models() and model_family(cfg.model.name) == "lightningdit" and cfg.model.learn_sigma:
-        return f"{cfg.model.name} has no learned sigma: set model.learn_sigma=false"
-    return None
 
 
 # --------------------------------------------------------------------------- rules that need the world size
