@@ -95,6 +95,29 @@ def read_safetensors(path: str, *, what: str = "weights file", with_metadata: bo
     return (tensors, meta) if with_metadata else tensors
 
 
+class NonFiniteWeightsError(CheckpointFileError):
+    """A weight file holding NaN or infinity (written by a diverged run or another tool)."""
+
+
+def check_finite(tensors, path: str, *, what: str = "weights file") -> None:
+    """Refuse weights holding NaN/inf, naming ``path`` and the first bad key (in the file's key order) with how many
+    of its values are bad. Called once where weights are read (:func:`usp_scale.transfer.formats.read_state_dict`,
+    the VAE and teacher readers): NaN weights would sample black images that still score a finite FID, or train
+    NaN steps that blame the learning rate."""
+    for key, t in tensors.items():
+        if isinstance(t, dict):  # a nested checkpoint ({"state_dict": {...}}): its keys with the dotted prefix
+            check_finite({f"{key}.{k}": v for k, v in t.items()}, path, what=what)
+        elif isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                kinds = [n for n, m in (("NaN", torch.isnan(t)), ("inf", torch.isinf(t))) if bool(m.any())]
+                raise NonFiniteWeightsError(
+                    f"refusing {what} {path}: tensor '{key}' holds {bad} non-finite value(s) ({'/'.join(kinds)}) of "
+                    f"{t.numel()} (the first bad key in the file); the weights come from a diverged run or a broken "
+                    "conversion: use an earlier checkpoint or export")
+
+
 def read_json(path: str, *, what: str = "file"):
     """``json.load`` with the path in every error."""
     if not os.path.isfile(path):
