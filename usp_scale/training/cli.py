@@ -16,7 +16,7 @@ import yaml
 from .. import runtime as D
 from ..checkpoint.safe_load import CheckpointFileError
 from ..fileio import DiskFullError
-from ..config import ConfigError, format_help, load_config, to_dict
+from ..config import ConfigError, JobConfig, format_help, load_config, to_dict
 from ..data.cache_reader import LatentCacheError
 from .nonfinite import NonFiniteError
 from .stop import EXIT_DONE, clear_stale_stop_files, stop_exit_code, write_stopped
@@ -79,6 +79,9 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        # the other ranks name this one instead of waiting for the collective timeout (the start-up agreement)
+        D.report_startup_failure(D.detect(local_rank_arg=args.local_rank if args.local_rank >= 0 else None),
+                                 JobConfig().engine.startup_timeout_s, f"config error: {e}")
         return EXIT_CONFIG
     if not finetune and cfg.task != "pretrain":
         print(f"config error: launchers/pretrain.py runs task=pretrain, the config says task={cfg.task!r}; "
@@ -98,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         result = trainer.fit()
     except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
         if not isinstance(e, (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
-                              FileNotFoundError)):
+                              FileNotFoundError, D.StartupError)):
             raise
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
