@@ -37,6 +37,7 @@ from .metrics import LogWindow, MetricsLogger, truncate_after_resume
 from .nonfinite import NonFiniteError, NonFinitePolicy
 from .optim import build_optimizer
 from .rng import step_generator
+from .rundir import RunDirLockedError, check_writable, clean_litter, lock_run_dir, unlock_run_dir
 from .schedule import LRSchedule
 from .state import LoaderPosition, TrainState
 from .stepstats import DeferredStepStats
@@ -75,9 +76,7 @@ class Trainer:
         self.task = task or build_task(cfg)
         self.loader_factory = loader_factory or default_loader
         out = cfg.output_dir
-        if self.is_main:
-            os.makedirs(out, exist_ok=True)
-            save_config(cfg, os.path.join(out, "config.yaml"))
+        self._prepare_run_dir(out)  # one job per folder (lock), writable now, the litter of killed writers removed
         self._print(f"[usp_scale] {self.batch_plan.describe()}; precision {cfg.engine.precision}, gradients reduced "
                     f"in {cfg.engine.reduce_dtype}")
         model, init_state = build_model(self.task, cfg.engine.name, rt)
@@ -114,6 +113,8 @@ class Trainer:
         self.stop = StopRequests(out, self.is_main)
         self.exporter = Exporter(cfg, self.task, self.is_main)
         self.resumed_from = self._resume()
+        if self.is_main:  # the run is accepted (its resume checks passed): only now its config replaces the old one
+            save_config(cfg, os.path.join(out, "config.yaml"))
         self.val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
                                               train=False) if self.task.evaluates else None
         self.stats = DeferredStepStats(self.device)
@@ -125,6 +126,23 @@ class Trainer:
     def _print(self, *a):
         if self.is_main:
             print(*a, flush=True)
+
+    def _prepare_run_dir(self, out: str) -> None:
+        """Rank 0 locks ``out`` (a second job is refused naming the holder), checks that it and its checkpoint
+        folder are writable and removes the litter of killed writers (:mod:`.rundir`); every rank raises its
+        error."""
+        error = None
+        if self.is_main:
+            try:
+                check_writable(out)
+                lock_run_dir(out)
+                check_writable(os.path.join(out, "checkpoints"))
+                clean_litter(out, os.path.join(out, "checkpoints"))
+            except ConfigError as e:
+                error = (type(e).__name__, str(e))
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise (RunDirLockedError if error[0] == RunDirLockedError.__name__ else ConfigError)(error[1])
 
     def _resume(self) -> Optional[str]:
         """Resume from ``checkpoint.resume`` (auto: the newest complete step folder) when there is one: check it,
@@ -297,6 +315,8 @@ class Trainer:
                                                   f"{cfg.task} {cfg.model.name}")
         self.logger.close()
         D.barrier()
+        if self.is_main:
+            unlock_run_dir(cfg.output_dir)
         return result
 
     def _evaluate(self, step, epoch):
@@ -311,6 +331,8 @@ class Trainer:
     def close(self):
         if getattr(self, "engine", None) is not None:
             self.engine.close()
+        if getattr(self, "is_main", False):
+            unlock_run_dir(self.cfg.output_dir)
 
 
 def run(cfg, **kwargs) -> dict:
