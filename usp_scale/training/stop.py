@@ -2,7 +2,8 @@
 and the protocol's names are :mod:`usp_scale.cluster.slurm`'s).
 
 Touching ``<output_dir>/STOP_AND_CHECKPOINT`` (the SLURM scripts do it on SIGUSR1), or SIGUSR1/SIGTERM delivered to
-the workers, makes the trainer checkpoint at its next log step and exit (:class:`StopRequests`); the launcher then
+the workers, makes the trainer checkpoint at its next log step (or at the end of the epoch) and exit; a second SIGTERM
+before that ends the process at once (:class:`StopRequests`); the launcher then
 exits with ``EXIT_STOPPED`` and rank 0 leaves ``<output_dir>/STOPPED`` (:func:`write_stopped`), which the next run
 removes at start-up (:func:`clear_stale_stop_files`).
 """
@@ -32,6 +33,9 @@ class StopRequests:
 
     def install(self) -> None:
         def handler(signum, frame):
+            if self.raw and signum == signal.SIGTERM:  # a second SIGTERM: the first was not acted on yet, end now
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
             self.raw = True
 
         for s in (signal.SIGUSR1, signal.SIGTERM):

@@ -251,6 +251,26 @@ class Trainer:
             return True
         return reached_stop or st.step >= total
 
+    def _empty_epoch_message(self) -> str:
+        d = self.cfg.data
+        where = {"latents": f"data.latent_cache={d.latent_cache}", "synthetic": "data.format=synthetic"}.get(
+            d.format, f"data.root={os.path.join(d.root, d.split) if d.split else d.root}")
+        return (f"epoch {self.state.epoch} yielded no sample on rank {self.rank} ({where}): every file the loader "
+                "read was skipped as unreadable (see the warnings above; e.g. git-lfs pointer files instead of "
+                "images). Fix or replace the files (data.strict=true stops at the first one)")
+
+    def _stop_between_epochs(self) -> bool:
+        """Stop requests are also honoured at an epoch boundary (not only after a log step): checkpoint and stop."""
+        if not (self.stop.agreed() if self.world > 1 else self.stop.raw or os.path.exists(self.stop.path)):
+            return False
+        self.last_ckpt = self._save()
+        self._print(f"[usp_scale] stop requested (signal or {os.path.basename(self.stop.path)}) at the end of epoch "
+                    f"{self.state.epoch - 1}: checkpointed at step {self.state.step}, exiting so that a requeued job "
+                    "resumes")
+        self.stop.consume()
+        self.stopped_by_request = True
+        return True
+
     def _end_epoch(self) -> None:
         cfg, st = self.cfg, self.state
         if self.val_loader is not None and cfg.eval_every_epochs > 0 and (st.epoch + 1) % cfg.eval_every_epochs == 0:
@@ -278,12 +298,14 @@ class Trainer:
         while st.step < total and not stop:
             self.loader.set_epoch(st.epoch)
             it = iter(self.loader)
+            started, yielded = st.micro_in_epoch < self.steps_per_epoch * self.accum, 0
             while st.micro_in_epoch < self.steps_per_epoch * self.accum:
                 t_data = time.perf_counter()
                 try:
                     batch = next(it)
                 except StopIteration:
                     break
+                yielded += 1
                 self.window.add_data_time(time.perf_counter() - t_data)
                 if self.train_step(batch) is None:
                     continue
@@ -295,7 +317,11 @@ class Trainer:
                     break
             if stop:
                 break
+            if started and yielded == 0:  # every sample skipped (unreadable): another epoch would yield none either
+                raise ConfigError(self._empty_epoch_message())
             self._end_epoch()
+            if self._stop_between_epochs():
+                break
         self.bar.close()
         D.end_train_timeout()
         return self._finish()
