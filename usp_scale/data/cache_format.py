@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import time
 import zlib
 from typing import Callable, List, Optional, Tuple
@@ -58,6 +59,8 @@ def record_crcs(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     """CRC-32 of each record (leading index) over its mean bytes, then its logvar bytes -> (n,) uint32.
 
     ``mean``/``logvar``: C-contiguous (n, ...) arrays of the storage dtype (bf16 as int16 bits)."""
+    if len(mean) == 0:  # an empty shard (numpy cannot infer -1 for zero records)
+        return np.empty(0, np.uint32)
     m, lv = mean.reshape(len(mean), -1), logvar.reshape(len(logvar), -1)
     out = np.empty(len(m), np.uint32)
     for i in range(len(m)):
@@ -129,7 +132,11 @@ def write_shard(out_dir, s, means, logvars, labels, index, bad, settings) -> Non
     mean = torch.cat(means).contiguous() if means else torch.zeros(empty, dtype=st)
     logvar = torch.cat(logvars).contiguous() if logvars else torch.zeros(empty, dtype=st)
     n, k = mean.shape[:2]
-    crc = record_crcs(store_np(mean).reshape(n * k * 2, -1), store_np(logvar).reshape(n * k * 2, -1))
+    if n == 0 and bad:  # every image of the shard unreadable: an empty shard (a rerun skips it), its files named
+        print(f"[usp_scale] cache shard {s}: every one of its {len(bad)} images is unreadable; written empty, the "
+              f"files: {', '.join(p for p, _ in bad)}", file=sys.stderr, flush=True)
+    rec = int(np.prod(lat))  # explicit: numpy cannot infer -1 for zero records
+    crc = record_crcs(store_np(mean).reshape(n * k * 2, rec), store_np(logvar).reshape(n * k * 2, rec))
     sd = {"mean": mean, "logvar": logvar,
           "label": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
           "index": torch.cat(index) if index else torch.zeros(0, dtype=torch.long),

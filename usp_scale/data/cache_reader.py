@@ -42,6 +42,8 @@ _NONFINITE_BITS = {"fp16": 0x7C00, "bf16": 0x7F80}
 
 def _nonfinite_rows(a: np.ndarray, dtype: str) -> np.ndarray:
     """(n,) bool: rows of the 16-bit storage array ``a`` (n, ...) holding an inf or NaN."""
+    if len(a) == 0:  # an empty shard (every image unreadable)
+        return np.zeros(0, bool)
     bits = a.reshape(len(a), -1).view(np.uint16) & 0x7FFF
     return bits.max(axis=1, initial=0) >= _NONFINITE_BITS[dtype]
 
