@@ -34,3 +34,25 @@ def test_shard_with_every_image_unreadable(synth_clean, tmp_path, capsys):  # no
     assert m["num_images"] == len(ds) - 4 and m["num_corrupt"] == 4
     cache = LatentCache(out)
     assert len(cache) == len(ds) - 4
+
+
+def test_rerun_after_source_images_changed_in_place_is_refused_naming_them(synth_clean, tmp_path):  # noqa: F811
+    """Issue 18 item 2: a rerun after the dataset changed in place kept the old shards and manifest silently."""
+    import pytest
+    from PIL import Image
+
+    from usp_scale.data import LatentCacheError
+
+    root = str(tmp_path / "data")
+    shutil.copytree(synth_clean["root"], root)
+    ds = build_dataset(root, "train")
+    vae = FrozenVAE()
+    out = str(tmp_path / "cache")
+    args = dict(image_size=32, augment="adm", views=1, seed=1, shard_size=8, batch_size=8, progress=False)
+    write_cache(ds, vae, out, **args)
+    assert write_cache(ds, vae, out, **args)["written"] == []  # unchanged sources: every shard is reused
+    changed = ds.samples[9].path  # shard 1
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(changed, format="JPEG")
+    with pytest.raises(LatentCacheError, match=r"source images of shard 1 changed since it was written.*"
+                                               + changed.replace(".", r"\.")):
+        write_cache(build_dataset(root, "train"), vae, out, **args)

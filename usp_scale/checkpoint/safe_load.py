@@ -118,6 +118,30 @@ def check_finite(tensors, path: str, *, what: str = "weights file") -> None:
                     "conversion: use an earlier checkpoint or export")
 
 
+def weights_content_id(path: str) -> str:
+    """What identifies a weight file's content: the tensors' sha256 an export of this project carries in its
+    metadata (``"tensors:<sha256>"``, read from the header only), else the sha256 of the file's bytes
+    (``"file:<sha256>"``). Results made from the file (samples) record it, so a file replaced at the same path is
+    noticed."""
+    import hashlib
+
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - not readable: hash the bytes (the reader names the file later)
+            meta = {}
+        if CONTENT_KEY in meta:
+            return "tensors:" + meta[CONTENT_KEY]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "file:" + h.hexdigest()
+
+
 def read_json(path: str, *, what: str = "file"):
     """``json.load`` with the path in every error."""
     if not os.path.isfile(path):
