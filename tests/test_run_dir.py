@@ -87,3 +87,18 @@ def test_refused_resume_leaves_config_yaml_and_litter_is_removed(tmp_path):
     assert res["step"] == 5
     assert not tmp_file.exists() and not (ck / "step_00000002").exists() and not (ck / ".tmp-step_00000009").exists()
     assert (ck / "step_00000004" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.root=/nonexistent", "dataset folder not found: /nonexistent/train"),
+    ("engine.backend=nccl", "engine.backend=nccl needs a CUDA GPU"),
+])
+def test_errors_after_config_load_are_one_line_with_the_documented_exit_code(tmp_path, override, message):
+    """Issue 18 weak messages: a missing dataset or nccl without a GPU ended in a 25-line traceback with exit 1 (the
+    crash code, which requeue logic reads as a crash); now one line and exit 3 (docs/training.md, Exit codes)."""
+    recipe = os.path.join(REPO, "configs", "debug", "tiny.yaml")
+    cmd = [sys.executable, os.path.join(REPO, "launchers", "pretrain.py"), "--config", recipe,
+           f"output_dir={tmp_path / 'run'}", "engine.name=ddp", override]
+    r = subprocess.run(cmd, cwd=REPO, env=H.child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "config.yaml")

@@ -35,6 +35,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """``engine.backend``: "auto" -> nccl for a CUDA device, gloo otherwise."""
     if backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise StartupError(f"engine.backend=nccl needs a CUDA GPU, and this process runs on {device} (no GPU "
+                           "visible): set engine.backend=auto or gloo, or run on a GPU node")
     return backend
 
 

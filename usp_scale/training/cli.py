@@ -17,7 +17,12 @@ from .. import runtime as D
 from ..checkpoint.safe_load import CheckpointFileError
 from ..fileio import DiskFullError
 from ..config import ConfigError, JobConfig, format_help, load_config, to_dict
+from ..checkpoint.manager import IncompatibleCheckpoint
 from ..data.cache_reader import LatentCacheError
+from ..data.datasets import DatasetError
+from ..transfer.report import TransferError
+from ..transfer.teachers import TeacherWeightsError
+from ..vae.frozen import VAELoadError
 from .nonfinite import NonFiniteError
 from .stop import EXIT_DONE, clear_stale_stop_files, stop_exit_code, write_stopped
 from .trainer import Trainer
@@ -31,6 +36,12 @@ EXIT_ERROR = 3         # stopped with an explained error: max_nonfinite non-fini
 # EXIT_STOPPED (75): stopped on request (SIGUSR1/SIGTERM or STOP_AND_CHECKPOINT) after a checkpoint; not finished,
 # resume continues; the SLURM scripts requeue on it. STOPPED_FILE: the marker rank 0 leaves then, the one sign of
 # a requested stop that survives torchrun (which reports any failed worker as exit code 1).
+
+# Errors that explain themselves (they name the file, key or value and the fix): one line and EXIT_ERROR, no
+# traceback; anything else is a crash (traceback, exit 1).
+EXPLAINED_ERRORS = (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
+                    FileNotFoundError, D.StartupError, DatasetError, VAELoadError, IncompatibleCheckpoint,
+                    TeacherWeightsError, TransferError)
 
 EXAMPLES = """
 examples:
@@ -100,8 +111,7 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         trainer = Trainer(cfg, local_rank_arg=args.local_rank if args.local_rank >= 0 else None)
         result = trainer.fit()
     except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
-        if not isinstance(e, (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
-                              FileNotFoundError, D.StartupError)):
+        if not isinstance(e, EXPLAINED_ERRORS):
             raise
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
