@@ -16,7 +16,8 @@ import shutil
 import socket
 import time
 
-from ..config import ConfigError
+from .. import runtime as D
+from ..config import ConfigError, save_config
 from ..fileio import remove_stale_temps
 
 LOCK_NAME = ".lock"
@@ -99,3 +100,29 @@ def clean_litter(output_dir: str, checkpoint_dir: str) -> list:
     for p in removed:
         print(f"[usp_scale] removed {p} (left by a writer killed mid-write)", flush=True)
     return removed
+
+
+def prepare_run_dir(output_dir: str, is_main: bool) -> None:
+    """Collective, at start-up: rank 0 locks ``output_dir`` (a second job is refused naming the holder), checks that
+    it and its checkpoint folder are writable and removes the litter of killed writers; every rank raises rank 0's
+    error."""
+    error = None
+    if is_main:
+        ckpt = os.path.join(output_dir, "checkpoints")
+        try:
+            check_writable(output_dir)
+            lock_run_dir(output_dir)
+            check_writable(ckpt)
+            clean_litter(output_dir, ckpt)
+        except ConfigError as e:
+            error = (isinstance(e, RunDirLockedError), str(e))
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise (RunDirLockedError if error[0] else ConfigError)(error[1])
+
+
+def accept_run(cfg, is_main: bool) -> None:
+    """The run is accepted (its resume checks passed): rank 0 writes its resolved config to
+    ``<output_dir>/config.yaml`` only now, so a refused run leaves the previous run's config in place."""
+    if is_main:
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))

@@ -30,6 +30,7 @@ class StopRequests:
         self.path = os.path.join(output_dir, STOP_FILE)
         self.is_main = is_main
         self.raw = False
+        self.honoured = False  # a request was honoured (a checkpoint written): the run stops
 
     def install(self) -> None:
         def handler(signum, frame):
@@ -49,10 +50,19 @@ class StopRequests:
         req = self.raw or (self.is_main and os.path.exists(self.path))
         return bool(D.all_reduce_max(float(req)))
 
-    def consume(self) -> None:
-        """The request was honoured (checkpoint written): rank 0 removes the stop file."""
+    def at_epoch_end(self, world: int) -> bool:
+        """At an epoch boundary (collective with more than one rank): a signal or the stop file, so that a request
+        is honoured even when no step ran (between epochs, or an epoch that yielded no batch)."""
+        if world > 1:
+            return self.agreed()
+        return self.raw or (self.is_main and os.path.exists(self.path))
+
+    def consume(self) -> bool:
+        """The request was honoured (checkpoint written): rank 0 removes the stop file. Returns True (stop)."""
         if self.is_main and os.path.exists(self.path):
             os.remove(self.path)
+        self.honoured = True
+        return True
 
 
 def run_started_at() -> float:
