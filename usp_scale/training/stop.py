@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import threading
 import time
 
 from .. import runtime as D
@@ -44,6 +46,28 @@ class StopRequests:
                 signal.signal(s, handler)
             except ValueError:  # not in the main thread
                 pass
+        self._watch_deepspeed_runner()
+
+    def _watch_deepspeed_runner(self, interval: float = 1.0) -> None:
+        """Under DeepSpeed's launcher (``deepspeed`` runner -> ``deepspeed.launcher.launch`` -> this rank), a SIGTERM
+        or Ctrl-C to the runner of a single-node job ends the runner alone (it forwards no signal there), leaving
+        launch.py and the ranks training as orphans. A daemon thread watches launch.py: when its parent (the
+        runner) is gone, or launch.py itself, the rank takes it as a stop request (checkpoint, exit 75)."""
+        parent = os.getppid()
+        if "deepspeed.launcher.launch" not in _cmdline(parent):
+            return
+        runner = _ppid(parent)
+
+        def watch():
+            while not self.raw:
+                if os.getppid() != parent or _ppid(parent) != runner:
+                    print(f"[usp_scale] rank stop: DeepSpeed's runner (pid {runner}) or launcher (pid {parent}) has "
+                          "ended; checkpointing and exiting", file=sys.stderr, flush=True)
+                    self.raw = True
+                    return
+                time.sleep(interval)
+
+        threading.Thread(target=watch, name="usp_scale-deepspeed-runner-watch", daemon=True).start()
 
     def agreed(self) -> bool:
         """Collective (at log steps): any rank's signal, or the stop file."""
@@ -63,6 +87,23 @@ class StopRequests:
             os.remove(self.path)
         self.honoured = True
         return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    """The parent of ``pid`` (-1 when ``pid`` is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def run_started_at() -> float:
