@@ -41,13 +41,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str) -> list:
-    """Remove the ``<name>.tmp<pid>`` files under ``folder`` (recursively) that :func:`atomic_write` left when its
-    process was killed mid-write (the process is gone on this host). Returns the removed paths."""
+def remove_stale_temps(folder: str, names: Optional[tuple] = None) -> list:
+    """Remove the ``<name>.tmp<pid>`` files under ``folder`` (recursively; with ``names``, only those of these file
+    names, in ``folder`` itself) that :func:`atomic_write` left when its process was killed mid-write (the process
+    is gone on this host). Returns the removed paths."""
     pattern = re.compile(r"\.tmp(\d+)$")
     removed = []
-    for root, _, files in os.walk(folder):
+    walk = [(folder, [], os.listdir(folder) if os.path.isdir(folder) else [])] if names else os.walk(folder)
+    for root, _, files in walk:
         for name in files:
+            if names and name[:name.rfind(".tmp")] not in names:
+                continue
             m = pattern.search(name)
             if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
                 path = os.path.join(root, name)
