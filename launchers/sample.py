@@ -29,14 +29,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from usp_scale.checkpoint.safe_load import CheckpointFileError, weights_content_id  # noqa: E402
-from usp_scale.config import ConfigError  # noqa: E402
+from usp_scale.config import ConfigError, JobConfig  # noqa: E402
 from usp_scale.config.cli import Alias, help_config, parse_tool_args, tool_config, tool_parser  # noqa: E402
 from usp_scale.config.schema import SampleJob  # noqa: E402
 from usp_scale.config.validate import VAE_GEOMETRY  # noqa: E402
 from usp_scale.diffusion import create_diffusion  # noqa: E402
 from usp_scale.fileio import DiskFullError, remove_stale_temps  # noqa: E402
 from usp_scale.models import create_model, model_family  # noqa: E402
-from usp_scale.runtime import barrier, cleanup, init_runtime  # noqa: E402
+from usp_scale.runtime import (StartupError, barrier, cleanup, detect, init_runtime,  # noqa: E402
+                               report_startup_failure)
 from usp_scale.sample import build_sampler, infer_num_classes, make_decoder, make_model_fn, run_sampling  # noqa: E402
 from usp_scale.transfer.formats import load_weights  # noqa: E402
 from usp_scale.transport import create_transport  # noqa: E402
@@ -179,8 +180,10 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except Exception as e:  # a bad input file, argument or config value: its message (naming it), not a traceback
         errors = (ConfigError, CheckpointFileError, DiskFullError, FileNotFoundError, VAELoadError, KeyError,
-                  ValueError)
+                  ValueError, StartupError)
         if not isinstance(e, errors):
             raise
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, ConfigError):  # before start-up: the other ranks name this one instead of waiting
+            report_startup_failure(detect(), JobConfig().engine.startup_timeout_s, f"config error: {e}")
         sys.exit(2)

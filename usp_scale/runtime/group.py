@@ -77,8 +77,8 @@ def _rendezvous_store(info: DistInfo, timeout: datetime.timedelta):
                               wait_for_workers=False, multi_tenant=True)
     except (RuntimeError, ValueError, OSError) as e:  # DistNetworkError/DistStoreError derive from RuntimeError
         raise StartupError(f"start-up: rank {info.rank} of {info.world_size} could not reach the rendezvous at "
-                           f"{host}:{port} within {timeout.total_seconds():.0f} s (engine.startup_timeout_s): rank 0 did "
-                           f"not start, failed before start-up, or MASTER_ADDR/MASTER_PORT differ between ranks "
+                           f"{host}:{port} within {timeout.total_seconds():.0f} s (engine.startup_timeout_s): rank 0 "
+                           "did not start, failed before start-up, or MASTER_ADDR/MASTER_PORT differ between ranks "
                            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
     return store
 
@@ -87,7 +87,7 @@ def report_startup_failure(info: DistInfo, timeout_s: float, error: str) -> None
     """A rank that fails before :func:`init_process_group` (its config does not load) tells the others, so they
     stop naming it instead of waiting for the collective timeout. Best effort: gives up silently after
     ``timeout_s``. Rank 0 (which hosts the rendezvous) waits until the other ranks have read it."""
-    if not info.distributed:
+    if not info.distributed or dist.is_initialized():  # past start-up: the agreement is over
         return
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
