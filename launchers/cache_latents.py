@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
 
 from usp_scale.checkpoint.safe_load import CheckpointFileError  # noqa: E402
-from usp_scale.config import ConfigError  # noqa: E402
+from usp_scale.config import ConfigError, JobConfig  # noqa: E402
 from usp_scale.config.cli import Alias, help_config, parse_tool_args, tool_config, tool_parser  # noqa: E402
 from usp_scale.config.schema import CacheJob  # noqa: E402
 from usp_scale.data import build_dataset, write_cache, write_manifest  # noqa: E402
@@ -30,7 +30,8 @@ from usp_scale.data.cache_reader import LatentCacheError  # noqa: E402
 from usp_scale.data.latent_stats import write_latent_stats  # noqa: E402
 from usp_scale.data.datasets import CorruptImageError, DatasetError  # noqa: E402
 from usp_scale.fileio import DiskFullError  # noqa: E402
-from usp_scale.runtime import barrier, cleanup, init_runtime  # noqa: E402
+from usp_scale.runtime import (StartupError, barrier, cleanup, detect, init_runtime,  # noqa: E402
+                               report_startup_failure)
 from usp_scale.vae import FrozenVAE, VAELoadError  # noqa: E402
 from usp_scale.vae.latent_norm import LatentStatsError  # noqa: E402
 
@@ -109,8 +110,10 @@ if __name__ == "__main__":
         main()
     except Exception as e:  # a bad input file, argument or config value: its message (naming it), not a traceback
         errors = (ConfigError, CheckpointFileError, DiskFullError, FileNotFoundError, CorruptImageError, DatasetError,
-                  LatentCacheError, VAELoadError, LatentStatsError)
+                  LatentCacheError, VAELoadError, LatentStatsError, StartupError)
         if not isinstance(e, errors):
             raise
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, ConfigError):  # before start-up: the other ranks name this one instead of waiting
+            report_startup_failure(detect(), JobConfig().engine.startup_timeout_s, f"config error: {e}")
         sys.exit(2)

@@ -28,15 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from usp_scale.checkpoint.safe_load import CheckpointFileError  # noqa: E402
-from usp_scale.config import ConfigError  # noqa: E402
+from usp_scale.checkpoint.safe_load import CheckpointFileError, weights_content_id  # noqa: E402
+from usp_scale.config import ConfigError, JobConfig  # noqa: E402
 from usp_scale.config.cli import Alias, help_config, parse_tool_args, tool_config, tool_parser  # noqa: E402
 from usp_scale.config.schema import SampleJob  # noqa: E402
 from usp_scale.config.validate import VAE_GEOMETRY  # noqa: E402
 from usp_scale.diffusion import create_diffusion  # noqa: E402
-from usp_scale.fileio import DiskFullError  # noqa: E402
+from usp_scale.fileio import DiskFullError, remove_stale_temps  # noqa: E402
 from usp_scale.models import create_model, model_family  # noqa: E402
-from usp_scale.runtime import barrier, cleanup, init_runtime  # noqa: E402
+from usp_scale.runtime import (StartupError, barrier, cleanup, detect, init_runtime,  # noqa: E402
+                               report_startup_failure)
 from usp_scale.sample import build_sampler, infer_num_classes, make_decoder, make_model_fn, run_sampling  # noqa: E402
 from usp_scale.transfer.formats import load_weights  # noqa: E402
 from usp_scale.transport import create_transport  # noqa: E402
@@ -152,12 +153,18 @@ def main(argv: Optional[list] = None) -> dict:
                             last_step=s.sde_last_step, timestep_shift=e.timestep_shift)
     decode = make_decoder(vae)
     meta = {"model": cfg.model.name, "ckpt": os.path.abspath(s.ckpt), "weights": s.weights,
+            "ckpt_content": weights_content_id(s.ckpt),  # a resume into this folder needs the same weights
+            "vae_content": getattr(vae, "content_fingerprint", None),
             "sampling_precision": e.precision, "cfg_scale": e.cfg_scale,
             "cfg_interval": list(interval) if interval else None, "cfg_channels": e.cfg_channels,
             "vae": cfg.vae.path, "vae_scale": getattr(vae, "scale", None),
             "latent_norm": vae.norm.describe() if vae is not None else None}
     meta.update(sampler.describe())
     side = cfg.model.img_size
+    if rank == 0 and os.path.isdir(s.out_dir):  # before any rank writes: the temp files of a killed sampling job
+        for p in remove_stale_temps(s.out_dir):
+            print(f"[usp_scale] removed {p} (left by a sampling job killed mid-write)", flush=True)
+    barrier()
     res = run_sampling(model_fn, sampler, decode, num_samples=s.num_samples, out_dir=s.out_dir,
                        latent_shape=(model.in_channels, side, side), num_classes=num_classes,
                        seed=e.seed, batch_size=e.batch_size, device=device, labels=s.labels,
@@ -178,8 +185,10 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except Exception as e:  # a bad input file, argument or config value: its message (naming it), not a traceback
         errors = (ConfigError, CheckpointFileError, DiskFullError, FileNotFoundError, VAELoadError, KeyError,
-                  ValueError)
+                  ValueError, StartupError)
         if not isinstance(e, errors):
             raise
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, ConfigError):  # before start-up: the other ranks name this one instead of waiting
+            report_startup_failure(detect(), JobConfig().engine.startup_timeout_s, f"config error: {e}")
         sys.exit(2)

@@ -28,7 +28,7 @@ from usp_scale.config import ConfigError  # noqa: E402
 from usp_scale.config.cli import Alias, help_config, parse_tool_args, tool_config, tool_parser  # noqa: E402
 from usp_scale.config.schema import TransferJob  # noqa: E402
 from usp_scale.config.validate import EXTRA_FAMILIES_OF_TASK, FAMILY_OF_TASK  # noqa: E402
-from usp_scale.fileio import DiskFullError, save_safetensors, write_text  # noqa: E402
+from usp_scale.fileio import DiskFullError, remove_stale_temps, save_safetensors, write_text  # noqa: E402
 from usp_scale.models import list_models, model_family  # noqa: E402
 from usp_scale.runtime import init_runtime  # noqa: E402
 from usp_scale.training.tasks import build_task  # noqa: E402
@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     print(report.summary())
     meta = {"source": os.path.abspath(t.src), "model": cfg.model.name, "task": cfg.task,
             "kwargs": json.dumps(task.model_kwargs())}
+    out_dir, out_name = os.path.split(os.path.abspath(t.out))  # the temp files of a transfer killed mid-write
+    for p in remove_stale_temps(out_dir, names=(out_name, out_name + ".report.json")):
+        print(f"removed {p} (left by a transfer killed mid-write)")
     save_safetensors(model, t.out, metadata=meta)
     write_text(t.out + ".report.json", report.to_json())
     print(f"wrote {t.out}")

@@ -124,3 +124,21 @@ def test_choices_are_declared_by_the_schema_and_listed_in_the_help():
     assert "[one of: 1, 2, 3]" in format_help(JobConfig()).split("engine.zero_stage", 1)[1].splitlines()[0]
     with pytest.raises(ConfigError, match=r"engine\.precision is one of official, auto, fp32, bf16, fp16"):
         load_config(overrides=["model.name=vit_tiny_patch_vae", "data.format=synthetic", "engine.precision=fp64"])
+
+
+def test_duplicate_keys_and_repeated_sections_are_refused_naming_file_and_line(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a recipe that repeats a key or a section is refused."""
+    p = tmp_path / "dup_key.yaml"
+    p.write_text("model:\n  name: DiT-B/2\noptim:\n  blr: 1.0e-4\n  blr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"dup_key\.yaml: line 5: key 'blr' is written twice .*first on line 4"):
+        load_config(str(p), check_missing=False)
+    p = tmp_path / "dup_section.yaml"
+    p.write_text("data:\n  root: /a\nmodel:\n  name: DiT-B/2\ndata:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"dup_section\.yaml: line 5: key 'data' is written twice .*first on line 1"):
+        load_config(str(p), check_missing=False)
+    # a base that sets a key and a recipe that overrides it is still fine (different files)
+    base = tmp_path / "base.yaml"
+    base.write_text("optim:\n  blr: 1.0e-4\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base.yaml\noptim:\n  blr: 2.0e-4\n")
+    assert load_config(str(child), check_missing=False).optim.blr == 2.0e-4

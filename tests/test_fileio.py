@@ -64,3 +64,23 @@ def test_fileio_is_a_leaf():
         [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in mods if m.startswith(("usp_scale", "."))] and all(
         n.level == 0 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)), mods
+
+
+def test_remove_stale_temps_removes_only_dead_writers_files(tmp_path):
+    """Issue 18 litter: the <name>.tmp<pid> files of writers killed mid-write are removed at the next start; a live
+    writer's (this process) and other files stay; ``names`` limits it to given files of one folder."""
+    import subprocess
+
+    from usp_scale.fileio import remove_stale_temps
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "sub").mkdir()
+    stale = [tmp_path / f"a.safetensors.tmp{dead.pid}", tmp_path / "sub" / f"b.png.tmp{dead.pid}"]
+    live = tmp_path / f"c.json.tmp{os.getpid()}"
+    keep = tmp_path / "notes.tmp"
+    for p in stale + [live, keep]:
+        p.write_bytes(b"x")
+    assert remove_stale_temps(str(tmp_path), names=("other.safetensors",)) == []
+    assert sorted(remove_stale_temps(str(tmp_path))) == sorted(map(str, stale))
+    assert live.exists() and keep.exists()

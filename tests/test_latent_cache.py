@@ -132,6 +132,14 @@ def test_cache_mismatch_and_checksum_errors(cache, tmp_path):
         build_loader(cfg, VAEConfig(path="tiny-random", version="d16"))
     with pytest.raises(LatentCacheError, match=r"VAE: the cache was encoded by a VAE with content fingerprint"):
         build_loader(cfg, VAEConfig(path="sd-random"))  # another VAE (tests/test_cache_integrity.py: by content)
+    # issue 18 item 6: a cache of RandomResizedCrop views used by a job that trains on ADM crops
+    with pytest.raises(LatentCacheError, match=r"augmentation: the cache holds 2 view\(s\) per image made with "
+                                               r"--augment pretrain, crop scale 0.2-1, the job has data.augment=adm"):
+        build_loader(data_cfg("", format="latents", latent_cache=cache["path"], augment="adm"),
+                     VAEConfig(path="tiny-random"))
+    with pytest.raises(LatentCacheError, match=r"data.crop_scale_min=0.5"):
+        build_loader(data_cfg("", format="latents", latent_cache=cache["path"], crop_scale_min=0.5),
+                     VAEConfig(path="tiny-random"))
     with pytest.raises(LatentCacheError, match="no manifest.json"):
         LatentCache(str(tmp_path))
     # a damaged copy: one flipped byte is reported by shard name

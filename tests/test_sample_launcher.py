@@ -156,3 +156,34 @@ def test_killed_job_resumes_to_the_same_images(assets, tmp_path):
     ref = sample_launcher.main(_args(d, vae, tmp_path / "ref", "ema.safetensors")
                                + ["--num-samples", "12", "--batch-size", "1", "--steps", "20"])
     assert np.array_equal(read_npz_images(res["npz"]), read_npz_images(ref["npz"]))
+
+
+@pytest.mark.parametrize("ckpt", ["official.pt", "ema.safetensors"])
+def test_resume_after_the_weights_were_replaced_is_refused(assets, tmp_path, ckpt):
+    """Issue 18 item 2: samples resumed into a folder after the weights at the same --ckpt path were replaced used to
+    be reused silently (sampling.json recorded the path only); the content is recorded and compared now. The
+    temp files of a killed sampler are removed at the next start."""
+    import shutil
+
+    from usp_scale.fileio import save_safetensors
+    from usp_scale.models import create_model
+
+    d, vae = assets
+    work = tmp_path / "w"
+    work.mkdir()
+    shutil.copy(d / ckpt, work / ckpt)
+    out = tmp_path / "out"
+    sample_launcher.main(_args(work, vae, out, ckpt, extra=["--max-batches", "1"]))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    litter = out / f"000005.png.tmp{dead.pid}"
+    litter.write_bytes(b"partial")
+    sample_launcher.main(_args(work, vae, out, ckpt, extra=["--max-batches", "1"]))  # same weights: resumes
+    assert not litter.exists()
+    other = _randomise(create_model("DiT-tiny/2"), 7)
+    if ckpt.endswith(".pt"):
+        torch.save({"model": other.state_dict(), "ema": other.state_dict(), "opt": {}, "args": None}, work / ckpt)
+    else:
+        save_safetensors(other, str(work / ckpt))
+    with pytest.raises(ValueError, match=r"ckpt_content=.*was replaced since these samples were made"):
+        sample_launcher.main(_args(work, vae, out, ckpt))

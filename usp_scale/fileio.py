@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from typing import Callable, Optional
 
@@ -26,6 +27,40 @@ CONTENT_KEY = "usp_scale_sha256"  # safetensors metadata: sha256 of the tensors 
 
 class DiskFullError(OSError):
     """A write that failed because the file system is full; names the path and the space needed."""
+
+
+# --------------------------------------------------------------------------- litter of killed writers
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str, names: Optional[tuple] = None) -> list:
+    """Remove the ``<name>.tmp<pid>`` files under ``folder`` (recursively; with ``names``, only those of these file
+    names, in ``folder`` itself) that :func:`atomic_write` left when its process was killed mid-write (the process
+    is gone on this host). Returns the removed paths."""
+    pattern = re.compile(r"\.tmp(\d+)$")
+    removed = []
+    walk = [(folder, [], os.listdir(folder) if os.path.isdir(folder) else [])] if names else os.walk(folder)
+    for root, _, files in walk:
+        for name in files:
+            if names and name[:name.rfind(".tmp")] not in names:
+                continue
+            m = pattern.search(name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                path = os.path.join(root, name)
+                try:
+                    os.remove(path)
+                    removed.append(path)
+                except OSError:
+                    pass
+    return removed
 
 
 # --------------------------------------------------------------------------- disk-full detection

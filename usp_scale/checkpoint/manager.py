@@ -206,7 +206,14 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         for path in self.list_steps()[: -self.keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+            # renamed first (atomic): a kill during the removal leaves an .old-step_* folder, removed before the
+            # next save, never a step folder without meta.json
+            old = os.path.join(self.root, ".old-" + os.path.basename(path))
+            try:
+                os.replace(path, old)
+            except OSError:
+                old = path
+            shutil.rmtree(old, ignore_errors=True)
 
     # ---------------------------------------------------------------- load
     @staticmethod

@@ -95,6 +95,53 @@ def read_safetensors(path: str, *, what: str = "weights file", with_metadata: bo
     return (tensors, meta) if with_metadata else tensors
 
 
+class NonFiniteWeightsError(CheckpointFileError):
+    """A weight file holding NaN or infinity (written by a diverged run or another tool)."""
+
+
+def check_finite(tensors, path: str, *, what: str = "weights file") -> None:
+    """Refuse weights holding NaN/inf, naming ``path`` and the first bad key (in the file's key order) with how many
+    of its values are bad. Called once where weights are read (:func:`usp_scale.transfer.formats.read_state_dict`,
+    the VAE and teacher readers): NaN weights would sample black images that still score a finite FID, or train
+    NaN steps that blame the learning rate."""
+    for key, t in tensors.items():
+        if isinstance(t, dict):  # a nested checkpoint ({"state_dict": {...}}): its keys with the dotted prefix
+            check_finite({f"{key}.{k}": v for k, v in t.items()}, path, what=what)
+        elif isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                kinds = [n for n, m in (("NaN", torch.isnan(t)), ("inf", torch.isinf(t))) if bool(m.any())]
+                raise NonFiniteWeightsError(
+                    f"refusing {what} {path}: tensor '{key}' holds {bad} non-finite value(s) ({'/'.join(kinds)}) of "
+                    f"{t.numel()} (the first bad key in the file); the weights come from a diverged run or a broken "
+                    "conversion: use an earlier checkpoint or export")
+
+
+def weights_content_id(path: str) -> str:
+    """What identifies a weight file's content: the tensors' sha256 an export of this project carries in its
+    metadata (``"tensors:<sha256>"``, read from the header only), else the sha256 of the file's bytes
+    (``"file:<sha256>"``). Results made from the file (samples) record it, so a file replaced at the same path is
+    noticed."""
+    import hashlib
+
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - not readable: hash the bytes (the reader names the file later)
+            meta = {}
+        if CONTENT_KEY in meta:
+            return "tensors:" + meta[CONTENT_KEY]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "file:" + h.hexdigest()
+
+
 def read_json(path: str, *, what: str = "file"):
     """``json.load`` with the path in every error."""
     if not os.path.isfile(path):

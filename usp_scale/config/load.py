@@ -125,6 +125,42 @@ def _apply_mapping(obj: Any, mapping: dict, source: str, prefix: str = "", origi
 
 # --------------------------------------------------------------------------- YAML files
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the last one silently:
+    a repeated ``optim.blr`` would win, a repeated ``data:`` section would drop the first)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    first_line: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # the base constructor reports an unhashable key
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise ConfigError(f"{key_node.start_mark.name}: line {line}: key '{key}' is written twice in the same "
+                              f"mapping (first on line {first_line[key]}); YAML would silently keep only the last "
+                              "one: merge the two into one")
+        first_line[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def safe_load_unique(text: str, name: str = "<string>") -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys, naming ``name`` and the line of the second one."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: str, seen: tuple = ()) -> list:
     """Return [(source, mapping), ...] with bases first."""
     path = os.path.abspath(path)
@@ -139,7 +175,7 @@ def _read_yaml(path: str, seen: tuple = ()) -> list:
         raise ConfigError(f"{path}: cannot read the config file ({type(e).__name__}: {e})") from e
     _check_resolved(path, raw)
     try:
-        data = yaml.safe_load(raw) or {}
+        data = safe_load_unique(raw, path) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):

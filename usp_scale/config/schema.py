@@ -215,6 +215,9 @@ class EngineConfig:
     train_timeout_s: int = opt(300, 'Process-group timeout in seconds once training runs (set after the first '
         'optimizer step): a hung or unreachable peer stops every rank within this time; it must exceed the slowest '
         'training step. 0 keeps engine.timeout_min throughout.')
+    startup_timeout_s: int = opt(120, 'How long the ranks wait for each other at start-up (the start-up agreement '
+        'of usp_scale.runtime: every rank present, none failed, the same resolved config); a missing or failing '
+        'rank is then named instead of waiting engine.timeout_min.')
     compile_scope: str = opt("auto", 'What engine.compile compiles: "auto" (the whole model on local/ddp, each block '
         'on fsdp2/deepspeed), "model" or "blocks" (the two measured against each other: '
         'benchmarks/reports/train_step_h200_2026-11-26.md).',

@@ -98,6 +98,7 @@ RANGES: Tuple[tuple, ...] = (
     ("engine.fsdp_shard_size", 0, None, False, False, "a rank count (0 = all ranks)"),
     ("engine.timeout_min", 1, None, False, False, "minutes"),
     ("engine.train_timeout_s", 0, None, False, False, "seconds (0 = keep engine.timeout_min while training)"),
+    ("engine.startup_timeout_s", 1, None, False, False, "seconds"),
     ("checkpoint.every_steps", 0, None, False, False, "a step count (0 = only at the end)"),
     ("checkpoint.keep_last", 0, None, False, False, "a folder count (0 = keep all)"),
     ("ema.decay", 0, 1, False, True, "a decay (0 = no EMA)"),

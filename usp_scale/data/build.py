@@ -110,7 +110,8 @@ def build_loader(data_cfg, vae_cfg, *, rank: int = 0, world_size: int = 1, seed:
         cache = LatentCache(cache_path, verify=data_cfg.latent_verify)
         # The VAE is compared by its content fingerprint (vae.path is loaded once for it), never by name.
         cache.check(image_size=data_cfg.image_size, vae_version=vae_cfg.version, vae_path=vae_cfg.path,
-                    latent_shape=_expected_latent_shape(vae_cfg, data_cfg.image_size), num_classes=num_classes)
+                    latent_shape=_expected_latent_shape(vae_cfg, data_cfg.image_size), num_classes=num_classes,
+                    augment=data_cfg.augment if train else None, crop_scale_min=data_cfg.crop_scale_min)
         sampler = ShardSampler(len(cache), rank, world_size, seed, shuffle=train, even=train,
                                batch_size=data_cfg.batch_size, drop_last=data_cfg.drop_last if train else False)
         scale = vae_cfg.scale or shipped_scale(vae_cfg.path) or SCALE[vae_cfg.version]

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import time
 import zlib
 from typing import Callable, List, Optional, Tuple
@@ -58,6 +59,8 @@ def record_crcs(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     """CRC-32 of each record (leading index) over its mean bytes, then its logvar bytes -> (n,) uint32.
 
     ``mean``/``logvar``: C-contiguous (n, ...) arrays of the storage dtype (bf16 as int16 bits)."""
+    if len(mean) == 0:  # an empty shard (numpy cannot infer -1 for zero records)
+        return np.empty(0, np.uint32)
     m, lv = mean.reshape(len(mean), -1), logvar.reshape(len(logvar), -1)
     out = np.empty(len(m), np.uint32)
     for i in range(len(m)):
@@ -118,7 +121,7 @@ def drop_nonfinite(means: List[torch.Tensor], logvars: List[torch.Tensor], label
     return [mu[ok]], [lv[ok]], [lab[ok]], [ix[ok]], new
 
 
-def write_shard(out_dir, s, means, logvars, labels, index, bad, settings) -> None:
+def write_shard(out_dir, s, means, logvars, labels, index, bad, settings, sources: Optional[dict] = None) -> None:
     """Write shard ``s`` (lists of (m, K, 2, C, h, w) moments, (m,) labels and source indices; ``bad``: the
     [(path, reason)] of its corrupt images) and then its sidecar; a full disk is a DiskFullError naming it."""
     from safetensors.torch import save_file
@@ -129,7 +132,11 @@ def write_shard(out_dir, s, means, logvars, labels, index, bad, settings) -> Non
     mean = torch.cat(means).contiguous() if means else torch.zeros(empty, dtype=st)
     logvar = torch.cat(logvars).contiguous() if logvars else torch.zeros(empty, dtype=st)
     n, k = mean.shape[:2]
-    crc = record_crcs(store_np(mean).reshape(n * k * 2, -1), store_np(logvar).reshape(n * k * 2, -1))
+    if n == 0 and bad:  # every image of the shard unreadable: an empty shard (a rerun skips it), its files named
+        print(f"[usp_scale] cache shard {s}: every one of its {len(bad)} images is unreadable; written empty, the "
+              f"files: {', '.join(p for p, _ in bad)}", file=sys.stderr, flush=True)
+    rec = int(np.prod(lat))  # explicit: numpy cannot infer -1 for zero records
+    crc = record_crcs(store_np(mean).reshape(n * k * 2, rec), store_np(logvar).reshape(n * k * 2, rec))
     sd = {"mean": mean, "logvar": logvar,
           "label": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
           "index": torch.cat(index) if index else torch.zeros(0, dtype=torch.long),
@@ -148,7 +155,7 @@ def write_shard(out_dir, s, means, logvars, labels, index, bad, settings) -> Non
                         "bytes": os.path.getsize(final),
                         "header_sha256": hashlib.sha256(header_bytes(final)).hexdigest(),
                         "arrays_crc32": {a: zlib.crc32(store_np(sd[a])) for a in ARRAYS},
-                        "corrupt": [[p, m] for p, m in bad], "settings": settings})
+                        "corrupt": [[p, m] for p, m in bad], "settings": settings, "sources": sources})
 
 
 def read_sidecar(side: str) -> Optional[dict]:
@@ -159,7 +166,24 @@ def read_sidecar(side: str) -> Optional[dict]:
         return None
 
 
-def shard_done(out_dir: str, s: int, settings: dict) -> bool:
+def source_fingerprint(paths: List[str]) -> Optional[dict]:
+    """What identifies a shard's source images without reading them: sha256 over (path, size, mtime) of each file,
+    and the newest mtime. None when the sources are not plain files (tar members)."""
+    h = hashlib.sha256()
+    newest = 0
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        newest = max(newest, st.st_mtime_ns)
+    return {"sha256": h.hexdigest(), "newest_mtime_ns": newest}
+
+
+def shard_done(out_dir: str, s: int, settings: dict, sources: Optional[List[str]] = None) -> bool:
+    """Whether shard ``s`` is finished with these ``settings``; a different setting, or (``sources``: the shard's
+    source files) source files changed in place since it was written, is a :class:`LatentCacheError` naming them."""
     side = os.path.join(out_dir, shard_name(s) + ".json")
     final = os.path.join(out_dir, shard_name(s) + ".safetensors")
     if not (os.path.isfile(side) and os.path.isfile(final)):
@@ -172,6 +196,22 @@ def shard_done(out_dir: str, s: int, settings: dict) -> bool:
         raise LatentCacheError(f"{side} was written with different settings ({', '.join(diff)} differ: "
                                f"{[(k, meta['settings'].get(k)) for k in diff]} vs now "
                                f"{[(k, settings[k]) for k in diff]}); use a new output folder or delete the old shards")
+    old = meta.get("sources")
+    if sources is not None and old is not None:
+        now = source_fingerprint(sources)
+        if now is not None and now["sha256"] != old["sha256"]:
+            changed = []
+            for p in sources:
+                try:
+                    if os.stat(p).st_mtime_ns > old["newest_mtime_ns"]:
+                        changed.append(p)
+                except OSError:
+                    changed.append(p + " (gone)")
+            named = (", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+                     if changed else "files renamed or replaced keeping older modification times")
+            raise LatentCacheError(f"{side}: the source images of shard {s} changed since it was written (size or "
+                                   f"modification time): {named}. Its latents are stale: delete {final} and its "
+                                   ".json (or the whole cache folder) and rerun to encode them again")
     return os.path.getsize(final) == meta["bytes"] and sha256_file(final) == meta["sha256"]
 
 

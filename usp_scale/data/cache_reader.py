@@ -29,7 +29,7 @@ from ..vae.frozen import path_content_fingerprint, posterior_latents
 from .cache_format import ARRAYS, FORMAT, VERSION, LatentCacheError, header_bytes, record_crcs, sha256_file
 from .loaders import ResumableLoader
 from .sampler import ShardSampler
-from .transforms import sample_seed
+from .transforms import describe_augment, sample_seed
 
 VERIFY = ("records", "sha256", "size", "none")
 _ST_DTYPES = {"F16": (np.float16, torch.float16), "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, torch.int64),
@@ -42,6 +42,8 @@ _NONFINITE_BITS = {"fp16": 0x7C00, "bf16": 0x7F80}
 
 def _nonfinite_rows(a: np.ndarray, dtype: str) -> np.ndarray:
     """(n,) bool: rows of the 16-bit storage array ``a`` (n, ...) holding an inf or NaN."""
+    if len(a) == 0:  # an empty shard (every image unreadable)
+        return np.zeros(0, bool)
     bits = a.reshape(len(a), -1).view(np.uint16) & 0x7FFF
     return bits.max(axis=1, initial=0) >= _NONFINITE_BITS[dtype]
 
@@ -178,8 +180,15 @@ class LatentCache:
 
     def check(self, *, image_size: Optional[int] = None, vae_version: Optional[str] = None,
               vae_path: Optional[str] = None, vae_content: Optional[str] = None,
-              latent_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None) -> None:
+              latent_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
+              augment: Optional[str] = None, crop_scale_min: Optional[float] = None) -> None:
         """Raise naming every difference between the manifest and the request.
+
+        ``augment`` / ``crop_scale_min`` (the job's ``data.augment`` / ``data.crop_scale_min``): the crop the cached
+        views were made with must be the job's (compared by the transform it builds, so a crop scale that the
+        augmentation does not use plays no part); views, flips and the posterior's moments are recorded in the
+        manifest (every view is stored plain and flipped, with its mean and log-variance: ``data.latent_sample``
+        picks the posterior at read time).
 
         The VAE is compared by content: ``vae_content`` (a :func:`usp_scale.vae.frozen.content_fingerprint`), or
         that of the VAE at ``vae_path`` (loaded once); folder and file names play no part."""
@@ -195,6 +204,18 @@ class LatentCache:
                 diffs.append(f"VAE: the cache was encoded by a VAE with content fingerprint {m['vae'].get('content')} "
                              f"(then at {m['vae']['path']!r}), vae.path={vae_path!r} holds different weights or "
                              f"architecture (fingerprint {vae_content})")
+        if augment is not None and "augment" in m:
+            want = describe_augment(augment, m["resolution"] if image_size is None else image_size,
+                                    m["augment"].get("crop_scale_min", 0.2) if crop_scale_min is None
+                                    else crop_scale_min)
+            have = m["augment"]
+            if (have.get("name"), have.get("repr")) != (want["name"], want["repr"]):
+                scale = (f", crop scale {have.get('crop_scale_min')}-1" if have.get("name") == "pretrain" else "")
+                diffs.append(f"augmentation: the cache holds {m.get('views', 1)} view(s) per image made with "
+                             f"--augment {have.get('name')}{scale}, the job has data.augment={augment}"
+                             + (f" (data.crop_scale_min={crop_scale_min})" if augment == "pretrain" else "")
+                             + f": write a cache with --augment {augment} (launchers/cache_latents.py), or set "
+                             f"data.augment={have.get('name')} if that is what you meant")
         if latent_shape is not None and tuple(latent_shape) != self.latent_shape:
             diffs.append(f"latent shape: cache {self.latent_shape} vs expected {tuple(latent_shape)}")
         if num_classes is not None and len(self.labels) and int(self.labels.max()) >= num_classes:

@@ -14,20 +14,25 @@ from typing import Optional
 
 import torch
 
-from .cache_format import STORE_DTYPES, LatentCacheError, drop_nonfinite, encode_flips, shard_done, write_shard
+from .cache_format import (STORE_DTYPES, LatentCacheError, drop_nonfinite, encode_flips, shard_done,
+                           source_fingerprint, write_shard)
 from .datasets import CorruptImageError, ImageDataset, TarDataset
 from .loaders import CorruptTracker, _BatchTask
 from .sampler import ShardSampler
 from .transforms import build_transform, describe_augment, sample_seed
 
 
-def _finish_shard(dataset, out_dir, s, means, logvars, labels, index, bad, settings, tracker) -> None:
+def _shard_paths(dataset, s: int, shard_size: int) -> list:
+    return [dataset.samples[i].path for i in range(s * shard_size, min((s + 1) * shard_size, len(dataset)))]
+
+
+def _finish_shard(dataset, out_dir, s, means, logvars, labels, index, bad, settings, tracker, sources=None) -> None:
     """Drop the images with non-finite moments (reported as corrupt), then write shard ``s``."""
     means, logvars, labels, index, dropped = drop_nonfinite(means, logvars, labels, index,
                                                             lambda i: dataset.samples[i].path)
     bad.extend(dropped)
     tracker.add(dropped)
-    write_shard(out_dir, s, means, logvars, labels, index, bad, settings)
+    write_shard(out_dir, s, means, logvars, labels, index, bad, settings, sources)
 
 
 def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 224, augment: str = "pretrain",
@@ -63,7 +68,7 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
     mine = [s for s in range(num_shards) if s % world_size == rank]
     todo, skipped = [], []
     for s in mine:
-        (skipped if shard_done(out_dir, s, settings) else todo).append(s)
+        (skipped if shard_done(out_dir, s, settings, _shard_paths(dataset, s, shard_size)) else todo).append(s)
     total_imgs = sum(min(shard_size, n - s * shard_size) for s in todo)
     bar = None
     if progress:
@@ -76,6 +81,7 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
         if stop_after_shards is not None and len(written) >= stop_after_shards:
             break
         idx = list(range(s * shard_size, min((s + 1) * shard_size, n)))
+        sources = source_fingerprint(_shard_paths(dataset, s, shard_size))  # before reading: a change later shows
         if loader == "dali":
             shard = _encode_shard_dali(dataset, vae, s, idx, image_size=image_size, augment=augment,
                                        crop_scale_min=crop_scale_min, views=views, seed=seed, dtype=dtype,
@@ -84,7 +90,7 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
             if bar is not None:
                 bar.update(len(idx))
                 bar.set_postfix(img_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.1f}", refresh=False)
-            _finish_shard(dataset, out_dir, s, *shard, settings, tracker)
+            _finish_shard(dataset, out_dir, s, *shard, settings, tracker, sources)
             written.append(s)
             continue
         batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
@@ -106,7 +112,7 @@ def write_cache(dataset: ImageDataset, vae, out_dir: str, *, image_size: int = 2
             if bar is not None:
                 bar.update(m + len(item["corrupt"]))
                 bar.set_postfix(img_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.1f}", refresh=False)
-        _finish_shard(dataset, out_dir, s, means, logvars, labels, index, bad, settings, tracker)
+        _finish_shard(dataset, out_dir, s, means, logvars, labels, index, bad, settings, tracker, sources)
         written.append(s)
     if bar is not None:
         bar.close()

@@ -88,7 +88,10 @@ def _check_meta(out_dir: str, meta: dict) -> None:
             old = json.load(f)
         for k, v in meta.items():
             if k in old and old[k] != v:
-                raise ValueError(f"{path}: existing samples were made with {k}={old[k]!r}, this job has {v!r}. "
+                why = {"ckpt_content": f" (the weights file {meta.get('ckpt')} was replaced since these samples "
+                                       "were made)",
+                       "vae_content": " (the VAE's weights changed since these samples were made)"}.get(k, "")
+                raise ValueError(f"{path}: existing samples were made with {k}={old[k]!r}, this job has {v!r}{why}. "
                                  "Use a new output folder, or delete the old samples to start over")
 
 

@@ -16,8 +16,13 @@ import yaml
 from .. import runtime as D
 from ..checkpoint.safe_load import CheckpointFileError
 from ..fileio import DiskFullError
-from ..config import ConfigError, format_help, load_config, to_dict
+from ..config import ConfigError, JobConfig, format_help, load_config, to_dict
+from ..checkpoint.manager import IncompatibleCheckpoint
 from ..data.cache_reader import LatentCacheError
+from ..data.datasets import DatasetError
+from ..transfer.report import TransferError
+from ..transfer.teachers import TeacherWeightsError
+from ..vae.frozen import VAELoadError
 from ..vae.latent_norm import LatentStatsError
 from .nonfinite import NonFiniteError
 from .stop import EXIT_DONE, clear_stale_stop_files, stop_exit_code, write_stopped
@@ -32,6 +37,12 @@ EXIT_ERROR = 3         # stopped with an explained error: max_nonfinite non-fini
 # EXIT_STOPPED (75): stopped on request (SIGUSR1/SIGTERM or STOP_AND_CHECKPOINT) after a checkpoint; not finished,
 # resume continues; the SLURM scripts requeue on it. STOPPED_FILE: the marker rank 0 leaves then, the one sign of
 # a requested stop that survives torchrun (which reports any failed worker as exit code 1).
+
+# Errors that explain themselves (they name the file, key or value and the fix): one line and EXIT_ERROR, no
+# traceback; anything else is a crash (traceback, exit 1).
+EXPLAINED_ERRORS = (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
+                    FileNotFoundError, D.StartupError, DatasetError, VAELoadError, IncompatibleCheckpoint,
+                    TeacherWeightsError, TransferError, LatentStatsError)
 
 EXAMPLES = """
 examples:
@@ -80,6 +91,9 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        # the other ranks name this one instead of waiting for the collective timeout (the start-up agreement)
+        D.report_startup_failure(D.detect(local_rank_arg=args.local_rank if args.local_rank >= 0 else None),
+                                 JobConfig().engine.startup_timeout_s, f"config error: {e}")
         return EXIT_CONFIG
     if not finetune and cfg.task != "pretrain":
         print(f"config error: launchers/pretrain.py runs task=pretrain, the config says task={cfg.task!r}; "
@@ -98,8 +112,7 @@ def main(argv: Optional[Sequence[str]] = None, *, finetune: bool = False, prog: 
         trainer = Trainer(cfg, local_rank_arg=args.local_rank if args.local_rank >= 0 else None)
         result = trainer.fit()
     except (ConfigError, NonFiniteError, OSError, ValueError, RuntimeError) as e:
-        if not isinstance(e, (ConfigError, NonFiniteError, CheckpointFileError, DiskFullError, LatentCacheError,
-                              LatentStatsError, FileNotFoundError)):
+        if not isinstance(e, EXPLAINED_ERRORS):
             raise
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR

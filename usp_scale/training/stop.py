@@ -2,7 +2,8 @@
 and the protocol's names are :mod:`usp_scale.cluster.slurm`'s).
 
 Touching ``<output_dir>/STOP_AND_CHECKPOINT`` (the SLURM scripts do it on SIGUSR1), or SIGUSR1/SIGTERM delivered to
-the workers, makes the trainer checkpoint at its next log step and exit (:class:`StopRequests`); the launcher then
+the workers, makes the trainer checkpoint at its next log step (or at the end of the epoch) and exit; a second SIGTERM
+before that ends the process at once (:class:`StopRequests`); the launcher then
 exits with ``EXIT_STOPPED`` and rank 0 leaves ``<output_dir>/STOPPED`` (:func:`write_stopped`), which the next run
 removes at start-up (:func:`clear_stale_stop_files`).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import threading
 import time
 
 from .. import runtime as D
@@ -29,9 +32,13 @@ class StopRequests:
         self.path = os.path.join(output_dir, STOP_FILE)
         self.is_main = is_main
         self.raw = False
+        self.honoured = False  # a request was honoured (a checkpoint written): the run stops
 
     def install(self) -> None:
         def handler(signum, frame):
+            if self.raw and signum == signal.SIGTERM:  # a second SIGTERM: the first was not acted on yet, end now
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
             self.raw = True
 
         for s in (signal.SIGUSR1, signal.SIGTERM):
@@ -39,16 +46,64 @@ class StopRequests:
                 signal.signal(s, handler)
             except ValueError:  # not in the main thread
                 pass
+        self._watch_deepspeed_runner()
+
+    def _watch_deepspeed_runner(self, interval: float = 1.0) -> None:
+        """Under DeepSpeed's launcher (``deepspeed`` runner -> ``deepspeed.launcher.launch`` -> this rank), a SIGTERM
+        or Ctrl-C to the runner of a single-node job ends the runner alone (it forwards no signal there), leaving
+        launch.py and the ranks training as orphans. A daemon thread watches launch.py: when its parent (the
+        runner) is gone, or launch.py itself, the rank takes it as a stop request (checkpoint, exit 75)."""
+        parent = os.getppid()
+        if "deepspeed.launcher.launch" not in _cmdline(parent):
+            return
+        runner = _ppid(parent)
+
+        def watch():
+            while not self.raw:
+                if os.getppid() != parent or _ppid(parent) != runner:
+                    print(f"[usp_scale] rank stop: DeepSpeed's runner (pid {runner}) or launcher (pid {parent}) has "
+                          "ended; checkpointing and exiting", file=sys.stderr, flush=True)
+                    self.raw = True
+                    return
+                time.sleep(interval)
+
+        threading.Thread(target=watch, name="usp_scale-deepspeed-runner-watch", daemon=True).start()
 
     def agreed(self) -> bool:
         """Collective (at log steps): any rank's signal, or the stop file."""
         req = self.raw or (self.is_main and os.path.exists(self.path))
         return bool(D.all_reduce_max(float(req)))
 
-    def consume(self) -> None:
-        """The request was honoured (checkpoint written): rank 0 removes the stop file."""
+    def at_epoch_end(self, world: int) -> bool:
+        """At an epoch boundary (collective with more than one rank): a signal or the stop file, so that a request
+        is honoured even when no step ran (between epochs, or an epoch that yielded no batch)."""
+        if world > 1:
+            return self.agreed()
+        return self.raw or (self.is_main and os.path.exists(self.path))
+
+    def consume(self) -> bool:
+        """The request was honoured (checkpoint written): rank 0 removes the stop file. Returns True (stop)."""
         if self.is_main and os.path.exists(self.path):
             os.remove(self.path)
+        self.honoured = True
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    """The parent of ``pid`` (-1 when ``pid`` is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def run_started_at() -> float:

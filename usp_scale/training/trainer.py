@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .. import runtime as D
 from ..checkpoint import CheckpointManager, model_signature
-from ..config import ConfigError, resolve_job, save_config, to_dict
+from ..config import ConfigError, resolve_job, to_dict
 from ..data import build_loader
 from ..engine import INITIALISE_AFTER_SHARDING, build_engine
 from ..eval.hook import build_fid_hook
@@ -37,6 +37,7 @@ from .metrics import LogWindow, MetricsLogger, truncate_after_resume
 from .nonfinite import NonFiniteError, NonFinitePolicy
 from .optim import build_optimizer
 from .rng import step_generator
+from .rundir import accept_run, prepare_run_dir, unlock_run_dir
 from .schedule import LRSchedule
 from .state import LoaderPosition, TrainState
 from .stepstats import DeferredStepStats
@@ -49,6 +50,22 @@ def default_loader(cfg, *, rank: int, world_size: int, device, train: bool = Tru
     m = cfg.model
     return build_loader(cfg.data, cfg.vae, rank=rank, world_size=world_size, seed=cfg.seed, train=train,
                         device=device, latent_shape=(m.in_chans, m.img_size, m.img_size), num_classes=m.num_classes)
+
+
+def nonempty_epoch(loader, data, state, rank: int, micro_per_epoch: int):
+    """``iter(loader)`` for the epoch ``state.epoch``, refusing an epoch that yields no sample (every file the loader
+    read was skipped as unreadable: the next epoch would yield none either) with a :class:`ConfigError` naming the
+    data folder, instead of looping over empty epochs forever."""
+    started, yielded = state.micro_in_epoch < micro_per_epoch, 0
+    for batch in loader:
+        yielded += 1
+        yield batch
+    if started and yielded == 0:
+        where = {"latents": f"data.latent_cache={data.latent_cache}", "synthetic": "data.format=synthetic"}.get(
+            data.format, f"data.root={os.path.join(data.root, data.split) if data.split else data.root}")
+        raise ConfigError(f"epoch {state.epoch} yielded no sample on rank {rank} ({where}): every file the loader "
+                          "read was skipped as unreadable (see the warnings above; e.g. git-lfs pointer files "
+                          "instead of images). Fix or replace the files (data.strict=true stops at the first one)")
 
 
 def build_model(task: Task, engine_name: str, runtime):
@@ -75,9 +92,7 @@ class Trainer:
         self.task = task or build_task(cfg)
         self.loader_factory = loader_factory or default_loader
         out = cfg.output_dir
-        if self.is_main:
-            os.makedirs(out, exist_ok=True)
-            save_config(cfg, os.path.join(out, "config.yaml"))
+        prepare_run_dir(out, self.is_main)  # one job per folder (lock), writable now, litter of killed writers removed
         self._print(f"[usp_scale] {self.batch_plan.describe()}; precision {cfg.engine.precision}, gradients reduced "
                     f"in {cfg.engine.reduce_dtype}")
         model, init_state = build_model(self.task, cfg.engine.name, rt)
@@ -114,6 +129,7 @@ class Trainer:
         self.nonfinite, self.stop = NonFinitePolicy(cfg, self.state), StopRequests(out, self.is_main)
         self.exporter = Exporter(cfg, self.task, self.is_main)
         self.resumed_from = self._resume()
+        accept_run(cfg, self.is_main)  # resume checks passed: only now its config.yaml replaces the old one
         self.val_loader = self.loader_factory(cfg, rank=self.rank, world_size=self.world, device=self.device,
                                               train=False) if self.task.evaluates else None
         self.stats = DeferredStepStats(self.device)
@@ -228,9 +244,7 @@ class Trainer:
         if stopping:
             self._print(f"[usp_scale] stop requested (signal or {os.path.basename(self.stop.path)}): checkpointed at "
                         f"step {st.step}, exiting so that a requeued job resumes")
-            self.stop.consume()
-            self.stopped_by_request = True
-            return True
+            return self.stop.consume()
         return reached_stop or st.step >= total
 
     def _end_epoch(self) -> None:
@@ -254,12 +268,11 @@ class Trainer:
         self.engine.model.train()
         self.start_step = st.step
         self.last_ckpt = None
-        self.stopped_by_request = False
         self.window.reset()
         stop = False
         while st.step < total and not stop:
             self.loader.set_epoch(st.epoch)
-            it = iter(self.loader)
+            it = nonempty_epoch(self.loader, cfg.data, st, self.rank, self.steps_per_epoch * self.accum)
             while st.micro_in_epoch < self.steps_per_epoch * self.accum:
                 t_data = time.perf_counter()
                 try:
@@ -278,6 +291,8 @@ class Trainer:
             if stop:
                 break
             self._end_epoch()
+            if self.stop.at_epoch_end(self.world):  # stop requests are honoured outside the step loop too
+                self.last_ckpt, stop = self._save(), self.stop.consume()
         self.bar.close()
         D.end_train_timeout()
         return self._finish()
@@ -286,7 +301,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         result = {"step": st.step, "epoch": st.epoch, "nonfinite_total": st.nonfinite_total,
                   "steps_run": st.step - self.start_step, "checkpoint": self.last_ckpt,
-                  "grad_norm": self.nonfinite.last_norm, "stopped_by_request": self.stopped_by_request}
+                  "grad_norm": self.nonfinite.last_norm, "stopped_by_request": self.stop.honoured}
         if st.step >= self.schedule.total_steps:
             if self.val_loader is not None:
                 result["eval"] = self._last_eval if self._last_eval_step == st.step else \
@@ -321,3 +336,5 @@ def run(cfg, **kwargs) -> dict:
     except NonFiniteError as e:
         print(f"[usp_scale] ERROR: {e}", file=sys.stderr, flush=True)
         raise
+    finally:
+        unlock_run_dir(cfg.output_dir)  # (the OS releases it when the process ends; run() may be called again)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint.diff import diff_shapes
-from ..checkpoint.safe_load import read_safetensors, torch_load
+from ..checkpoint.safe_load import check_finite, read_safetensors, torch_load
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -35,13 +35,16 @@ def read_state_dict(path: str, which: str = "auto") -> StateDict:
         raise FileNotFoundError(f"checkpoint not found: {path} (give a local .pt/.pth/.safetensors file; "
                                 f"nothing is downloaded)")
     if path.endswith(".safetensors"):
-        return _strip_module(read_safetensors(path, what="checkpoint"))
+        sd = read_safetensors(path, what="checkpoint")
+        check_finite(sd, path, what="checkpoint")
+        return _strip_module(sd)
     return select_state_dict(torch_load(path, what="checkpoint"), path, which)
 
 
 def select_state_dict(obj, path: str, which: str = "auto") -> StateDict:
     """The weights inside a loaded ``torch.save`` object (``path`` names it in errors; ``which`` as in
-    :func:`read_state_dict`), ``module.`` prefix stripped."""
+    :func:`read_state_dict`), ``module.`` prefix stripped; weights holding NaN/inf are refused naming the first
+    bad key (:func:`usp_scale.checkpoint.safe_load.check_finite`)."""
     if which not in ("auto", "ema", "model"):
         raise ValueError(f"which must be auto, ema or model, got {which!r}")
     if _is_state_dict(obj):
@@ -56,6 +59,7 @@ def select_state_dict(obj, path: str, which: str = "auto") -> StateDict:
         sd = obj[key]
     else:
         raise TypeError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    check_finite(sd, path, what="checkpoint")
     return _strip_module(sd)
 
 

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..checkpoint.safe_load import read_safetensors, torch_load
+from ..checkpoint.safe_load import check_finite, read_safetensors, torch_load
 from ..layers.pos_embed import resample_grid
 from ..models.teacher import TEACHERS, DINOv2ViT, FrozenTeacher, repa_input_size
 from .formats import StateDict
@@ -75,6 +75,7 @@ def _read(path: str) -> StateDict:
         top = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise TeacherWeightsError(f"teacher weights {path}: expected a bare state dict (the official "
                                   f"dinov2_vitb14_pretrain.pth or timm's model.safetensors), got {top}")
+    check_finite(obj, path, what="teacher weights")
     return dict(obj)
 
 

@@ -16,7 +16,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoint.safe_load import CheckpointFileError, UnsafeCheckpointError, read_safetensors, torch_load
+from ..checkpoint.safe_load import (CheckpointFileError, UnsafeCheckpointError, check_finite, read_safetensors,
+                                     torch_load)
 from .named import resolve_vae_path, shipped_scale
 from .latent_norm import LatentNorm, build_latent_norm
 from .ldm import LDMLayoutError, ldm_to_diffusers, split_autoencoder
@@ -126,6 +127,7 @@ def _from_single_file(path: str, version: str):
         raise VAELoadError(f"{e}. {WHERE}") from e
     if not isinstance(raw, dict):
         raise VAELoadError(f"VAE weights file {path} holds a {type(raw).__name__}, not a state dict. {WHERE}")
+    check_finite(raw, path, what="VAE weights file")
     sd = _unwrap_state_dict(raw, path)
     if any(k.startswith("encoder.down.") for k in sd):
         sd, cfg = _ldm_to_diffusers(sd, path)
