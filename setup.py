@@ -28,6 +28,8 @@ extras = {
     "gpu": ["triton>=3.0"],
     "flash": ["flash-attn>=2.6"],
     "plot": ["matplotlib>=3.7"],
+    # the trainer's TensorBoard events (logging.tensorboard: true by default; without it the trainer warns once)
+    "log": ["tensorboard>=2.14"],
     # engine.fp8 (torchao float8 training); capped at the version tested with torch 2.14
     "fp8": ["torchao>=0.12,<0.19"],
 }

@@ -300,7 +300,8 @@ class JobConfig:
         'metrics.jsonl and warned about at log steps.')
     nonfinite_window: int = opt(1000, 'Window (optimizer steps) of max_nonfinite_rate.')
     progress: bool = opt(True, 'Show progress bars on rank 0.')
-    tensorboard: bool = opt(True, 'Write TensorBoard events when tensorboard is installed.')
+    tensorboard: bool = opt(True, 'Write TensorBoard events under OUTPUT/tb (needs tensorboard: the extra "log", in '
+        '"all"; warns once when it is missing).')
     plot: bool = opt(True, 'Write a loss-curve PNG at the end of the run.')
     eval_every_epochs: int = opt(1, 'Evaluate (classification top-1/top-5) every N epochs (0 = only at the end).')
     stop_after_steps: int = opt(0, 'Stop after this many optimizer steps in this process (0 = no limit); for tests and '
