@@ -33,12 +33,13 @@ import torch.nn as nn
 
 from ... import runtime as D
 from ...checkpoint.safe_load import torch_load
-from ...fileio import torch_save
+from ...fileio import torch_save, write_text
 from ...config import ConfigError
 from ..base import Weights
 from . import DEEPSPEED_RANGE
 
 TAG = "ds"  # DeepSpeed checkpoint tag: <engine folder>/ds/...
+LATEST = "latest"  # DeepSpeed's file naming the newest tag (what zero_to_fp32.py and load_checkpoint(tag=None) read)
 
 
 class DeepSpeedInternalsError(RuntimeError):
@@ -201,9 +202,14 @@ def _ema_file(path: str, ema_layout: str) -> str:
 
 def save(ds_engine, path: str, ema_state: Optional[dict], ema_layout: str) -> None:
     """DeepSpeed's checkpoint (tag :data:`TAG`) under ``path``, plus the EMA: ``ema.pt`` (replicated, rank 0) or
-    ``ema_rank%05d.pt`` (per rank). Collective."""
+    ``ema_rank%05d.pt`` (per rank), and DeepSpeed's ``latest`` file naming the tag, so that DeepSpeed's own tools
+    find it without ``--tag`` (``python path/zero_to_fp32.py path OUT``, docs/training.md). Collective."""
     os.makedirs(path, exist_ok=True)
+    # save_latest=False: DeepSpeed writes ``latest`` in place; ours is written atomically (usp_scale.fileio) after
+    # the tag's files, as DeepSpeed orders them
     ds_engine.save_checkpoint(path, tag=TAG, save_latest=False)
+    if D.get_rank() == 0:
+        write_text(os.path.join(path, LATEST), TAG)
     if ema_state is not None:
         ema = {k: v.detach().cpu() for k, v in ema_state.items()}
         if ema_layout == "per_rank" or D.get_rank() == 0:
