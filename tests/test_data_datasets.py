@@ -81,3 +81,43 @@ def test_image_batches_contract(synth_clean):
     assert b["labels"].dtype == torch.long and b["labels"].shape == (5,)
     val = build_image_loader(data_cfg(synth_clean["root"], batch_size=3), train=False)
     assert sum(len(b["labels"]) for b in val) == 8  # every val image once, last batch short
+
+
+def test_image_folder_reads_what_torchvision_image_folder_reads(tmp_path):
+    """torchvision's rules on the same folder: its extensions (any case: .pgm, .tif, .ppm, .webp, .PNG ...), files in
+    nested sub-folders of a class, class order by name; what neither reads is warned about, by extension."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "train"
+    rng = np.random.default_rng(0)
+
+    def img(path, mode="RGB"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+        im = Image.fromarray(arr)
+        (im.convert("L") if mode == "L" else im).save(path)
+
+    img(root / "b_dog" / "a.jpg")
+    img(root / "b_dog" / "x.PNG")
+    img(root / "b_dog" / "gray.pgm", "L")
+    img(root / "b_dog" / "deep" / "er" / "n.tif")
+    img(root / "b_dog" / "sub" / "m.ppm")
+    img(root / "A_cat" / "w.webp")
+    img(root / "A_cat" / "t.tiff")
+    img(root / "A_cat" / "s.bmp")
+    img(root / "A_cat" / "only.gif")          # PIL reads it, torchvision's ImageFolder does not: warned, not read
+    (root / "A_cat" / "notes.txt").write_text("x")
+    (root / "A_cat" / ".DS_Store").write_bytes(b"\0")
+    img(root / "c_nested_only" / "inner" / "z.jpeg")  # a class whose images are all in a sub-folder
+    tv = ImageFolder(str(root))
+    with pytest.warns(UserWarning, match=r"1 x \.gif \(e\.g\. .*only\.gif\), 1 x \.txt") as rec:
+        ours = ImageFolderDataset(str(tmp_path), "train")
+    assert ".DS_Store" not in str(rec[0].message)
+    assert ours.classes == tv.classes == ["A_cat", "b_dog", "c_nested_only"]
+    assert [(r.path, r.label) for r in ours.samples] == tv.samples and len(tv.samples) == 9
+    for i in range(len(tv)):
+        mine, label, err = ours.load(i, strict=True)
+        theirs, tlabel = tv[i]
+        assert err == "" and label == tlabel and np.array_equal(np.asarray(mine), np.asarray(theirs))
