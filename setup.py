@@ -15,7 +15,8 @@ from setuptools import find_packages, setup
 packages = find_packages(include=["usp_scale", "usp_scale.*"]) + ["usp_scale.kernels"]
 
 extras = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10"],
+    # webdataset: the interop test of our tar reader (tests/test_data_datasets.py writes and reads shards with it)
+    "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10", "webdataset>=0.2"],
     # the versions tests/ ran against (usp_scale.engine.deepspeed.DEEPSPEED_RANGE; the engine refuses others)
     "deepspeed": ["deepspeed>=0.19.8,<0.20"],
     "dali": ["nvidia-dali-cuda130>=1.40"],

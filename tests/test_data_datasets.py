@@ -121,3 +121,39 @@ def test_image_folder_reads_what_torchvision_image_folder_reads(tmp_path):
         mine, label, err = ours.load(i, strict=True)
         theirs, tlabel = tv[i]
         assert err == "" and label == tlabel and np.array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+def test_compressed_webdataset_shards_are_refused_with_the_command_that_converts_them(tmp_path):
+    """Shards written by the webdataset library as .tar.gz: refused (not skipped) with a command; after running
+    that command we read exactly what webdataset reads from the compressed shards (keys' order, labels, pixels)."""
+    import re
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    wds = pytest.importorskip("webdataset")  # in the "test" extra
+    split = tmp_path / "train"
+    split.mkdir()
+    rng = np.random.default_rng(1)
+    for s in range(2):
+        with wds.TarWriter(str(split / f"shard-{s:06d}.tar.gz"), mtime=0) as w:
+            for i in range(3):
+                img = Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8))
+                w.write({"__key__": f"s{s}_{i:03d}", "png": img, "cls": (s * 3 + i) % 4})
+    urls = [str(split / f"shard-{s:06d}.tar.gz") for s in range(2)]
+    theirs = [(d["__key__"], d["cls"], np.asarray(d["png"].convert("RGB")))
+              for d in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")]
+    # a mixed folder is refused too: nothing compressed is left out silently
+    (split / "plain.tar").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"compressed tar shards \(shard-000000.tar.gz, shard-000001.tar.gz\) "
+                                           r"are not read.*gunzip \*\.tar\.gz") as e:
+        TarDataset(str(tmp_path), "train")
+    (split / "plain.tar").unlink()
+    cmd = re.search(r"`(cd .*?)`", str(e.value)).group(1)
+    subprocess.run(["bash", "-c", cmd], check=True, timeout=60)
+    ours = TarDataset(str(tmp_path), "train")
+    assert [r.path.split("::")[1].split(".")[0] for r in ours.samples] == [k for k, _, _ in theirs]
+    assert ours.labels == [c for _, c, _ in theirs] and len(theirs) == 6
+    for i, (_, _, px) in enumerate(theirs):
+        assert np.array_equal(np.asarray(ours.load(i, strict=True)[0]), px)

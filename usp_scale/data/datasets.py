@@ -22,6 +22,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 IMAGE_EXTS = tuple(IMG_EXTENSIONS)
 # WebDataset member extensions that hold an image, in order of preference.
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# compressed shards (WebDataset also reads them) -> the command that decompresses them in place (TarDataset refuses
+# them with it)
+COMPRESSED_TAR_EXTS = {".tar.gz": "gunzip", ".tgz": "gunzip", ".tar.bz2": "bunzip2", ".tar.xz": "unxz",
+                       ".tar.zst": "unzstd --rm"}
 
 
 class DatasetError(ValueError):
@@ -159,7 +163,19 @@ class TarDataset(ImageDataset):
     def __init__(self, root: str, split: str = "train"):
         path = split_dir(root, split) if split and os.path.isdir(os.path.join(root, split)) else split_dir(root, "")
         self.root = path
-        tars = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
+        names = os.listdir(path)
+        packed = sorted(f for f in names if f.endswith(tuple(COMPRESSED_TAR_EXTS)))
+        if packed:
+            shown = ", ".join(packed[:3]) + (f" and {len(packed) - 3} more" if len(packed) > 3 else "")
+            kinds = sorted({e for f in packed for e in COMPRESSED_TAR_EXTS if f.endswith(e)})
+            how = " && ".join(f"{COMPRESSED_TAR_EXTS[e]} *{e}" for e in kinds)
+            raise DatasetError(
+                f"{path}: compressed tar shards ({shown}) are not read: the loaders read each sample at its byte "
+                "offset in the shard (every rank its own samples of a globally shuffled epoch, and an exact resume), "
+                "which a compressed stream cannot give without decompressing from its start. Decompress them once, "
+                f"in place: `cd {path} && {how}` (each shard becomes the same name ending in .tar: the same "
+                "samples for WebDataset; image members hardly compress, so it is about as large)")
+        tars = sorted(os.path.join(path, f) for f in names if f.endswith(".tar"))
         if not tars:
             raise DatasetError(f"no .tar shards in {path} (data.format=wds expects WebDataset tar files)")
         self.samples = []
