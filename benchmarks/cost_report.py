@@ -25,7 +25,7 @@ or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out
 GPU-days are single-device days at the measured rate (perfect scaling assumed; weak-scaling losses come on
 top). They are also given as peak-FLOP-normalised H20-days (x peak of the card / 148 TFLOP/s), the unit of
 the paper's 98 (USP) / 622 (scratch) / 1904 (REPA) H20-days, and checked against the target of <= 12
-H100-days for the whole USP DiT-XL/2 pipeline (performance-anchors.md §7).
+H100-days for the whole USP DiT-XL/2 pipeline (docs/anchors.md §7).
 
 ``--scaling`` adds the multi-node projection (``benchmarks/scaling/``): for N nodes x 8 GPUs of H100, H200 and H20,
 per engine (DDP, FSDP2, HSDP, ZeRO-1/2/3), the bytes each rank sends per step, the step time with the overlap model,

@@ -1,7 +1,7 @@
 """GPU-days and wall-days of the paper's runs on N nodes x 8 GPUs per engine, from measured single-GPU rates and the
 communication model of :mod:`scaling.comm_model`; markdown tables and the wall-days plot for ``cost_report.py``.
 
-Runs (shared/design/usp-method.md): USP pretraining, MAE-XL, 800 and 1600 epochs of ImageNet-1k at global batch 4096
+Runs (docs/anchors.md §7): USP pretraining, MAE-XL, 800 and 1600 epochs of ImageNet-1k at global batch 4096
 (steps = epochs x 1,281,167 / 4096); DiT-XL/2 and SiT-XL/2, 400K steps at batch 256 (finetuning from USP, the same
 cost from scratch); DiT-XL/2 from scratch, 7M steps; the latent cache and FID-50K sampling (no communication: they
 split perfectly over the GPUs). The USP pipeline = MAE-XL 1600 epochs + DiT-XL/2 400K + the cache + FID-50K, against
@@ -11,7 +11,7 @@ Pretraining input (``pretrain_input``): ``cache`` reads latents made once (the c
 ``online`` encodes every 224^2 view with the SD-VAE encoder inside each step, adding ``1 / vae_img_per_s`` seconds
 per sample of serial compute before the forward (no communication hides behind it). Without a measured encoder rate it
 is derived from FLOPs at the MAE step's achieved FLOP/s: ``vae rate = MAE-XL rate x 166 / 207`` (MAE-XL train step
-166 GFLOP per image, SD-VAE encoder forward 207 GFLOP per 224^2 image, performance-anchors.md A3).
+166 GFLOP per image, SD-VAE encoder forward 207 GFLOP per 224^2 image, docs/anchors.md A3).
 """
 from __future__ import annotations
 
