@@ -225,7 +225,9 @@ def to_markdown(r: dict) -> str:
         lines += [f"= {r['pipeline_h20_days']:.1f} H20-days at equal peak-FLOP use (paper: "
                   f"{PAPER_H20_DAYS['usp_pipeline']:.0f} H20-days; scratch {PAPER_H20_DAYS['scratch_dit']:.0f}, "
                   f"REPA {PAPER_H20_DAYS['repa']:.0f})",
-                  f"= {r['pipeline_h100_equiv_days']:.2f} H100-equivalent days (target <= {TARGET_H100_DAYS:g}: "
+                  f"= {r['pipeline_h100_equiv_days']:.2f} H100-equivalent days ({r['card']} GPU-days x its peak / the "
+                  f"H100's, {r['peak_tflops'] / PEAK_TFLOPS['H100']:.2f}: not an H100 measurement; its memory bandwidth "
+                  f"and links are not modelled) (target <= {TARGET_H100_DAYS:g}: "
                   f"{'met' if r['pipeline_h100_equiv_days'] <= TARGET_H100_DAYS else 'NOT met'})"]
     lines.append(f"From scratch DiT-{r.get('size', 'XL')}/2 / USP (pretrain + finetune), both at these rates: "
                  f"{r['speedup_vs_scratch']:.1f}x fewer GPU-days")
