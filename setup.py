@@ -15,7 +15,8 @@ from setuptools import find_packages, setup
 packages = find_packages(include=["usp_scale", "usp_scale.*"]) + ["usp_scale.kernels"]
 
 extras = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10"],
+    # webdataset: the interop test of our tar reader (tests/test_data_datasets.py writes and reads shards with it)
+    "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "scipy>=1.10", "webdataset>=0.2"],
     # the versions tests/ ran against (usp_scale.engine.deepspeed.DEEPSPEED_RANGE; the engine refuses others)
     "deepspeed": ["deepspeed>=0.19.8,<0.20"],
     "dali": ["nvidia-dali-cuda130>=1.40"],
@@ -28,6 +29,8 @@ extras = {
     "gpu": ["triton>=3.0"],
     "flash": ["flash-attn>=2.6"],
     "plot": ["matplotlib>=3.7"],
+    # the trainer's TensorBoard events (logging.tensorboard: true by default; without it the trainer warns once)
+    "log": ["tensorboard>=2.14"],
     # engine.fp8 (torchao float8 training); capped at the version tested with torch 2.14
     "fp8": ["torchao>=0.12,<0.19"],
 }

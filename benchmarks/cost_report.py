@@ -27,7 +27,7 @@ or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out
 GPU-days are single-device days at the measured rate (perfect scaling assumed; weak-scaling losses come on
 top). They are also given as peak-FLOP-normalised H20-days (x peak of the card / 148 TFLOP/s), the unit of
 the paper's 98 (USP) / 622 (scratch) / 1904 (REPA) H20-days, and checked against the target of <= 12
-H100-days for the whole USP DiT-XL/2 pipeline (performance-anchors.md §7).
+H100-days for the whole USP DiT-XL/2 pipeline (docs/anchors.md §7).
 
 ``--scaling`` adds the multi-node projection (``benchmarks/scaling/``): for N nodes x 8 GPUs of H100, H200 and H20,
 per engine (DDP, FSDP2, HSDP, ZeRO-1/2/3), the bytes each rank sends per step, the step time with the overlap model,
@@ -237,7 +237,9 @@ def to_markdown(r: dict) -> str:
         lines += [f"= {r['pipeline_h20_days']:.1f} H20-days at equal peak-FLOP use (paper: "
                   f"{PAPER_H20_DAYS['usp_pipeline']:.0f} H20-days; scratch {PAPER_H20_DAYS['scratch_dit']:.0f}, "
                   f"REPA {PAPER_H20_DAYS['repa']:.0f})",
-                  f"= {r['pipeline_h100_equiv_days']:.2f} H100-equivalent days (target <= {TARGET_H100_DAYS:g}: "
+                  f"= {r['pipeline_h100_equiv_days']:.2f} H100-equivalent days ({r['card']} GPU-days x its peak / the "
+                  f"H100's, {r['peak_tflops'] / PEAK_TFLOPS['H100']:.2f}: not an H100 measurement; its memory bandwidth "
+                  f"and links are not modelled) (target <= {TARGET_H100_DAYS:g}: "
                   f"{'met' if r['pipeline_h100_equiv_days'] <= TARGET_H100_DAYS else 'NOT met'})"]
     lines.append(f"From scratch DiT-{r.get('size', 'XL')}/2 / USP (pretrain + finetune), both at these rates: "
                  f"{r['speedup_vs_scratch']:.1f}x fewer GPU-days")

@@ -6,7 +6,7 @@ Examples
   # the paper's table: ADM's reference batch and its own Inception graph, both local files
   python launchers/evaluate.py --samples samples/dit-xl/samples_50000x256x256x3.npz \
       --reference VIRTUAL_imagenet256_labeled.npz --inception-graph classify_image_graph_def.pb
-  python launchers/evaluate.py --samples samples/run1 --reference data/synthetic/val --feature-extractor usp-tiny
+  python launchers/evaluate.py --samples samples/run1 --reference data/synthetic/val --feature-extractor usp-synthetic
   python launchers/evaluate.py --save-stats ref_stats.npz --reference data/val --inception-weights /weights/
 
 Protocols (--protocol; docs/sampling.md): "adm" = the ADM evaluator's definitions (IS in ordered chunks of
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and recall, k-NN with k = --pr-k). Default: is fid sfid pr under adm, fid is otherwise")
     p.add_argument("--feature-extractor", default="inception-v3-compat",
                    help="'inception-v3-compat' (the Inception network), 'usp-synthetic' (the synthetic dataset's), "
-                        "'usp-tiny' (a small random test net) or another registered torch-fidelity extractor")
+                        "'usp-tiny' (a small random net for tests: its numbers say nothing about images) or another "
+                        "registered torch-fidelity extractor")
     p.add_argument("--inception-graph", default=None,
                    help="the ADM evaluator's classify_image_graph_def.pb (read directly, no TensorFlow)")
     p.add_argument("--inception-weights", default=None,

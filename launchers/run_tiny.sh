@@ -11,6 +11,8 @@
 #   synthetic dataset only. Whether USP wins here is printed, not assumed: see docs/tiny.md and the effect
 #   benchmark (benchmarks/effect/) for where it does.
 #
+#   bash launchers/run_tiny.sh --install       # first installs the pinned stack (launchers/install.sh): the README's
+#                                              # command for a fresh machine
 #   bash launchers/run_tiny.sh                 # outputs in runs/tiny
 #   OUT=/tmp/x PYTHON=python3.11 bash launchers/run_tiny.sh
 #   DIT_STEPS=500 bash launchers/run_tiny.sh   # shorter DiT finetuning (both DiTs; worse samples)
@@ -25,6 +27,14 @@
 # stops and names them. OUT/summary.json records every stage's settings, the commit and the wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--install" ]; then
+    shift
+    bash launchers/install.sh
+fi
+if [ $# -gt 0 ]; then
+    echo "run_tiny.sh: unknown argument(s) '$*' (the one flag is --install; settings are environment variables: OUT, DATA, PYTHON, DIT_STEPS, MAE_EPOCHS)" >&2
+    exit 2
+fi
 OUT=${OUT:-runs/tiny}
 DATA=${DATA:-$OUT/data}
 PY=${PYTHON:-python3}

@@ -86,7 +86,8 @@ def test_given_rates_and_multi_node_projection(tmp_path):
     r = C.report(C.given_rows({"MAE-XL": 2061.0, "DiT-XL/2": 552.0}, "NVIDIA H200"))
     assert r["items"][0]["gpu_days"] == pytest.approx(1600 * 1_281_167 / 2061 / 86400)
     for needle in ("Multi-node projection", "Assumptions of the projection", "DDP, gradient all-reduce in bf16",
-                   "Runs on H20", "cached once vs SD-VAE encoding online", "| H20 | online |", "98 H20-days", "s.png"):
+                   "Runs on H20 (= H200 rate x 0.15)", "cached once vs SD-VAE encoding online",
+                   "| H20 (= H200 rate x 0.15) | online |", "98 H20-days", "s.png"):
         assert needle in text, needle
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="--rate needs --card"):

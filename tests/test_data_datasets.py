@@ -81,3 +81,79 @@ def test_image_batches_contract(synth_clean):
     assert b["labels"].dtype == torch.long and b["labels"].shape == (5,)
     val = build_image_loader(data_cfg(synth_clean["root"], batch_size=3), train=False)
     assert sum(len(b["labels"]) for b in val) == 8  # every val image once, last batch short
+
+
+def test_image_folder_reads_what_torchvision_image_folder_reads(tmp_path):
+    """torchvision's rules on the same folder: its extensions (any case: .pgm, .tif, .ppm, .webp, .PNG ...), files in
+    nested sub-folders of a class, class order by name; what neither reads is warned about, by extension."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "train"
+    rng = np.random.default_rng(0)
+
+    def img(path, mode="RGB"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+        im = Image.fromarray(arr)
+        (im.convert("L") if mode == "L" else im).save(path)
+
+    img(root / "b_dog" / "a.jpg")
+    img(root / "b_dog" / "x.PNG")
+    img(root / "b_dog" / "gray.pgm", "L")
+    img(root / "b_dog" / "deep" / "er" / "n.tif")
+    img(root / "b_dog" / "sub" / "m.ppm")
+    img(root / "A_cat" / "w.webp")
+    img(root / "A_cat" / "t.tiff")
+    img(root / "A_cat" / "s.bmp")
+    img(root / "A_cat" / "only.gif")          # PIL reads it, torchvision's ImageFolder does not: warned, not read
+    (root / "A_cat" / "notes.txt").write_text("x")
+    (root / "A_cat" / ".DS_Store").write_bytes(b"\0")
+    img(root / "c_nested_only" / "inner" / "z.jpeg")  # a class whose images are all in a sub-folder
+    tv = ImageFolder(str(root))
+    with pytest.warns(UserWarning, match=r"1 x \.gif \(e\.g\. .*only\.gif\), 1 x \.txt") as rec:
+        ours = ImageFolderDataset(str(tmp_path), "train")
+    assert ".DS_Store" not in str(rec[0].message)
+    assert ours.classes == tv.classes == ["A_cat", "b_dog", "c_nested_only"]
+    assert [(r.path, r.label) for r in ours.samples] == tv.samples and len(tv.samples) == 9
+    for i in range(len(tv)):
+        mine, label, err = ours.load(i, strict=True)
+        theirs, tlabel = tv[i]
+        assert err == "" and label == tlabel and np.array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+def test_compressed_webdataset_shards_are_refused_with_the_command_that_converts_them(tmp_path):
+    """Shards written by the webdataset library as .tar.gz: refused (not skipped) with a command; after running
+    that command we read exactly what webdataset reads from the compressed shards (keys' order, labels, pixels)."""
+    import re
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    wds = pytest.importorskip("webdataset")  # in the "test" extra
+    split = tmp_path / "train"
+    split.mkdir()
+    rng = np.random.default_rng(1)
+    for s in range(2):
+        with wds.TarWriter(str(split / f"shard-{s:06d}.tar.gz"), mtime=0) as w:
+            for i in range(3):
+                img = Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8))
+                w.write({"__key__": f"s{s}_{i:03d}", "png": img, "cls": (s * 3 + i) % 4})
+    urls = [str(split / f"shard-{s:06d}.tar.gz") for s in range(2)]
+    theirs = [(d["__key__"], d["cls"], np.asarray(d["png"].convert("RGB")))
+              for d in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")]
+    # a mixed folder is refused too: nothing compressed is left out silently
+    (split / "plain.tar").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"compressed tar shards \(shard-000000.tar.gz, shard-000001.tar.gz\) "
+                                           r"are not read.*gunzip \*\.tar\.gz") as e:
+        TarDataset(str(tmp_path), "train")
+    (split / "plain.tar").unlink()
+    cmd = re.search(r"`(cd .*?)`", str(e.value)).group(1)
+    subprocess.run(["bash", "-c", cmd], check=True, timeout=60)
+    ours = TarDataset(str(tmp_path), "train")
+    assert [r.path.split("::")[1].split(".")[0] for r in ours.samples] == [k for k, _, _ in theirs]
+    assert ours.labels == [c for _, c, _ in theirs] and len(theirs) == 6
+    for i, (_, _, px) in enumerate(theirs):
+        assert np.array_equal(np.asarray(ours.load(i, strict=True)[0]), px)

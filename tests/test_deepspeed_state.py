@@ -190,3 +190,33 @@ def test_missing_internals_fail_loudly_naming_them():
         zero3_partition(p)
     with pytest.raises(DeepSpeedInternalsError, match="bit16_groups"):
         link_optimizer_states(object())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_exports_carry_the_frozen_tables_at_fp32(group, tmp_path, stage):
+    """The MAE's fixed sin-cos position tables are frozen parameters: DeepSpeed's bf16 cast rounds them (no fp32
+    master), up to ~2e-3 off; the export (full model state dict, and the EMA's over it) carries the fp32 table."""
+    from usp_scale.config import OptimConfig
+    from usp_scale.engine import build_engine
+    from usp_scale.models import create_model
+    from usp_scale.training.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch_vae", img_size=8, in_chans=4)
+    tables = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert {"pos_embed", "decoder_pos_embed"} <= set(tables)
+    assert any((t.bfloat16().float() - t).abs().max() > 1e-4 for t in tables.values())  # bf16 would round them
+    cfg = H.engine_cfg("deepspeed", precision="bf16", zero_stage=stage)
+    ocfg = OptimConfig(lr=1e-2, weight_decay=0.05, eps=1e-4, fused=False)
+    eng = build_engine(cfg, model, lambda m: build_optimizer(ocfg, param_groups(m, 0.05), torch.device("cpu")),
+                       micro_batch=4)
+    x = torch.randn(4, 4, 8, 8)
+    with eng.sync_context(), eng.autocast():
+        loss = eng(x, mask_ratio=0.75)[0]
+    eng.backward(loss)
+    assert eng.step() is not None
+    sd = eng.weights.full_model_state_dict()
+    for n, t in tables.items():
+        assert sd[n].dtype == torch.float32 and torch.equal(sd[n], t), n
+    ema = eng.weights.full_ema_state_dict({k: v.detach().clone() for k, v in eng.weights.ema_sources()}, sd)
+    assert all(torch.equal(ema[n], t) for n, t in tables.items())

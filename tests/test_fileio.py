@@ -84,3 +84,32 @@ def test_remove_stale_temps_removes_only_dead_writers_files(tmp_path):
     assert remove_stale_temps(str(tmp_path), names=("other.safetensors",)) == []
     assert sorted(remove_stale_temps(str(tmp_path))) == sorted(map(str, stale))
     assert live.exists() and keep.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_every_artifact_follows_the_umask(tmp_path, umask):
+    """safetensors creates its file -rw------- (unreadable for a colleague on shared storage), torch.save follows the
+    umask: through the one writer both get 0o666 & ~umask, as do the official export and plain writes."""
+    import stat
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from usp_scale.checkpoint.export import save_official
+
+    raw = tmp_path / "raw.safetensors"
+    old = os.umask(umask)
+    try:
+        save_file({"w": torch.zeros(2)}, str(raw))                     # the library alone (what the issue saw)
+        paths = [fileio.save_safetensors({"w": torch.ones(3)}, str(tmp_path / "model.safetensors")),
+                 fileio.torch_save({"w": torch.ones(3)}, str(tmp_path / "x.pt")),
+                 save_official(str(tmp_path / "official.pt"), {"model": {"w": torch.ones(3)}}),
+                 fileio.write_json(str(tmp_path / "m.json"), {"a": 1}),
+                 fileio.write_with(str(tmp_path / "a.npy"), lambda t: np.save(open(t, "wb"), np.zeros(2)))]
+        assert fileio.file_mode() == 0o666 & ~umask
+    finally:
+        os.umask(old)
+    if umask != 0o077:
+        assert stat.S_IMODE(os.stat(raw).st_mode) == 0o600   # the library's own mode, which we correct
+    for p in paths:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~umask, p

@@ -19,7 +19,7 @@ def test_bench_harness_cpu_smoke(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, str(BENCH / "bench_unshuffle.py"), "--device", "cpu", "--batch", "1",
                         "--quick", "--reps", "1", "--modes", "forward,backward,full", "--providers", "torch-eager,triton",
-                        "--csv", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                        "--tiny", "--csv", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 6 and {r["provider"] for r in rows} == {"torch-eager", "triton"}
@@ -72,3 +72,21 @@ def test_launch_counts_of_the_fused_ops():
             c = cl.count(cl._op_fn(fused, op, "triton"), make(), mode)
             total = sum(v for k, v in c.items() if not k.startswith("custom_op."))
             assert total == want and not any(k.startswith("custom_op.") for k in c), (name, mode, dict(c))
+
+
+def test_every_kernel_bench_has_tiny_cpu_shapes():
+    """The CPU recipe of benchmarks/kernels/README.md (--tiny): every op's cases are small enough for the
+    interpreter (at most 64 x 16 x 2 elements per tensor row block), the goal shapes otherwise."""
+    sys.path.insert(0, str(BENCH))
+    import functools
+    import bench_adaln, bench_masked_loss, bench_patch_embed, bench_unshuffle  # noqa: E401
+    from _bench import parse_args
+
+    assert parse_args("x", ["--tiny"]).tiny and not parse_args("x", []).tiny
+    for fn in (functools.partial(bench_adaln._cases, "layernorm_modulate"),
+               functools.partial(bench_adaln._cases, "gated_residual"),
+               bench_masked_loss._cases, bench_patch_embed._cases, bench_unshuffle._cases):
+        tiny, full = fn(2, "cpu", True), fn(2, "cpu", False)
+        assert len(tiny) == len(full)
+        assert all("1152" not in c["name"] and "x28" not in c["name"] and "x256" not in c["name"] for c in tiny)
+        assert any("1152" in c["name"] or "x28" in c["name"] for c in full)

@@ -98,7 +98,7 @@ def test_xl_shapes():
 
 
 def test_flops_match_performance_anchors():
-    # performance-anchors.md A3: DiT-XL/2 118.4 GMAC forward, MAE-XL 27.7 GMAC
+    # docs/anchors.md A3: DiT-XL/2 118.4 GMAC forward, MAE-XL 27.7 GMAC
     dit = create_model("DiT-XL/2", device="meta").flops_per_sample() / 2e9
     mae = create_model("vit_xlarge_patch_vae", device="meta").flops_per_sample() / 2e9
     assert abs(dit - 118.6) / 118.6 < 0.01, dit

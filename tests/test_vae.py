@@ -128,3 +128,25 @@ def test_wrong_paths_say_what_to_put_where(tmp_path):
         FrozenVAE(path=str(tmp_path / "w.txt"))
     with pytest.raises(VAELoadError, match="vae.version='d32'"):
         FrozenVAE(version="d32")
+
+
+def test_single_file_with_the_old_attention_names_loads_as_the_folder_does(tmp_path):
+    """diffusers < 0.14 named the attention layers query/key/value/proj_attn; diffusers renames them when it loads a
+    folder, and our single-file loader renames them the same way (both give the reference weights)."""
+    from safetensors.torch import save_file
+
+    ref = FrozenVAE(version="d8", seed=3)
+    old = {}
+    for k, v in ref.model.state_dict().items():
+        for new, was in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            k = k.replace(f".{new}.", f".{was}.")
+        old[k] = v.contiguous()
+    assert sum(".query." in k or ".proj_attn." in k for k in old) >= 4   # the mid blocks' attention
+    save_file(old, str(tmp_path / "old.safetensors"))
+    ref.model.save_pretrained(tmp_path / "folder")                       # the same weights as an old-layout folder
+    save_file(old, str(tmp_path / "folder" / "diffusion_pytorch_model.safetensors"))
+    x = _imgs()
+    for path in (tmp_path / "folder", tmp_path / "old.safetensors"):
+        vae = FrozenVAE(path=str(path))
+        assert vae.fingerprint == ref.fingerprint, path
+        torch.testing.assert_close(vae.decode(vae.encode(x)), ref.decode(ref.encode(x)))

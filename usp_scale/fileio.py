@@ -135,17 +135,41 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it where the OS says it (Linux ``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()`` under this process's umask (``0o666 & ~umask``: -rw-r--r-- under the
+    usual 022, group-writable under 002)."""
+    return 0o666 & ~process_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, needed: Optional[int] = None):
     """Yield a temporary path next to ``path`` for the caller to write; when the block succeeds the file is
-    fsynced and renamed to ``path`` (and the folder fsynced). On any failure the temporary file is removed and
-    the error re-raised; a full disk becomes :class:`DiskFullError` (``needed``: the bytes the write needs, for
-    the message)."""
+    given the umask's mode (:func:`file_mode`), fsynced and renamed to ``path`` (and the folder fsynced). On any
+    failure the temporary file is removed and the error re-raised; a full disk becomes :class:`DiskFullError`
+    (``needed``: the bytes the write needs, for the message).
+
+    The mode: some writers create their file private (the safetensors library: -rw-------), which a colleague on
+    shared storage cannot read; every artifact written here follows the umask, as ``open()`` and ``torch.save`` do."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        os.chmod(tmp, file_mode())
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException as e:

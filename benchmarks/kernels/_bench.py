@@ -270,6 +270,9 @@ def parse_args(op: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="only the first case, 20 repetitions")
     ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV file the rows are appended to")
     ap.add_argument("--batch", type=int, default=256, help="batch size of every case (goal shapes use 256)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny shapes (16-ish tokens, width 64) instead of the goal shapes: the CPU smoke recipe under "
+                         "TRITON_INTERPRET=1 (with --batch 2), seconds per op; its timings mean nothing")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cuda (real measurements) or cpu (smoke test of this harness under TRITON_INTERPRET=1)")
     ap.add_argument("--device-time", default="graph", choices=["graph", "profiler", "none"],
@@ -296,7 +299,7 @@ def _check_csv(path: Path) -> None:
 def run(op: str, cases_fn: Callable, make_fn: Callable[[str], Callable], argv=None) -> List[Dict]:
     """Time every case x mode x provider; print a table and append to the CSV.
 
-    ``cases_fn(batch, device)`` gives dicts with ``name``, ``make(dtype, seed) -> inputs`` and
+    ``cases_fn(batch, device, tiny)`` gives dicts with ``name``, ``make(dtype, seed) -> inputs`` and
     ``bytes(mode, dtype) -> int`` (the least traffic the op must move); ``make_fn(provider)`` returns the
     callable taking ``**inputs``.
     """
@@ -304,7 +307,7 @@ def run(op: str, cases_fn: Callable, make_fn: Callable[[str], Callable], argv=No
     require_gpu(args.device)
     import torch
 
-    cases = cases_fn(args.batch, args.device)
+    cases = cases_fn(args.batch, args.device, args.tiny)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     modes = [m for m in args.modes.split(",") if m]
     providers = [p for p in args.providers.split(",") if p]

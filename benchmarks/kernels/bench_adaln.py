@@ -8,11 +8,11 @@ import sys
 from _bench import compiled, run
 
 
-def _cases(op, batch, dev):
+def _cases(op, batch, dev, tiny=False):
     from _helpers_kernels import gated_inputs, ln_mod_inputs
 
     out = []
-    for N, T, D in ((batch, 256, 1152), (batch, 196, 1152)):
+    for N, T, D in ((batch, 16, 64), (batch, 12, 64)) if tiny else ((batch, 256, 1152), (batch, 196, 1152)):
         nt = N * T * D
         if op == "layernorm_modulate":
             for affine in (False, True):

@@ -8,11 +8,11 @@ import sys
 from _bench import compiled, run
 
 
-def _cases(batch, dev):
+def _cases(batch, dev, tiny=False):
     from _helpers_kernels import loss_inputs
 
     out = []
-    for N, C, img, p in ((batch, 4, 28, 2), (batch, 4, 32, 2)):
+    for N, C, img, p in ((batch, 4, 8, 2), (batch, 4, 6, 2)) if tiny else ((batch, 4, 28, 2), (batch, 4, 32, 2)):
         for norm in ((True, False), (True, True)):
             make = functools.partial(lambda dt, s, dev=dev, N=N, C=C, img=img, p=p, norm=norm: loss_inputs(
                 N, C, img, p, 0.75, *norm, dtype=dt, device=dev, seed=s))

@@ -20,11 +20,12 @@ def _train_inputs(N, C, img, p, D, dt, s, dev, frozen):
     return inp
 
 
-def _cases(batch, dev):
+def _cases(batch, dev, tiny=False):
     out = []
-    for N, C, img, p, D, frozen in ((batch, 4, 28, 2, 1152, ("latents", "pos")),
-                                    (batch, 4, 32, 2, 1152, ("latents", "pos")),
-                                    (batch, 4, 28, 2, 1152, ())):
+    img1, img2, D = (8, 6, 64) if tiny else (28, 32, 1152)
+    for N, C, img, p, D, frozen in ((batch, 4, img1, 2, D, ("latents", "pos")),
+                                    (batch, 4, img2, 2, D, ("latents", "pos")),
+                                    (batch, 4, img1, 2, D, ())):
         make = functools.partial(_train_inputs, N, C, img, p, D, dev=dev, frozen=frozen)
         K, P = int((img // p) ** 2 * 0.25), p * p * C
         # forward: read the kept patches and pos rows, write (N, K, D); backward: read grad (dW, db; dpos),

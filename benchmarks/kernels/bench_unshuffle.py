@@ -8,11 +8,11 @@ import sys
 from _bench import compiled, run
 
 
-def _cases(batch, dev):
+def _cases(batch, dev, tiny=False):
     from _helpers_kernels import unshuffle_inputs
 
     out = []
-    for N, L, D in ((batch, 196, 512), (batch, 256, 1152)):
+    for N, L, D in ((batch, 16, 32), (batch, 12, 64)) if tiny else ((batch, 196, 512), (batch, 256, 1152)):
         K = int(L * 0.25)
         make = functools.partial(lambda dt, s, dev=dev, N=N, L=L, D=D: unshuffle_inputs(N, L, 0.75, D, dtype=dt,
                                                                                device=dev, seed=s))

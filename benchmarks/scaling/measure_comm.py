@@ -329,7 +329,7 @@ def markdown_table(rows: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", help="worker mode (under torchrun): write OUT/comm_w<world>.json")
+    ap.add_argument("--out", help="worker mode (under torchrun): write OUT/comm_w<world>.json (OUT is created)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     ap.add_argument("--models", default="MAE-tiny,DiT-tiny/2", help="comma list of bench_step.py model names")
     ap.add_argument("--compare", nargs="*", help="comm_w*.json files to check against the model")
@@ -341,6 +341,7 @@ def main(argv=None) -> int:
         md = markdown_table(rows)
         print(md)
         if a.md:
+            os.makedirs(os.path.dirname(os.path.abspath(a.md)), exist_ok=True)
             with open(a.md, "w") as f:
                 f.write(md)
         bad = [r for r in rows if not r["ok"]]
@@ -356,6 +357,7 @@ def main(argv=None) -> int:
         ap.error(f"--cases: unknown {unknown}; use {', '.join(CASES)}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("DS_BUILD_OPS", "0")
+    os.makedirs(a.out, exist_ok=True)  # every rank, before the first case writes into it (exist_ok: no race)
     worker(a.out, cases, [m for m in a.models.split(",") if m])
     sys.stdout.flush()
     os._exit(0)  # DeepSpeed on CPU occasionally aborts in its exit handlers after success

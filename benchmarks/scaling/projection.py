@@ -1,7 +1,7 @@
 """GPU-days and wall-days of the paper's runs on N nodes x 8 GPUs per engine, from measured single-GPU rates and the
 communication model of :mod:`scaling.comm_model`; markdown tables and the wall-days plot for ``cost_report.py``.
 
-Runs (shared/design/usp-method.md): USP pretraining, MAE-XL, 800 and 1600 epochs of ImageNet-1k at global batch 4096
+Runs (docs/anchors.md §7): USP pretraining, MAE-XL, 800 and 1600 epochs of ImageNet-1k at global batch 4096
 (steps = epochs x 1,281,167 / 4096); DiT-XL/2 and SiT-XL/2, 400K steps at batch 256 (finetuning from USP, the same
 cost from scratch); DiT-XL/2 from scratch, 7M steps; the latent cache and FID-50K sampling (no communication: they
 split perfectly over the GPUs). The USP pipeline = MAE-XL 1600 epochs + DiT-XL/2 400K + the cache + FID-50K, against
@@ -11,7 +11,7 @@ Pretraining input (``pretrain_input``): ``cache`` reads latents made once (the c
 ``online`` encodes every 224^2 view with the SD-VAE encoder inside each step, adding ``1 / vae_img_per_s`` seconds
 per sample of serial compute before the forward (no communication hides behind it). Without a measured encoder rate it
 is derived from FLOPs at the MAE step's achieved FLOP/s: ``vae rate = MAE-XL rate x 166 / 207`` (MAE-XL train step
-166 GFLOP per image, SD-VAE encoder forward 207 GFLOP per 224^2 image, performance-anchors.md A3).
+166 GFLOP per image, SD-VAE encoder forward 207 GFLOP per 224^2 image, docs/anchors.md A3).
 """
 from __future__ import annotations
 
@@ -72,6 +72,14 @@ class Setup:
     def scale(self, card: str) -> float:
         """Rate on ``card`` / rate on the measured card: the ratio of dense bf16 peaks (compute-bound)."""
         return M.CARDS[card].peak_tflops / M.CARDS[self.rate_card].peak_tflops
+
+    def label(self, card: str) -> str:
+        """How a card is named in the tables: the measured card as itself, another one as what it is here, the
+        measured card's rate scaled by the peak ratio (e.g. "H100 (= H200 rate x 1.00)"): its own memory bandwidth
+        (the H100's 3.35 TB/s against the H200's 4.8) is not modelled, and its links are the ones listed."""
+        if card == self.rate_card:
+            return card
+        return f"{card} (= {self.rate_card} rate x {self.scale(card):.2f})"
 
     def rate(self, model: str, card: str) -> float:
         r = self.rates.get(model)
@@ -174,8 +182,10 @@ def assumptions_md(s: Setup, nets: Dict[str, M.Net]) -> List[str]:
              ", ".join(f"{k} {v:g}" for k, v in s.rates.items()) +
              ("" if "SiT-XL/2" in s.rates else "; SiT-XL/2 = the DiT-XL/2 rate (the same 675M network)") +
              ". Other cards: x their dense bf16 peak / the measured card's (" +
-             ", ".join(f"{c} {M.CARDS[c].peak_tflops:g}" for c in s.cards) + " TFLOP/s): compute-bound; the "
-             "H20's relatively larger HBM bandwidth would make it somewhat faster than this.",
+             ", ".join(f"{c} {M.CARDS[c].peak_tflops:g}" for c in s.cards) + " TFLOP/s), labelled \"CARD (= "
+             f"{s.rate_card} rate x RATIO)\": a compute-bound scaling that does not model each card's memory bandwidth "
+             "(the H100 has the H200's peak but 3.35 TB/s of HBM against 4.8, so its memory-bound parts run slower "
+             "than its rows say; the H20's relatively larger HBM bandwidth would make it somewhat faster).",
              "- Each GPU runs at that rate whatever its local batch (global batch / GPUs); optimistic below ~32 "
              "samples per GPU, where a real GPU is under-used. Step = local batch / rate, 1/3 forward, 2/3 "
              "backward, shared among the blocks by parameters x tokens; the optimizer step is inside the rate.",
@@ -236,7 +246,7 @@ def to_markdown(s: Setup, pts: Sequence[Point], nets: Dict[str, M.Net]) -> str:
         for run in runs(s):
             if run.key not in (f"mae_{max(s.pretrain_epochs)}", "dit_400k"):
                 continue
-            lines += [f"### Step time on {card}, {run.model} (global batch {run.global_batch}): ms (compute share)",
+            lines += [f"### Step time on {s.label(card)}, {run.model} (global batch {run.global_batch}): ms (compute share)",
                       "", "| nodes | GPUs | local batch | compute ms | " +
                       " | ".join(ENGINE_LABELS[e] for e in s.engines) + " |",
                       "|---|---|---|---|" + "---|" * len(s.engines)]
@@ -251,7 +261,7 @@ def to_markdown(s: Setup, pts: Sequence[Point], nets: Dict[str, M.Net]) -> str:
             lines.append("")
     # runs
     for card in s.cards:
-        lines += [f"### Runs on {card}: wall-days / GPU-days with the fastest engine", "",
+        lines += [f"### Runs on {s.label(card)}: wall-days / GPU-days with the fastest engine", "",
                   "| run | " + " | ".join(f"{n} x {gpn}" for n in s.nodes) + " |", "|---|" + "---|" * len(s.nodes)]
         for key, what in [(r.key, r.what) for r in runs(s)] + [("cache", "latent cache"), ("fid50k", "FID-50K")]:
             cells = []
@@ -274,7 +284,7 @@ def to_markdown(s: Setup, pts: Sequence[Point], nets: Dict[str, M.Net]) -> str:
     for card in s.cards:
         usp = [pipeline(pts, s, card, n) for n in s.nodes]
         scr = [best(pts, "scratch_dit", card, n) for n in s.nodes]
-        lines.append(f"| {card} | " + " | ".join("-" if u is None else
+        lines.append(f"| {s.label(card)} | " + " | ".join("-" if u is None else
                                                  f"{_fmt_days(u['wall_days'])} / {_fmt_days(u['gpu_days'])}"
                                                  for u in usp) + " | " +
                      " | ".join("-" if b is None else f"{_fmt_days(b.wall_days)} / {_fmt_days(b.gpu_days)}"
@@ -306,7 +316,7 @@ def input_comparison_md(cache: Setup, online: Setup, pts_cache: Sequence[Point],
                     continue
                 g, w = b.gpu_days + (c.gpu_days if c else 0), b.wall_days + (c.wall_days if c else 0)
                 cells.append(f"{_fmt_days(w)} / {_fmt_days(g)}")
-            lines.append(f"| {card} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {cache.label(card)} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n"
 
 
@@ -336,7 +346,7 @@ def plot(s: Setup, pts: Sequence[Point], path: str) -> str:
                 ax.plot(*ideal, "k--", lw=1, label="no communication")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"{title}, {card}", fontsize=9)
+            ax.set_title(f"{title}, {s.label(card)}", fontsize=9)
             ax.set_xlabel("GPUs")
             ax.set_ylabel("wall-days")
             ax.grid(True, which="both", alpha=0.3)

@@ -14,7 +14,7 @@ warm-up runs under torch.cuda.set_sync_debug_mode("warn") and the synchronisatio
 (``host_syncs_per_step``, expected 0). MFU = 3 x forward FLOPs (model.flops_per_sample) x samples/s / peak.
 Rows are appended to a CSV with date, card, torch version and settings. Anchors (official code, H200,
 bf16): MAE-XL 1,777 img/s eager, 2,176 compiled; DiT-XL/2 358 eager, 577 compiled
-(shared/design/performance-anchors.md).
+(docs/anchors.md §G).
 """
 from __future__ import annotations
 

@@ -109,7 +109,8 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def resolve(self, resume: str) -> Optional[str]:
-        """"auto" -> newest folder under root (or None); a path -> that folder (must be complete)."""
+        """"auto" -> newest folder under root (or None); a path -> that folder (must be complete), or the newest
+        complete step folder of a run folder (``OUTPUT``, holding ``checkpoints/``) or of a ``checkpoints/`` folder."""
         if not resume:
             return None
         if resume == "auto":
@@ -120,9 +121,18 @@ class CheckpointManager:
                 print(f"[usp_scale] WARNING: ignoring checkpoint folder(s) without meta.json (incomplete or damaged): "
                       f"{', '.join(os.path.join(self.root, n) for n in incomplete)}", file=sys.stderr, flush=True)
             return self.latest()
-        if not os.path.isfile(os.path.join(resume, "meta.json")):
-            raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint folder (no meta.json)")
-        return resume
+        if os.path.isfile(os.path.join(resume, "meta.json")):
+            return resume
+        # a run folder (OUTPUT with checkpoints/) or its checkpoints/ folder: the newest complete step in it
+        for folder in (os.path.join(resume, "checkpoints"), resume):
+            newest = CheckpointManager(folder).latest() if os.path.isdir(folder) else None
+            if newest is not None:
+                if D.get_rank() == 0:
+                    print(f"[usp_scale] checkpoint.resume={resume}: the newest complete step folder in it, {newest}",
+                          flush=True)
+                return newest
+        raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint folder (no meta.json), nor a "
+                                "run folder or checkpoints/ folder holding one (step_XXXXXXXX/ with meta.json)")
 
     # ---------------------------------------------------------------- save
     def save(self, step: int, meta: dict) -> str:

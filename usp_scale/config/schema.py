@@ -103,8 +103,9 @@ class VAEConfig:
     version: str = opt("d8", '"d8" (SD-VAE, 4 channels, x8), "d16" (KL-16, 16 channels, x16) or "f16d32" (VA-VAE, '
         '32 channels, x16; needs vae.latent_stats).', choices=VAE_VERSIONS)
     path: str = opt("", 'Local path: a diffusers folder (config.json + weights), a .safetensors/.ckpt file, or the '
-        'name of a shipped VAE ("synthetic-f8"; "tiny-random", a small seeded random AutoencoderKL, for tests). No '
-        'default: a job that encodes or decodes images must name its VAE.')
+        'name of a shipped VAE ("synthetic-f8", trained on the synthetic dataset of launchers/make_synthetic.py: the '
+        'useful choice on it; "tiny-random", a seeded random AutoencoderKL, only for tests). No default: a job that '
+        'encodes or decodes images must name its VAE.')
     scale: float = opt(0.0, "Latent scale factor; 0 means the version's default (0.18215 for d8, 0.2325 for d16). "
         'Not used with vae.latent_stats (must stay 0 then).')
     latent_stats: str = opt("", 'Channel statistics that normalise the latents as (z - mean) / std * '
@@ -232,7 +233,8 @@ class EngineConfig:
 class CheckpointConfig:
     every_steps: int = opt(1000, 'Save every N optimizer steps (0 = only at the end).')
     keep_last: int = opt(3, 'Keep the last k step folders (0 = keep all).')
-    resume: str = opt("auto", 'Resume from this step folder, or "auto" for the newest one in the output dir, or "".')
+    resume: str = opt("auto", 'Resume from this step folder, or the newest complete step of this run folder (or its '
+        'checkpoints/ folder), or "auto" for the newest one in the output dir, or "" (start fresh).')
     init_from: str = opt("", 'Initialise from a transferred or exported checkpoint (model weights only).')
     export: bool = opt(True, 'Also export model-only safetensors at the end of training.')
     export_official: bool = opt(True, 'Also write the official-format .pth at the end ({"model"} for MAE, '
@@ -254,7 +256,8 @@ class EvalConfig:
     fid_reference: str = opt("", 'Reference: a folder / .npz of images or precomputed statistics (.npz with mu, '
         'sigma).')
     feature_extractor: str = opt("inception-v3-compat", 'Feature extractor: "inception-v3-compat" (needs '
-        'inception_weights) or a registered name.')
+        'inception_weights; real data), "usp-synthetic" (trained on the synthetic dataset: the useful choice there) '
+        'or another registered name ("usp-tiny" is a random net for tests; its FID says nothing).')
     inception_weights: str = opt("", 'Local path of the Inception network: the ADM evaluator\'s graph '
         'classify_image_graph_def.pb (converted on load), its conversion, or torch-fidelity\'s '
         'weights-inception-2015-12-05-6726825d.pth (read with weights_only; a hash in the name must match).')
@@ -347,7 +350,8 @@ class JobConfig:
         'metrics.jsonl and warned about at log steps.')
     nonfinite_window: int = opt(1000, 'Window (optimizer steps) of max_nonfinite_rate.')
     progress: bool = opt(True, 'Show progress bars on rank 0.')
-    tensorboard: bool = opt(True, 'Write TensorBoard events when tensorboard is installed.')
+    tensorboard: bool = opt(True, 'Write TensorBoard events under OUTPUT/tb (needs tensorboard: the extra "log", in '
+        '"all"; warns once when it is missing).')
     plot: bool = opt(True, 'Write a loss-curve PNG at the end of the run.')
     eval_every_epochs: int = opt(1, 'Evaluate (classification top-1/top-5) every N epochs (0 = only at the end).')
     stop_after_steps: int = opt(0, 'Stop after this many optimizer steps in this process (0 = no limit); for tests and '

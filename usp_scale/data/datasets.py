@@ -10,14 +10,22 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# torchvision's ImageFolder extensions (its constant, so the two read the same files; matched case-insensitively)
+IMAGE_EXTS = tuple(IMG_EXTENSIONS)
 # WebDataset member extensions that hold an image, in order of preference.
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# compressed shards (WebDataset also reads them) -> the command that decompresses them in place (TarDataset refuses
+# them with it)
+COMPRESSED_TAR_EXTS = {".tar.gz": "gunzip", ".tgz": "gunzip", ".tar.bz2": "bunzip2", ".tar.xz": "unxz",
+                       ".tar.zst": "unzstd --rm"}
 
 
 class DatasetError(ValueError):
@@ -107,7 +115,12 @@ def split_dir(root: str, split: str) -> str:
 
 
 class ImageFolderDataset(ImageDataset):
-    """``root/split/<class>/<image>``; classes sorted by name get labels 0..K-1 (as torchvision)."""
+    """``root/split/<class>/.../<image>`` read by torchvision's ``ImageFolder`` rules: the classes are the sub-folders
+    sorted by name (labels 0..K-1), each class's files are found recursively (following links) in sorted order, and
+    a file is an image when its name ends (any case) in one of torchvision's extensions (:data:`IMAGE_EXTS`), so the
+    samples and labels equal ``torchvision.datasets.ImageFolder``'s (tests/test_data_datasets.py compares them).
+    Files in class folders with other extensions are left out as torchvision leaves them out, but not silently: one
+    warning counts them by extension and names an example (hidden files such as ``.DS_Store`` are not counted)."""
 
     def __init__(self, root: str, split: str = "train"):
         self.root = split_dir(root, split)
@@ -116,12 +129,28 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f"no class folders in {self.root}: expected one sub-folder per class "
                                f"holding {'/'.join(IMAGE_EXTS)} files")
         self.samples = []
+        skipped: Counter = Counter()
+        example = {}
         for label, c in enumerate(self.classes):
             cdir = os.path.join(self.root, c)
-            files = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTS))
-            if not files:
-                raise DatasetError(f"class folder {cdir} holds no images ({'/'.join(IMAGE_EXTS)})")
-            self.samples.extend(Record(os.path.join(cdir, f), label) for f in files)
+            n = len(self.samples)
+            for folder, _, names in sorted(os.walk(cdir, followlinks=True)):
+                for f in sorted(names):
+                    path = os.path.join(folder, f)
+                    if f.lower().endswith(IMAGE_EXTS):
+                        self.samples.append(Record(path, label))
+                    elif not f.startswith("."):
+                        ext = os.path.splitext(f)[1].lower() or "(no extension)"
+                        skipped[ext] += 1
+                        example.setdefault(ext, path)
+            if len(self.samples) == n:
+                raise DatasetError(f"class folder {cdir} holds no images ({'/'.join(IMAGE_EXTS)}, searched "
+                                   "recursively as torchvision's ImageFolder does)")
+        if skipped:
+            what = ", ".join(f"{n} x {e} (e.g. {example[e]})" for e, n in sorted(skipped.items()))
+            warnings.warn(f"{self.root}: files in class folders that are not read (not one of torchvision "
+                          f"ImageFolder's extensions {'/'.join(IMAGE_EXTS)}; torchvision skips them too): {what}. "
+                          "Convert them (e.g. to .png) to train on them", stacklevel=2)
 
 
 class TarDataset(ImageDataset):
@@ -134,7 +163,19 @@ class TarDataset(ImageDataset):
     def __init__(self, root: str, split: str = "train"):
         path = split_dir(root, split) if split and os.path.isdir(os.path.join(root, split)) else split_dir(root, "")
         self.root = path
-        tars = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
+        names = os.listdir(path)
+        packed = sorted(f for f in names if f.endswith(tuple(COMPRESSED_TAR_EXTS)))
+        if packed:
+            shown = ", ".join(packed[:3]) + (f" and {len(packed) - 3} more" if len(packed) > 3 else "")
+            kinds = sorted({e for f in packed for e in COMPRESSED_TAR_EXTS if f.endswith(e)})
+            how = " && ".join(f"{COMPRESSED_TAR_EXTS[e]} *{e}" for e in kinds)
+            raise DatasetError(
+                f"{path}: compressed tar shards ({shown}) are not read: the loaders read each sample at its byte "
+                "offset in the shard (every rank its own samples of a globally shuffled epoch, and an exact resume), "
+                "which a compressed stream cannot give without decompressing from its start. Decompress them once, "
+                f"in place: `cd {path} && {how}` (each shard becomes the same name ending in .tar: the same "
+                "samples for WebDataset; image members hardly compress, so it is about as large)")
+        tars = sorted(os.path.join(path, f) for f in names if f.endswith(".tar"))
         if not tars:
             raise DatasetError(f"no .tar shards in {path} (data.format=wds expects WebDataset tar files)")
         self.samples = []

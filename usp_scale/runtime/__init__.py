@@ -3,11 +3,12 @@
 
 It reads the config's resolved values (``engine.name``, ``engine.backend``, ``engine.timeout_min``, ``engine.tf32``,
 ``seed``, ``model.attn_backend``) and, in this order: works out the process from the launcher's environment
-(:mod:`.env`), picks the device (``cuda:LOCAL_RANK`` when CUDA is available), creates the default process group once
-(:mod:`.group`; also for one process when the engine needs one) after the start-up agreement (every rank present
-within ``engine.startup_timeout_s``, none failed, the same resolved config: :func:`.group.startup_agreement`),
-applies TF32, resolves the attention kernel agreed over the ranks (:mod:`.attention`) and seeds the global
-generators. The :class:`Runtime` it returns is handed on: its ``device`` to the engine and the loaders, its ``attn_backend`` to the model at construction.
+(:mod:`.env`), picks the device (``cuda:LOCAL_RANK`` when CUDA is available), silences the libraries' known-benign
+start-up messages (:mod:`.quiet`), creates the default process group once (:mod:`.group`; also for one process when
+the engine needs one) after the start-up agreement (every rank present within ``engine.startup_timeout_s``, none
+failed, the same resolved config: :func:`.group.startup_agreement`), applies TF32, resolves the attention kernel
+agreed over the ranks (:mod:`.attention`) and seeds the global generators. The :class:`Runtime` it returns is
+handed on: its ``device`` to the engine and the loaders, its ``attn_backend`` to the model at construction.
 
 The lowest floor of the package: it imports nothing of usp_scale but the cluster helpers (see docs/architecture.md).
 """
@@ -24,6 +25,7 @@ import torch
 
 from .attention import BACKENDS, attention_spec, resolve_attention
 from .env import DistInfo, detect
+from .quiet import quiet_benign_warnings
 from .group import (DistributedEvalError, agree_on_success, all_gather_object, all_reduce_max, barrier,
                     broadcast_object, cleanup, collective_device, end_train_timeout, get_rank, get_world_size,
                     init_process_group, long_timeout, report_startup_failure, resolve_backend, StartupError,
@@ -101,6 +103,7 @@ def init_runtime(cfg, *, local_rank_arg: Optional[int] = None, device: Optional[
     once, first, on every rank (it is collective in a distributed job)."""
     info = detect(local_rank_arg=local_rank_arg)
     dev = pick_device(info, device)
+    quiet_benign_warnings(cpu=dev.type == "cpu")   # the libraries' known-benign start-up messages (.quiet)
     engine = cfg.engine
     if info.distributed or engine.name != "local":
         init_process_group(info, resolve_backend(engine.backend, dev), engine.timeout_min,
@@ -116,5 +119,5 @@ def init_runtime(cfg, *, local_rank_arg: Optional[int] = None, device: Optional[
 __all__ = ["BACKENDS", "DistInfo", "DistributedEvalError", "Runtime", "agree_on_success", "all_gather_object",
            "all_reduce_max", "apply_tf32", "attention_spec", "barrier", "broadcast_object", "cleanup",
            "collective_device", "detect", "end_train_timeout", "get_rank", "get_world_size", "init_process_group",
-           "init_runtime", "long_timeout", "pick_device", "report_startup_failure", "resolve_attention",
-           "resolve_backend", "seed_all", "StartupError", "use_train_timeout"]
+           "init_runtime", "long_timeout", "pick_device", "quiet_benign_warnings", "report_startup_failure",
+           "resolve_attention", "resolve_backend", "seed_all", "StartupError", "use_train_timeout"]

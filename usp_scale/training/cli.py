@@ -46,19 +46,23 @@ EXPLAINED_ERRORS = (ConfigError, NonFiniteError, CheckpointFileError, DiskFullEr
 
 EXAMPLES = """
 examples:
-  python {prog} --config configs/debug/synthetic_pretrain.yaml
+  python {prog} --config {first}
   torchrun --nproc_per_node 8 {prog} --config CONFIG engine.name=fsdp2
   deepspeed --hostfile hostfile {prog} --config CONFIG engine.name=deepspeed engine.zero_stage=2
   python {prog} --help-config          # every config key, its default and documentation
+  python {prog} --config CONFIG key=value --print-config   # the resolved config as YAML, nothing run
 """
+# the first example runs as written, in seconds, on random latents (no files): tests/test_docs_run.py runs it
+FIRST_EXAMPLE = {False: "configs/debug/synthetic_pretrain.yaml      # MAE on random latents, seconds",
+                 True: "configs/debug/synthetic_dit.yaml      # DiT on random latents, seconds"}
 
 
 def build_parser(prog: str, finetune: bool) -> argparse.ArgumentParser:
     desc = ("Finetune a transferred/pretrained model: DiT (DDPM), SiT (flow), ViT classification or linear probe."
             if finetune else "Masked latent pretraining (MAE on frozen VAE latents).")
-    ap = argparse.ArgumentParser(prog=prog, description=desc, epilog=EXAMPLES.format(prog=prog),
+    ap = argparse.ArgumentParser(prog=prog, description=desc, epilog=EXAMPLES.format(prog=prog, first=FIRST_EXAMPLE[finetune]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML recipe (e.g. configs/debug/synthetic_pretrain.yaml); "
+    ap.add_argument("--config", default=None, help=f"YAML recipe (e.g. {FIRST_EXAMPLE[finetune].split()[0]}); "
                     "trailing key=value arguments override it")
     if finetune:
         ap.add_argument("--task", choices=["dit", "sit", "cls", "linprobe"], default=None,

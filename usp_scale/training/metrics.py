@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import time
+import warnings
 from typing import List, Optional
 
 import torch
@@ -20,6 +21,20 @@ import torch.distributed as dist
 from ..eval.hook import truncate_eval_records
 from ..fileio import truncate_jsonl
 from ..runtime import agree_on_success
+
+
+_TB_MISSING_WARNED = False
+
+
+def _warn_tensorboard_missing() -> None:
+    """Once per process: the config asks for TensorBoard events but the package is not installed."""
+    global _TB_MISSING_WARNED
+    if _TB_MISSING_WARNED:
+        return
+    _TB_MISSING_WARNED = True
+    warnings.warn("tensorboard: true (the config key) but tensorboard is not installed, so no TensorBoard events are "
+                  "written (metrics.jsonl still is): pip install 'usp_scale[log]' (or tensorboard), or set "
+                  "tensorboard=false to silence this", RuntimeWarning, stacklevel=3)
 
 
 class MetricsLogger:
@@ -40,6 +55,7 @@ class MetricsLogger:
         try:  # tensorboard is optional: this is its one adapter
             from torch.utils.tensorboard import SummaryWriter
         except (ImportError, ModuleNotFoundError):
+            _warn_tensorboard_missing()
             return
         # purge_step: TensorBoard hides the events at and after it that an interrupted run left behind
         self.tb = SummaryWriter(tb_dir, purge_step=self._purge_step)

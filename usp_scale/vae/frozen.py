@@ -20,7 +20,7 @@ from ..checkpoint.safe_load import (CheckpointFileError, UnsafeCheckpointError, 
                                      torch_load)
 from .named import resolve_vae_path, shipped_scale
 from .latent_norm import LatentNorm, build_latent_norm
-from .ldm import LDMLayoutError, ldm_to_diffusers, split_autoencoder
+from .ldm import LDMLayoutError, ldm_to_diffusers, rename_deprecated_attention, split_autoencoder
 
 # Latent scale per VAE version. f16d32 (VA-VAE) is 1.0: LightningDiT normalises its latents per channel
 # ((z - mean) / std, latent_multiplier 1.0) with statistics of the latents themselves, not with one factor.
@@ -132,6 +132,7 @@ def _from_single_file(path: str, version: str):
     if any(k.startswith("encoder.down.") for k in sd):
         sd, cfg = _ldm_to_diffusers(sd, path)
     else:
+        sd, _ = rename_deprecated_attention(sd)  # diffusers' pre-0.14 names (query/key/value/proj_attn)
         cfg = _config_from_diffusers_sd(sd)
     latent = sd["encoder.conv_out.weight"].shape[0] // 2
     cfg.update(latent_channels=latent, use_quant_conv="quant_conv.weight" in sd,

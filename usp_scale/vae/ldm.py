@@ -45,6 +45,25 @@ _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
+# diffusers' attention names before its Attention class (diffusers < 0.14, AttentionBlock): a folder in that layout
+# loads through diffusers' own renaming; a single file goes through :func:`rename_deprecated_attention`
+_DEPRECATED_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_DEPRECATED_ATTN_RX = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def rename_deprecated_attention(sd: StateDict) -> Tuple[StateDict, int]:
+    """A diffusers-layout state dict with the old attention names (``query``, ``key``, ``value``, ``proj_attn``:
+    the same linear layers) renamed as diffusers' ``Attention`` names them (``to_q``, ``to_k``, ``to_v``,
+    ``to_out.0``), as diffusers renames them in a folder; returns (state dict, number renamed)."""
+    out, n = {}, 0
+    for k, v in sd.items():
+        m = _DEPRECATED_ATTN_RX.match(k)
+        if m:
+            k, n = f"{m.group(1)}{_DEPRECATED_ATTN[m.group(2)]}.{m.group(3)}", n + 1
+        out[k] = v
+    return out, n
+
+
 class LDMLayoutError(ValueError):
     """An LDM-layout state dict that the conversion cannot place (names the file and the keys)."""
 

@@ -58,6 +58,12 @@ class DeepSpeedEngine(Engine):
         # host) and write them back into the masters.
         fp32 = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()
                 if p.requires_grad and p.dtype == torch.float32} if bit16 else {}
+        # The frozen fp32 tensors (the fixed sin-cos position tables, float buffers) have no master: the cast
+        # rounds them to bf16/fp16 for good. Keep their fp32 values for the exports (ZeroWeights).
+        frozen = {n: t.detach().to("cpu", torch.float32, copy=True)
+                  for n, t in [*((n, p) for n, p in model.named_parameters() if not p.requires_grad),
+                               *model.named_buffers()]
+                  if t.dtype == torch.float32} if bit16 else {}
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
         self.unwrapped = self.model.module
         if fp32:
@@ -67,7 +73,8 @@ class DeepSpeedEngine(Engine):
                 if n in fp32:
                     safe_set_full_fp32_param(p, fp32[n].to(self.device))
         self.weights = S.ZeroWeights(self.model, optimizer, zero_stage=zero_stage,
-                                     ema_from_masters=zero_stage in (1, 2) and bit16, group_names=group_names)
+                                     ema_from_masters=zero_stage in (1, 2) and bit16, group_names=group_names,
+                                     frozen_fp32=frozen)
         self.state = S.DeepSpeedState(self.model, cfg, self.weights.layout,
                                       what=f"ZeRO-{zero_stage}, {self.precision}")
 

@@ -33,12 +33,13 @@ import torch.nn as nn
 
 from ... import runtime as D
 from ...checkpoint.safe_load import torch_load
-from ...fileio import torch_save
+from ...fileio import torch_save, write_text
 from ...config import ConfigError
 from ..base import Weights
 from . import DEEPSPEED_RANGE
 
 TAG = "ds"  # DeepSpeed checkpoint tag: <engine folder>/ds/...
+LATEST = "latest"  # DeepSpeed's file naming the newest tag (what zero_to_fp32.py and load_checkpoint(tag=None) read)
 
 
 class DeepSpeedInternalsError(RuntimeError):
@@ -201,9 +202,14 @@ def _ema_file(path: str, ema_layout: str) -> str:
 
 def save(ds_engine, path: str, ema_state: Optional[dict], ema_layout: str) -> None:
     """DeepSpeed's checkpoint (tag :data:`TAG`) under ``path``, plus the EMA: ``ema.pt`` (replicated, rank 0) or
-    ``ema_rank%05d.pt`` (per rank). Collective."""
+    ``ema_rank%05d.pt`` (per rank), and DeepSpeed's ``latest`` file naming the tag, so that DeepSpeed's own tools
+    find it without ``--tag`` (``python path/zero_to_fp32.py path OUT``, docs/training.md). Collective."""
     os.makedirs(path, exist_ok=True)
+    # save_latest=False: DeepSpeed writes ``latest`` in place; ours is written atomically (usp_scale.fileio) after
+    # the tag's files, as DeepSpeed orders them
     ds_engine.save_checkpoint(path, tag=TAG, save_latest=False)
+    if D.get_rank() == 0:
+        write_text(os.path.join(path, LATEST), TAG)
     if ema_state is not None:
         ema = {k: v.detach().cpu() for k, v in ema_state.items()}
         if ema_layout == "per_rank" or D.get_rank() == 0:
@@ -238,8 +244,11 @@ def load(ds_engine, path: str, ema_state: Optional[dict], ema_layout: str, what:
 
 
 # ---------------------------------------------------------------- full (gathered) state
-def full_model_state_dict(module: nn.Module, zero_stage: int) -> dict:
-    """fp32 master weights (gathered from the ZeRO partitions) plus buffers, on CPU; collective."""
+def full_model_state_dict(module: nn.Module, zero_stage: int, frozen_fp32: Optional[dict] = None) -> dict:
+    """fp32 master weights (gathered from the ZeRO partitions) plus frozen parameters and buffers, on CPU;
+    collective. ``frozen_fp32``: the fp32 values of frozen parameters and float buffers from before DeepSpeed cast
+    the module to bf16/fp16; each is used where the module's tensor still equals it cast (it has no master, and the
+    cast would otherwise round it in every export), the module's tensor where training changed it."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -255,6 +264,12 @@ def full_model_state_dict(module: nn.Module, zero_stage: int) -> dict:
         out[n] = full.float().cpu()
     for n, b in module.named_buffers():
         out[n] = b.detach().cpu()
+    if frozen_fp32:
+        dtypes = {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        for n, keep in frozen_fp32.items():
+            cur, dt = out.get(n), dtypes.get(n)
+            if cur is not None and dt not in (None, torch.float32) and torch.equal(keep.to(dt).to(cur.dtype), cur):
+                out[n] = keep.clone()
     return out
 
 
@@ -306,8 +321,10 @@ class ZeroWeights(Weights):
     engine, ``client_optimizer`` the torch optimizer it wraps, ``group_names`` the parameter names of each of its
     groups."""
 
-    def __init__(self, ds_engine, client_optimizer, *, zero_stage: int, ema_from_masters: bool, group_names: list):
+    def __init__(self, ds_engine, client_optimizer, *, zero_stage: int, ema_from_masters: bool, group_names: list,
+                 frozen_fp32: Optional[dict] = None):
         super().__init__(ds_engine.module, client_optimizer)
+        self.frozen_fp32 = frozen_fp32 or {}
         self.ds_engine, self.zero_stage, self.ema_from_masters = ds_engine, zero_stage, ema_from_masters
         self.group_names = group_names
         self.layout = "per_rank" if zero_stage == 3 or ema_from_masters else "replicated"
@@ -332,7 +349,7 @@ class ZeroWeights(Weights):
         return super().gather_ema(ema_state)
 
     def full_model_state_dict(self) -> dict:
-        return full_model_state_dict(self.module, self.zero_stage)
+        return full_model_state_dict(self.module, self.zero_stage, self.frozen_fp32)
 
     def full_optimizer_state_dict(self) -> Optional[dict]:
         return full_optimizer_state_dict(self.module, self.optimizer, self.group_names, self.ds_engine.optimizer,
