@@ -39,8 +39,9 @@ def build_parser():
     p.add_argument("--wall-seconds", type=float, default=None, help="the job's wall time, recorded in the summary")
     p.add_argument("--stages-run", nargs="*", default=[], help="the stages this invocation ran (the others were "
                    "reused), recorded in the summary")
-    p.add_argument("--benchmark", default="benchmarks/reports/effect_cpu_2026-12-07.md",
-                   help="where a reader sees what USP does at a scale where it helps (named when it loses here)")
+    p.add_argument("--benchmark", default="benchmarks/effect/run.py",
+                   help="the benchmark that compares USP with its baselines over seeds (named when USP loses here); "
+                   "its report, once run, lands in benchmarks/reports/")
     return p
 
 
@@ -137,8 +138,9 @@ def main(argv=None) -> int:
         print(f"Linear probe: pretrained {p_usp:.1f} % vs random init {p_rnd:.1f} %: "
               + ("USP is better here." if p_usp > p_rnd else "USP does not beat a random encoder here."))
     if any(v != "USP better" for v in verdict.values()):
-        print(f"One seed, a tiny model and a short pretraining on an easy dataset: see {a.benchmark} for the "
-              "comparison with seeds and spreads, and the scale at which USP helps.")
+        print(f"One seed, a tiny model and a short pretraining on an easy dataset. {a.benchmark} compares USP with "
+              "these baselines over seeds on a task built so that representation matters; no run of it has been "
+              "reported yet, so where USP starts to help is not measured here.")
     summary["verdict"] = verdict
     summary["settings"] = _stage_settings(os.path.join(run, "stages"))
     summary["commit"] = a.commit

@@ -60,7 +60,8 @@ def repa_overrides(d: dict, model: str = "SiT-tiny/2-REPA", features: str = "cac
     if model.startswith("SiT-") and model.endswith("/2-REPA"):
         ov.append("model.learn_sigma=false")
     if features == "cache":
-        ov += ["data.format=latents", f"data.latent_cache={d['latents']}", f"repa.teacher_cache={d['teacher_cache']}"]
+        ov += ["data.format=latents", f"data.latent_cache={d['latents']}", f"repa.teacher_cache={d['teacher_cache']}",
+               "data.augment=adm"]   # the cache's augmentation (a job on a cache must name it)
     else:
         ov += ["data.format=folder", f"data.root={d['images']}"]
     return ov

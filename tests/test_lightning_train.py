@@ -41,7 +41,8 @@ def test_tiny_vavae_lightningdit_chain(tmp_path):
                         "--batch-size", "12", "--no-progress", "--num-workers", "0"])
     stats = json.load(open(os.path.join(cache, "latent_stats.json")))
     assert stats["channels"] == 32 and stats["samples"] == 48  # 24 images x plain + flipped, fewer than 10,000
-    common = ["data.format=latents", f"data.latent_cache={cache}", f"data.image_size={SIZE}", "vae.path=tiny-random",
+    common = ["data.format=latents", "data.augment=adm", f"data.latent_cache={cache}", f"data.image_size={SIZE}",
+              "vae.path=tiny-random",
               "vae.version=f16d32", f"vae.latent_stats={cache}", "model.img_size=4", "model.in_chans=32",
               "data.num_classes=4", "model.num_classes=4", "engine.precision=fp32", "optim.fused=false",
               "tensorboard=false", "plot=false"]

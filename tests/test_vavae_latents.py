@@ -96,7 +96,7 @@ def test_random_subset_is_seeded_and_recorded(vcache):
 def test_loader_normalises_with_the_statistics(vcache):
     write_latent_stats(vcache["path"], num_samples=0, seed=0)
     dcfg = DataConfig(format="latents", latent_cache=vcache["path"], image_size=SIZE, batch_size=6, num_workers=0,
-                      latent_sample=False)
+                      latent_sample=False, augment="adm")
     vcfg = VAEConfig(path="tiny-random", version="f16d32", latent_stats=vcache["path"], latent_multiplier=1.5)
     batch = next(iter(build_loader(dcfg, vcfg, seed=0)))
     raw = next(iter(build_loader(dcfg, VAEConfig(path="tiny-random", version="f16d32"), seed=0)))  # scale 1.0
@@ -194,7 +194,7 @@ def test_trainer_refuses_statistics_that_do_not_fit(vcache, tmp_path, capsys):
     p = str(tmp_path / "latents_stats.pt")
     torch.save({"mean": torch.zeros(1, 16, 1, 1), "std": torch.ones(1, 16, 1, 1)}, p)
     rc = main(["--config", os.path.join(REPO, "configs", "debug", "synthetic_pretrain.yaml"),
-               f"output_dir={tmp_path / 'run'}", "model.name=LightningMAE-tiny/1", "data.format=latents",
+               f"output_dir={tmp_path / 'run'}", "model.name=LightningMAE-tiny/1", "data.format=latents", "data.augment=adm",
                f"data.latent_cache={vcache['path']}", f"data.image_size={SIZE}", "vae.path=tiny-random",
                "vae.version=f16d32", f"vae.latent_stats={p}", "model.img_size=4", "model.in_chans=32",
                "schedule.max_steps=1", "engine.precision=fp32"])
