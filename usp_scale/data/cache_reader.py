@@ -40,6 +40,19 @@ _NONFINITE_BITS = {"fp16": 0x7C00, "bf16": 0x7F80}
 _NONFINITE_BITS = {"fp16": 0x7C00, "bf16": 0x7F80}
 
 
+def shard_content_problem(fp: str, d: dict, sidecar: dict, verify: str, arrays) -> Optional[str]:
+    """What is wrong with an opened shard ``d`` of file ``fp`` against its sidecar, or None: the CRC-32 of its index
+    arrays ``arrays`` (verify "records" or "sha256") and the file's sha256 (verify "sha256"). Shared by the latent
+    cache and the teacher-feature cache."""
+    if verify in ("records", "sha256"):
+        wrong = [a for a in arrays if zlib.crc32(d[a]) != sidecar["arrays_crc32"][a]]
+        if wrong:
+            return f"{fp} ({'/'.join(wrong)} array changed)"
+    if verify == "sha256" and sha256_file(fp) != sidecar["sha256"]:
+        return f"{fp} (sha256 mismatch)"
+    return None
+
+
 def _nonfinite_rows(a: np.ndarray, dtype: str) -> np.ndarray:
     """(n,) bool: rows of the 16-bit storage array ``a`` (n, ...) holding an inf or NaN."""
     if len(a) == 0:  # an empty shard (every image unreadable)
@@ -152,14 +165,9 @@ class LatentCache:
                 bad.append(f"{fp} (tensors {sorted(d)} of shapes {[d[k].shape for k in sorted(d)]}, expected "
                            f"mean/logvar {want})")
                 continue
-            if verify in ("records", "sha256"):
-                crcs = {a: zlib.crc32(d[a]) for a in ARRAYS}
-                wrong = [a for a in ARRAYS if crcs[a] != sh["arrays_crc32"][a]]
-                if wrong:
-                    bad.append(f"{fp} ({'/'.join(wrong)} array changed)")
-                    continue
-            if verify == "sha256" and sha256_file(fp) != sh["sha256"]:
-                bad.append(f"{fp} (sha256 mismatch)")
+            problem = shard_content_problem(fp, d, sh, verify, ARRAYS)
+            if problem:
+                bad.append(problem)
                 continue
             self.shards.append(d)
         if bad:

@@ -37,7 +37,7 @@ import torch
 from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, read_json, write_checked_json
 from ..fileio import atomic_write
 from .cache_format import LatentCacheError, header_bytes, settings_sha, sha256_file, shard_name, store_np
-from .cache_reader import VERIFY, LatentCache, _nonfinite_rows, _open_safetensors
+from .cache_reader import VERIFY, LatentCache, _nonfinite_rows, _open_safetensors, shard_content_problem
 from .loaders import _BatchTask
 from .transforms import build_transform
 
@@ -254,13 +254,9 @@ class TeacherFeatureCache:
             if set(d) != {"features", *ARRAYS} or d["features"].shape != want:
                 bad.append(f"{fp} (tensors {sorted(d)}, features {d.get('features', np.zeros(0)).shape} != {want})")
                 continue
-            if verify in ("records", "sha256"):
-                wrong = [a for a in ARRAYS if zlib.crc32(d[a]) != sh["arrays_crc32"][a]]
-                if wrong:
-                    bad.append(f"{fp} ({'/'.join(wrong)} array changed)")
-                    continue
-            if verify == "sha256" and sha256_file(fp) != sh["sha256"]:
-                bad.append(f"{fp} (sha256 mismatch)")
+            problem = shard_content_problem(fp, d, sh, verify, ARRAYS)
+            if problem:
+                bad.append(problem)
                 continue
             self.shards.append(d)
         if bad:
