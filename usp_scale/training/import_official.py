@@ -16,8 +16,6 @@ import math
 import os
 from typing import Optional, Sequence
 
-import torch
-
 from ..checkpoint.official_mae import (ARGS_COMPARED, OfficialImportError, official_hyperparameters,
                                        official_mae_param_names, optimizer_state_from_official, read_official_mae)
 from ..config import load_config
