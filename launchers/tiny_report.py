@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""The main job's last step: its numbers beside their baselines and reference values, and one summary file.
+"""The main job's last step (launchers/run_tiny.sh, and launchers/run_tiny_lightning.sh with --vae synthetic-f16
+--vae-version f16d32 --latent-stats CACHE --model-name LightningDiT): its numbers beside their baselines and
+reference values, and one summary file.
 
 Reads the metrics of the USP-initialised DiT's samples and of the same DiT trained from scratch for the same steps
 (``samples/`` and ``samples_scratch/``, written by launchers/evaluate.py), and computes the same metrics, with the
@@ -7,7 +9,8 @@ same feature extractor and reference (the val split), for three other image sets
 
 * ``real``: images of the train split (what a perfect generator would score: the floor of FID);
 * ``noise``: uniform random pixels (the ceiling);
-* ``vae_random_latents``: the VAE decoding N(0, 1) latents (what the decoder gives without a trained model).
+* ``vae_random_latents``: the VAE decoding N(0, 1) latents (what the decoder gives without a trained model; with
+  ``--latent-stats``, N(0, 1) in the normalised space, decoded through the channel statistics as samples are).
 
 Prints a table and the linear probe of the pretrained encoder beside the same probe of the encoder randomly
 initialised, says in one line each whether USP beat its baseline, writes OUT/summary.json (these numbers, the
