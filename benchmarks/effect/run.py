@@ -2,8 +2,9 @@
 """What USP is for, measured: the pretrained encoder against the same encoder without the pretraining, on a task
 where the representation matters by construction, at equal finetuning compute, several seeds, with spreads.
 
-The task is ``usp_scale/data/shapes.py``: ten classes, each two shapes one above the other, with colour, texture,
-background and clutter drawn independently of the class; a large pool (``train/``) that the MAE reads without
+The task is ``usp_scale/data/shapes.py``: ten classes, each a glyph's shape or arrangement of parts (disc, ring,
+square, frame, triangle, bar, plus, tee, ell, pair), with colour, texture, size, rotation, position, background
+and clutter drawn independently of the class; a large pool (``train/``) that the MAE reads without
 labels and the class-conditional DiT/SiT read with them, a few labels per class for the probes and the
 label-scarce finetuning (``labeled/``, one disjoint set per seed), and a held-out ``val/``. Latents come from the
 shipped VAE ``shapes-f8`` and FID from the shipped extractor ``usp-shapes``, both trained on another draw of the
@@ -572,8 +573,8 @@ def markdown(res: dict, meta: dict, png: str) -> str:
          f"{meta['jobs']} job(s) at a time (one thread each); load average at the start {meta['load_start']}, at the "
          f"end {meta['load_end']} (other users' jobs included). Commit {meta['commit']}.", "",
          f"Command: `{meta['command']}`", "",
-         f"Task: `usp_scale/data/shapes.py` (two shapes one above the other define the class; colour, texture, "
-         f"background and clutter random), {meta['data']}; VAE `{meta['vae']}`, FID extractor "
+         f"Task: `usp_scale/data/shapes.py` (a glyph's shape or arrangement of parts defines the class; colour, "
+         f"texture, size, rotation, position, background and clutter random), {meta['data']}; VAE `{meta['vae']}`, FID extractor "
          f"`{meta['feature_extractor']}`. MAE `{meta['mae_model']}`, {meta['mae_epochs']} epochs over the pool "
          f"({meta['mae_seconds']} s); encoder `{meta['vit_model']}`; seeds {meta['seeds']} (seed k: labelled set k, "
          "the k-th random initialisation and training streams).", "",
