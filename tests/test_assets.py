@@ -133,3 +133,65 @@ def test_train_scripts_write_loadable_assets(tmp_path, monkeypatch):
     vae = FrozenVAE(path="v")                      # a short name resolved under the (patched) asset root
     assert vae.scale == json.load(open(tmp_path / "vae" / "v" / "asset.json"))["scaling_factor"]
     assert load_synthetic_cnn(str(tmp_path / "extractor" / "e")).fc.out_features == 10
+
+
+# ---------------------------------------------------------------- the shapes task's assets (issue 23)
+
+@pytest.fixture(scope="module")
+def shapes_val(tmp_path_factory):
+    """Val images of the shapes task's draw the assets trained on (dataset seed 1), 4 per class: never trained on
+    (the assets read its train split only)."""
+    from usp_scale.data.shapes import make_shapes
+    from usp_scale.data.synthetic import load_split
+
+    root = str(tmp_path_factory.mktemp("shapes"))
+    make_shapes(root, per_class=4, val_per_class=4, labeled_per_class=0, size=64, seed=1)
+    return load_split(root, "val"), root
+
+
+def test_shipped_shapes_vae_reconstructs_unseen_shapes(shapes_val):
+    from usp_scale import assets
+    from usp_scale.vae import FrozenVAE
+    from usp_scale.vae.named import shipped, shipped_scale
+
+    (x, _), _ = shapes_val
+    assert "shapes-f8" in shipped()
+    meta = assets.read_meta("vae", "shapes-f8")
+    assert meta["data"]["kind"] == "shapes" and meta["data"]["seed"] == 1   # another draw than the benchmark's 0
+    vae = FrozenVAE(path="shapes-f8")                                       # hash-checked on load
+    assert vae.scale == shipped_scale("shapes-f8") == meta["scaling_factor"]
+    assert vae.downsample == 8 and vae.latent_channels == 4
+    xi = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = vae.encode(xi)
+    assert z.shape == (40, 4, 8, 8) and 0.6 < float(z.std()) < 1.6
+    rec = ((vae.decode(z) + 1) * 127.5).round()
+    mse = (rec - torch.from_numpy(x).permute(0, 3, 1, 2).float()).pow(2).flatten(1).mean(1)
+    psnr = (10 * torch.log10(255.0 ** 2 / mse)).mean().item()
+    assert psnr > 13.0, psnr                   # a random VAE gives ~10 dB; the recorded value is in asset.json
+    assert abs(psnr - meta["val_psnr_db"]) < 2.5, (psnr, meta["val_psnr_db"])
+    assert os.path.getsize(os.path.join(assets.verified_dir("vae", "shapes-f8"),
+                                        "diffusion_pytorch_model.safetensors")) < 5e6
+
+
+def test_shipped_shapes_extractor_sees_shape(shapes_val):
+    """usp-shapes classifies unseen shapes far above chance (10 %), so FID on its features can see shape; the
+    recorded val top-1 (asset.json, 400 images) is checked on 40 with a wide margin."""
+    from usp_scale import assets
+    from usp_scale.data.synthetic import load_split
+    from usp_scale.eval import compute_metrics, create_extractor
+
+    (x, y), root = shapes_val
+    meta = assets.read_meta("extractor", "shapes-cnn")
+    assert meta["registered_as"] == "usp-shapes" and meta["data"]["kind"] == "shapes" and meta["data"]["seed"] == 1
+    assert meta["args"]["extra"] == 2
+    ext = create_extractor("usp-shapes", ["logits_unbiased", "pool"])
+    logits, pool = ext(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+    assert pool.shape == (40, 64)
+    top1 = float((logits.argmax(1).numpy() == y).mean()) * 100
+    assert top1 > 30.0 and top1 > meta["val_top1"] - 25.0, (top1, meta["val_top1"])
+    assert ext.cache_tag != create_extractor("usp-synthetic", ["pool"]).cache_tag
+    other, _ = load_split(root, "train")                  # 40 other real images of the same draw
+    noise = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
+    real = compute_metrics(other, os.path.join(root, "val"), ["fid"], "usp-shapes", progress=False)
+    bad = compute_metrics(noise, os.path.join(root, "val"), ["fid"], "usp-shapes", progress=False)
+    assert bad["fid"] > 3 * real["fid"], (bad, real)

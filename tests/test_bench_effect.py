@@ -66,6 +66,35 @@ def test_run_jobs_orders_by_dependencies_and_recomputes_settings_after_them(tmp_
         effect.run_jobs([cmd], st, parallel=1)
 
 
+def test_probe_and_finetune_commands_read_the_labelled_caches_as_written(tmp_path):
+    """The linear probe's recipe says data.augment=eval; the labelled cache is written with LAB_AUGMENT, and the
+    loader refuses a cache made with another augmentation: both commands must name the cache's (the first real run
+    of the benchmark stopped at its first probe on exactly this)."""
+    from usp_scale.config import load_config
+    from usp_scale.data import LatentCache, build_dataset, write_cache, write_manifest
+    from usp_scale.data.shapes import make_shapes
+    from usp_scale.vae import FrozenVAE
+
+    a = effect.build_parser().parse_args(["--out", str(tmp_path / "out"), "--vae", "tiny-random"])
+    P = effect.paths_of(a)
+    make_shapes(P["data"], per_class=1, val_per_class=1, labeled_per_class=1, size=64, seed=0)
+    cache = effect.cache_lab(a, 0)
+    write_cache(build_dataset(P["data"], "labeled", "folder"), FrozenVAE(path="tiny-random"), cache, image_size=64,
+                augment=effect.LAB_AUGMENT, views=1, seed=0, shard_size=100, batch_size=10, num_workers=0,
+                progress=False)
+    write_manifest(cache)
+    for task in ("linprobe", "cls"):
+        cmd = effect.cls_cmd(a, P, task, "random", 0, str(tmp_path / task))
+        cfg = load_config(os.path.join(REPO, cmd[cmd.index("--config") + 1]), cmd[cmd.index("--config") + 2:],
+                          check_missing=False)
+        assert cfg.data.latent_cache == cache and cfg.data.augment == effect.LAB_AUGMENT
+        LatentCache(cache).check(image_size=cfg.data.image_size, augment=cfg.data.augment,
+                                 crop_scale_min=cfg.data.crop_scale_min)           # raises on a mismatch
+    eval_cfg = load_config(os.path.join(REPO, "configs", "debug", "tiny_linprobe.yaml"), check_missing=False)
+    with pytest.raises(Exception, match="augmentation"):                          # what the fix is for
+        LatentCache(cache).check(image_size=64, augment=eval_cfg.data.augment)
+
+
 def test_knn_and_statistics():
     import torch
 

@@ -2,8 +2,9 @@
 """What USP is for, measured: the pretrained encoder against the same encoder without the pretraining, on a task
 where the representation matters by construction, at equal finetuning compute, several seeds, with spreads.
 
-The task is ``usp_scale/data/shapes.py``: ten classes, each two shapes one above the other, with colour, texture,
-background and clutter drawn independently of the class; a large pool (``train/``) that the MAE reads without
+The task is ``usp_scale/data/shapes.py``: ten classes, each a glyph's shape or arrangement of parts (disc, ring,
+square, frame, triangle, bar, plus, tee, ell, pair), with colour, texture, size, rotation, position, background
+and clutter drawn independently of the class; a large pool (``train/``) that the MAE reads without
 labels and the class-conditional DiT/SiT read with them, a few labels per class for the probes and the
 label-scarce finetuning (``labeled/``, one disjoint set per seed), and a held-out ``val/``. Latents come from the
 shipped VAE ``shapes-f8`` and FID from the shipped extractor ``usp-shapes``, both trained on another draw of the
@@ -49,6 +50,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 PY = sys.executable
 INITS = ("usp", "random")
+LAB_AUGMENT = "adm"     # the augmentation the labelled and val caches are written with (and the probes read)
 
 
 def build_parser():
@@ -312,8 +314,8 @@ def make_caches(a, P):
     torch.set_num_threads(1)
     vae = FrozenVAE(path=a.vae)
     todo = [("cache_pre", "train", "pretrain", a.views), ("cache_dit", "train", "adm", 1),
-            ("cache_val", "val", "adm", 1)]
-    todo += [(f"lab{k}", labeled_split(k), "adm", 1) for k in a.seeds]
+            ("cache_val", "val", LAB_AUGMENT, 1)]
+    todo += [(f"lab{k}", labeled_split(k), LAB_AUGMENT, 1) for k in a.seeds]
     for key, split, augment, views in todo:
         out = cache_lab(a, int(key[3:])) if key.startswith("lab") else P[key]
         write_cache(build_dataset(P["data"], split, "folder"), vae, out, image_size=a.image_size, augment=augment,
@@ -333,13 +335,16 @@ def mae_cmd(a, P) -> List[str]:
 
 
 def cls_cmd(a, P, task: str, init: str, k: int, out: str) -> List[str]:
-    """A linear probe (task linprobe) or a finetuning (task cls) on labelled set k, seed k."""
+    """A linear probe (task linprobe) or a finetuning (task cls) on labelled set k, seed k. Both name the labelled
+    cache's augmentation (the probe recipe's own, eval, is not what the cache holds, and the loader refuses a cache
+    made with another augmentation than the job's)."""
     cfg = "configs/debug/tiny_linprobe.yaml" if task == "linprobe" else "configs/debug/tiny_finetune.yaml"
     epochs = a.probe_epochs if task == "linprobe" else a.ft_epochs
     extra = a.probe_set if task == "linprobe" else a.ft_set
     return [PY, "launchers/finetune.py", "--config", cfg, f"output_dir={out}", f"data.root={P['data']}",
             "data.format=latents", f"data.latent_cache={cache_lab(a, k)}", f"data.latent_cache_val={P['cache_val']}",
             "data.latent_sample=false", "data.drop_last=false", f"data.image_size={a.image_size}",
+            f"data.augment={LAB_AUGMENT}",
             f"vae.path={a.vae}", f"model.name={vit_name(a)}", f"model.img_size={a.image_size // 8}", f"seed={k}",
             f"schedule.epochs={epochs}", f"checkpoint.init_from={P['mae'] if init == 'usp' else ''}",
             "checkpoint.every_steps=0", "checkpoint.export=false", "checkpoint.export_official=false",
@@ -568,8 +573,8 @@ def markdown(res: dict, meta: dict, png: str) -> str:
          f"{meta['jobs']} job(s) at a time (one thread each); load average at the start {meta['load_start']}, at the "
          f"end {meta['load_end']} (other users' jobs included). Commit {meta['commit']}.", "",
          f"Command: `{meta['command']}`", "",
-         f"Task: `usp_scale/data/shapes.py` (two shapes one above the other define the class; colour, texture, "
-         f"background and clutter random), {meta['data']}; VAE `{meta['vae']}`, FID extractor "
+         f"Task: `usp_scale/data/shapes.py` (a glyph's shape or arrangement of parts defines the class; colour, "
+         f"texture, size, rotation, position, background and clutter random), {meta['data']}; VAE `{meta['vae']}`, FID extractor "
          f"`{meta['feature_extractor']}`. MAE `{meta['mae_model']}`, {meta['mae_epochs']} epochs over the pool "
          f"({meta['mae_seconds']} s); encoder `{meta['vit_model']}`; seeds {meta['seeds']} (seed k: labelled set k, "
          "the k-th random initialisation and training streams).", "",
