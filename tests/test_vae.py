@@ -113,6 +113,9 @@ def test_wrong_paths_say_what_to_put_where(tmp_path):
     with pytest.raises(VAELoadError, match=r"VAE path not found: .*nope.*config.json and "
                                            r"diffusion_pytorch_model.safetensors.*sd-vae-ft-ema"):
         FrozenVAE(path=str(tmp_path / "nope"))
+    # a mistyped short name: the message lists the shipped VAEs and the launcher that re-makes them
+    with pytest.raises(VAELoadError, match=r"shapes-f9.*\(shapes-f8, synthetic-f16, synthetic-f8: .*train_vae.py"):
+        FrozenVAE(path="shapes-f9")
     (tmp_path / "empty").mkdir()
     with pytest.raises(VAELoadError, match=r"empty has no config.json"):
         FrozenVAE(path=str(tmp_path / "empty"))

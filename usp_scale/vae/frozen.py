@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..checkpoint.safe_load import (CheckpointFileError, UnsafeCheckpointError, check_finite, read_safetensors,
                                      torch_load)
-from .named import resolve_vae_path, shipped_scale
+from .named import resolve_vae_path, shipped, shipped_scale
 from .latent_norm import LatentNorm, build_latent_norm
 from .ldm import LDMLayoutError, ldm_to_diffusers, rename_deprecated_attention, split_autoencoder
 
@@ -172,7 +172,9 @@ def load_autoencoder(path: str, version: str = "d8", seed: int = 0):
         if not path.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
             raise VAELoadError(f"VAE file {path} is not a .safetensors/.ckpt/.pt/.pth/.bin file. {WHERE}")
         return _from_single_file(path, version)
-    raise VAELoadError(f"VAE path not found: {path}. {WHERE}")
+    names = ", ".join(shipped())
+    raise VAELoadError(f"VAE path not found: {path}. {WHERE} The VAEs shipped in the package take their short name "
+                       f"({names}: usp_scale/assets/vae/, re-made by launchers/train_vae.py).")
 
 
 def _hash_weights(h, model: torch.nn.Module) -> None:
