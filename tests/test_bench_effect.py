@@ -109,6 +109,18 @@ def test_knn_and_statistics():
     assert f["gain_mean"] == pytest.approx(2.0) and f["wins"] == 1
 
 
+def test_report_names_keep_another_runs_report(tmp_path):
+    """Two settings reported on one day keep both reports (a tag, else the next free suffix); --only-report rewrites."""
+    d = str(tmp_path)
+    assert effect.report_base(d, "2026-12-07") == os.path.join(d, "effect_cpu_2026-12-07")
+    assert effect.report_base(d, "2026-12-07", "mae100").endswith("effect_cpu_2026-12-07_mae100")
+    (tmp_path / "effect_cpu_2026-12-07.md").write_text("first")
+    assert effect.report_base(d, "2026-12-07").endswith("effect_cpu_2026-12-07_2")
+    (tmp_path / "effect_cpu_2026-12-07_2.md").write_text("second")
+    assert effect.report_base(d, "2026-12-07").endswith("effect_cpu_2026-12-07_3")
+    assert effect.report_base(d, "2026-12-07", rewrite=True).endswith("effect_cpu_2026-12-07")
+
+
 def test_convergence_runs_are_not_reused_with_other_settings(tmp_path):
     conv = _load("bench_convergence_run", "benchmarks", "convergence", "run.py")
     d = tmp_path / "stage"

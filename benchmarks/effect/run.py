@@ -53,11 +53,24 @@ INITS = ("usp", "random")
 LAB_AUGMENT = "adm"     # the augmentation the labelled and val caches are written with (and the probes read)
 
 
+def report_base(folder: str, date: str, tag: str = "", rewrite: bool = False) -> str:
+    """The report's path without extension: ``effect_cpu_<date>[_<tag>]`` in ``folder``; unless ``rewrite``, another
+    run's report of that name stays and this one takes the next free ``_2``, ``_3``, ..."""
+    base = os.path.join(folder, f"effect_cpu_{date}" + (f"_{tag}" if tag else ""))
+    stem, k = base, 2
+    while not rewrite and os.path.exists(base + ".md"):
+        base, k = f"{stem}_{k}", k + 1
+    return base
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="work folder (data, caches, runs, stages/, logs/, results.json)")
     p.add_argument("--report", default="", help="also write the report (markdown + PNGs + JSON) into this folder, "
-                   "named effect_<device>_<date>")
+                   "named effect_cpu_<date>[_<report-tag>]")
+    p.add_argument("--report-tag", default="", help="suffix of the report's name, so that two settings run on one "
+                   "day keep both reports (e.g. mae100 -> effect_cpu_<date>_mae100); without it, a report of the same "
+                   "name from another run is kept and this one gets the next free _2, _3, ... (--only-report rewrites)")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one thread each (default 2: the 2 cores)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2); seed k uses "
                    "labelled set k, the k-th random initialisation and the k-th finetuning streams")
@@ -658,7 +671,7 @@ def main(argv=None) -> int:
         f.write(md)
     print(md)
     if a.report:
-        base = os.path.join(a.report, f"effect_cpu_{m['date']}")
+        base = report_base(a.report, m["date"], a.report_tag, a.only_report)
         os.makedirs(a.report, exist_ok=True)
         shutil.copy(png, base + ".png")
         shutil.copy(res_path, base + ".json")
