@@ -516,7 +516,7 @@ def _repa_teacher_path(cfg):
 
 @rule("repa.features", "data.format", "repa.teacher_cache", "repa.enabled",
       text="with repa.enabled: repa.features=cache reads data.format=latents and a repa.teacher_cache; "
-           "repa.features=online needs the pixels, data.format folder or wds")
+           "repa.features=online needs the pixels, data.format folder or wds (synthetic: random pictures, tests)")
 def _repa_features(cfg):
     r = cfg.repa
     if not r.enabled:
@@ -528,7 +528,7 @@ def _repa_features(cfg):
         if not r.teacher_cache.strip():
             return ("set repa.teacher_cache to the teacher-feature cache written beside data.latent_cache "
                     "(usp_scale.data.teacher_cache), or use repa.features=online")
-    elif cfg.data.format not in ("folder", "wds"):
+    elif cfg.data.format not in ("folder", "wds", "synthetic"):
         return (f"the online teacher runs on the batch's pixels, data.format={cfg.data.format} has none: use a "
                 "folder or wds dataset, or repa.features=cache with a teacher-feature cache")
     return None
