@@ -1,6 +1,6 @@
 """benchmarks/effect/: the bookkeeping that keeps its results honest (settings records: reuse what is unchanged,
-restart what changed, never a stale result), its k-NN classifier and its statistics; the convergence script's and the REPA miniature's
-settings records. The benchmark's numbers live in benchmarks/reports/, not here."""
+restart what changed, never a stale result), its k-NN classifier and its statistics; the convergence script's
+settings records; the REPA miniature's summary. The benchmark's numbers live in benchmarks/reports/, not here."""
 import json
 import os
 import sys
