@@ -174,14 +174,14 @@ of the generated `{d.get('kind', 'styles')}` dataset ({d['classes']} classes x {
 dataset seed {d['seed']}). It stands in for REPA's DINOv2 ViT-B/14 in the CPU-sized REPA runs
 (`repa.teacher={m['teacher']} repa.teacher_path={m['registered_as']}`) and goes through the same code: the strict
 loader (timm's keys), REPA's input transform (raw pixels / 255, ImageNet mean/std, bicubic resize {m['image_size']} ->
-{m['input_size']} px, REPA's 7/8 ratio), the final-norm patch tokens without cls: **{m['tokens']} tokens of {m['dim']}**,
-the count of SiT-tiny/2 on synthetic-f8's 8 x 8 latents.
+{m['input_size']} px, REPA's 7/8 ratio), the final-norm patch tokens without cls:
+**{m['tokens']} tokens of {m['dim']}**, the count of SiT-tiny/2 on synthetic-f8's 8 x 8 latents.
 
 **Trained supervised, on the labels** (REPA's teacher is self-supervised; here a labelled objective makes a 3-block
 ViT useful in a few CPU minutes): {m['objective']}. So every patch token carries the class: on the
 {m['val_images']} val images, per-token top-1 **{m['val_token_top1']:.2f} %** with the training head, pooled
-{m['val_pooled_top1']:.2f} %, and per-token {m['val_token_nearest_class_mean_top1']:.2f} % without any head (cosine to the
-nearest class mean of the train tokens). These numbers hold for this synthetic dataset only.
+{m['val_pooled_top1']:.2f} %, and per-token {m['val_token_nearest_class_mean_top1']:.2f} % without any head
+(cosine to the nearest class mean of the train tokens). These numbers hold for this synthetic dataset only.
 
 Trained {m['args']['epochs']} epochs, batch {m['args']['batch_size']}, {m['train_seconds']:.0f} s on {m['machine']};
 seed {m['seed']}; model.safetensors ({size_kb:.0f} kB) sha256 `{m['sha256']['model.safetensors']}`. Made with (from the

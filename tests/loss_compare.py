@@ -4,8 +4,8 @@
 Three recipes, all on ``configs/debug/synthetic_pretrain.yaml`` (random latents, no files): ``pretrain`` (the tiny
 MAE), ``dit`` (DiT-tiny/2, DDPM) and ``repa`` (REPA's SiT-tiny/2-REPA with the shipped teacher synthetic-vit run
 online on a random picture per sample; its alignment loss ``proj_loss`` is recorded too), CPU, fp32, fixed seeds,
-6 optimizer steps of 2 micro-batches, clipping and EMA on. Each engine runs in its own launch: ``local`` (1 process), ``ddp``, ``fsdp2`` and ``deepspeed`` (ZeRO-2)
-on 2 gloo processes, one thread each. Every step's loss and gradient norm is recorded.
+6 optimizer steps of 2 micro-batches, clipping and EMA on. Each engine runs in its own launch: ``local``
+(1 process), ``ddp``, ``fsdp2`` and ``deepspeed`` (ZeRO-2) on 2 gloo processes, one thread each. Every step's loss and gradient norm is recorded.
 
     python tests/loss_compare.py                         # the working tree vs the goldens in tests/assets/losses/
     python tests/loss_compare.py --a main --b .          # commit/branch main vs the working tree

@@ -217,7 +217,8 @@ def markdown(summary: dict, meta: dict, png: str) -> str:
     lines += ["", "## With vs without REPA (paired by seed)", ""]
     for arm, p in summary["pairs"].items():
         per = ", ".join(f"{g:+.2f}" for g in p["final_fid_gain_per_seed"])
-        lines.append(f"- {p['base']} → {arm}: final FID gain (without minus with) **{p['final_fid_gain_mean']:+.2f} ± "
+        lines.append(f"- {p['base']} → {arm}: final FID gain (without minus with) "
+                     f"**{p['final_fid_gain_mean']:+.2f} ± "
                      f"{p['final_fid_gain_std']:.2f}** (per seed {per}; REPA better in {p['repa_better_seeds']} of "
                      f"{len(p['seeds'])}); summed over the evaluations {p['sum_fid_gain_mean']:+.2f} ± "
                      f"{p['sum_fid_gain_std']:.2f}.")

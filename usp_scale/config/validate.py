@@ -125,7 +125,8 @@ RANGES: Tuple[tuple, ...] = (
     ("repa.encoder_depth", 1, None, False, False, "a block number (1-indexed)"),
     ("repa.proj_coeff", 0, None, False, False, "a loss weight"),
     ("repa.projector_dim", 1, None, False, False, "a width"),
-    ("repa.teacher_input_size", 0, None, False, False, "pixels (0 = the teacher's rule: REPA's 224 x (data.image_size // 256))"),
+    ("repa.teacher_input_size", 0, None, False, False,
+     "pixels (0 = the teacher's rule: REPA's 224 x (data.image_size // 256))"),
     ("cache.stats_samples", 0, None, False, False, "a latent count (0 = every latent of the cache)"),
 )
 REQUIRED_STRINGS = ("output_dir", "eval.metrics_file")
