@@ -85,7 +85,8 @@ def _read(path: str) -> StateDict:
 def _missing_file_message(path: str, name: str) -> str:
     return (f"REPA teacher weights not found: {path}. Nothing is downloaded at run time. Put the {name} weights "
             f"there (or point repa.teacher_path at them): the official torch.hub file ({HUB_URL}) or timm's "
-            f"{TIMM_NAME} model.safetensors; the default place is {DEFAULT_PATH}")
+            f"{TIMM_NAME} model.safetensors; the default place is {DEFAULT_PATH}. Shipped teachers, named without a "
+            f"path: {', '.join(assets.names(ASSET_KIND)) or 'none'}")
 
 
 def shipped_teacher_path(path: str, name: str) -> str:
