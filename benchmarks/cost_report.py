@@ -14,8 +14,13 @@ or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out
   the paper's default) x 1,281,167 images;
 * USP finetuning, DiT-XL/2: 400K steps x batch 256;
 * from-scratch DiT-XL/2 (the paper's baseline): 7M steps x 256;
-* LightningDiT-XL/1 on VA-VAE latents (issue 21), when a ``LightningDiT-XL/1`` rate is given or measured:
-  LightningDiT's 64-epoch recipe, 80K steps x 1024 (about 64 epochs of ImageNet); not part of the USP DiT total;
+* LightningDiT-XL/1 on VA-VAE latents (issue 21): LightningDiT's 64-epoch recipe, 80K steps x 1024 (about 64
+  epochs of ImageNet), at a given or measured ``LightningDiT-XL/1`` rate, else **computed** from its FLOPs (the
+  registry model's count, 3 x forward) at ``--assumed-mfu`` of the card's bf16 peak; and the VA-VAE latent
+  extraction (ImageNet train, 256 px, plain + flipped; the encoder's FLOPs counted analytically from its layers) at
+  ``--extract-img-per-s`` or computed the same way; with the wall time on ``--gpus`` GPUs. Not part of the USP DiT
+  total. ``--card`` alone (no CSV, no rates) prints these rows only:
+  ``python benchmarks/cost_report.py --card "NVIDIA H100" --gpus 8``;
 * optionally the latent cache (``--cache-img-per-s``: SD-VAE encode + DALI decode rate, ``--cache-views`` views
   per image) and FID-50K sampling (``--sampling-json`` from ``sample/bench_sampling.py``);
 * next to the sampling, the ADM evaluation of those 50,000 samples: 60,000 Inception forwards (the samples and the
@@ -64,6 +69,99 @@ EVAL_DERIVED_UTIL = 0.4
 PAPER_H20_DAYS_PEAK = PEAK_TFLOPS["H20"]
 # LightningDiT's 64-epoch recipe (configs/finetune/lightningdit_xl1_256_vavae.yaml): steps x global batch
 LIGHTNINGDIT_MODEL, LIGHTNINGDIT_STEPS, LIGHTNINGDIT_BATCH = "LightningDiT-XL/1", 80_000, 1024
+# Without a measured LightningDiT-XL/1 rate, its rows are derived from FLOPs at this model FLOP utilisation: the
+# DiT-XL/2 training step's measured MFU on an H200 (37 %, eager bf16, README "Measured"), the closest measured
+# transformer of the same width and token count (LightningDiT-XL/1 sees 256 tokens of 1152, as DiT-XL/2).
+ASSUMED_MFU = 0.37
+# VA-VAE (hustvl/LightningDiT vavae-imagenet256-f16d32-dinov2): LDM encoder ch 128, ch_mult (1, 1, 2, 2, 4), 2
+# res-blocks per level, attention at the lowest level (16 x 16 at 256 px) and in the middle, 32 latent channels,
+# quant_conv 64 -> 64. The cache encodes every image twice (plain and flipped, as the reference extraction does).
+VAVAE_ENCODER = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), layers=2, attn_levels=(4,), z_channels=32)
+VAVAE_SIDE, VAVAE_VIEWS = 256, 2
+
+
+def vavae_encoder_flops(side: int = VAVAE_SIDE, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), layers: int = 2,
+                        attn_levels=(4,), z_channels: int = 32) -> float:
+    """Forward FLOPs (2 per multiply-add) of one ``side`` x ``side`` image through the LDM / diffusers AutoencoderKL
+    encoder and quant_conv, counted analytically from its layers: every convolution (2 Cin Cout k^2 Hout Wout), the
+    attention blocks' four C x C projections over the H W tokens and their two H W x H W x C matmuls (scores, values).
+    Norms and activations are not counted (as torch's FlopCounterMode, which tests/test_bench_cost.py checks this
+    against on the real layer sizes)."""
+    def conv(cin, cout, k, res):
+        return 2.0 * cin * cout * k * k * res * res
+
+    def attn(c, res):
+        t = res * res
+        return 4 * 2.0 * t * c * c + 2 * 2.0 * t * t * c
+
+    def resnet(cin, cout, res):
+        return conv(cin, cout, 3, res) + conv(cout, cout, 3, res) + (conv(cin, cout, 1, res) if cin != cout else 0.0)
+
+    res, cin = side, ch
+    f = conv(3, ch, 3, res)                                            # conv_in
+    for i, m in enumerate(ch_mult):
+        cout = ch * m
+        for _ in range(layers):
+            f += resnet(cin, cout, res) + (attn(cout, res) if i in attn_levels else 0.0)
+            cin = cout
+        if i != len(ch_mult) - 1:                                      # stride-2 downsampling conv
+            res //= 2
+            f += conv(cout, cout, 3, res)
+    f += 2 * resnet(cin, cin, res) + attn(cin, res)                    # middle: resnet, attention, resnet
+    f += conv(cin, 2 * z_channels, 3, res)                             # conv_out -> (mean, logvar)
+    f += conv(2 * z_channels, 2 * z_channels, 1, res)                  # quant_conv
+    return f
+
+
+def lightningdit_flops() -> float:
+    """Forward FLOPs of one 256 px image (16 x 16 x 32 latents) through LightningDiT-XL/1, the registry model's own
+    count (:meth:`usp_scale.models.lightningdit.LightningDiT.flops_per_sample`; built on the meta device)."""
+    from usp_scale.models import create_model
+
+    m = create_model(LIGHTNINGDIT_MODEL, input_size=16, in_channels=32, num_classes=1000, learn_sigma=False,
+                     device="meta")
+    return float(m.flops_per_sample())
+
+
+def lightningdit_items(card: str, rows: List[dict], pin: Optional[str] = None, mfu: float = ASSUMED_MFU,
+                       extract_dtype: str = "fp32", extract_img_per_s: float = 0.0) -> List[dict]:
+    """The VA-VAE + LightningDiT rows (outside the USP DiT pipeline total): LightningDiT-XL/1's 64-epoch recipe at a
+    measured rate when ``rows`` hold one for ``card``, else derived from its FLOPs (3 x forward per training image)
+    at ``mfu`` of the card's bf16 peak; and the VA-VAE latent extraction of ImageNet's train split (ADM crop at 256,
+    plain + flipped) at a given rate, else from the encoder's FLOPs at ``mfu`` of the card's peak in
+    ``extract_dtype`` (fp32: vae.dtype's default, without tensor cores; bf16/fp16: the dense bf16 peak)."""
+    out = []
+    n = LIGHTNINGDIT_STEPS * LIGHTNINGDIT_BATCH
+    fwd = lightningdit_flops()
+    what = (f"{LIGHTNINGDIT_MODEL} on VA-VAE latents, LightningDiT's 64-epoch recipe, "
+            f"{LIGHTNINGDIT_STEPS / 1000:g}K steps x {LIGHTNINGDIT_BATCH}")
+    base = {"key": "lightningdit_64ep", "what": what, "samples": n, "gflop_per_sample": 3 * fwd / 1e9}
+    measured = [r for r in rows if r["model"] == LIGHTNINGDIT_MODEL and r["device"] == card]
+    peak = peak_of(card)
+    if measured:
+        r = pick_rate(rows, LIGHTNINGDIT_MODEL, card, pin)
+        out.append(dict(base, rate=float(r["samples_per_s"]), setting=_setting(r), batch=r.get("batch", ""),
+                        computed=False))
+    elif peak is not None:
+        rate = peak * 1e12 * mfu / (3 * fwd)
+        out.append(dict(base, rate=rate, batch="", computed=True,
+                        setting=f"derived: {3 * fwd / 1e9:.0f} GFLOP/img (3 x forward) at {mfu:.0%} of "
+                                f"{peak:g} TFLOP/s bf16"))
+    enc = vavae_encoder_flops(**VAVAE_ENCODER)
+    n = IMAGENET_TRAIN * VAVAE_VIEWS
+    what = (f"VA-VAE latent extraction, ImageNet train at {VAVAE_SIDE} px, plain + flipped "
+            f"({enc / 1e9:.1f} GFLOP per encode)")
+    base = {"key": "vavae_extraction", "what": what, "samples": n, "gflop_per_sample": enc / 1e9}
+    if extract_img_per_s > 0:
+        out.append(dict(base, rate=extract_img_per_s, setting="given", batch="", computed=False))
+    else:
+        epeak = peak_of(card, FP32_PEAK_TFLOPS) if extract_dtype == "fp32" else peak
+        if epeak is not None:
+            out.append(dict(base, rate=epeak * 1e12 * mfu / enc, batch="", computed=True,
+                            setting=f"derived: {mfu:.0%} of {epeak:g} TFLOP/s {extract_dtype}"))
+    for it in out:
+        it["hours"] = it["samples"] / it["rate"] / 3600
+    return out
 TARGET_H100_DAYS = 12.0
 
 
@@ -163,7 +261,8 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
            pretrain_epochs: int = 1600, finetune_steps: int = 400_000, scratch_steps: int = 7_000_000,
            batch: int = 256, cache_img_per_s: float = 0.0, cache_views: int = 1,
            sampling: Optional[dict] = None, eval_json: Optional[dict] = None, eval_img_per_s: float = 0.0,
-           size: str = "XL") -> dict:
+           size: str = "XL", mfu: float = ASSUMED_MFU, extract_dtype: str = "fp32",
+           extract_img_per_s: float = 0.0, gpus: int = 8) -> dict:
     """All numbers of the report (hours per item, GPU-days, H20-normalised days, the pipeline total)."""
     pins = pins or {}
     if card is None:
@@ -178,14 +277,8 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
         rate = float(r["samples_per_s"])
         items.append({"key": key, "what": w["what"], "samples": w["samples"], "rate": rate,
                       "setting": _setting(r), "batch": r.get("batch", ""), "hours": w["samples"] / rate / 3600})
-    light = [r for r in rows if r["model"] == LIGHTNINGDIT_MODEL and r["device"] == card]
-    if light:   # the VA-VAE + LightningDiT row (its own run, outside the USP DiT pipeline total)
-        r = pick_rate(rows, LIGHTNINGDIT_MODEL, card, pins.get(LIGHTNINGDIT_MODEL))
-        n = LIGHTNINGDIT_STEPS * LIGHTNINGDIT_BATCH
-        items.append({"key": "lightningdit_64ep", "what": f"{LIGHTNINGDIT_MODEL} on VA-VAE latents, LightningDiT's "
-                      f"64-epoch recipe, {LIGHTNINGDIT_STEPS / 1000:g}K steps x {LIGHTNINGDIT_BATCH}", "samples": n,
-                      "rate": float(r["samples_per_s"]), "setting": _setting(r), "batch": r.get("batch", ""),
-                      "hours": n / float(r["samples_per_s"]) / 3600})
+    # the VA-VAE + LightningDiT rows (its own run, outside the USP DiT pipeline total): measured or derived
+    items += lightningdit_items(card, rows, pins.get(LIGHTNINGDIT_MODEL), mfu, extract_dtype, extract_img_per_s)
     if cache_img_per_s > 0:
         n = IMAGENET_TRAIN * cache_views
         items.append({"key": "latent_cache", "what": f"latent cache, {cache_views} view(s) per image", "samples": n,
@@ -209,6 +302,7 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
                                                     "fid50k_eval")]
     total = sum(it["gpu_days"] for it in pipeline)
     out = {"card": card, "size": size, "peak_tflops": peak, "items": items, "pipeline_gpu_days": total,
+           "gpus": gpus, "assumed_mfu": mfu,
            "pipeline_h20_days": total * peak / PAPER_H20_DAYS_PEAK if peak else None,
            "pipeline_h100_equiv_days": total * peak / PEAK_TFLOPS["H100"] if peak else None,
            "scratch_gpu_days": next(it["gpu_days"] for it in items if it["key"] == "scratch_dit")}
@@ -222,13 +316,7 @@ def to_markdown(r: dict) -> str:
     lines = [f"# GPU-day cost of the USP pipeline on {r['card']} ({datetime.date.today().isoformat()})", "",
              "Single-device days at the measured rates (perfect scaling assumed). H20-days = GPU-days x peak of "
              f"this card ({r['peak_tflops']} TFLOP/s) / 148, the paper's unit.", "",
-             "| item | samples | rate (samples/s) | setting | GPU-hours | GPU-days | H20-days (peak-normalised) |",
-             "|---|---|---|---|---|---|---|"]
-    for it in r["items"]:
-        rate = f"{it['rate']:.1f}" if it["rate"] else "-"
-        h20 = f"{it['h20_days']:.1f}" if it["h20_days"] is not None else "-"
-        lines.append(f"| {it['what']} | {it['samples']:,} | {rate} | {it['setting']} | {it['hours']:.1f} | "
-                     f"{it['gpu_days']:.2f} | {h20} |")
+             ] + _item_table(r["items"])
     has = {i["key"] for i in r["items"]}
     lines += ["", f"USP pipeline (pretrain + finetune{' + cache' if 'latent_cache' in has else ''}"
               f"{' + FID-50K' if 'fid50k' in has else ''}{' + its evaluation' if 'fid50k_eval' in has else ''}): "
@@ -243,7 +331,46 @@ def to_markdown(r: dict) -> str:
                   f"{'met' if r['pipeline_h100_equiv_days'] <= TARGET_H100_DAYS else 'NOT met'})"]
     lines.append(f"From scratch DiT-{r.get('size', 'XL')}/2 / USP (pretrain + finetune), both at these rates: "
                  f"{r['speedup_vs_scratch']:.1f}x fewer GPU-days")
+    lines += lightningdit_lines(r["items"], r.get("gpus", 8), r["card"])
     return "\n".join(lines) + "\n"
+
+
+def _item_table(items: List[dict]) -> List[str]:
+    lines = ["| item | samples | rate (samples/s) | setting | GPU-hours | GPU-days | H20-days (peak-normalised) |",
+             "|---|---|---|---|---|---|---|"]
+    for it in items:
+        rate = f"{it['rate']:.1f}" if it["rate"] else "-"
+        h20 = f"{it['h20_days']:.1f}" if it.get("h20_days") is not None else "-"
+        lines.append(f"| {it['what']} | {it['samples']:,} | {rate} | {it['setting']} | {it['hours']:.1f} | "
+                     f"{it['gpu_days']:.2f} | {h20} |")
+    return lines
+
+
+def lightningdit_lines(items: List[dict], gpus: int, card: str) -> List[str]:
+    """The VA-VAE + LightningDiT paragraph: its GPU-hours, the wall time on ``gpus`` GPUs, the FLOPs it rests on and
+    which numbers are computed rather than measured."""
+    by = {it["key"]: it for it in items}
+    train, ext = by.get("lightningdit_64ep"), by.get("vavae_extraction")
+    if train is None and ext is None:
+        return []
+    out = ["", f"VA-VAE + LightningDiT (issue 21; its own run, not in the USP total), on {gpus} x {card} at perfect "
+               "scaling:"]
+    for it, name in ((ext, "VA-VAE latent extraction (once)"), (train, "LightningDiT-XL/1, 64 epochs (80K steps x "
+                                                                         "1024)")):
+        if it is None:
+            continue
+        how = ("**computed** from FLOPs at an assumed utilisation, not measured" if it["computed"]
+               else "at the measured/given rate")
+        out.append(f"- {name}: **{it['hours']:.1f} GPU-hours** = {it['hours'] / gpus:.2f} h wall on {gpus} GPUs; "
+                   f"{it['gflop_per_sample']:.1f} GFLOP per sample; {how} ({it['setting']})")
+    if train is not None and ext is not None:
+        tot = train["hours"] + ext["hours"]
+        out.append(f"- together: {tot:.1f} GPU-hours = {tot / gpus:.2f} h wall on {gpus} GPUs")
+    out.append(f"- FLOPs: LightningDiT-XL/1's forward is the registry model's own count (flops_per_sample, 3 x for "
+               f"forward + backward); the VA-VAE encoder's is counted analytically from its convolutions and "
+               f"attention (vavae_encoder_flops, equal to torch's FlopCounterMode on the real layer sizes). "
+               "JPEG decoding and data loading are not priced.")
+    return out
 
 
 def _pairs(items: List[str], flag: str, conv=str) -> Dict[str, object]:
@@ -348,6 +475,16 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-img-per-s", type=float, default=0.0,
                     help="measured Inception forwards per second on --card (instead of --eval-json)")
     ap.add_argument("--out", default=None, help="write the markdown report here as well")
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs of the VA-VAE + LightningDiT wall-time line (default 8; "
+                    "perfect scaling assumed)")
+    ap.add_argument("--assumed-mfu", type=float, default=ASSUMED_MFU,
+                    help=f"model FLOP utilisation of the rows derived from FLOPs (LightningDiT-XL/1 without a measured "
+                         f"rate, the VA-VAE extraction without --extract-img-per-s); default {ASSUMED_MFU} (the "
+                         "DiT-XL/2 step's measured MFU on an H200)")
+    ap.add_argument("--extract-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="precision of the VA-VAE extraction (vae.dtype; default fp32: priced at the card's fp32 peak)")
+    ap.add_argument("--extract-img-per-s", type=float, default=0.0,
+                    help="measured VA-VAE encodes per second on --card (256 px; default: derived from its FLOPs)")
     g = ap.add_argument_group("multi-node projection (--scaling)")
     g.add_argument("--scaling", action="store_true", help="add the multi-node projection per engine")
     g.add_argument("--nodes", default="1,2,4,8,16", help="comma list of node counts")
@@ -383,8 +520,27 @@ def main(argv=None) -> int:
         k, v = p.split("=", 1)
         pins[k] = v
     rates = _pairs(a.rate, "--rate", float)
+    if not (0 < a.assumed_mfu <= 1) or a.gpus < 1:
+        raise SystemExit(f"--assumed-mfu {a.assumed_mfu} must be in (0, 1] and --gpus {a.gpus} at least 1")
+    if not a.train_csv and not rates and a.card:
+        # the VA-VAE + LightningDiT rows alone, from FLOPs (nothing measured)
+        if peak_of(a.card) is None:
+            raise SystemExit(f"--card {a.card!r}: no peak known (cards: {', '.join(PEAK_TFLOPS)})")
+        items = lightningdit_items(a.card, [], None, a.assumed_mfu, a.extract_dtype, a.extract_img_per_s)
+        for it in items:
+            it["gpu_days"] = it["hours"] / 24
+            it["h20_days"] = it["gpu_days"] * peak_of(a.card) / PAPER_H20_DAYS_PEAK
+        md = "\n".join([f"# GPU cost of VA-VAE + LightningDiT on {a.card} ({datetime.date.today().isoformat()})", ""]
+                       + _item_table(items) + lightningdit_lines(items, a.gpus, a.card)) + "\n"
+        print(md)
+        if a.out:
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                f.write(md)
+        return 0
     if not a.train_csv and not rates:
-        raise SystemExit("give --train-csv (bench_step.py's CSV) or --rate MODEL=SAMPLES_PER_S")
+        raise SystemExit("give --train-csv (bench_step.py's CSV) or --rate MODEL=SAMPLES_PER_S (or --card alone for "
+                         "the VA-VAE + LightningDiT rows from FLOPs)")
     rows = load_rows(a.train_csv) if a.train_csv else []
     if rates:
         if not a.card:
@@ -403,7 +559,8 @@ def main(argv=None) -> int:
     r = report(rows, card=a.card, pins=pins, pretrain_epochs=a.pretrain_epochs,
                finetune_steps=a.finetune_steps, scratch_steps=a.scratch_steps, batch=a.batch,
                cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, sampling=sampling,
-               eval_json=eval_json, eval_img_per_s=a.eval_img_per_s, size=a.size)
+               eval_json=eval_json, eval_img_per_s=a.eval_img_per_s, size=a.size, mfu=a.assumed_mfu,
+               extract_dtype=a.extract_dtype, extract_img_per_s=a.extract_img_per_s, gpus=a.gpus)
     md = to_markdown(r)
     if a.scaling:
         if a.size != "XL":

@@ -126,7 +126,71 @@ def test_lightningdit_64_epoch_row_is_outside_the_usp_total(tmp_path):
     r = C.report(rows, card="NVIDIA H200")
     items = {it["key"]: it for it in r["items"]}
     assert items["lightningdit_64ep"]["gpu_days"] == pytest.approx(80_000 * 1024 / 512.0 / 86400)   # 1.85
+    assert not items["lightningdit_64ep"]["computed"] and items["lightningdit_64ep"]["setting"] == "given"
     base = C.report(C.load_rows(_csv(tmp_path / "u.csv", ROWS)))
-    assert "lightningdit_64ep" not in {it["key"] for it in base["items"]}
+    derived = {it["key"]: it for it in base["items"]}["lightningdit_64ep"]   # no rate: computed from FLOPs
+    assert derived["computed"] and derived["setting"].startswith("derived")
     assert r["pipeline_gpu_days"] == pytest.approx(base["pipeline_gpu_days"])
     assert "LightningDiT-XL/1 on VA-VAE latents" in C.to_markdown(r)
+
+
+def test_lightningdit_and_vavae_cost_rows_from_flops_agree_with_a_direct_count(tmp_path):
+    """Issue 21's cost: LightningDiT-XL/1's 64 epochs and the VA-VAE extraction priced from FLOPs at the assumed MFU
+    (labelled computed), the FLOPs equal to torch's FlopCounterMode on the real layer sizes (meta device)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from usp_scale.models import create_model
+    from usp_scale.vae.frozen import _random_vae
+
+    m = create_model("LightningDiT-XL/1", input_size=16, in_channels=32, num_classes=1000, learn_sigma=False,
+                     device="meta").eval()
+    with FlopCounterMode(display=False) as fc:
+        m(torch.zeros(1, 32, 16, 16, device="meta"), torch.zeros(1, device="meta"),
+          torch.zeros(1, dtype=torch.long, device="meta"))
+    assert C.lightningdit_flops() == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    assert 230e9 < C.lightningdit_flops() < 245e9            # ~ DiT-XL/2's: 256 tokens of 1152
+    with torch.device("meta"):
+        vae = _random_vae("f16d32", full=True)                # VA-VAE's sizes: 128 x (1, 1, 2, 2, 4), 2 layers, 32 ch
+    assert vae.config.block_out_channels == (128, 128, 256, 256, 512) and vae.config.latent_channels == 32
+    with FlopCounterMode(display=False) as fc:
+        vae.quant_conv(vae.encoder(torch.zeros(1, 3, 256, 256, device="meta")))
+    assert C.vavae_encoder_flops(**C.VAVAE_ENCODER) == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    # and at another size and layout (attention nowhere but the middle, 1 layer, 64 px)
+    with torch.device("meta"):
+        small = _random_vae("d8")
+    cfg = small.config
+    with FlopCounterMode(display=False) as fc:
+        small.quant_conv(small.encoder(torch.zeros(1, 3, 64, 64, device="meta")))
+    mult = tuple(c // cfg.block_out_channels[0] for c in cfg.block_out_channels)
+    assert C.vavae_encoder_flops(64, cfg.block_out_channels[0], mult, cfg.layers_per_block, (), 4) == \
+        pytest.approx(fc.get_total_flops(), rel=1e-9)
+
+    # the rows, by hand: 80K x 1024 images at 3 x forward / (37 % of the H100's 989.4 TFLOP/s); ImageNet twice
+    # through the encoder at 37 % of its 66.9 TFLOP/s fp32
+    items = {it["key"]: it for it in C.lightningdit_items("NVIDIA H100", [])}
+    fwd, enc = C.lightningdit_flops(), C.vavae_encoder_flops(**C.VAVAE_ENCODER)
+    train, ext = items["lightningdit_64ep"], items["vavae_extraction"]
+    assert train["hours"] == pytest.approx(80_000 * 1024 * 3 * fwd / (0.37 * 989.4e12) / 3600)
+    assert ext["hours"] == pytest.approx(2 * 1_281_167 * enc / (0.37 * 66.9e12) / 3600)
+    assert train["computed"] and ext["computed"]
+    bf16 = {it["key"]: it for it in C.lightningdit_items("NVIDIA H100", [], extract_dtype="bf16")}
+    assert bf16["vavae_extraction"]["hours"] == pytest.approx(ext["hours"] * 66.9 / 989.4)
+    given = {it["key"]: it for it in C.lightningdit_items("NVIDIA H100", [], extract_img_per_s=1000.0)}
+    assert given["vavae_extraction"]["hours"] == pytest.approx(2 * 1_281_167 / 1000 / 3600)
+    assert not given["vavae_extraction"]["computed"]
+    # the command line: --card alone prints these rows, the wall time on N GPUs and the computed label
+    out = tmp_path / "l.md"
+    assert C.main(["--card", "NVIDIA H100", "--gpus", "16", "--out", str(out)]) == 0
+    text = out.read_text()
+    for needle in ("LightningDiT-XL/1 on VA-VAE latents", "VA-VAE latent extraction", "**computed** from FLOPs",
+                   f"{train['hours']:.1f} GPU-hours** = {train['hours'] / 16:.2f} h wall on 16 GPUs",
+                   f"{enc / 1e9:.1f} GFLOP per encode"):
+        assert needle in text, needle
+    # and beside the USP report, where a measured rate replaces the derived one
+    full = C.to_markdown(C.report(C.given_rows({"MAE-XL": 2061.0, "DiT-XL/2": 552.0}, "NVIDIA H200"), gpus=64))
+    assert "on 64 x NVIDIA H200" in full and "VA-VAE latent extraction" in full
+    with pytest.raises(SystemExit, match="assumed-mfu"):
+        C.main(["--card", "NVIDIA H100", "--assumed-mfu", "0"])
+    with pytest.raises(SystemExit, match="no peak known"):
+        C.main(["--card", "CPU"])

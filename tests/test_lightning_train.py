@@ -1,5 +1,5 @@
 """USP + VA-VAE + LightningDiT integrated (issue 21): the tiny chain through the launchers on the CPU (synthetic images
--> a random f16d32 VAE -> latent cache + channel statistics -> LightningMAE pretraining -> transfer -> LightningDiT
+-> the shipped x16 VAE synthetic-f16 (VA-VAE's layout, 32 channels) -> latent cache + channel statistics -> LightningMAE pretraining -> transfer -> LightningDiT
 flow finetuning with LightningDiT's options -> sampling with the shifted Euler grid and 3-channel interval CFG),
 LightningDiT's loss on DDP / FSDP2 (2 gloo ranks) equal to one process, exact resume of the trainer's sit task with
 a LightningDiT on DDP / FSDP2 (DeepSpeed: slow), and the recipes against LightningDiT's published configuration."""
@@ -37,12 +37,16 @@ def test_tiny_vavae_lightningdit_chain(tmp_path):
     root, cache = str(tmp_path / "synth"), str(tmp_path / "cache")
     make_synthetic(root, classes=4, per_class=6, size=SIZE, val_per_class=1, seed=5)
     cache_latents.main(["--data-root", root, "--out", cache, "--image-size", str(SIZE), "--augment", "adm",
-                        "--vae-path", "tiny-random", "--vae-version", "f16d32", "--shard-size", "12",
+                        "--vae-path", "synthetic-f16", "--vae-version", "f16d32", "--shard-size", "12",
                         "--batch-size", "12", "--no-progress", "--num-workers", "0"])
     stats = json.load(open(os.path.join(cache, "latent_stats.json")))
     assert stats["channels"] == 32 and stats["samples"] == 48  # 24 images x plain + flipped, fewer than 10,000
+    assert stats["vae"]["name"] == "synthetic-f16" and stats["latent_shape"] == [32, 4, 4]
+    # a trained VAE's posterior is narrow: the spread is the means' (a random VAE's is its posterior noise, std ~1
+    # around means of std ~0.16); the shipped VAE's latents have std ~1.4 (asset.json: 1.6 over its train set)
+    assert 0.9 * np.median(stats["std"]) < np.median(stats["std_of_means"]) and 0.7 < np.median(stats["std"]) < 3
     common = ["data.format=latents", "data.augment=adm", f"data.latent_cache={cache}", f"data.image_size={SIZE}",
-              "vae.path=tiny-random",
+              "vae.path=synthetic-f16",
               "vae.version=f16d32", f"vae.latent_stats={cache}", "model.img_size=4", "model.in_chans=32",
               "data.num_classes=4", "model.num_classes=4", "engine.precision=fp32", "optim.fused=false",
               "tensorboard=false", "plot=false"]
@@ -80,10 +84,14 @@ def test_tiny_vavae_lightningdit_chain(tmp_path):
                   "optim.weight_decay=0", *common], finetune=True) == 0
     recs = [json.loads(x) for x in open(os.path.join(dit_out, "metrics.jsonl")) if '"kind": "train"' in x]
     assert len(recs) == 3 and all(np.isfinite(r["loss"]) and r["loss"] > 0.5 for r in recs)  # MSE + 1 - cos
+    # the two parts of the loss logged beside it (one micro-batch per logged step: they add up to it)
+    for r in recs:
+        assert 0 < r["cos_loss"] < 2 and r["mse_loss"] > 0, r
+        assert r["mse_loss"] + r["cos_loss"] == pytest.approx(r["loss"], rel=1e-5), r
     # 4. sampling: Euler with the timestep shift, 3-channel interval CFG, decoded through the same statistics
     out = str(tmp_path / "samples")
     res = sample.main(["--model", "LightningDiT-tiny/1", "--ckpt", os.path.join(dit_out, "export", "0000003.pt"),
-                       "--vae", "tiny-random", "--vae-version", "f16d32", "--latent-stats", cache,
+                       "--vae", "synthetic-f16", "--vae-version", "f16d32", "--latent-stats", cache,
                        "--image-size", str(SIZE), "model.in_chans=32", "--num-classes", "4",
                        "model.learn_sigma=false", "--sampler", "euler", "--steps", "4", "--timestep-shift", "0.3",
                        "--cfg-scale", "4", "--cfg-interval", "0.11", "1.0", "--cfg-channels", "3",
@@ -97,7 +105,7 @@ def test_tiny_vavae_lightningdit_chain(tmp_path):
     # the decode side inverts the statistics: without them the sampler refuses to decode VA-VAE latents
     with pytest.raises(Exception, match="vae.latent_stats"):
         sample.main(["--model", "LightningDiT-tiny/1", "--ckpt", os.path.join(dit_out, "export", "0000003.pt"),
-                     "--vae", "tiny-random", "--vae-version", "f16d32", "--image-size", str(SIZE),
+                     "--vae", "synthetic-f16", "--vae-version", "f16d32", "--image-size", str(SIZE),
                      "model.in_chans=32", "--num-classes", "4", "model.learn_sigma=false", "--sampler", "euler",
                      "--steps", "2", "--num-samples", "1", "--out-dir", str(tmp_path / "s2")])
 

@@ -4,6 +4,8 @@ is loaded, FSDP2's view-tensor warning, DeepSpeed's "No CUDA runtime" on a CPU."
 import subprocess
 import sys
 
+import pytest
+
 import _helpers_train as H
 
 BENIGN = ("is an Enum subclass", "Unable to import `torchao`", "returned a view tensor", "No CUDA runtime is found")
@@ -61,3 +63,25 @@ def test_fsdp2_launcher_start_is_quiet(tmp_path):
               "optim.fused=false", "tensorboard=false"], torchrun=True)
     assert "[usp_scale] done: step 1" in p.stdout, (p.stdout + p.stderr)[-3000:]
     assert _found(p.stdout + p.stderr) == [], p.stderr[-3000:]
+
+
+def test_tensorboard_events_without_importing_tensorflow(tmp_path):
+    """The trainer's TensorBoard writer does not import TensorFlow (seconds of start-up per rank and its C++ log lines
+    when it is installed, as in CI's TF tier): the events come from tensorboard's own stub and read back with
+    tensorboard's reader."""
+    pytest.importorskip("tensorboard")
+    code = ("import sys, glob\n"
+            "from usp_scale.training.metrics import MetricsLogger\n"
+            f"log = MetricsLogger({str(tmp_path)!r}, enabled=True, tensorboard=True)\n"
+            "for s in (1, 2): log.log({'step': s, 'loss': 0.5 * s})\n"
+            "log.close()\n"
+            "print('tensorflow' in sys.modules)\n")
+    env = H.child_env()
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "False"
+    assert "cpu_feature_guard" not in p.stderr and "InitializeLog" not in p.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 0.5), (2, 1.0)]

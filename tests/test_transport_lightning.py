@@ -57,7 +57,9 @@ def test_training_loss_with_cosine_term_equals_the_reference_with_gradients():
     torch.testing.assert_close(out["loss"], ref)
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(out["loss"].mean(), params), torch.autograd.grad(ref.mean(), params)):
-        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+        # fp32, two summation orders: gradient entries ~1e-3 differ by up to ~1e-7 (1 in 98,304 exceeded the earlier
+        # atol 1e-7 with one thread); 1e-6 is still 10x below the default fp32 atol of assert_close
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     plain = Transport().training_losses(model, x1, dict(y=y), generator=torch.Generator().manual_seed(2))
     assert set(plain) == {"loss", "pred"}
 

@@ -172,6 +172,39 @@ def test_bad_statistics_are_refused(vcache, tmp_path):
         read_latent_stats(str(empty))
 
 
+def test_stale_statistics_of_a_rewritten_cache_are_refused(vcache, tmp_path):
+    """latent_stats.json records the manifest it was computed for; a cache whose manifest was rewritten after it
+    (valid checksum, other content) is refused at read, naming the statistics and the manifest; recomputing them
+    (what cache_latents.py does on a rerun) makes the cache usable again."""
+    import shutil
+
+    from usp_scale.checkpoint.safe_load import write_checked_json
+
+    cache = str(tmp_path / "cache")
+    shutil.copytree(vcache["path"], cache)
+    write_latent_stats(cache, num_samples=0, seed=0)
+    assert read_latent_stats(cache)["mean"].numel() == 32          # fresh: accepted
+    man_path = os.path.join(cache, "manifest.json")
+    man = json.load(open(man_path))
+    man.pop("manifest_sha256")
+    man["created"] = "2000-01-01T00:00:00Z"                        # the manifest rewritten after the statistics
+    write_checked_json(man_path, man, key="manifest_sha256")
+    stats = os.path.join(cache, "latent_stats.json")
+    for p in (cache, stats):                                        # the folder or the file itself
+        with pytest.raises(LatentStatsError, match=r"vae.latent_stats=.*latent_stats.json: stale statistics.*"
+                                                   r"manifest.json now has .*cache_latents.py"):
+            read_latent_stats(p)
+    with pytest.raises(LatentStatsError, match="stale statistics"):
+        FrozenVAE(path="tiny-random", version="f16d32", latent_stats=cache)
+    # the same file copied out of the cache folder describes no cache on its own: not checked there
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    shutil.copy(stats, out / "latent_stats.json")
+    assert read_latent_stats(str(out / "latent_stats.json"))["mean"].numel() == 32
+    write_latent_stats(cache, num_samples=0, seed=0)                # recomputed for the current manifest
+    assert read_latent_stats(cache)["meta"]["cache_manifest_sha256"] == json.load(open(man_path))["manifest_sha256"]
+
+
 def test_cache_launcher_writes_the_statistics(vcache, tmp_path):
     import sys
     sys.path.insert(0, os.path.join(REPO, "launchers"))

@@ -3,14 +3,16 @@
 Layout: ``usp_scale/assets/<kind>/<name>/`` holds the weights and ``asset.json``, which records the command
 that made them, the seed, the sha256 of every weights file and the measured quality (see each folder's
 README.md). Kinds: ``vae`` (diffusers AutoencoderKL folders, ``vae.path=<name>``) and ``extractor``
-(feature extractors for the metrics of the small runs). Nothing here imports the rest of the library.
+(feature extractors for the metrics of the small runs). Nothing here imports the rest of the library but its
+file helpers (:mod:`usp_scale.fileio`, a leaf).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Dict, List
+
+from ..fileio import sha256_file
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 META = "asset.json"
@@ -18,14 +20,6 @@ META = "asset.json"
 
 class AssetError(ValueError):
     """A shipped asset that is missing, incomplete or whose weights do not match their recorded hash."""
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def names(kind: str) -> List[str]:

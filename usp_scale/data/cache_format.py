@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, write_checked_json
-from ..fileio import atomic_write
+from ..fileio import atomic_write, sha256_file  # noqa: F401 (sha256_file: part of this module's API)
 
 FORMAT = "usp_scale.latent_cache"
 VERSION = 2
@@ -41,16 +41,6 @@ ARRAYS = ("label", "index", "crc")  # checked whole when a cache is opened (mean
 
 class LatentCacheError(ValueError):
     """A cache that does not match the request, or is incomplete or damaged."""
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 def shard_name(s: int) -> str:
     return f"shard_{s:06d}"

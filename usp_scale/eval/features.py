@@ -22,7 +22,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -35,6 +34,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
+
+from ..fileio import sha256_file
 
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -83,14 +84,6 @@ def resolve_inception_weights(path: Optional[str]) -> str:
         f"'{TINY_NAME}'.")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_inception_weights(path: str) -> Dict[str, torch.Tensor]:
     """The Inception state dict (torch-fidelity's keys) from ``path``: the TF graph (``.pb``, converted without
     TensorFlow), a ``.safetensors`` file, or a ``torch.save`` file read with ``weights_only`` (never unpickling
@@ -109,7 +102,7 @@ def load_inception_weights(path: str) -> Dict[str, torch.Tensor]:
     else:
         m = _HASH_IN_NAME.search(os.path.basename(path))
         if m:
-            digest = _sha256(path)
+            digest = sha256_file(path)
             if not digest.startswith(m.group(1)):
                 raise CheckpointFileError(
                     f"Inception weights {path}: sha256 {digest[:16]}... does not start with {m.group(1)}, the hash in "

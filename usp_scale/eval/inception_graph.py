@@ -22,7 +22,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from typing import Dict, Optional, Tuple
@@ -30,7 +29,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..fileio import write_with
+from ..fileio import sha256_file, write_with
 from . import graphdef as G
 from .inception import BLOCKS, BN_EPS, CONVS, INPUT_SIZE, iter_convs, random_inception
 
@@ -43,14 +42,6 @@ _PASS_THROUGH = ("Identity", "CheckNumerics")
 
 class InceptionGraphError(ValueError):
     """A .pb that is not the Inception-2015 graph the ADM evaluator uses."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Reader:
@@ -129,7 +120,7 @@ def convert_graph(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     missing = [n for n in ADM_NODES if n not in r.nodes]
     if missing:
         r.fail(f"the node(s) {missing} the ADM evaluator reads are missing (it reads {list(ADM_NODES)})")
-    info = {"path": os.path.abspath(path), "sha256": _sha256(path), "producer": graph.producer,
+    info = {"path": os.path.abspath(path), "sha256": sha256_file(path), "producer": graph.producer,
             "nodes": len(graph.nodes)}
     info["preprocessing"] = _check_preprocessing(r)
     sd: Dict[str, torch.Tensor] = {}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
+import types
 import warnings
 from typing import List, Optional
 
@@ -37,6 +39,20 @@ def _warn_tensorboard_missing() -> None:
                   "tensorboard=false to silence this", RuntimeWarning, stacklevel=3)
 
 
+def no_tensorflow_for_tensorboard() -> None:
+    """Make tensorboard write events through its own TensorFlow stub instead of importing TensorFlow.
+
+    tensorboard imports TensorFlow when it is installed (its ``compat.tf``), only to write event files, which its stub
+    (``tensorboard.compat.tensorflow_stub``, what it uses where TensorFlow is absent) writes identically. Importing
+    TensorFlow costs every rank several seconds of start-up and prints TensorFlow's C++ log lines (absl's
+    "InitializeLog", cpu_feature_guard). tensorboard takes the stub when a module ``tensorboard.compat.notf`` can be
+    imported (the marker its no-TensorFlow builds ship): this registers that marker. Safe because this process only
+    writes events; it is skipped when TensorFlow is already imported (a process that uses it keeps tensorboard's
+    default)."""
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
@@ -52,6 +68,7 @@ class MetricsLogger:
 
     def _open_tb(self) -> None:
         tb_dir, self._tb_dir = self._tb_dir, None
+        no_tensorflow_for_tensorboard()
         try:  # tensorboard is optional: this is its one adapter
             from torch.utils.tensorboard import SummaryWriter
         except (ImportError, ModuleNotFoundError):

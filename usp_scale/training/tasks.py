@@ -182,10 +182,28 @@ class SiTTask(DiTTask):
         Task.__init__(self, cfg)
         self.transport = self.process = transport or create_transport(time_sampling=cfg.dit.time_sampling,
                                                                       cosine_loss=cfg.dit.cosine_loss)
+        self._parts, self._n = None, 0     # with the cosine loss: sums of (MSE, cosine) over the log window
 
     def loss(self, engine, batch, generator=None):
         kw = self.model_kwargs_for(batch["labels"], generator)
-        return self.transport.training_losses(engine, batch["latents"], kw, generator=generator)["loss"].mean()
+        out = self.transport.training_losses(engine, batch["latents"], kw, generator=generator)
+        if "cos_loss" in out:   # kept on the device (no host sync per step); read at logging time
+            parts = torch.stack([out["mse"].detach().mean(), out["cos_loss"].detach().mean()]).double()
+            self._parts = parts if self._parts is None else self._parts + parts
+            self._n += 1
+        return out["loss"].mean()
+
+    def window_metrics(self, world: int) -> dict:
+        """With ``dit.cosine_loss``: the window means of the loss's two parts, ``mse_loss`` and ``cos_loss`` (their
+        sum is ``loss``), over the micro-batches since the last call, averaged over ranks (collective)."""
+        if self._parts is None:
+            return {}
+        s = self._parts / self._n
+        if world > 1:
+            dist.all_reduce(s)
+            s = s / world
+        self._parts, self._n = None, 0
+        return {"mse_loss": float(s[0]), "cos_loss": float(s[1])}
 
 
 def _topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list:

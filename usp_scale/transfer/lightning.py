@@ -18,7 +18,7 @@ from ..layers.pos_embed import resample_grid
 from ..models.lightningdit import LightningDiT
 from .formats import StateDict
 from .report import (_BLOCK, _MAE_ONLY, TransferError, TransferReport, _check_source, _depth, _patch_embed,
-                     _shape_errors)
+                     copy_mapped)
 
 _FIXED = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
 
@@ -71,23 +71,13 @@ def mae_to_lightningdit(model: LightningDiT, sd: StateDict, source: str = "<stat
     if unknown:
         raise TransferError(f"{source}: keys with no place in {report.target}: {', '.join(unknown[:10])} (block "
                             f"options differ: QK-norm, SwiGLU or RMSNorm on one side only?)")
-    errors = _shape_errors(own, mapped)
-    if errors:
-        raise TransferError(f"{source} does not fit {report.target} (width or patch size differ):\n  "
-                            + "\n  ".join(errors[:10]))
     expected_new = {k for k in own if k.startswith(("t_embedder.", "y_embedder.", "final_layer."))
                     or ".adaLN_modulation." in k or k in _FIXED}
     expected_new |= {k for k in own if (m := _BLOCK.match(k)) and int(m.group(1)) >= keep}
     if "x_embedder.proj.weight" not in mapped:
         expected_new |= {"x_embedder.proj.weight", "x_embedder.proj.bias"}
-    missing = set(own) - set(mapped)
-    if missing != expected_new:
-        extra, lacking = sorted(missing - expected_new), sorted(expected_new - missing)
-        raise TransferError(f"{source}: key sets differ from the expected transfer: not provided {extra[:10]}, "
-                            f"provided but expected new {lacking[:10]}")
+    missing = copy_mapped(own, mapped, expected_new, source, report.target)
     with torch.no_grad():
-        for k, v in mapped.items():
-            own[k].copy_(v.to(own[k].dtype))
         for k in missing:  # LightningDiT's init for the new parts: zeroed adaLN and output layer
             if ".adaLN_modulation." in k or (k.startswith("final_layer.") and not k.startswith("final_layer.norm")):
                 own[k].zero_()

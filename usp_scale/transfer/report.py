@@ -76,6 +76,26 @@ def _shape_errors(own: StateDict, mapped: StateDict) -> List[str]:
     return diff_shapes({k: mapped[k] for k in both}, {k: own[k] for k in both}, limit=len(both))
 
 
+def copy_mapped(own: StateDict, mapped: StateDict, expected_new: set, source: str, target: str) -> set:
+    """The one check-and-copy of every MAE -> diffusion-transformer transfer: the mapped tensors' shapes must be the
+    target's, and the target keys left without a source must be exactly ``expected_new`` (else a
+    :class:`TransferError` naming both differences); then the mapped tensors are copied into ``own`` (the target's
+    live state dict, cast to its dtypes). Returns the keys left new (initialised by the caller)."""
+    errors = _shape_errors(own, mapped)
+    if errors:
+        raise TransferError(f"{source} does not fit {target} (width or patch size differ):\n  "
+                            + "\n  ".join(errors[:10]))
+    missing = set(own) - set(mapped)
+    if missing != expected_new:
+        extra, lacking = sorted(missing - expected_new), sorted(expected_new - missing)
+        raise TransferError(f"{source}: key sets differ from the expected transfer: not provided {extra[:10]}, "
+                            f"provided but expected new {lacking[:10]}")
+    with torch.no_grad():
+        for k, v in mapped.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return missing
+
+
 def _patch_embed(sd: StateDict, own_w: torch.Tensor, prefix: str, skip_on_mismatch: bool,
                  report: TransferReport, mapped: StateDict) -> None:
     src_w = sd["patch_embed.proj.weight"]

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, torch_load
+from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, read_json, torch_load
 
 STATS_FILE = "latent_stats.json"
 STATS_FORMAT = "usp_scale.latent_stats"
@@ -101,6 +101,25 @@ def stats_path(path: str) -> str:
     return os.path.join(path, STATS_FILE) if os.path.isdir(path) else path
 
 
+def _check_fresh(p: str, d: dict, what: str) -> None:
+    """A ``latent_stats.json`` that sits in a latent cache folder describes that cache's latents: refused when the
+    cache's manifest was rewritten after the statistics were computed (its ``manifest_sha256`` differs from the
+    ``cache_manifest_sha256`` they recorded), since they may describe other latents."""
+    man_path = os.path.join(os.path.dirname(os.path.abspath(p)), "manifest.json")
+    recorded = d.get("cache_manifest_sha256")
+    if recorded is None or not os.path.isfile(man_path):
+        return
+    try:
+        current = read_json(man_path, what="latent cache manifest").get("manifest_sha256")
+    except CheckpointFileError as e:
+        raise LatentStatsError(f"{what}: {e}") from e
+    if current != recorded:
+        raise LatentStatsError(f"{what}={p}: stale statistics: they were computed for the latent cache manifest "
+                               f"with sha256 {recorded}, but {man_path} now has {current} (the cache was rewritten "
+                               "after them); rerun launchers/cache_latents.py with the cache's arguments (it "
+                               "recomputes latent_stats.json for a finished cache)")
+
+
 def read_latent_stats(path: str, what: str = "vae.latent_stats") -> dict:
     """``{"mean": (C,) fp64, "std": (C,) fp64, "meta": dict}`` from a cache folder, its ``latent_stats.json`` or
     LightningDiT's ``latents_stats.pt``. Errors name the file and ``what`` (the config key)."""
@@ -120,6 +139,7 @@ def read_latent_stats(path: str, what: str = "vae.latent_stats") -> dict:
         if d.get("format") != STATS_FORMAT or d.get("version") != STATS_VERSION:
             raise LatentStatsError(f"{what}={p} is not a usp_scale latent statistics file (format "
                                    f"{d.get('format')!r}, version {d.get('version')!r})")
+        _check_fresh(p, d, what)
         mean = torch.tensor(d["mean"], dtype=torch.float64)
         std = torch.tensor(d["std"], dtype=torch.float64)
         meta = {k: v for k, v in d.items() if k not in ("mean", "std")}
