@@ -89,10 +89,25 @@ def repa_job():
     return cfg
 
 
-def repa_engine_losses(engine_cfg, *, steps=3, accum=2, global_batch=8, rank=0, world=1, clip=1.0):
+def online_teacher():
+    """A seeded random ``dinov2_tiny_test`` teacher for 64 px pictures (56 px input, 16 tokens of 64), frozen: every
+    rank builds the same one, as every rank loads the teacher file whole."""
+    from usp_scale.models.teacher import TEACHERS, DINOv2ViT, FrozenTeacher
+
+    g = torch.Generator().manual_seed(5)
+    net = DINOv2ViT(TEACHERS["dinov2_tiny_test"], grid=4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return FrozenTeacher(net, name="dinov2_tiny_test", image_size=64)
+
+
+def repa_engine_losses(engine_cfg, *, steps=3, accum=2, global_batch=8, rank=0, world=1, clip=1.0, online=False):
     """The REPA task's loss pieces (its transport, its projection capture and total) under ``engine_cfg`` with the
     task's random draws (t, noise, dropped labels) fixed per sample, so that the global mean is the same for any
-    split of the batch over ranks; returns per-step global losses and the final full weights."""
+    split of the batch over ranks; returns per-step global losses and the final full weights. ``online``: the
+    teacher tokens come from the frozen teacher run on each rank's own pictures (repa.features=online) instead of
+    fixed cached tokens."""
     import torch.distributed as dist
 
     from usp_scale.config import OptimConfig
@@ -100,7 +115,12 @@ def repa_engine_losses(engine_cfg, *, steps=3, accum=2, global_batch=8, rank=0, 
     from usp_scale.training import build_task
     from usp_scale.training.optim import build_optimizer, param_groups
 
-    task = build_task(repa_job())
+    job = repa_job()
+    if online:
+        job.repa.features = "online"
+    task = build_task(job)
+    if online:
+        task.repa.teacher = online_teacher()
     torch.manual_seed(0)
     model = task.build_model()
     ocfg = OptimConfig(lr=1e-3, weight_decay=0.0, eps=1e-4, fused=False)
@@ -115,6 +135,8 @@ def repa_engine_losses(engine_cfg, *, steps=3, accum=2, global_batch=8, rank=0, 
     t = torch.rand(m, global_batch, generator=g)
     noise = torch.randn(m, global_batch, 4, 8, 8, generator=g)
     drop = (torch.rand(m, global_batch, generator=g) < 0.1).long()
+    # the crops in [-1, 1] the online teacher reads (whole uint8 levels, as the loader's)
+    img = torch.randint(0, 256, (m, global_batch, 3, 64, 64), generator=g).float() / 127.5 - 1 if online else None
     losses, acc = [], 0.0
     for i in range(m):
         s = slice(rank * per, (rank + 1) * per)
@@ -122,7 +144,7 @@ def repa_engine_losses(engine_cfg, *, steps=3, accum=2, global_batch=8, rank=0, 
             cap = task.repa.capture(eng)
             diff = task.transport.training_losses(cap, x[i, s], {"y": y[i, s], "force_drop_ids": drop[i, s]},
                                                   t=t[i, s], noise=noise[i, s])["loss"].mean()
-            loss = task.repa.total(diff, cap, {"teacher_tokens": tok[i, s]})
+            loss = task.repa.total(diff, cap, {"images": img[i, s]} if online else {"teacher_tokens": tok[i, s]})
         eng.backward(loss)
         acc += float(loss.detach()) / accum
         if eng.step() is None:
@@ -136,7 +158,8 @@ def repa_engine_losses(engine_cfg, *, steps=3, accum=2, global_batch=8, rank=0, 
     return losses, {k: v.tolist() for k, v in sd.items()}
 
 
-REPA_CASES = {"ddp": dict(name="ddp"), "fsdp2": dict(name="fsdp2"), "ds1": dict(name="deepspeed", zero_stage=1),
+REPA_CASES = {"ddp": dict(name="ddp"), "fsdp2": dict(name="fsdp2"), "ddp_online": dict(name="ddp", online=True),
+              "ds1": dict(name="deepspeed", zero_stage=1),
               "ds2": dict(name="deepspeed", zero_stage=2), "ds3": dict(name="deepspeed", zero_stage=3)}
 
 
@@ -147,7 +170,9 @@ def worker_repa_equiv(out: str, cases: list) -> None:
     results = {}
     for case in cases:
         kw = dict(REPA_CASES[case])
-        losses, sd = repa_engine_losses(H.engine_cfg(kw.pop("name"), **kw), rank=info.rank, world=info.world_size)
+        online = kw.pop("online", False)
+        losses, sd = repa_engine_losses(H.engine_cfg(kw.pop("name"), **kw), rank=info.rank, world=info.world_size,
+                                        online=online)
         results[case] = {"losses": losses, "state": sd}
     H.finish(out, "repa_equiv.json", results, info.rank)
 

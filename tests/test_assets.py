@@ -1,4 +1,5 @@
-"""The shipped small components (usp_scale/assets/): the trained VAE `synthetic-f8` and extractor `usp-synthetic`.
+"""The shipped small components (usp_scale/assets/): the trained VAE `synthetic-f8`, extractor `usp-synthetic` and
+REPA teacher `synthetic-vit`.
 
 They are checked against images they never saw (a fresh val split), so a wrong, random or stale weight file fails.
 """
@@ -119,7 +120,8 @@ def test_train_scripts_write_loadable_assets(tmp_path, monkeypatch):
     data = str(tmp_path / "data")
     for script, kind, name, extra in (
             ("train_vae.py", "vae", "v", ["--steps", "3", "--full-steps", "1", "--batch-size", "4"]),
-            ("train_extractor.py", "extractor", "e", ["--epochs", "1", "--batch-size", "8"])):
+            ("train_extractor.py", "extractor", "e", ["--epochs", "1", "--batch-size", "8"]),
+            ("train_teacher.py", "teacher", "synthetic-vit", ["--epochs", "1", "--batch-size", "8"])):
         monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path / kind / name), "--data", data,
                                           "--per-class", "2", "--val-per-class", "1", "--no-progress", *extra])
         runpy.run_path(os.path.join(ROOT, "launchers", script), run_name="__main__")
@@ -133,6 +135,44 @@ def test_train_scripts_write_loadable_assets(tmp_path, monkeypatch):
     vae = FrozenVAE(path="v")                      # a short name resolved under the (patched) asset root
     assert vae.scale == json.load(open(tmp_path / "vae" / "v" / "asset.json"))["scaling_factor"]
     assert load_synthetic_cnn(str(tmp_path / "extractor" / "e")).fc.out_features == 10
+    from usp_scale.transfer.teachers import load_teacher
+    t = load_teacher("synthetic-vit", name="synthetic-vit", image_size=64)   # the (patched) asset root's
+    assert t.source == str(tmp_path / "teacher" / "synthetic-vit" / "model.safetensors") and t.num_tokens == 16
+
+
+def test_shipped_teacher_tokens_carry_the_class(val_images):
+    """synthetic-vit (repa.teacher_path=synthetic-vit): DINOv2's architecture, loaded strictly through REPA's
+    teacher loader, REPA's input transform (64 px -> 56 px bicubic, 16 tokens); on unseen images every patch
+    token names its class by the nearest class mean of the other images' tokens (no trained head)."""
+    import torch.nn.functional as F
+
+    from usp_scale import assets
+    from usp_scale.models.teacher import repa_preprocess
+    from usp_scale.transfer.teachers import TeacherWeightsError, load_teacher
+
+    meta = assets.read_meta("teacher", "synthetic-vit")
+    assert meta["teacher"] == "synthetic-vit" and meta["tokens"] == 16 and meta["val_token_top1"] >= 95.0
+    w = os.path.join(assets.verified_dir("teacher", "synthetic-vit"), "model.safetensors")
+    assert os.path.getsize(w) < 1_000_000
+    t = load_teacher("synthetic-vit", name="synthetic-vit", image_size=64)
+    assert (t.input_size, t.num_tokens, t.dim) == (56, 16, 64) and not t.net.training
+    (x, y), _ = val_images
+    raw = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()          # uint8 (30, 3, 64, 64)
+    tok = t(raw)
+    assert tok.shape == (30, 16, 64)
+    assert torch.equal(tok, t.net(repa_preprocess(raw, 56)))          # REPA's transform, nothing else
+    assert t.preprocessing()["resize"] == {"from": 64, "to": 56, "mode": "bicubic", "align_corners": False,
+                                           "antialias": False}
+    y = torch.from_numpy(y).long()
+    z = F.normalize(tok, dim=-1)
+    hits = 0
+    for i in range(len(z)):                       # leave-one-out class means over the other images' tokens
+        others = torch.arange(len(z)) != i
+        means = torch.stack([F.normalize(z[others & (y == c)].mean((0, 1)), dim=0) for c in range(10)])
+        hits += int(((z[i] @ means.T).argmax(-1) == y[i]).sum())
+    assert hits / (len(z) * 16) >= 0.9, hits
+    with pytest.raises(TeacherWeightsError, match=r"shipped teacher 'synthetic-vit' .* set repa.teacher=synthetic-vit"):
+        load_teacher("synthetic-vit", name="dinov2_tiny_test", image_size=64)
 
 
 # ---------------------------------------------------------------- the shapes task's assets (issue 23)

@@ -1,6 +1,6 @@
 """benchmarks/effect/: the bookkeeping that keeps its results honest (settings records: reuse what is unchanged,
 restart what changed, never a stale result), its k-NN classifier and its statistics; the convergence script's
-settings records. The benchmark's numbers live in benchmarks/reports/, not here."""
+settings records; the REPA miniature's summary. The benchmark's numbers live in benchmarks/reports/, not here."""
 import json
 import os
 import sys
@@ -138,3 +138,33 @@ def test_convergence_runs_are_not_reused_with_other_settings(tmp_path):
     done.write_text("12.5\n")                                             # the old plain-text DONE: unknown
     assert conv._done_settings(str(done)) is None
     assert conv.steps_to_reach([(100, 50.0), (200, 30.0), (300, 20.0)], 25.0) == pytest.approx(250.0)
+
+
+def test_repa_miniature_pairs_seeds_and_reports_the_alignment_loss(tmp_path):
+    """benchmarks/repa/run.py: the REPA arm of each run is the convergence benchmark's run with the REPA overrides
+    (its own folder), and the summary pairs the arms by seed: final-FID gain per seed, its mean and spread, the
+    proj_loss curve of the REPA arm only."""
+    repa = _load("bench_repa_run", "benchmarks", "repa", "run.py")
+    a = repa.build_parser().parse_args(["--out", str(tmp_path)])
+    assert a.families == ["sit"] and a.inits == ["scratch"] and a.seeds == [0, 1, 2] and a.teacher == "synthetic-vit"
+    assert repa.arms(a) == ["scratch", "scratch+repa"]
+    ov = repa.repa_overrides(a, "/c")
+    assert "repa.enabled=true" in ov and "repa.teacher_cache=/c" in ov and "repa.features=cache" in ov
+    fid = {"scratch": [[50, 30], [52, 31], [49, 29]], "scratch+repa": [[45, 28], [50, 32], [44, 27]]}
+    res = {arm: {str(s): {"fid": [(250, f[0]), (500, f[1])], "proj": [(50, -0.1), (100, -0.5)] if "repa" in arm
+                          else []} for s, f in enumerate(rows)} for arm, rows in fid.items()}
+    sm = repa.summarize(res)
+    p = sm["pairs"]["scratch+repa"]
+    assert p["final_fid_gain_per_seed"] == pytest.approx([2, -1, 2]) and p["repa_better_seeds"] == 2
+    assert p["final_fid_gain_mean"] == pytest.approx(1.0) and p["final_fid_gain_std"] == pytest.approx(3 ** 0.5)
+    assert "proj_mean" not in sm["arms"]["scratch"]
+    assert sm["arms"]["scratch+repa"]["proj_mean"] == pytest.approx([-0.1, -0.5])
+    meta = {"date": "d", "machine": "CPU", "torch_threads": 1, "versions": {"torch": "t"}, "wall_minutes": 1.0,
+            "load_start": "0", "load_end": "0", "command": "c", "data": "syn", "vae": "v", "feature_extractor": "e",
+            "fid_samples": 200, "fid_reference": "val", "sampler": "sde:50", "seeds": [0, 1, 2], "steps": 500,
+            "sit_model": "m", "repa_model": "mr", "teacher": "synthetic-vit", "teacher_path": "synthetic-vit",
+            "encoder_depth": 1, "projector_dim": 256, "proj_coeff": 0.5}
+    png = repa.plot(sm, str(tmp_path / "p.png"), "t")
+    md = repa.markdown(sm, meta, png)
+    assert os.path.getsize(png) > 0 and "| 500 | 30.00 ± 1.00 | 29.00 ± 2.65 |" in md
+    assert "REPA better in 2 of 3" in md

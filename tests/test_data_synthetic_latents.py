@@ -101,3 +101,25 @@ def test_the_host_cache_changes_nothing():
     fresh, n_fresh = epochs(0)
     assert n_cached == 12 and n_fresh == 0
     assert all(torch.equal(a, b) for a, b in zip(cached, fresh)) and len(cached) == 6
+
+
+def test_keep_images_adds_a_picture_per_index_and_leaves_the_latents():
+    """REPA's online teacher on random latents (the golden REPA run): keep_images adds a (3, S, S) picture per sample
+    in whole uint8 levels of [-1, 1], the same on any rank and epoch, from its own stream (latents unchanged)."""
+    from usp_scale.data.synthetic_latents import synthetic_image
+    from usp_scale.models.teacher import raw_from_unit_range
+
+    plain = [b["latents"] for b in _loader()]
+    ld = _loader()
+    ld.keep_images = True
+    for b, z in zip(ld, plain):
+        assert torch.equal(b["latents"], z) and b["images"].shape == (4, 3, 64, 64)
+        for img, i in zip(b["images"], b["index"].tolist()):
+            assert torch.equal(img, synthetic_image(3, STREAMS["train"], i, 64))
+        raw = raw_from_unit_range(b["images"])
+        assert torch.equal(raw / 127.5 - 1, b["images"]) and raw.min() >= 0 and raw.max() <= 255
+    other = _loader(rank=1, world=2)
+    other.keep_images = True
+    b = next(iter(other))
+    assert torch.equal(b["images"][0], synthetic_image(3, STREAMS["train"], int(b["index"][0]), 64))
+    assert not torch.equal(synthetic_image(3, 0, 0, 64), synthetic_image(3, 0, 1, 64))

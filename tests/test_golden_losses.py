@@ -1,5 +1,6 @@
-"""Golden losses: the per-step losses and gradient norms of two fixed short runs (tiny MAE pretraining, DiT-tiny/2
-DDPM) on each engine equal the ones stored in tests/assets/losses/ (tests/loss_compare.py has the recipes).
+"""Golden losses: the per-step losses and gradient norms of three fixed short runs (tiny MAE pretraining, DiT-tiny/2
+DDPM, REPA's SiT-tiny/2-REPA with the shipped teacher online, whose alignment loss is stored too) on each engine
+equal the ones stored in tests/assets/losses/ (tests/loss_compare.py has the recipes).
 
 Every other run-vs-run test compares the code with itself; this one notices a change that moves the numerics of
 every path together (initialisation, masking, the diffusion loss, the optimizer, clipping, a data order).
@@ -90,3 +91,13 @@ def test_goldens_record_their_recipe():
         assert g["config"]["common"] == LC.COMMON and g["config"]["engine"] == LC.ENGINES[engine][1], (engine, HOW)
         assert g["config"]["runs"] == LC.RUNS, (engine, HOW)
         assert all(len(v["loss"]) == 6 for v in g["losses"].values())
+
+
+def test_repa_golden_records_the_falling_alignment_loss():
+    """The REPA run (REPA's SiT-tiny/2-REPA, the shipped teacher synthetic-vit online) stores its alignment loss per
+    step on every engine, and it falls over the 6 steps; the other runs record none."""
+    for engine in LC.ENGINES:
+        runs = LC.read_golden(engine)["losses"]
+        p = runs["repa"]["proj_loss"]
+        assert len(p) == 6 and all(-1.0 <= v <= 1.0 for v in p) and p[-1] < p[0] - 0.1, (engine, p)
+        assert "proj_loss" not in runs["dit"] and "proj_loss" not in runs["pretrain"], engine

@@ -2,6 +2,7 @@
 reference written here and against timm's own ViT (the real thing, installed); the official torch.hub checkpoint
 format (key names as facebookresearch/dinov2's vit_base builds them) and timm's, written here from seeded random
 weights; REPA's preprocessing for 256 and 512 px; the frozen wrapper; the refusals."""
+import os
 import importlib
 import math
 
@@ -212,6 +213,30 @@ def test_preprocessing_is_repas(res, tokens):
     assert torch.equal(repa_preprocess(raw.float(), size), repa_preprocess_raw_image(raw))
     # an SiT-XL/2 on res/8 latents has (res/16)^2 tokens: the teacher's count at REPA's size
     check_token_count(tokens, (res // 16) ** 2)
+
+
+def test_default_input_is_repas_for_dinov2_and_the_teachers_own_for_synthetic_vit():
+    """repa.teacher_input_size=0: REPA's 224 x (S // 256) for DINOv2 (256 -> 224, 512 -> 448); the shipped
+    synthetic-vit keeps REPA's 7/8 at its 64 px (56 px, 4 x 4 tokens = SiT-tiny/2's on 8 x 8 latents). The config
+    resolves the same sizes, and DINOv2 at 64 px is refused, naming the size to set."""
+    from usp_scale.config import ConfigError, load_config
+    from usp_scale.models.teacher import teacher_input_size, teacher_shape
+
+    assert [teacher_input_size("dinov2_vitb14", s) for s in (256, 512)] == [224, 448]
+    assert teacher_shape("dinov2_vitb14", 256) == (256, 768) and teacher_shape("synthetic-vit", 64) == (16, 64)
+    assert teacher_input_size("synthetic-vit", 64) == 56 and teacher_input_size("dinov2_tiny_test", 512) == 448
+    base = ["task=sit", "model.name=SiT-tiny/2-REPA", "model.learn_sigma=false", "data.format=synthetic",
+            "repa.enabled=true", "repa.features=online", "repa.encoder_depth=1"]
+    cfg_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug",
+                            "synthetic_pretrain.yaml")
+    from usp_scale.config.validate import repa_teacher_input
+    cfg = load_config(cfg_path, base + ["repa.teacher=synthetic-vit", "repa.teacher_path=synthetic-vit"])
+    assert repa_teacher_input(cfg) == 56
+    with pytest.raises(ConfigError, match=r"teacher input is empty.*repa.teacher_input_size=56"):
+        load_config(cfg_path, base + ["repa.teacher_path=x.pth"])
+    cfg = load_config(cfg_path, base + ["repa.teacher_path=x.pth", "data.image_size=256", "model.img_size=32",
+                                        "model.name=SiT-XL/2-REPA"])
+    assert repa_teacher_input(cfg) == 224
 
 
 def test_token_count_mismatch_is_refused():

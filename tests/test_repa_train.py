@@ -205,8 +205,8 @@ def test_ddp_fsdp2_exact_resume_and_agreement(repa_data, tmp_path):
     assert res["ddp"]["full"] == pytest.approx(res["fsdp2"]["full"], rel=1e-5)
 
 
-def _check_repa_equiv(path, cases, tol_w=1e-5):
-    ref_l, ref_sd = R.repa_engine_losses(H.engine_cfg("local"))
+def _check_repa_equiv(path, cases, tol_w=1e-5, online=False):
+    ref_l, ref_sd = R.repa_engine_losses(H.engine_cfg("local"), online=online)
     res = json.load(open(path))
     for case in cases:
         assert res[case]["losses"] == pytest.approx(ref_l, rel=1e-6), case
@@ -217,10 +217,15 @@ def _check_repa_equiv(path, cases, tol_w=1e-5):
 
 def test_repa_losses_local_equal_ddp_fsdp2(tmp_path):
     """The REPA loss (transport + projection capture + total, the task's own pieces, draws fixed per sample) on the
-    global batch in one process == ddp and fsdp2 on 2 gloo ranks: per-step losses and final weights."""
-    p = H.torchrun(["tests/_helpers_repa.py", "--out", str(tmp_path), "--cases", "ddp", "fsdp2"])
+    global batch in one process == ddp and fsdp2 on 2 gloo ranks: per-step losses and final weights. The same with
+    the online teacher (``ddp_online``): each rank runs its own copy of the frozen teacher on its half of the
+    pictures, and the losses and weights equal one process running it on the whole batch."""
+    p = H.torchrun(["tests/_helpers_repa.py", "--out", str(tmp_path), "--cases", "ddp", "fsdp2", "ddp_online"])
     assert p.stdout.count(H.OK) == 2, (p.stdout + p.stderr)[-6000:]
     _check_repa_equiv(tmp_path / "repa_equiv.json", ["ddp", "fsdp2"])
+    _check_repa_equiv(tmp_path / "repa_equiv.json", ["ddp_online"], online=True)
+    res = json.load(open(tmp_path / "repa_equiv.json"))
+    assert res["ddp_online"]["losses"] != res["ddp"]["losses"]   # the teacher's tokens, not the cached ones
 
 
 @pytest.mark.slow

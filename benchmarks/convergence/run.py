@@ -150,6 +150,8 @@ def prepare(a) -> dict:
                                progress=True)
             _record_settings(paths["data"], data_settings)
         for key, augment, views in (("cache_pre", "pretrain", a.views), ("cache_dit", "adm", 1)):
+            if key == "cache_pre" and "usp" not in a.inits and not a.mae_ckpt:
+                continue          # only the MAE pretraining reads it
             settings = {"data": data_settings, "vae": a.vae, "augment": augment, "views": views,
                         "image_size": a.image_size}
             own = not getattr(a, key)
@@ -171,6 +173,8 @@ def prepare(a) -> dict:
                 _record_settings(paths[key], settings)
     _barrier()
     paths["mae"] = a.mae_ckpt or os.path.join(a.out, "mae", "export", "model.safetensors")
+    if "usp" not in a.inits:      # from scratch only: no MAE (and its cache) to make
+        return paths
     if not a.mae_ckpt:
         latent = a.image_size // 8
         overrides = [
@@ -219,15 +223,17 @@ def _done_settings(done: str):
         return None
 
 
-def finetune(a, paths, family: str, init: str, seed: int) -> list:
-    """One run; returns [(step, fid)] from its metrics.jsonl. A run that finished before with the same settings is
-    reused; one that finished with other settings is started fresh, naming what changed (no stale results)."""
+def finetune(a, paths, family: str, init: str, seed: int, *, tag: str = "", extra=(), records: bool = False):
+    """One run; returns [(step, fid)] from its metrics.jsonl (with ``records``: (that, the train records)). A run
+    that finished before with the same settings is reused; one that finished with other settings is started fresh,
+    naming what changed (no stale results). ``tag`` names a variant of the recipe (its folder
+    ``{family}_{init}{tag}_seed{seed}``) made by the overrides ``extra`` (after --set; benchmarks/repa/run.py)."""
     import shutil
 
     from usp_scale.config import load_config
     from usp_scale.training import run
 
-    out = os.path.join(a.out, "runs", f"{family}_{init}_seed{seed}")
+    out = os.path.join(a.out, "runs", f"{family}_{init}{tag}_seed{seed}")
     metrics = os.path.join(out, "metrics.jsonl")
     done = os.path.join(out, "DONE")
     sampler, steps = (a.dit_sampler if family == "dit" else a.sit_sampler).split(":")
@@ -241,7 +247,7 @@ def finetune(a, paths, family: str, init: str, seed: int) -> list:
         f"eval.fid_every={a.eval_every}", f"eval.fid_samples={a.fid_samples}",
         f"eval.fid_reference={a.fid_reference or os.path.join(paths['data'], 'val')}",
         f"eval.feature_extractor={a.feature_extractor}", f"eval.sampler={sampler}", f"eval.steps={steps}",
-        "eval.batch_size=100", "progress=false", "log_every=100", "plot=false", *a.set,
+        "eval.batch_size=100", "progress=false", "log_every=100", "plot=false", *a.set, *extra,
         # not config keys: what the inputs were made with (a changed MAE or cache makes the run stale too)
         f"#mae={_file_tag(paths['mae']) if init == 'usp' else '-'}",
         f"#cache={json.dumps(_read_settings(paths['cache_dit']), sort_keys=True)}"]
@@ -266,7 +272,8 @@ def finetune(a, paths, family: str, init: str, seed: int) -> list:
         _barrier()
     with open(metrics) as f:
         recs = [json.loads(line) for line in f]
-    return [(r["step"], r["fid"]) for r in recs if r.get("kind") == "eval" and r.get("metric") == "fid"]
+    fid = [(r["step"], r["fid"]) for r in recs if r.get("kind") == "eval" and r.get("metric") == "fid"]
+    return (fid, [r for r in recs if r.get("kind") == "train"]) if records else fid
 
 
 # ----------------------------------------------------------------------------------------------- analysis

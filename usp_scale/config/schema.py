@@ -320,13 +320,16 @@ class REPAConfig:
         'SiT-L/XL, 4 common for B); 1..model depth.')
     proj_coeff: float = opt(0.5, 'Weight of the projection (alignment) loss in the total loss (REPA: 0.5).')
     teacher: str = opt("dinov2_vitb14", 'Teacher architecture: "dinov2_vitb14" (DINOv2 ViT-B/14 without registers, '
-        'REPA\'s) or "dinov2_tiny_test" (a 2-block, 32-wide DINOv2-shaped ViT for tests and CPU runs).',
+        'REPA\'s), "synthetic-vit" (the small DINOv2-shaped ViT the project trains on the synthetic set and ships, '
+        'repa.teacher_path=synthetic-vit) or "dinov2_tiny_test" (a 2-block, 64-wide DINOv2-shaped ViT for tests).',
         choices=tuple(TEACHERS))
     teacher_path: str = opt("", 'Local teacher weights: the official torch.hub dinov2_vitb14_pretrain.pth or timm\'s '
-        'vit_base_patch14_dinov2 model.safetensors (nothing is downloaded). Read with features=online to run the '
-        'teacher and with features=cache to check that the cache holds this teacher\'s tokens.')
-    teacher_input_size: int = opt(0, 'Teacher input side in pixels; 0 = REPA\'s 224 x (data.image_size // 256): 224 '
-        'at 256 px (16x16 tokens), 448 at 512 px. The teacher\'s token grid must equal the model\'s.')
+        'vit_base_patch14_dinov2 model.safetensors (nothing is downloaded), or the name of a shipped teacher '
+        '("synthetic-vit", with repa.teacher=synthetic-vit). Read with features=online to run the teacher and with '
+        'features=cache to check that the cache holds this teacher\'s tokens.')
+    teacher_input_size: int = opt(0, 'Teacher input side in pixels; 0 = the teacher\'s rule: REPA\'s 224 x '
+        '(data.image_size // 256) for DINOv2 (224 at 256 px, 16x16 tokens; 448 at 512 px), 56 x (data.image_size // '
+        '64) for synthetic-vit (56 at 64 px, 4x4 tokens). The teacher\'s token grid must equal the model\'s.')
     projector_dim: int = opt(2048, 'Hidden width of the projector MLP (REPA: 2048).')
     features: str = opt("cache", 'Where the teacher tokens come from: "cache" (a teacher-feature cache written '
         'beside the latent cache, repa.teacher_cache; data.format=latents) or "online" (the teacher runs on each '

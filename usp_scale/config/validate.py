@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..models import create_model, list_models, model_family
-from ..models.teacher import TEACHERS
+from ..models.teacher import INPUT_RULES, REPA_RULE, TEACHERS
 from ..vae.frozen import GEOMETRY as _VAE_GEOMETRY
 from .errors import ConfigError
 from .schema import OFFICIAL_PRECISION, CacheJob, JobConfig, SampleJob, TransferJob
@@ -125,7 +125,8 @@ RANGES: Tuple[tuple, ...] = (
     ("repa.encoder_depth", 1, None, False, False, "a block number (1-indexed)"),
     ("repa.proj_coeff", 0, None, False, False, "a loss weight"),
     ("repa.projector_dim", 1, None, False, False, "a width"),
-    ("repa.teacher_input_size", 0, None, False, False, "pixels (0 = REPA's 224 x (data.image_size // 256))"),
+    ("repa.teacher_input_size", 0, None, False, False,
+     "pixels (0 = the teacher's rule: REPA's 224 x (data.image_size // 256))"),
     ("cache.stats_samples", 0, None, False, False, "a latent count (0 = every latent of the cache)"),
 )
 REQUIRED_STRINGS = ("output_dir", "eval.metrics_file")
@@ -456,8 +457,12 @@ def model_depth(name: str) -> Optional[int]:
 
 
 def repa_teacher_input(cfg) -> int:
-    """The teacher's input side: repa.teacher_input_size, or REPA's 224 x (data.image_size // 256)."""
-    return cfg.repa.teacher_input_size or 224 * (cfg.data.image_size // 256)
+    """The teacher's input side: repa.teacher_input_size, or the teacher's rule: REPA's 224 x (data.image_size //
+    256) for DINOv2, 56 x (data.image_size // 64) for the shipped synthetic-vit (models/teacher.py INPUT_RULES)."""
+    if cfg.repa.teacher_input_size:
+        return cfg.repa.teacher_input_size
+    side, per = INPUT_RULES.get(cfg.repa.teacher, REPA_RULE)
+    return side * (cfg.data.image_size // per)
 
 
 @rule("repa.enabled", "task", "model.name",
@@ -512,7 +517,7 @@ def _repa_teacher_path(cfg):
 
 @rule("repa.features", "data.format", "repa.teacher_cache", "repa.enabled",
       text="with repa.enabled: repa.features=cache reads data.format=latents and a repa.teacher_cache; "
-           "repa.features=online needs the pixels, data.format folder or wds")
+           "repa.features=online needs the pixels, data.format folder or wds (synthetic: random pictures, tests)")
 def _repa_features(cfg):
     r = cfg.repa
     if not r.enabled:
@@ -524,7 +529,7 @@ def _repa_features(cfg):
         if not r.teacher_cache.strip():
             return ("set repa.teacher_cache to the teacher-feature cache written beside data.latent_cache "
                     "(usp_scale.data.teacher_cache), or use repa.features=online")
-    elif cfg.data.format not in ("folder", "wds"):
+    elif cfg.data.format not in ("folder", "wds", "synthetic"):
         return (f"the online teacher runs on the batch's pixels, data.format={cfg.data.format} has none: use a "
                 "folder or wds dataset, or repa.features=cache with a teacher-feature cache")
     return None
@@ -532,7 +537,8 @@ def _repa_features(cfg):
 
 @rule("repa.teacher", "repa.teacher_input_size", "data.image_size", "model.img_size", "model.name", "repa.enabled",
       text="with repa.enabled: the teacher's token grid (repa.teacher_input_size, 0 = 224 x (data.image_size // "
-           "256), over the teacher's patch size) equals the model's (model.img_size / patch size)")
+           "256), 56 x (data.image_size // 64) for synthetic-vit, over the teacher's patch size) equals the model's "
+           "(model.img_size / patch size)")
 def _repa_tokens(cfg):
     r = cfg.repa
     p = model_patch_size(cfg.model.name)

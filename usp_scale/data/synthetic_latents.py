@@ -6,6 +6,10 @@ sample is the same on every rank, epoch and run. The loader shards and shuffles 
 :class:`ShardSampler` like the real loaders and follows the same resumable contract
 (:mod:`usp_scale.data.loaders`). Not to be confused with :mod:`usp_scale.data.synthetic`, which writes a
 small dataset of real JPEG files.
+
+With ``keep_images`` (REPA's online teacher on this format: the REPA run of the golden losses) a batch also carries
+``images``: a random picture per sample in [-1, 1] of ``image_size`` px, whole uint8 levels / 127.5 - 1 (what the
+project's crops are), drawn from its own stream of (seed, index), so the latents are unchanged by it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .sampler import ShardSampler
 from .transforms import sample_seed
 
 STREAMS = {"train": 0, "val": 1}
+IMAGE_STREAM = 1000   # + the sample's stream: the pictures of keep_images, apart from the latents' draws
 
 
 def synthetic_sample(seed: int, stream: int, index: int, shape: Sequence[int], num_classes: int):
@@ -28,6 +33,12 @@ def synthetic_sample(seed: int, stream: int, index: int, shape: Sequence[int], n
     return z, y
 
 
+def synthetic_image(seed: int, stream: int, index: int, size: int) -> torch.Tensor:
+    """The random picture of a sample (keep_images): (3, size, size) fp32, uint8 levels mapped to [-1, 1]."""
+    g = torch.Generator().manual_seed(sample_seed(seed, IMAGE_STREAM + stream, index))
+    return torch.randint(0, 256, (3, size, size), generator=g).float() / 127.5 - 1.0
+
+
 class SyntheticLatentLoader(ResumableLoader):
     """Yields ``{"latents": (N,C,h,w) fp32, "labels": (N,) long, "index": (N,) long}`` on device.
 
@@ -36,8 +47,10 @@ class SyntheticLatentLoader(ResumableLoader):
     """
 
     def __init__(self, sampler: ShardSampler, *, shape: Sequence[int], num_classes: int, stream: int = 0,
-                 device="cpu", cache_bytes: int = 1 << 30):
+                 device="cpu", cache_bytes: int = 1 << 30, image_size: int = 0):
         super().__init__(sampler)
+        self.image_size = int(image_size)
+        self.keep_images = False   # True: batches also carry a random picture per sample (module docstring)
         if num_classes < 1:
             raise ValueError(f"data.format=synthetic needs num_classes >= 1, got {num_classes}")
         self.shape, self.num_classes, self.stream = tuple(int(s) for s in shape), int(num_classes), int(stream)
@@ -60,9 +73,15 @@ class SyntheticLatentLoader(ResumableLoader):
             z = torch.stack(zs)  # (N, C, h, w)
             if pin:
                 z = z.pin_memory()
-            yield {"latents": z.to(self.device, non_blocking=pin),
+            out = {"latents": z.to(self.device, non_blocking=pin),
                    "labels": torch.tensor(ys, dtype=torch.long).to(self.device),
                    "index": torch.tensor(batch, dtype=torch.long).to(self.device)}
+            if self.keep_images:
+                if self.image_size < 1:
+                    raise ValueError("data.format=synthetic: keep_images needs the picture size (data.image_size)")
+                out["images"] = torch.stack([synthetic_image(self.sampler.seed, self.stream, i, self.image_size)
+                                             for i in batch]).to(self.device)
+            yield out
 
 
 def build_synthetic_loader(data_cfg, shape: Sequence[int], num_classes: int, *, rank: int = 0, world_size: int = 1,
@@ -78,4 +97,5 @@ def build_synthetic_loader(data_cfg, shape: Sequence[int], num_classes: int, *, 
         raise ValueError(f"data.synthetic_samples={n} is smaller than one global batch (data.batch_size="
                          f"{data_cfg.batch_size} x {world_size} ranks): raise data.synthetic_samples")
     return SyntheticLatentLoader(sampler, shape=shape, num_classes=num_classes,
-                                 stream=STREAMS["train" if train else "val"], device=device)
+                                 stream=STREAMS["train" if train else "val"], device=device,
+                                 image_size=data_cfg.image_size)

@@ -56,7 +56,17 @@ TEACHERS = {
     "dinov2_vitb14": TeacherSpec(embed_dim=768, depth=12, num_heads=12, patch_size=14),
     # the same architecture at CPU size (tests, tiny runs): 64-wide tokens as the tiny REPA models' projectors
     "dinov2_tiny_test": TeacherSpec(embed_dim=64, depth=2, num_heads=2, patch_size=14),
+    # the teacher the project trains and ships itself (usp_scale/assets/teacher/synthetic-vit, launchers/
+    # train_teacher.py): DINOv2's architecture at CPU size, trained on the synthetic set's 64 px images
+    "synthetic-vit": TeacherSpec(embed_dim=64, depth=3, num_heads=4, patch_size=14),
 }
+
+# The teacher's input side for a training image of S px is ``side * (S // per)``. REPA's rule for DINOv2 (and the
+# default): 224 per 256 px (256 -> 224, 16 x 16 tokens; 512 -> 448). The shipped synthetic-vit keeps REPA's 7/8
+# ratio and patch 14 at the synthetic set's size: 56 per 64 px (64 -> 56, 4 x 4 = 16 tokens, SiT-tiny/2's count on
+# the 8 x 8 latents of synthetic-f8).
+INPUT_RULES = {"synthetic-vit": (56, 64)}
+REPA_RULE = (224, 256)
 
 
 class LayerScale(nn.Module):
@@ -128,14 +138,22 @@ class DINOv2ViT(nn.Module):
         return 2.0 * macs
 
 
-def repa_input_size(image_size: int, base: int = 224) -> int:
-    """REPA's teacher input side for a training image of ``image_size`` px: 224 * (image_size // 256)."""
-    size = base * (int(image_size) // 256)
+def repa_input_size(image_size: int, base: int = 224, per: int = 256) -> int:
+    """REPA's teacher input side for a training image of ``image_size`` px: 224 * (image_size // 256) (``base`` and
+    ``per`` give another teacher's rule, :data:`INPUT_RULES`)."""
+    size = base * (int(image_size) // per)
     if size < 1:
-        raise ValueError(f"REPA resizes a {image_size} px image to 224 * ({image_size} // 256) = {size} px for the "
-                         f"teacher, which is empty: REPA's resize is defined for 256 and 512 px images; give the "
-                         f"teacher's input size explicitly (a multiple of its patch size)")
+        raise ValueError(f"the teacher's input is {base} * ({image_size} // {per}) = {size} px for a {image_size} px "
+                         f"image, which is empty: this resize is defined for images of a multiple of {per} px "
+                         f"(REPA's: 256 and 512 px); give the teacher's input size explicitly (a multiple of its "
+                         f"patch size)")
     return size
+
+
+def teacher_input_size(name: str, image_size: int) -> int:
+    """The default input side of registered teacher ``name`` for ``image_size`` px images: REPA's 224 * (S // 256)
+    for DINOv2, the teacher's own rule where :data:`INPUT_RULES` has one."""
+    return repa_input_size(image_size, *INPUT_RULES.get(name, REPA_RULE))
 
 
 def raw_from_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -253,9 +271,9 @@ class FrozenTeacher:
 
 
 def teacher_shape(name: str, image_size: int) -> Tuple[int, int]:
-    """(tokens, dim) of registered teacher ``name`` at REPA's input size for ``image_size`` px images."""
+    """(tokens, dim) of registered teacher ``name`` at its default input size for ``image_size`` px images."""
     if name not in TEACHERS:
         raise KeyError(f"unknown teacher {name!r}; known: {', '.join(sorted(TEACHERS))}")
     spec = TEACHERS[name]
-    grid = repa_input_size(image_size) // spec.patch_size
+    grid = teacher_input_size(name, image_size) // spec.patch_size
     return grid * grid, spec.embed_dim

@@ -11,7 +11,8 @@ DiT/SiT tasks; the diffusion loss itself is theirs, unchanged. What it owns:
   cache loader (:class:`usp_scale.data.teacher_cache.TeacherFeatureCache`, checked against the loader's latent cache,
   the configured teacher's content fingerprint and the model's token count), so a batch carries
   ``teacher_tokens`` of exactly its latents' records (view and flip included); ``repa.features=online`` makes the
-  online loader keep the [-1, 1] crops the VAE encoded (``images``) and runs the frozen teacher on them in the loss;
+  online loader keep the [-1, 1] crops the VAE encoded (``images``) and runs the frozen teacher on them in the loss
+  (on ``data.format=synthetic``, random latents, the loader adds a random picture per sample: the golden-loss run);
 - the **time convention**: REPA's own SiT (``time_reversed``: t = 0 data, v = eps - x) is called as
   ``-model(x, 1 - t)`` inside the project's transport (t = 0 noise, v = x - eps), as the samplers do
   (usp_scale/sample/model_fn.py), so its training loss is REPA's with REPA's t = 1 - t;
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..config.validate import repa_teacher_input
 from ..data import LatentCacheLoader, OnlineLatentLoader
+from ..data.synthetic_latents import SyntheticLatentLoader
 from ..data.teacher_cache import TeacherCacheError, TeacherFeatureCache
 from ..layers.projection_loss import projection_loss, repa_total_loss
 from ..models.teacher import TEACHERS, DINOv2ViT
@@ -121,7 +123,7 @@ class REPAObjective:
             self.teacher = None          # not kept: the cached tokens are the teacher's output
             loader.record_features[FEATURE_KEY] = cache
         else:
-            if not isinstance(loader, OnlineLatentLoader):
+            if not isinstance(loader, (OnlineLatentLoader, SyntheticLatentLoader)):
                 raise ConfigError(f"repa.features=online runs the teacher on the batch's pixel crops, but the loader "
                                   f"is a {type(loader).__name__}: use data.format folder or wds")
             self.load_teacher(device)

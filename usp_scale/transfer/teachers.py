@@ -28,13 +28,16 @@ import torch
 
 from ..checkpoint.safe_load import check_finite, read_safetensors, torch_load
 from ..layers.pos_embed import resample_grid
-from ..models.teacher import TEACHERS, DINOv2ViT, FrozenTeacher, repa_input_size
+from .. import assets
+from ..models.teacher import TEACHERS, DINOv2ViT, FrozenTeacher, teacher_input_size
 from .formats import StateDict
 
 HUB_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
 TIMM_NAME = "timm/vit_base_patch14_dinov2.lvd142m"
 DEFAULT_PATH = os.path.join("weights", "dinov2_vitb14_pretrain.pth")
 HUB_ONLY = ("mask_token",)
+ASSET_KIND = "teacher"          # usp_scale/assets/teacher/<name>/: teachers the project trains and ships
+ASSET_WEIGHTS = "model.safetensors"
 
 
 class TeacherWeightsError(ValueError):
@@ -82,23 +85,40 @@ def _read(path: str) -> StateDict:
 def _missing_file_message(path: str, name: str) -> str:
     return (f"REPA teacher weights not found: {path}. Nothing is downloaded at run time. Put the {name} weights "
             f"there (or point repa.teacher_path at them): the official torch.hub file ({HUB_URL}) or timm's "
-            f"{TIMM_NAME} model.safetensors; the default place is {DEFAULT_PATH}")
+            f"{TIMM_NAME} model.safetensors; the default place is {DEFAULT_PATH}. Shipped teachers, named without a "
+            f"path: {', '.join(assets.names(ASSET_KIND)) or 'none'}")
+
+
+def shipped_teacher_path(path: str, name: str) -> str:
+    """A shipped teacher's name (``synthetic-vit``, a folder of usp_scale/assets/teacher/) -> its weights file, after
+    the sha256 check and the check that it was trained as architecture ``name``; any other ``path`` unchanged."""
+    if not assets.is_asset(ASSET_KIND, path):
+        return path
+    folder = assets.verified_dir(ASSET_KIND, path)
+    arch = assets.read_meta(ASSET_KIND, path).get("teacher")
+    if arch != name:
+        raise TeacherWeightsError(f"shipped teacher {path!r} ({folder}) is a {arch!r} network, the teacher "
+                                  f"architecture asked for is {name!r}: set repa.teacher={arch}")
+    return os.path.join(folder, ASSET_WEIGHTS)
 
 
 def load_teacher(path: str, *, name: str = "dinov2_vitb14", image_size: int = 256,
                  input_size: Optional[int] = None, device="cpu") -> FrozenTeacher:
-    """Read ``path`` (hub or timm format, detected by ``mask_token``), check it strictly against teacher ``name``,
-    resample its position table to the input grid and return the frozen teacher.
+    """Read ``path`` (hub or timm format, detected by ``mask_token``; or the name of a shipped teacher,
+    :func:`shipped_teacher_path`), check it strictly against teacher ``name``, resample its position table to the
+    input grid and return the frozen teacher.
 
-    ``input_size``: the teacher's input side, default REPA's ``224 * (image_size // 256)``. Raises
-    :class:`FileNotFoundError` (where to put the file) or :class:`TeacherWeightsError` naming the file and the
-    first differing keys (missing, extra, wrong patch size, wrong shapes)."""
+    ``input_size``: the teacher's input side, default REPA's ``224 * (image_size // 256)`` (a shipped small teacher:
+    its own rule, :func:`usp_scale.models.teacher.teacher_input_size`). Raises :class:`FileNotFoundError` (where to
+    put the file) or :class:`TeacherWeightsError` naming the file and the first differing keys (missing, extra,
+    wrong patch size, wrong shapes)."""
     if name not in TEACHERS:
         raise TeacherWeightsError(f"unknown teacher {name!r}; known: {', '.join(sorted(TEACHERS))}")
+    path = shipped_teacher_path(path, name)
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(_missing_file_message(path, name))
     spec = TEACHERS[name]
-    input_size = repa_input_size(image_size) if input_size is None else int(input_size)
+    input_size = teacher_input_size(name, image_size) if input_size is None else int(input_size)
     if input_size % spec.patch_size:
         raise TeacherWeightsError(f"teacher input size {input_size} px is not a multiple of {name}'s patch size "
                                   f"{spec.patch_size}")
