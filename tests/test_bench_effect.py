@@ -168,3 +168,10 @@ def test_repa_miniature_pairs_seeds_and_reports_the_alignment_loss(tmp_path):
     md = repa.markdown(sm, meta, png)
     assert os.path.getsize(png) > 0 and "| 500 | 30.00 ± 1.00 | 29.00 ± 2.65 |" in md
     assert "REPA better in 2 of 3" in md
+    # publishing into a reports folder twice on one day keeps both (the convergence benchmark's publish_report)
+    res = tmp_path / "r.json"
+    res.write_text("{}")
+    first = repa.conv.publish_report(str(tmp_path / "reports"), "repa_miniature", meta, png, str(res), md)
+    second = repa.conv.publish_report(str(tmp_path / "reports"), "repa_miniature", meta, png, str(res), md)
+    assert first.endswith("repa_miniature_cpu_d") and second.endswith("repa_miniature_cpu_d_2")
+    assert "](repa_miniature_cpu_d_2.png)" in open(second + ".md").read() and os.path.isfile(second + ".png")

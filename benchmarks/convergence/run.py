@@ -445,17 +445,28 @@ def main(argv=None) -> int:
         json.dump(doc, f, indent=1)
     print(md)
     if a.report:
-        import shutil
-
-        tag = "cpu" if m["machine"].startswith("CPU") else m["machine"].split()[-1].lower()
-        base = os.path.join(a.report, f"convergence_{tag}_{m['date']}")
-        os.makedirs(a.report, exist_ok=True)
-        shutil.copy(png, base + ".png")
-        shutil.copy(res_path, base + ".json")
-        with open(base + ".md", "w") as f:
-            f.write(md.replace(f"]({os.path.basename(png)})", f"]({os.path.basename(base)}.png)"))
-        print(f"report: {base}.md")
+        publish_report(a.report, "convergence", m, png, res_path, md)
     return 0
+
+
+def publish_report(folder: str, name: str, meta: dict, png: str, res_path: str, md: str) -> str:
+    """Copy a benchmark's plot, results and report into ``folder`` as ``<name>_<device>_<date>.{png,json,md}`` (the
+    device: "cpu" or the card's last word), the report's image link renamed with it. Another run's report of that
+    name stays: this one takes the next free ``_2``, ``_3``, ... Returns the path without extension."""
+    import shutil
+
+    tag = "cpu" if meta["machine"].startswith("CPU") else meta["machine"].split()[-1].lower()
+    stem = base = os.path.join(folder, f"{name}_{tag}_{meta['date']}")
+    k = 2
+    while os.path.exists(base + ".md"):
+        base, k = f"{stem}_{k}", k + 1
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(png, base + ".png")
+    shutil.copy(res_path, base + ".json")
+    with open(base + ".md", "w") as f:
+        f.write(md.replace(f"]({os.path.basename(png)})", f"]({os.path.basename(base)}.png)"))
+    print(f"report: {base}.md")
+    return base
 
 
 if __name__ == "__main__":

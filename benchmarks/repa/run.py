@@ -281,16 +281,7 @@ def main(argv=None) -> int:
         json.dump(doc, f, indent=1)
     print(md)
     if a.report:
-        import shutil
-
-        tag = "cpu" if m["machine"].startswith("CPU") else m["machine"].split()[-1].lower()
-        base = os.path.join(a.report, f"repa_miniature_{tag}_{m['date']}")
-        os.makedirs(a.report, exist_ok=True)
-        shutil.copy(png, base + ".png")
-        shutil.copy(res_path, base + ".json")
-        with open(base + ".md", "w") as f:
-            f.write(md.replace(f"]({os.path.basename(png)})", f"]({os.path.basename(base)}.png)"))
-        print(f"report: {base}.md")
+        conv.publish_report(a.report, "repa_miniature", m, png, res_path, md)
     return 0
 
 
