@@ -143,6 +143,16 @@ def test_lightningdit_sit_exact_resume_ddp_fsdp2(tmp_path):
     assert res["ddp"]["full"] == pytest.approx(res["fsdp2"]["full"], rel=1e-5)
 
 
+def test_lightning_mae_pretraining_exact_resume_ddp_fsdp2(tmp_path):
+    """USP for LightningDiT: the LightningMAE's masked pretraining (the trainer's pretrain task, 32-channel 4x4
+    latents, patch 1) on 2 gloo ranks: 10 steps == 5 + resume + 5, exactly, on ddp and fsdp2."""
+    specs = ["ddp", "fsdp2"]
+    p = H.torchrun(["tests/_helpers_train.py", "resume", "--out", str(tmp_path), "--cases", *specs,
+                    "--model", "LightningMAE-tiny/1", "--set", "model.img_size=4", "model.in_chans=32"])
+    _ok(p)
+    _check_resume(tmp_path / "resume.json", specs)
+
+
 @pytest.mark.slow
 def test_lightningdit_deepspeed_equal_and_exact_resume(tmp_path):
     p = H.torchrun(["tests/_helpers_lightning_train.py", "--out", str(tmp_path), "--cases", "ds2"], timeout=600)
