@@ -14,6 +14,9 @@ or the one you pin with ``--pick MODEL=kernels/compile/fp8``) and multiplies out
   the paper's default) x 1,281,167 images;
 * USP finetuning, DiT-XL/2: 400K steps x batch 256;
 * from-scratch DiT-XL/2 (the paper's baseline): 7M steps x 256;
+* REPA (issue 20): the 400K-step SiT-XL/2 + REPA run with the teacher online against cached teacher tokens plus
+  the cache once (``--teacher-img-per-s``), the cache's size and read rate; from a measured ``SiT-XL/2-REPA`` rate or
+  computed from FLOPs like the LightningDiT rows; not part of the USP DiT total;
 * LightningDiT-XL/1 on VA-VAE latents (issue 21): LightningDiT's 64-epoch recipe, 80K steps x 1024 (about 64
   epochs of ImageNet), at a given or measured ``LightningDiT-XL/1`` rate, else **computed** from its FLOPs (the
   registry model's count, 3 x forward) at ``--assumed-mfu`` of the card's bf16 peak; and the VA-VAE latent
@@ -73,6 +76,10 @@ LIGHTNINGDIT_MODEL, LIGHTNINGDIT_STEPS, LIGHTNINGDIT_BATCH = "LightningDiT-XL/1"
 # DiT-XL/2 training step's measured MFU on an H200 (37 %, eager bf16, README "Measured"), the closest measured
 # transformer of the same width and token count (LightningDiT-XL/1 sees 256 tokens of 1152, as DiT-XL/2).
 ASSUMED_MFU = 0.37
+# REPA's recipe (configs/finetune/sit_xl_256_repa.yaml, sit_xl_256_usp_repa.yaml): SiT-XL/2 + projector after block 8,
+# 400K steps x 256; the DINOv2 ViT-B/14 teacher at 224 px (16 x 16 patch tokens of 768)
+REPA_MODEL, REPA_STEPS, REPA_BATCH, REPA_TEACHER = "SiT-XL/2-REPA", 400_000, 256, "dinov2_vitb14"
+REPA_FLIPS = 2           # the teacher-feature cache holds plain + flipped tokens, as the latent cache
 # VA-VAE (hustvl/LightningDiT vavae-imagenet256-f16d32-dinov2): LDM encoder ch 128, ch_mult (1, 1, 2, 2, 4), 2
 # res-blocks per level, attention at the lowest level (16 x 16 at 256 px) and in the middle, 32 latent channels,
 # quant_conv 64 -> 64. The cache encodes every image twice (plain and flipped, as the reference extraction does).
@@ -162,6 +169,97 @@ def lightningdit_items(card: str, rows: List[dict], pin: Optional[str] = None, m
     for it in out:
         it["hours"] = it["samples"] / it["rate"] / 3600
     return out
+def repa_flops() -> tuple:
+    """(student, teacher) forward FLOPs of one 256 px image: SiT-XL/2 with REPA's projector (the registry model's
+    own count, projector included) and DINOv2 ViT-B/14 at 224 px (the teacher module's count), both on the meta
+    device."""
+    import torch
+
+    from usp_scale.models import create_model
+    from usp_scale.models.teacher import TEACHERS, DINOv2ViT
+
+    student = float(create_model(REPA_MODEL, device="meta").flops_per_sample())
+    with torch.device("meta"):
+        teacher = float(DINOv2ViT(TEACHERS[REPA_TEACHER], grid=16).flops_per_image())
+    return student, teacher
+
+
+def teacher_cache_bytes_per_image(tokens: int = 256, dim: int = 768, flips: int = REPA_FLIPS) -> int:
+    """Bytes per image of the teacher-feature cache: bf16 patch tokens, ``flips`` views (plain + flipped)."""
+    return tokens * dim * 2 * flips
+
+
+def repa_items(card: str, rows: List[dict], pin: Optional[str] = None, mfu: float = ASSUMED_MFU,
+               teacher_img_per_s: float = 0.0) -> List[dict]:
+    """REPA's two ways to get the teacher's tokens, priced side by side (outside the USP DiT total): the 400K-step
+    SiT-XL/2 + REPA run with the teacher **online** (every training image also through DINOv2-B: 3 x the student's
+    forward + the teacher's forward per sample) or from the **cache** (3 x the student's forward), and the cache's
+    one-off extraction (ImageNet train, plain + flipped, through the teacher). Training at a measured
+    ``SiT-XL/2-REPA`` rate on ``card`` when ``rows`` hold one (teacher online, the recipes' default), else derived
+    from FLOPs at ``mfu`` of the card's bf16 peak; the extraction at ``teacher_img_per_s`` or derived the same way."""
+    fwd, tea = repa_flops()
+    n = REPA_STEPS * REPA_BATCH
+    peak = peak_of(card)
+    out = []
+    measured = [r for r in rows if r["model"] == REPA_MODEL and r["device"] == card]
+    for key, per, mode in (("repa_online", 3 * fwd + tea, "teacher online"), ("repa_cache", 3 * fwd,
+                                                                               "teacher tokens from the cache")):
+        base = {"key": key, "samples": n, "gflop_per_sample": per / 1e9,
+                "what": f"{REPA_MODEL} (REPA), {REPA_STEPS / 1000:g}K steps x {REPA_BATCH}, {mode}"}
+        if measured and key == "repa_online":
+            r = pick_rate(rows, REPA_MODEL, card, pin)
+            out.append(dict(base, rate=float(r["samples_per_s"]), setting=_setting(r), batch=r.get("batch", ""),
+                            computed=False))
+        elif measured:   # the same run without the teacher's forward: the measured rate scaled by the FLOPs
+            online = float(pick_rate(rows, REPA_MODEL, card, pin)["samples_per_s"])
+            out.append(dict(base, rate=online * (3 * fwd + tea) / per, batch="", computed=True,
+                            setting=f"derived: the measured online rate x {(3 * fwd + tea) / per:.3f} (FLOPs)"))
+        elif peak is not None:
+            out.append(dict(base, rate=peak * 1e12 * mfu / per, batch="", computed=True,
+                            setting=f"derived: {per / 1e9:.0f} GFLOP/img at {mfu:.0%} of {peak:g} TFLOP/s bf16"))
+    n = IMAGENET_TRAIN * REPA_FLIPS
+    base = {"key": "repa_teacher_cache", "samples": n, "gflop_per_sample": tea / 1e9,
+            "what": f"REPA teacher-feature cache, ImageNet train, plain + flipped ({tea / 1e9:.1f} GFLOP per image "
+                    f"through DINOv2-B/14 at 224 px)"}
+    if teacher_img_per_s > 0:
+        out.append(dict(base, rate=teacher_img_per_s, setting="given", batch="", computed=False))
+    elif peak is not None:
+        out.append(dict(base, rate=peak * 1e12 * mfu / tea, batch="", computed=True,
+                        setting=f"derived: {mfu:.0%} of {peak:g} TFLOP/s bf16"))
+    for it in out:
+        it["hours"] = it["samples"] / it["rate"] / 3600
+    return out
+
+
+def repa_lines(items: List[dict], gpus: int, card: str) -> List[str]:
+    """The REPA paragraph: online against cached teacher tokens in GPU-hours and wall time on ``gpus`` GPUs, the
+    cache's size and the read rate it needs, and which numbers are computed rather than measured."""
+    by = {it["key"]: it for it in items}
+    on, ca, ext = by.get("repa_online"), by.get("repa_cache"), by.get("repa_teacher_cache")
+    if on is None or ca is None:
+        return []
+    per_img = teacher_cache_bytes_per_image()
+    total = per_img * IMAGENET_TRAIN
+    read = ca["rate"] * per_img / REPA_FLIPS   # per GPU (the rate is one device's), one view per sample
+    label = lambda it: ("**computed** from FLOPs, not measured" if it["computed"] else "at the measured/given rate")
+    out = ["", f"REPA (issue 20; its own run, not in the USP total), on {gpus} x {card} at perfect scaling; the "
+               "teacher's tokens online or from a cache (`repa.features`):"]
+    out.append(f"- teacher online (REPA's way, the recipes' default): **{on['hours']:.1f} GPU-hours** = "
+               f"{on['hours'] / gpus:.2f} h wall; {on['gflop_per_sample']:.1f} GFLOP per sample (3 x the student's "
+               f"forward + the teacher's {on['gflop_per_sample'] - ca['gflop_per_sample']:.1f}); {label(on)} "
+               f"({on['setting']})")
+    cache_h = ca["hours"] + (ext["hours"] if ext else 0.0)
+    out.append(f"- teacher tokens cached: training **{ca['hours']:.1f} GPU-hours** ({label(ca)}), plus the cache "
+               f"once: {ext['hours']:.1f} GPU-hours ({label(ext)}); together {cache_h:.1f} GPU-hours = "
+               f"{cache_h / gpus:.2f} h wall: {abs(on['hours'] - cache_h):.1f} GPU-hours "
+               f"{'less' if cache_h <= on['hours'] else 'more'} than online" if ext else
+               f"- teacher tokens cached: training **{ca['hours']:.1f} GPU-hours** ({label(ca)})")
+    out.append(f"- the cache: {per_img / 1e6:.2f} MB per image (256 tokens x 768 bf16, plain + flipped), "
+               f"{total / 1e12:.2f} TB for ImageNet train ({total / 2e12:.2f} TB without flips); read at "
+               f"{read / 1e6:.0f} MB/s per GPU at the training rate above (one view per sample)")
+    return out
+
+
 TARGET_H100_DAYS = 12.0
 
 
@@ -262,7 +360,7 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
            batch: int = 256, cache_img_per_s: float = 0.0, cache_views: int = 1,
            sampling: Optional[dict] = None, eval_json: Optional[dict] = None, eval_img_per_s: float = 0.0,
            size: str = "XL", mfu: float = ASSUMED_MFU, extract_dtype: str = "fp32",
-           extract_img_per_s: float = 0.0, gpus: int = 8) -> dict:
+           extract_img_per_s: float = 0.0, gpus: int = 8, teacher_img_per_s: float = 0.0) -> dict:
     """All numbers of the report (hours per item, GPU-days, H20-normalised days, the pipeline total)."""
     pins = pins or {}
     if card is None:
@@ -279,6 +377,7 @@ def report(rows: List[dict], *, card: Optional[str] = None, pins: Optional[Dict[
                       "setting": _setting(r), "batch": r.get("batch", ""), "hours": w["samples"] / rate / 3600})
     # the VA-VAE + LightningDiT rows (its own run, outside the USP DiT pipeline total): measured or derived
     items += lightningdit_items(card, rows, pins.get(LIGHTNINGDIT_MODEL), mfu, extract_dtype, extract_img_per_s)
+    items += repa_items(card, rows, pins.get(REPA_MODEL), mfu, teacher_img_per_s)   # REPA's run, outside it too
     if cache_img_per_s > 0:
         n = IMAGENET_TRAIN * cache_views
         items.append({"key": "latent_cache", "what": f"latent cache, {cache_views} view(s) per image", "samples": n,
@@ -332,6 +431,7 @@ def to_markdown(r: dict) -> str:
     lines.append(f"From scratch DiT-{r.get('size', 'XL')}/2 / USP (pretrain + finetune), both at these rates: "
                  f"{r['speedup_vs_scratch']:.1f}x fewer GPU-days")
     lines += lightningdit_lines(r["items"], r.get("gpus", 8), r["card"])
+    lines += repa_lines(r["items"], r.get("gpus", 8), r["card"])
     return "\n".join(lines) + "\n"
 
 
@@ -366,9 +466,9 @@ def lightningdit_lines(items: List[dict], gpus: int, card: str) -> List[str]:
     if train is not None and ext is not None:
         tot = train["hours"] + ext["hours"]
         out.append(f"- together: {tot:.1f} GPU-hours = {tot / gpus:.2f} h wall on {gpus} GPUs")
-    out.append(f"- FLOPs: LightningDiT-XL/1's forward is the registry model's own count (flops_per_sample, 3 x for "
-               f"forward + backward); the VA-VAE encoder's is counted analytically from its convolutions and "
-               f"attention (vavae_encoder_flops, equal to torch's FlopCounterMode on the real layer sizes). "
+    out.append("- FLOPs: LightningDiT-XL/1's forward is the registry model's own count (flops_per_sample, 3 x for "
+               "forward + backward); the VA-VAE encoder's is counted analytically from its convolutions and "
+               "attention (vavae_encoder_flops, equal to torch's FlopCounterMode on the real layer sizes). "
                "JPEG decoding and data loading are not priced.")
     return out
 
@@ -483,6 +583,9 @@ def main(argv=None) -> int:
                          "DiT-XL/2 step's measured MFU on an H200)")
     ap.add_argument("--extract-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="precision of the VA-VAE extraction (vae.dtype; default fp32: priced at the card's fp32 peak)")
+    ap.add_argument("--teacher-img-per-s", type=float, default=0.0,
+                    help="measured DINOv2-B/14 forwards per second on --card at 224 px (the REPA teacher-feature "
+                         "cache's extraction; default: derived from its FLOPs)")
     ap.add_argument("--extract-img-per-s", type=float, default=0.0,
                     help="measured VA-VAE encodes per second on --card (256 px; default: derived from its FLOPs)")
     g = ap.add_argument_group("multi-node projection (--scaling)")
@@ -527,11 +630,13 @@ def main(argv=None) -> int:
         if peak_of(a.card) is None:
             raise SystemExit(f"--card {a.card!r}: no peak known (cards: {', '.join(PEAK_TFLOPS)})")
         items = lightningdit_items(a.card, [], None, a.assumed_mfu, a.extract_dtype, a.extract_img_per_s)
+        items += repa_items(a.card, [], None, a.assumed_mfu, a.teacher_img_per_s)
         for it in items:
             it["gpu_days"] = it["hours"] / 24
             it["h20_days"] = it["gpu_days"] * peak_of(a.card) / PAPER_H20_DAYS_PEAK
-        md = "\n".join([f"# GPU cost of VA-VAE + LightningDiT on {a.card} ({datetime.date.today().isoformat()})", ""]
-                       + _item_table(items) + lightningdit_lines(items, a.gpus, a.card)) + "\n"
+        md = "\n".join([f"# GPU cost of the VA-VAE + LightningDiT and REPA recipes on {a.card} "
+                        f"({datetime.date.today().isoformat()})", ""] + _item_table(items)
+                       + lightningdit_lines(items, a.gpus, a.card) + repa_lines(items, a.gpus, a.card)) + "\n"
         print(md)
         if a.out:
             os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -560,7 +665,8 @@ def main(argv=None) -> int:
                finetune_steps=a.finetune_steps, scratch_steps=a.scratch_steps, batch=a.batch,
                cache_img_per_s=a.cache_img_per_s, cache_views=a.cache_views, sampling=sampling,
                eval_json=eval_json, eval_img_per_s=a.eval_img_per_s, size=a.size, mfu=a.assumed_mfu,
-               extract_dtype=a.extract_dtype, extract_img_per_s=a.extract_img_per_s, gpus=a.gpus)
+               extract_dtype=a.extract_dtype, extract_img_per_s=a.extract_img_per_s, gpus=a.gpus,
+               teacher_img_per_s=a.teacher_img_per_s)
     md = to_markdown(r)
     if a.scaling:
         if a.size != "XL":

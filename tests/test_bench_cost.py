@@ -194,3 +194,52 @@ def test_lightningdit_and_vavae_cost_rows_from_flops_agree_with_a_direct_count(t
         C.main(["--card", "NVIDIA H100", "--assumed-mfu", "0"])
     with pytest.raises(SystemExit, match="no peak known"):
         C.main(["--card", "CPU"])
+
+
+def test_repa_rows_price_both_teacher_modes(tmp_path):
+    """Issue 20's cost: SiT-XL/2 + REPA with the teacher online (3 x student + teacher forward per sample) against
+    the teacher-feature cache (3 x student, plus the cache once), from FLOPs equal to torch's FlopCounterMode on the
+    real sizes (meta device), or from a measured SiT-XL/2-REPA rate; the cache's size and read rate."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from usp_scale.models import create_model
+    from usp_scale.models.teacher import TEACHERS, DINOv2ViT
+
+    m = create_model("SiT-XL/2-REPA", device="meta").eval()
+    with FlopCounterMode(display=False) as fc:
+        m(torch.zeros(1, 4, 32, 32, device="meta"), torch.zeros(1, device="meta"),
+          torch.zeros(1, dtype=torch.long, device="meta"))
+    student, teacher = C.repa_flops()
+    assert student == pytest.approx(fc.get_total_flops(), rel=1e-9)     # the projector included
+    with torch.device("meta"):
+        t = DINOv2ViT(TEACHERS["dinov2_vitb14"], grid=16).eval()
+    with FlopCounterMode(display=False) as fc:
+        t(torch.zeros(1, 3, 224, 224, device="meta"))
+    assert teacher == pytest.approx(fc.get_total_flops(), rel=2e-3) and 45e9 < teacher < 48e9   # REPA's ~47 GFLOP
+    # by hand, from FLOPs at 37 % of the H100's bf16 peak
+    items = {it["key"]: it for it in C.repa_items("NVIDIA H100", [])}
+    rate = 0.37 * 989.4e12
+    assert items["repa_online"]["hours"] == pytest.approx(400_000 * 256 * (3 * student + teacher) / rate / 3600)
+    assert items["repa_cache"]["hours"] == pytest.approx(400_000 * 256 * 3 * student / rate / 3600)
+    assert items["repa_teacher_cache"]["hours"] == pytest.approx(2 * 1_281_167 * teacher / rate / 3600)
+    assert all(it["computed"] for it in items.values())
+    # a measured online rate prices the online row as given and the cached row by the FLOPs ratio
+    rows = C.given_rows({"SiT-XL/2-REPA": 500.0}, "NVIDIA H100")
+    got = {it["key"]: it for it in C.repa_items("NVIDIA H100", rows, teacher_img_per_s=4000.0)}
+    assert got["repa_online"]["rate"] == 500.0 and not got["repa_online"]["computed"]
+    assert got["repa_cache"]["rate"] == pytest.approx(500.0 * (3 * student + teacher) / (3 * student))
+    assert got["repa_teacher_cache"]["hours"] == pytest.approx(2 * 1_281_167 / 4000.0 / 3600)
+    # the paragraph: both modes, the cache's size (REPA's 256 x 768 bf16 per view) and read rate
+    assert C.teacher_cache_bytes_per_image() == 256 * 768 * 2 * 2
+    text = "\n".join(C.repa_lines(list(items.values()), 8, "NVIDIA H100"))
+    for needle in ("teacher online", "teacher tokens cached", "1.01 TB for ImageNet train", "0.50 TB without flips",
+                   f"{items['repa_online']['hours']:.1f} GPU-hours", "**computed** from FLOPs"):
+        assert needle in text, needle
+    read = items["repa_cache"]["rate"] * 256 * 768 * 2 / 1e6
+    assert f"read at {read:.0f} MB/s per GPU" in text
+    out = tmp_path / "c.md"
+    assert C.main(["--card", "NVIDIA H100", "--out", str(out)]) == 0
+    assert "REPA (issue 20" in out.read_text() and "VA-VAE + LightningDiT" in out.read_text()
+    full = C.to_markdown(C.report(C.given_rows({"MAE-XL": 2061.0, "DiT-XL/2": 552.0}, "NVIDIA H200")))
+    assert "teacher tokens cached" in full
