@@ -120,6 +120,19 @@ def vavae_encoder_flops(side: int = VAVAE_SIDE, ch: int = 128, ch_mult=(1, 1, 2,
     return f
 
 
+def one_off_item(base: dict, given_rate: float, peak: Optional[float], mfu: float, flops: float,
+                 dtype: str) -> List[dict]:
+    """A one-off pass over a dataset (latent or teacher-feature extraction) as a cost row: at ``given_rate``
+    (images/s) when measured, else derived from ``flops`` per image at ``mfu`` of ``peak`` TFLOP/s in ``dtype``
+    (labelled computed); no row without either."""
+    if given_rate > 0:
+        return [dict(base, rate=given_rate, setting="given", batch="", computed=False)]
+    if peak is None:
+        return []
+    return [dict(base, rate=peak * 1e12 * mfu / flops, batch="", computed=True,
+                 setting=f"derived: {mfu:.0%} of {peak:g} TFLOP/s {dtype}")]
+
+
 def lightningdit_flops() -> float:
     """Forward FLOPs of one 256 px image (16 x 16 x 32 latents) through LightningDiT-XL/1, the registry model's own
     count (:meth:`usp_scale.models.lightningdit.LightningDiT.flops_per_sample`; built on the meta device)."""
@@ -159,13 +172,8 @@ def lightningdit_items(card: str, rows: List[dict], pin: Optional[str] = None, m
     what = (f"VA-VAE latent extraction, ImageNet train at {VAVAE_SIDE} px, plain + flipped "
             f"({enc / 1e9:.1f} GFLOP per encode)")
     base = {"key": "vavae_extraction", "what": what, "samples": n, "gflop_per_sample": enc / 1e9}
-    if extract_img_per_s > 0:
-        out.append(dict(base, rate=extract_img_per_s, setting="given", batch="", computed=False))
-    else:
-        epeak = peak_of(card, FP32_PEAK_TFLOPS) if extract_dtype == "fp32" else peak
-        if epeak is not None:
-            out.append(dict(base, rate=epeak * 1e12 * mfu / enc, batch="", computed=True,
-                            setting=f"derived: {mfu:.0%} of {epeak:g} TFLOP/s {extract_dtype}"))
+    epeak = peak_of(card, FP32_PEAK_TFLOPS) if extract_dtype == "fp32" else peak
+    out += one_off_item(base, extract_img_per_s, epeak, mfu, enc, extract_dtype)
     for it in out:
         it["hours"] = it["samples"] / it["rate"] / 3600
     return out
@@ -221,11 +229,7 @@ def repa_items(card: str, rows: List[dict], pin: Optional[str] = None, mfu: floa
     base = {"key": "repa_teacher_cache", "samples": n, "gflop_per_sample": tea / 1e9,
             "what": f"REPA teacher-feature cache, ImageNet train, plain + flipped ({tea / 1e9:.1f} GFLOP per image "
                     f"through DINOv2-B/14 at 224 px)"}
-    if teacher_img_per_s > 0:
-        out.append(dict(base, rate=teacher_img_per_s, setting="given", batch="", computed=False))
-    elif peak is not None:
-        out.append(dict(base, rate=peak * 1e12 * mfu / tea, batch="", computed=True,
-                        setting=f"derived: {mfu:.0%} of {peak:g} TFLOP/s bf16"))
+    out += one_off_item(base, teacher_img_per_s, peak, mfu, tea, "bf16")
     for it in out:
         it["hours"] = it["samples"] / it["rate"] / 3600
     return out

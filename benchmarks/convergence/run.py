@@ -391,6 +391,17 @@ def _load():
         return "n/a"
 
 
+def start(a):
+    """The start of a benchmark run over this script's stages: the process group under torchrun (gloo or NCCL),
+    then (start time, load average, the data / caches / MAE paths of :func:`prepare`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from usp_scale.runtime import detect, init_process_group, pick_device, resolve_backend
+        info = detect()
+        init_process_group(info, resolve_backend("auto", pick_device(info)), 30)
+    t0, load0 = time.time(), _load()
+    return t0, load0, prepare(a)
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -401,12 +412,7 @@ def main(argv=None) -> int:
     else:
         import torch
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from usp_scale.runtime import detect, init_process_group, pick_device, resolve_backend
-            info = detect()
-            init_process_group(info, resolve_backend("auto", pick_device(info)), 30)
-        t0, load0 = time.time(), _load()
-        paths = prepare(a)
+        t0, load0, paths = start(a)
         results = {}
         for family in a.families:
             for init in a.inits:

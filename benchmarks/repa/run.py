@@ -235,12 +235,7 @@ def main(argv=None) -> int:
     else:
         import torch
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from usp_scale.runtime import detect, init_process_group, pick_device, resolve_backend
-            info = detect()
-            init_process_group(info, resolve_backend("auto", pick_device(info)), 30)
-        t0, load0 = time.time(), conv._load()
-        paths = conv.prepare(a)
+        t0, load0, paths = conv.start(a)
         cache = teacher_cache(a, paths)
         results = {}
         for arm in arms(a):
