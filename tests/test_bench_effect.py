@@ -175,3 +175,14 @@ def test_repa_miniature_pairs_seeds_and_reports_the_alignment_loss(tmp_path):
     second = repa.conv.publish_report(str(tmp_path / "reports"), "repa_miniature", meta, png, str(res), md)
     assert first.endswith("repa_miniature_cpu_d") and second.endswith("repa_miniature_cpu_d_2")
     assert "](repa_miniature_cpu_d_2.png)" in open(second + ".md").read() and os.path.isfile(second + ".png")
+
+
+def test_convergence_job_with_one_initialisation_ends_without_a_comparison(tmp_path, capsys):
+    """The effect benchmark runs each DiT/SiT run as its own convergence job (one init, one seed) and compares once
+    all have finished: such a job keeps its results and ends cleanly instead of failing in the comparison."""
+    conv = _load("bench_conv_run", "benchmarks", "convergence", "run.py")
+    doc = {"meta": {}, "results": {"sit": {"scratch": {"0": [[500, 17.8], [1000, 18.4]]}}}}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert conv.main(["--out", str(tmp_path), "--only-report"]) == 0
+    assert "sit ran with one initialisation" in capsys.readouterr().out
+    assert not (tmp_path / "report.md").exists()

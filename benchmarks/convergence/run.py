@@ -439,6 +439,11 @@ def main(argv=None) -> int:
                 json.dump(doc, f, indent=1)
     if _rank() != 0:
         return 0
+    one_sided = sorted(f for f, by_init in doc["results"].items() if not {"scratch", "usp"} <= set(by_init))
+    if one_sided:   # e.g. one job of benchmarks/effect/run.py, which compares once every run has finished
+        print(f"results: {res_path}; no comparison or report: {', '.join(one_sided)} ran with one initialisation "
+              "(the speed-up needs --inits scratch usp)", flush=True)
+        return 0
     summary = summarize(doc["results"])
     doc["summary"] = summary
     m = doc["meta"]
