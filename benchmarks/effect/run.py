@@ -24,7 +24,7 @@ One MAE pretraining (``vit_tiny_patch_vae`` on the pool's 2-view latent cache), 
 Equal compute means equal finetuning steps, as in the paper (its speed-ups count diffusion steps only); the
 pretraining's cost is reported beside it (CPU seconds), so a reader can also compare the totals.
 
-    python benchmarks/effect/run.py --out runs/effect --report benchmarks/reports     # about 2 h on 2 cores
+    python benchmarks/effect/run.py --out runs/effect --report benchmarks/reports     # 27.5 min on 2 quiet cores
 
 Every job (data, caches, MAE, each run) records the settings it ran with (OUT/stages/); a rerun reuses the jobs
 whose settings are unchanged and starts the others fresh, naming what changed. Results: OUT/results.json, the report
