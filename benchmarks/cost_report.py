@@ -553,6 +553,15 @@ def scaling_markdown(a, r: dict, rows: List[dict]) -> str:
     return md
 
 
+def emit(md: str, out: Optional[str]) -> None:
+    """Print the report, and write it to ``out`` too when given (its folder made)."""
+    print(md)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-csv", default=None, help="CSV written by benchmarks/train/bench_step.py")
@@ -641,11 +650,7 @@ def main(argv=None) -> int:
         md = "\n".join([f"# GPU cost of the VA-VAE + LightningDiT and REPA recipes on {a.card} "
                         f"({datetime.date.today().isoformat()})", ""] + _item_table(items)
                        + lightningdit_lines(items, a.gpus, a.card) + repa_lines(items, a.gpus, a.card)) + "\n"
-        print(md)
-        if a.out:
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out, "w") as f:
-                f.write(md)
+        emit(md, a.out)
         return 0
     if not a.train_csv and not rates:
         raise SystemExit("give --train-csv (bench_step.py's CSV) or --rate MODEL=SAMPLES_PER_S (or --card alone for "
@@ -676,11 +681,7 @@ def main(argv=None) -> int:
         if a.size != "XL":
             raise SystemExit("--scaling projects the XL runs only; drop --size or --scaling")
         md += "\n" + scaling_markdown(a, r, rows)
-    print(md)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(md)
+    emit(md, a.out)
     return 0
 
 

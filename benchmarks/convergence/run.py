@@ -450,14 +450,20 @@ def main(argv=None) -> int:
     png = plot(summary, os.path.join(a.out, "fid_vs_steps.png"),
                f"{m['dit_model']} / {m['sit_model']} on {m['data']}; {m['machine']}, {m['date']}")
     md = markdown(summary, m, png)
+    finish_report(a, doc, res_path, png, md, "convergence")
+    return 0
+
+
+def finish_report(a, doc: dict, res_path: str, png: str, md: str, name: str) -> None:
+    """The end of a benchmark run: OUT/report.md and the results (with their summary) written, the report printed,
+    and with ``--report DIR`` published there (:func:`publish_report`)."""
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write(md)
     with open(res_path, "w") as f:
         json.dump(doc, f, indent=1)
     print(md)
     if a.report:
-        publish_report(a.report, "convergence", m, png, res_path, md)
-    return 0
+        publish_report(a.report, name, doc["meta"], png, res_path, md)
 
 
 def publish_report(folder: str, name: str, meta: dict, png: str, res_path: str, md: str) -> str:

@@ -270,13 +270,7 @@ def main(argv=None) -> int:
     png = plot(summary, os.path.join(a.out, "repa.png"),
                f"{m['sit_model']} with / without REPA ({m['teacher']}) on {m['data']}; {m['machine']}, {m['date']}")
     md = markdown(summary, m, png)
-    with open(os.path.join(a.out, "report.md"), "w") as f:
-        f.write(md)
-    with open(res_path, "w") as f:
-        json.dump(doc, f, indent=1)
-    print(md)
-    if a.report:
-        conv.publish_report(a.report, "repa_miniature", m, png, res_path, md)
+    conv.finish_report(a, doc, res_path, png, md, "repa_miniature")
     return 0
 
 
