@@ -42,7 +42,7 @@ LOCK = "/tmp/usp_scale_cluster.lock"
 NODES = ("usp-node1", "usp-node2")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
-TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "srun", "scancel", "munged", "ssh",
+TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "sdiag", "srun", "scancel", "munged", "ssh",
          "ssh-keygen", "pdsh", "ip", "nsenter", "unshare", "mount")
 APT = "slurmctld slurmd slurm-client munge openssh-server openssh-client pdsh"
 T0 = time.time()
@@ -439,19 +439,31 @@ PartitionName=two Nodes={','.join(NODES)} MaxTime=INFINITE State=UP
             j = self.job(jid)
             state = (j.get("JobState"), j.get("Reason"))
             if state != last:
-                say(f"job {jid}: {state[0]} ({state[1]}) restarts={j.get('Restarts')}")
+                say(f"job {jid}: {state[0]} ({state[1]}) restarts={j.get('Restarts')}"
+                    + (f"; slurmctld's RPC retry queue: {self.agent_queue()}" if state[1] == "BeginTime" else ""))
                 last = state
             if j.get("JobState") in until:
                 return j
             if release and j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime" \
-                    and not self.job_steps(jid):
-                # Released only once the previous run's steps are gone: a requeued job keeps its id, and the kill
-                # of the old steps would also end new ones started before it lands (seen in CI).
+                    and not self.job_steps(jid) and self.agent_queue() == 0:
+                # Released only once the previous run's steps are gone and slurmctld holds no undelivered RPC: a
+                # requeued job keeps its id, and the kill of the old steps would also end new ones started before
+                # it lands (seen in CI twice: a terminate that failed while a node was unreachable sat in
+                # slurmctld's retry queue and, retried about 60 s later, ended the requeued job's new step).
                 say(f"job {jid}: requeued and held ~120 s for BeginTime; scontrol update JobId={jid} StartTime=now")
                 self.scontrol("update", f"JobId={jid}", "StartTime=now", check=False)
             time.sleep(0.5)
         raise TimeoutError(f"job {jid} not in {sorted(until)} after {timeout:.0f} s: {self.job(jid)}\n"
                            + self.log_tail())
+
+    def agent_queue(self) -> int:
+        """RPCs slurmctld still has to deliver (``sdiag``'s "Agent queue size": its retry list, e.g. a job's
+        terminate message to a node that was unreachable, retried about every 60 s)."""
+        r = _run(["sdiag"], env=self.env(), timeout=60)
+        m = re.search(r"^\s*Agent queue size:\s*(\d+)", r.stdout, re.M)
+        if not m:
+            raise RuntimeError(f"sdiag printed no 'Agent queue size':\n{r.stdout[-2000:]}")
+        return int(m.group(1))
 
     def node_state(self, node: str) -> str:
         r = _run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], check=False, env=self.env())

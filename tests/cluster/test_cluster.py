@@ -384,6 +384,9 @@ def test_node_lost_mid_run_ends_in_minutes_and_resumes_from_last_complete_checkp
         say(f"job {jid} requeued by SLURM after the node failure")
     j = cluster.wait_job(jid, 420)
     log = job_log(out)
+    if j["JobState"] != "COMPLETED":  # pytest cuts a long assertion message: the whole story into the output
+        say(f"job {jid} ended {j['JobState']}: {j}\n--- its log (tail)\n{log[-12000:]}\n--- SLURM logs\n"
+            f"{cluster.log_tail(60)}")
     assert j["JobState"] == "COMPLETED", (j, log[-5000:])
     assert f"resumed from {out}/checkpoints/step_{last_complete:08d} at step {last_complete}" in log, log[-5000:]
     assert_losses(out, ref, LONG, what="lost node, resumed")
