@@ -186,3 +186,63 @@ def test_convergence_job_with_one_initialisation_ends_without_a_comparison(tmp_p
     assert conv.main(["--out", str(tmp_path), "--only-report"]) == 0
     assert "sit ran with one initialisation" in capsys.readouterr().out
     assert not (tmp_path / "report.md").exists()
+
+
+def test_speedup_is_flagged_when_the_scratch_curve_is_not_monotone():
+    """The paper's speed-up (scratch's last step over the step where USP reaches scratch's final FID) measures the
+    curve, not the initialisation, when scratch was at its final FID earlier: the summary says so and gives the
+    first-reach ratio; a monotone curve keeps the paper's number and no caution."""
+    conv = effect._convergence()
+    steps = [400, 800, 1200, 1600]
+    curve = lambda *fids: list(zip(steps, fids))
+    mono = {"dit": {"scratch": {0: curve(40.0, 30.0, 25.0, 20.0), 1: curve(42.0, 31.0, 24.0, 20.0)},
+                    "usp": {0: curve(30.0, 20.0, 18.0, 17.0), 1: curve(31.0, 20.0, 19.0, 18.0)}}}
+    sm = conv.summarize(mono)["dit"]
+    assert not sm["scratch_nonmonotone"] and sm["speedup_first_reach"] == pytest.approx(sm["speedup"])
+    assert sm["usp_steps_to_scratch_final"] == pytest.approx(800.0) and sm["speedup"] == pytest.approx(2.0)
+    assert "Caution" not in conv.speedup_sentence(sm, "dit") and conv.speedup_label(sm) == "2.00x"
+    bumpy = {"sit": {"scratch": {0: curve(10.0, 20.0, 19.5, 19.0)}, "usp": {0: curve(25.0, 19.0, 19.0, 19.0)}}}
+    sm = conv.summarize(bumpy)["sit"]
+    assert sm["scratch_nonmonotone"] and sm["scratch_first_reach"] == pytest.approx(400.0)
+    assert sm["speedup"] == pytest.approx(1600 / 800) and sm["speedup_first_reach"] == pytest.approx(0.5)
+    text = conv.speedup_sentence(sm, "sit")
+    assert "Caution: this speed-up is an artefact" in text and "0.50x (USP slower)" in text
+    assert conv.speedup_label(sm).endswith("(non-monotone scratch curve)")
+
+
+def test_sweep_points_scale_the_warmup_and_report_partial_sweeps(tmp_path):
+    """benchmarks/effect/sweep.py: one axis at a time around the default; the pool axis keeps the pretraining steps
+    (and the warmup steps) of the default; --run-set comes last; a stopped sweep's report says it is partial."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks", "effect"))
+    sweep = _load("bench_effect_sweep", "benchmarks", "effect", "sweep.py")
+    a = sweep.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0", "1",
+                                         "--run-set=--probe-epochs 7 --mae-epochs 3"])
+    pts = sweep.points(a)
+    assert [(ax, v) for ax, v, _ in pts] == [("epochs", 5), ("epochs", 15), ("epochs", 40), ("epochs", 100),
+                                            ("pool", 100), ("pool", 300), ("pool", 1000), ("size", "tiny"),
+                                            ("size", "mini")]
+    by = {(ax, v): s for ax, v, s in pts}
+    assert by[("pool", 100)]["epochs"] == 400 and by[("pool", 300)]["epochs"] == 133
+    assert by[("epochs", 40)] == by[("pool", 1000)] == by[("size", "tiny")] == sweep.BASE   # one run, reused
+
+    def warmup(s):
+        args = sweep.run_args(a, s)
+        return [x for x in args if x.startswith("schedule.warmup_epochs=")]
+
+    assert warmup(sweep.BASE) == ["schedule.warmup_epochs=2"]                 # run.py's default setting
+    assert warmup(by[("pool", 100)]) == ["schedule.warmup_epochs=20"]         # same warmup steps, 10x fewer images
+    assert warmup(by[("epochs", 5)]) == ["schedule.warmup_epochs=0.25"]
+    args = sweep.run_args(a, by[("size", "mini")])
+    assert args[-4:] == ["--probe-epochs", "7", "--mae-epochs", "3"] and "vit_mini_patch_vae" in args
+    assert args[args.index("--only") + 1:args.index("--only") + 3] == ["repr", "finetune"]
+
+    res = {"comparisons": {"linprobe": {"usp": [20.0, 22.0], "baseline": [10.0, 16.0], "higher_is_better": True}}}
+    g = sweep.gains(res)["linprobe"]
+    assert g["mean"] == pytest.approx(8.0) and g["wins"] == 2 and g["n"] == 2
+    doc = {"date": "2026-12-07", "machine": "CPU", "command": "sweep", "load_start": "0", "load_end": "0",
+           "wall_minutes": 1.0, "seeds": [0, 1], "complete": False,
+           "points": [{"axis": "epochs", "value": 5, "setting": by[("epochs", 5)], "gains": {"linprobe": g},
+                       "seconds": 60.0, "mae_seconds": 10.0}]}
+    md = sweep.markdown(doc, sweep.plot(doc, str(tmp_path / "sweep.png")))
+    assert "**Partial**: the sweep stopped after 1 point(s)" in md and "| epochs | 5 | linprobe |" in md
+    assert "H200-hours" in md and os.path.getsize(tmp_path / "sweep.png") > 0

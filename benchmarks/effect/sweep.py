@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 BASE = {"epochs": 40, "pool": 1000, "size": "tiny"}
+WARMUP_FRACTION = 0.05   # MAE warmup epochs per pretraining epoch (run.py's default: 2 of 40)
 # measured on one H200 (benchmarks/reports/train_step_h200_2026-11-26.md, torch.compile, bf16): samples/s
 XL_RATES = {"MAE-XL": 2061.0, "DiT-XL/2": 552.0}
 
@@ -53,8 +55,9 @@ def build_parser():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every point (default 0 1 2)")
     p.add_argument("--with-gen", action="store_true", help="also run the DiT/SiT comparison at every point")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time inside each point (default 2)")
-    p.add_argument("--run-set", nargs="*", default=[], metavar="ARG",
-                   help="more arguments for every run.py call (e.g. --gen-steps 2000)")
+    p.add_argument("--run-set", default="", metavar="'ARGS'",
+                   help="more arguments for every run.py call, as one quoted string (e.g. --run-set='--gen-steps 2000'"
+                   "); they come last, so they override the sweep's own")
     p.add_argument("--only-report", action="store_true", help="rebuild the report from OUT/sweep.json")
     p.add_argument("--base-out", default="", help="the OUT of an earlier benchmarks/effect/run.py run with the default "
                    "setting: the sweep's default point reuses its runs and the 1,000-per-class points its data and "
@@ -83,9 +86,15 @@ def run_args(a, s: dict) -> list:
             "--mae-model", f"vit_{s['size']}_patch_vae", "--dit-model", f"DiT-{s['size']}/2-VAE-simple",
             "--sit-model", f"SiT-{s['size']}/2-VAE-simple", "--jobs", str(a.jobs),
             "--seeds", *[str(k) for k in a.seeds]]
+    # run.py's MAE overrides with the warmup scaled to the point (5 % of the epochs, as the default setting's 2 of 40):
+    # the same warmup steps on the pool axis, and a valid schedule at 1 epoch
+    from run import build_parser as run_parser
+
+    mae_set = [kv for kv in run_parser().get_default("mae_set") if not kv.startswith("schedule.warmup_epochs=")]
+    args += ["--mae-set", *mae_set, f"schedule.warmup_epochs={WARMUP_FRACTION * s['epochs']:g}"]
     if not a.with_gen:
         args += ["--only", "repr", "finetune"]
-    return args + list(a.run_set)
+    return args + shlex.split(a.run_set)
 
 
 def gains(res: dict) -> dict:
@@ -120,7 +129,7 @@ def projection() -> dict:
                           ("DiT-XL/2", "DiT-XL/2-VAE-simple", dict(input_size=32)),
                           ("DiT-B/2", "DiT-B/2-VAE-simple", dict(input_size=32))):
         m = create_model(name, device="meta", **kw)
-        fl[key] = float(m.flops_per_sample(mask_ratio=0.75))
+        fl[key] = float(m.flops_per_sample(mask_ratio=0.75) if key.startswith("MAE") else m.flops_per_sample())
     rates = {"MAE-B": XL_RATES["MAE-XL"] * fl["MAE-XL"] / fl["MAE-B"],
              "DiT-B/2": XL_RATES["DiT-XL/2"] * fl["DiT-XL/2"] / fl["DiT-B/2"]}
     r = cost_report.report(cost_report.given_rows(rates, "NVIDIA H200"), card="NVIDIA H200", pretrain_epochs=800,
@@ -190,7 +199,10 @@ def markdown(doc: dict, png: str) -> str:
         for k, g in p["gains"].items():
             L.append(f"| {p['axis']} | {p['value']} | {k} | {g['usp']:.2f} | {g['base']:.2f} | {g['mean']:+.2f} ± "
                      f"{g['std']:.2f} | {g['wins']}/{g['n']} | {p['seconds'] / 60:.1f} ({p['mae_seconds'] / 60:.1f}) |")
-    pr = doc["projection"]
+    if not doc.get("complete", True):
+        L[1:1] = ["", f"**Partial**: the sweep stopped after {len(doc['points'])} point(s); rerun its command to go on "
+                  "(finished jobs are reused)."]
+    pr = doc.get("projection") or projection()
     h = pr["hours"]
     L += ["", "## The projected GPU run: the paper's Figure 3 at B size", "",
           "MAE-B pretrained 800 epochs on ImageNet (cached latents, batch 4096), then DiT-B/2 and SiT-B/2 from it and "
@@ -219,8 +231,12 @@ def main(argv=None) -> int:
     else:
         from run import _load
 
+        from usp_scale.fileio import write_json
+
         t0, load0 = time.time(), _load()
-        pts = []
+        doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"CPU {platform.machine()}, {os.cpu_count()} cores",
+               "command": "python benchmarks/effect/sweep.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+               "load_start": load0, "seeds": a.seeds, "points": [], "complete": False}
         for axis, value, s in points(a):
             args = run_args(a, s)
             print(f"[sweep] {time.strftime('%H:%M:%S')} {axis}={value}: run.py {' '.join(args)}", flush=True)
@@ -228,13 +244,11 @@ def main(argv=None) -> int:
             with open(args[args.index("--results") + 1]) as f:
                 res = json.load(f)["results"]
             secs = res.get("seconds", {})
-            pts.append({"axis": axis, "value": value, "setting": s, "gains": gains(res),
-                        "seconds": sum(v for v in secs.values() if v), "mae_seconds": secs.get("mae") or 0.0})
-        doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"CPU {platform.machine()}, {os.cpu_count()} cores",
-               "command": "python benchmarks/effect/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "wall_minutes": (time.time() - t0) / 60, "load_start": load0, "load_end": _load(), "seeds": a.seeds,
-               "points": pts, "projection": projection()}
-        from usp_scale.fileio import write_json
+            doc["points"].append({"axis": axis, "value": value, "setting": s, "gains": gains(res),
+                                  "seconds": sum(v for v in secs.values() if v), "mae_seconds": secs.get("mae") or 0.0})
+            doc.update(wall_minutes=(time.time() - t0) / 60, load_end=_load())
+            write_json(path, doc)   # after every point: a stopped sweep keeps what it measured (--only-report)
+        doc.update(projection=projection(), complete=True)
         write_json(path, doc)
     png = plot(doc, os.path.join(a.out, "sweep.png"))
     md = markdown(doc, png)
