@@ -234,3 +234,22 @@ def test_repa_losses_local_equal_deepspeed_zero123(tmp_path):
     p = H.torchrun(["tests/_helpers_repa.py", "--out", str(tmp_path), "--cases", *cases], timeout=600)
     assert p.stdout.count(H.OK) == 2, (p.stdout + p.stderr)[-6000:]
     _check_repa_equiv(tmp_path / "repa_equiv.json", cases)
+
+
+def test_repa_with_the_cosine_loss_logs_every_part(repa_data, tmp_path):
+    """REPA on top of a diffusion loss with parts (dit.cosine_loss): the window metrics carry the diffusion task's
+    mse_loss and cos_loss beside proj_loss, and loss = mse + cos + proj_coeff x proj."""
+    cfg = R.repa_cfg(repa_data, str(tmp_path / "c"), "repa.proj_coeff=0.5", "dit.cosine_loss=true",
+                     model="SiT-tiny/2-VAE-simple-REPA")
+    task = build_task(cfg)
+    torch.manual_seed(0)
+    model = task.build_model(attn_backend="reference")
+    n, g = 4, torch.Generator().manual_seed(2)
+    batch = {"latents": torch.randn(n, 4, 8, 8, generator=g), "labels": torch.randint(0, 4, (n,), generator=g),
+             "teacher_tokens": torch.randn(n, 16, 64, generator=g).to(torch.bfloat16)}
+    loss = task.loss(model, batch, generator=torch.Generator().manual_seed(3))
+    m = task.window_metrics(1)
+    assert set(m) == {"mse_loss", "cos_loss", "proj_loss"}, m
+    assert 0 < m["cos_loss"] < 2 and m["mse_loss"] > 0 and -1 <= m["proj_loss"] <= 1
+    assert float(loss) == pytest.approx(m["mse_loss"] + m["cos_loss"] + 0.5 * m["proj_loss"], rel=1e-5, abs=1e-6)
+    assert task.window_metrics(1) == {}

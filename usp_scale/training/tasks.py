@@ -322,7 +322,9 @@ class _REPAMixin:
         return self.repa.train_flops_per_sample(super().train_flops_per_sample(model))
 
     def window_metrics(self, world: int) -> dict:
-        return self.repa.window_metrics(world)
+        """The diffusion task's parts (e.g. ``mse_loss``/``cos_loss`` with dit.cosine_loss) and ``proj_loss``; both
+        collective, called in the same order on every rank."""
+        return {**super().window_metrics(world), **self.repa.window_metrics(world)}
 
 
 class REPADiTTask(_REPAMixin, DiTTask):
