@@ -83,15 +83,22 @@ def _reference_repa_sit_loss(model, x, y, drop, t_ours, noise, tokens, coeff):
     return denoise.mean() + coeff * proj, proj
 
 
-@pytest.mark.parametrize("model_name", ["SiT-tiny/2-REPA", "SiT-tiny/2-VAE-simple-REPA"])
-def test_task_loss_equals_the_readable_reference(repa_data, tmp_path, model_name):
-    cfg = R.repa_cfg(repa_data, str(tmp_path / "x"), "repa.proj_coeff=0.7", model=model_name)
+def _task_model_batch(cfg, n: int, seed: int):
+    """The task of ``cfg``, its model (seed 0, reference attention) and a random batch of ``n`` with teacher tokens."""
     task = build_task(cfg)
     torch.manual_seed(0)
     model = task.build_model(attn_backend="reference")
-    n, g = 5, torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     batch = {"latents": torch.randn(n, 4, 8, 8, generator=g), "labels": torch.randint(0, 4, (n,), generator=g),
              "teacher_tokens": torch.randn(n, 16, 64, generator=g).to(torch.bfloat16)}
+    return task, model, batch
+
+
+@pytest.mark.parametrize("model_name", ["SiT-tiny/2-REPA", "SiT-tiny/2-VAE-simple-REPA"])
+def test_task_loss_equals_the_readable_reference(repa_data, tmp_path, model_name):
+    cfg = R.repa_cfg(repa_data, str(tmp_path / "x"), "repa.proj_coeff=0.7", model=model_name)
+    task, model, batch = _task_model_batch(cfg, n=5, seed=1)
+    n = 5
     got = task.loss(model, batch, generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)            # the task's draws, in its order: label drop, t, noise
     drop = (torch.rand(n, generator=gen) < cfg.model.class_dropout_prob).long()
@@ -241,12 +248,7 @@ def test_repa_with_the_cosine_loss_logs_every_part(repa_data, tmp_path):
     mse_loss and cos_loss beside proj_loss, and loss = mse + cos + proj_coeff x proj."""
     cfg = R.repa_cfg(repa_data, str(tmp_path / "c"), "repa.proj_coeff=0.5", "dit.cosine_loss=true",
                      model="SiT-tiny/2-VAE-simple-REPA")
-    task = build_task(cfg)
-    torch.manual_seed(0)
-    model = task.build_model(attn_backend="reference")
-    n, g = 4, torch.Generator().manual_seed(2)
-    batch = {"latents": torch.randn(n, 4, 8, 8, generator=g), "labels": torch.randint(0, 4, (n,), generator=g),
-             "teacher_tokens": torch.randn(n, 16, 64, generator=g).to(torch.bfloat16)}
+    task, model, batch = _task_model_batch(cfg, n=4, seed=2)
     loss = task.loss(model, batch, generator=torch.Generator().manual_seed(3))
     m = task.window_metrics(1)
     assert set(m) == {"mse_loss", "cos_loss", "proj_loss"}, m
