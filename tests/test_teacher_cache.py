@@ -14,7 +14,7 @@ import torch
 from _helpers_data import synth  # noqa: F401
 from usp_scale.checkpoint.safe_load import write_checked_json
 from usp_scale.data import LatentCache, build_dataset, write_cache, write_manifest
-from usp_scale.data.teacher_cache import (TeacherCacheError, TeacherFeatureCache, write_teacher_cache,
+from usp_scale.data.teacher_cache import (TeacherCacheError, TeacherFeatureCache, crop_set, write_teacher_cache,
                                           write_teacher_manifest)
 from usp_scale.data.transforms import build_transform, sample_seed, seeded
 from usp_scale.models.teacher import DINOv2ViT, FrozenTeacher, TeacherSpec
@@ -191,3 +191,31 @@ def test_benchmark_script_runs_and_prices_both_modes(tmp_path, capsys):
                  "flipped | 1.01 TB", "46.3 GFLOP/image", "237.2 / 711.7 GFLOP/image", "| online teacher / SiT-XL/2 "
                  "step | 6.5 % (teacher + projector: 8.3 %) |", "verify=size"):
         assert want in text, want
+
+
+def test_writer_refuses_images_that_are_not_the_ones_the_latent_cache_encoded(synth, tmp_path):  # noqa: F811
+    """Same count, same labels, other pixels: the latent manifest keeps each shard's source fingerprint (path, size,
+    mtime of every file), the teacher crop set records it, and the writer refuses a shard whose files changed or
+    moved, naming them -- a replaced image would otherwise get another image's teacher tokens."""
+    root = str(tmp_path / "data")
+    shutil.copytree(synth["root"], root)
+    ds = build_dataset(root, "train")
+    lat = str(tmp_path / "latents")
+    write_cache(ds, FrozenVAE(), lat, **{**LATENT, "shard_size": 24})
+    m = write_manifest(lat)
+    assert all(len(sh["sources"]["sha256"]) == 64 for sh in m["shards"])
+    teacher = make_teacher()
+    res = write_teacher_cache(ds, teacher, str(tmp_path / "ok"), lat, progress=False, stop_after_shards=1)
+    assert res["written"] == [0]
+    assert len(crop_set(m)["shards"][0]) == 3      # count, index CRC, sources
+    # shard 1's image replaced by another image's bytes (same size class, same label folder, newer mtime)
+    victim = ds.samples[30].path
+    shutil.copyfile(ds.samples[31].path, victim)
+    os.utime(victim, ns=(os.stat(victim).st_atime_ns, os.stat(victim).st_mtime_ns + 10**9))
+    with pytest.raises(TeacherCacheError, match=f"shard 1 .*not the files it encoded: {victim}"):
+        write_teacher_cache(ds, teacher, str(tmp_path / "ok"), lat, progress=False)
+    # the same files at another path (mtimes kept): refused as moved, with the fix
+    moved = str(tmp_path / "moved")
+    shutil.copytree(synth["root"], moved)
+    with pytest.raises(TeacherCacheError, match="shard 0 .*renamed, moved .*latent cache was written from"):
+        write_teacher_cache(build_dataset(moved, "train"), teacher, str(tmp_path / "m"), lat, progress=False)

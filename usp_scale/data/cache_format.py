@@ -5,7 +5,8 @@ encoding through the VAE, and the shard / sidecar / manifest files.
 Layout of a cache folder::
 
     manifest.json            counts, VAE identity (content fingerprint), resolution, augmentation, dtype, and per
-                             shard its size, sha256, header sha256 and array CRCs; a sha256 of its own content
+                             shard its size, sha256, header sha256, array CRCs and source-file fingerprint (path,
+                             size, mtime); a sha256 of its own content
     shard_000000.safetensors mean, logvar: (n, K, 2, C, h, w) fp16|bf16  (view k, flip f: 0 plain, 1 flipped)
                              label: (n,) int64, index: (n,) int64 (position in the source dataset)
                              crc: (n, K, 2) CRC-32 of record (i, k, f): its mean bytes, then its logvar bytes
@@ -187,22 +188,32 @@ def shard_done(out_dir: str, s: int, settings: dict, sources: Optional[List[str]
                                f"{[(k, meta['settings'].get(k)) for k in diff]} vs now "
                                f"{[(k, settings[k]) for k in diff]}); use a new output folder or delete the old shards")
     old = meta.get("sources")
-    if sources is not None and old is not None:
-        now = source_fingerprint(sources)
-        if now is not None and now["sha256"] != old["sha256"]:
-            changed = []
-            for p in sources:
-                try:
-                    if os.stat(p).st_mtime_ns > old["newest_mtime_ns"]:
-                        changed.append(p)
-                except OSError:
-                    changed.append(p + " (gone)")
-            named = (", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
-                     if changed else "files renamed or replaced keeping older modification times")
+    if sources is not None:
+        named = changed_sources(sources, old)
+        if named:
             raise LatentCacheError(f"{side}: the source images of shard {s} changed since it was written (size or "
                                    f"modification time): {named}. Its latents are stale: delete {final} and its "
                                    ".json (or the whole cache folder) and rerun to encode them again")
     return os.path.getsize(final) == meta["bytes"] and sha256_file(final) == meta["sha256"]
+
+
+def changed_sources(paths: List[str], old: Optional[dict]) -> str:
+    """"" when ``paths`` still match the :func:`source_fingerprint` ``old`` (or either is unknown: no fingerprint
+    recorded, or sources that are not plain files), else the files that differ, named: those modified after it,
+    gone, or a note that files were renamed or replaced keeping older modification times."""
+    now = source_fingerprint(paths) if old is not None else None
+    if now is None or now["sha256"] == old["sha256"]:
+        return ""
+    changed = []
+    for p in paths:
+        try:
+            if os.stat(p).st_mtime_ns > old["newest_mtime_ns"]:
+                changed.append(p)
+        except OSError:
+            changed.append(p + " (gone)")
+    if not changed:
+        return "files renamed, moved or replaced keeping older modification times"
+    return ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
 
 
 def write_manifest(out_dir: str) -> dict:
@@ -227,7 +238,7 @@ def write_manifest(out_dir: str) -> dict:
     corrupt = [c for m in metas for c in m["corrupt"]]
     manifest = {"format": FORMAT, "version": VERSION, "num_images": sum(m["count"] for m in metas),
                 "num_corrupt": len(corrupt), "corrupt": corrupt, "flips": True, **settings,
-                "shards": [{k: m[k] for k in ("file", "count", "sha256", "bytes", "header_sha256", "arrays_crc32")}
-                           for m in metas],
+                "shards": [{**{k: m[k] for k in ("file", "count", "sha256", "bytes", "header_sha256", "arrays_crc32")},
+                            **({"sources": m["sources"]} if m.get("sources") else {})} for m in metas],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return write_checked_json(os.path.join(out_dir, "manifest.json"), manifest, key="manifest_sha256")

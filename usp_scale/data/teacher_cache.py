@@ -5,8 +5,8 @@ online every step (docs/method.md §9 prices both). Same discipline as the laten
 with its own hash, a resumable writer sharded over ranks, a memory-mapped reader that verifies what it reads.
 
 It is tied to its latent cache by content, not by path: the **crop set** (the latent cache's source count, shard
-size, views, seed, resolution, augmentation, loader and, per shard, the count and CRC of its source-index array)
-is recorded, and a reader checked against another latent cache -- other crops, other images, other corrupt-file
+size, views, seed, resolution, augmentation, loader and, per shard, the count and CRC of its source-index array
+and the fingerprint of its source files) is recorded, and a reader checked against another latent cache -- other crops, other images, other corrupt-file
 drops -- refuses by name. Record ``(position, view, flip)`` here is the teacher's output on exactly the crop whose
 latent is record ``(position, view, flip)`` there. The **teacher** is recorded by its content fingerprint
 (architecture, preprocessing and every weight: :meth:`usp_scale.models.teacher.FrozenTeacher.content_fingerprint`).
@@ -36,7 +36,8 @@ import torch
 
 from ..checkpoint.safe_load import CheckpointFileError, read_checked_json, read_json, write_checked_json
 from ..fileio import atomic_write
-from .cache_format import LatentCacheError, header_bytes, settings_sha, sha256_file, shard_name, store_np
+from .cache_format import (LatentCacheError, changed_sources, header_bytes, settings_sha, sha256_file, shard_name,
+                           store_np)
 from .cache_reader import VERIFY, LatentCache, _nonfinite_rows, _open_safetensors, shard_content_problem
 from .loaders import _BatchTask
 from .transforms import build_transform
@@ -57,7 +58,8 @@ def crop_set(latent_manifest: dict) -> dict:
     return {"num_source_images": m["num_source_images"], "shard_size": m["shard_size"], "views": m["views"],
             "seed": m["seed"], "resolution": m["resolution"], "augment": m["augment"], "loader": m["loader"],
             "flips": bool(m.get("flips", True)), "num_classes": m["dataset"]["num_classes"],
-            "shards": [[sh["count"], sh["arrays_crc32"]["index"]] for sh in m["shards"]]}
+            "shards": [[sh["count"], sh["arrays_crc32"]["index"]] + ([sh["sources"]["sha256"]] if sh.get("sources")
+                                                                         else []) for sh in m["shards"]]}
 
 
 def record_crcs(features: np.ndarray) -> np.ndarray:
@@ -104,6 +106,20 @@ def _write_shard(out_dir: str, s: int, features: torch.Tensor, index: np.ndarray
                         "arrays_crc32": {a: zlib.crc32(store_np(sd[a])) for a in ARRAYS}, "settings": settings})
 
 
+def _check_sources(dataset, m: dict, s: int, latent_cache: str) -> None:
+    """The files of latent shard ``s`` must be the ones it encoded (its per-shard source fingerprint: path, size and
+    modification time of each file; latent caches written before it was recorded are not checked): the same size and
+    labels are not enough, a replaced image would get another image's teacher tokens."""
+    lo, hi = s * m["shard_size"], min((s + 1) * m["shard_size"], len(dataset))
+    paths = [dataset.samples[i].path for i in range(lo, hi)] if hasattr(dataset, "samples") else None
+    named = changed_sources(paths, m["shards"][s].get("sources")) if paths is not None else ""
+    if named:
+        raise TeacherCacheError(f"the source images of latent cache {latent_cache} shard {s} (images {lo}..{hi - 1}) "
+                                f"are not the files it encoded: {named}. Write the teacher cache from the dataset the "
+                                f"latent cache was written from ({m['dataset']['root']}, unchanged), or rebuild the "
+                                "latent cache first")
+
+
 def write_teacher_cache(dataset, teacher, out_dir: str, latent_cache: str, *, batch_size: int = 32, rank: int = 0,
                         world_size: int = 1, num_workers: int = 0, progress: bool = True,
                         stop_after_shards: Optional[int] = None) -> dict:
@@ -147,6 +163,7 @@ def write_teacher_cache(dataset, teacher, out_dir: str, latent_cache: str, *, ba
     for s in todo:
         if stop_after_shards is not None and len(written) >= stop_after_shards:
             break
+        _check_sources(dataset, m, s, latent_cache)
         index = np.asarray(lat.shards[s]["index"], np.int64)
         labels = np.asarray(lat.shards[s]["label"], np.int64)
         batches = [index[i:i + batch_size].tolist() for i in range(0, len(index), batch_size)]
