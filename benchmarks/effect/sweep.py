@@ -185,8 +185,11 @@ def plot(doc: dict, path: str) -> str:
 
 
 def markdown(doc: dict, png: str) -> str:
+    distinct = {json.dumps(p["setting"], sort_keys=True): p["seconds"] for p in doc["points"]}
     L = [f"# Where the USP effect starts: the effect benchmark swept on a CPU ({doc['date']})", "",
-         f"Machine: {doc['machine']}; {doc['wall_minutes']:.0f} min wall; load average at the start "
+         f"Machine: {doc['machine']}; {doc['wall_minutes']:.0f} min wall for this invocation, "
+         f"{sum(distinct.values()) / 60:.0f} min of job wall time over its {len(distinct)} distinct points (a point "
+         "finished by an earlier invocation is reused and counts its own jobs' time); load average at the start "
          f"{doc['load_start']}, at the end {doc['load_end']} (other users' jobs included).", "",
          f"Command: `{doc['command']}`", "",
          "Each point is one `benchmarks/effect/run.py` run (its own MAE pretraining, then every comparison with seeds "
