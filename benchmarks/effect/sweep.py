@@ -35,6 +35,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 BASE = {"epochs": 40, "pool": 1000, "size": "tiny"}
+NAMES = {"linprobe": "linear probe vs random init", "cls": "label-scarce finetuning vs scratch",
+         "knn": "10-NN vs random init", "dit_fid": "DiT final FID vs scratch", "sit_fid": "SiT final FID vs scratch"}
 WARMUP_FRACTION = 0.05   # MAE warmup epochs per pretraining epoch (run.py's default: 2 of 40)
 # measured on one H200 (benchmarks/reports/train_step_h200_2026-11-26.md, torch.compile, bf16): samples/s
 XL_RATES = {"MAE-XL": 2061.0, "DiT-XL/2": 552.0}
@@ -171,7 +173,7 @@ def plot(doc: dict, path: str) -> str:
             m = [p["gains"].get(k, {}).get("mean", float("nan")) for p in pts]
             sd = [p["gains"].get(k, {}).get("std", 0.0) for p in pts]
             ax.errorbar([x + 0.06 * (j - len(keys) / 2) for x in xs], m, yerr=sd, marker="o", capsize=3,
-                        label=k + (" (FID saved)" if k.endswith("_fid") else " (points of top-1)"))
+                        label=NAMES.get(k, k) + (" (FID saved)" if k.endswith("_fid") else " (points of top-1)"))
         ax.axhline(0, color="k", lw=0.7)
         ax.set_xticks(xs, [f"{p['value']}\n{p['seconds'] / 60:.0f} min" for p in pts])
         ax.set_xlabel(label[axis] + "\n(wall minutes of the point's jobs)", fontsize=8)
@@ -195,13 +197,14 @@ def markdown(doc: dict, png: str) -> str:
          "Each point is one `benchmarks/effect/run.py` run (its own MAE pretraining, then every comparison with seeds "
          f"{doc['seeds']}); one axis varies at a time around the default setting (tiny, 40 epochs, 1,000 pool "
          "images per class). Gains are USP minus its baseline per seed (top-1 points; for FID, scratch minus USP), "
-         "mean ± std; `wins` counts the seeds where USP is ahead.", "", f"![gains against scale]({os.path.basename(png)})",
+         "mean ± std; `wins` counts the seeds where USP is ahead.", "",
+         f"![gains against scale]({os.path.basename(png)})",
          "", "| axis | point | comparison | USP | baseline | gain (mean ± std) | wins | point's wall min (MAE) |",
          "|---|---|---|---|---|---|---|---|"]
     for p in doc["points"]:
         for k, g in p["gains"].items():
-            L.append(f"| {p['axis']} | {p['value']} | {k} | {g['usp']:.2f} | {g['base']:.2f} | {g['mean']:+.2f} ± "
-                     f"{g['std']:.2f} | {g['wins']}/{g['n']} | {p['seconds'] / 60:.1f} ({p['mae_seconds'] / 60:.1f}) |")
+            L.append(f"| {p['axis']} | {p['value']} | {NAMES.get(k, k)} | {g['usp']:.2f} | {g['base']:.2f} | "
+                     f"{g['mean']:+.2f} ± {g['std']:.2f} | {g['wins']}/{g['n']} | {p['seconds'] / 60:.1f} ({p['mae_seconds'] / 60:.1f}) |")
     if not doc.get("complete", True):
         L[1:1] = ["", f"**Partial**: the sweep stopped after {len(doc['points'])} point(s); rerun its command to go on "
                   "(finished jobs are reused)."]

@@ -6,8 +6,8 @@ with its own hash, a resumable writer sharded over ranks, a memory-mapped reader
 
 It is tied to its latent cache by content, not by path: the **crop set** (the latent cache's source count, shard
 size, views, seed, resolution, augmentation, loader and, per shard, the count and CRC of its source-index array
-and the fingerprint of its source files) is recorded, and a reader checked against another latent cache -- other crops, other images, other corrupt-file
-drops -- refuses by name. Record ``(position, view, flip)`` here is the teacher's output on exactly the crop whose
+and the fingerprint of its source files) is recorded, and a reader checked against another latent cache -- other
+crops, other images, other corrupt-file drops -- refuses by name. Record ``(position, view, flip)`` here is the teacher's output on exactly the crop whose
 latent is record ``(position, view, flip)`` there. The **teacher** is recorded by its content fingerprint
 (architecture, preprocessing and every weight: :meth:`usp_scale.models.teacher.FrozenTeacher.content_fingerprint`).
 
