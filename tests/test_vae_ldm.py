@@ -205,11 +205,14 @@ def test_vavae_loads_strictly_and_encodes_decodes_as_the_ldm_reference(vavae, va
     with torch.no_grad():
         ref_mean, ref_logvar = vavae.moments(x)
         mean, logvar = vae.encode_moments(x)
-        torch.testing.assert_close(mean, ref_mean, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(logvar, ref_logvar, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(vae.encode(x), ref_mean, atol=2e-5, rtol=1e-5)     # scale 1.0: the raw mean
+        # fp32, two module trees running the same convolutions: oneDNN picks kernels (and summation orders) per CPU,
+        # 2.3e-5 was seen on an AVX-512 machine; a wrong key mapping is off by O(1)
+        tol = dict(atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(mean, ref_mean, **tol)
+        torch.testing.assert_close(logvar, ref_logvar, **tol)
+        torch.testing.assert_close(vae.encode(x), ref_mean, **tol)     # scale 1.0: the raw mean
         z = torch.randn(2, 32, 2, 2, generator=torch.Generator().manual_seed(4))
-        torch.testing.assert_close(vae.decode(z), vavae.decode(z).clamp(-1, 1), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(vae.decode(z), vavae.decode(z).clamp(-1, 1), **tol)
         # bf16 weights: the same network within bf16's precision
         half = FrozenVAE(path=str(vavae_file), version="f16d32", dtype="bf16", channels_last=False)
         err = (half.encode(x) - ref_mean).abs().max() / ref_mean.abs().max()
